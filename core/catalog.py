@@ -1,0 +1,308 @@
+"""The service catalog (``services.yaml``) and its rules.
+
+Loading is strict: an unknown key, a duplicate service or an invalid image name stops with
+a message naming the file, the service and the field. ``${VAR}`` and ``${VAR:-default}`` in
+string values are expanded from the environment, so one catalog serves the sandbox and a
+real platform.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from core.durations import Duration
+from core.errors import CatalogError, InvalidInput
+from core.images import validate_registry, validate_repository
+
+Severity = Literal["UNKNOWN", "LOW", "MEDIUM", "HIGH", "CRITICAL"]
+Environment = Literal["staging", "production"]
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def _check_name(value: str) -> str:
+    if not NAME_RE.match(value):
+        raise ValueError(f"{value!r} is not a DNS-1123 label (lowercase letters, digits, '-')")
+    return value
+
+
+def _check_repository(value: str) -> str:
+    try:
+        return validate_repository(value)
+    except InvalidInput as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _check_registry(value: str) -> str:
+    try:
+        return validate_registry(value)
+    except InvalidInput as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _check_relative_path(value: str) -> str:
+    parts = Path(value).parts
+    if value.startswith("/") or ".." in parts or not value:
+        raise ValueError(f"{value!r} must be a relative path inside the repository")
+    return value
+
+
+Name = Annotated[str, AfterValidator(_check_name)]
+ImageRepository = Annotated[str, AfterValidator(_check_repository)]
+RegistryHost = Annotated[str, AfterValidator(_check_registry)]
+RelPath = Annotated[str, AfterValidator(_check_relative_path)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ScanPolicy(Strict):
+    fail_on: list[Severity] = Field(
+        default=["CRITICAL", "HIGH"], description="Severities that fail the scan gate."
+    )
+    allow_missing_vuln_db: bool = Field(
+        default=False,
+        description="Let the vulnerability scanner be skipped when no DB is available. "
+        "The scan artifact then says so plainly.",
+    )
+    vuln_db_repository: str | None = Field(
+        default=None, description="OCI repository of the Trivy DB (e.g. a mirror in our registry)."
+    )
+    timeout: Duration = Field(default="10m", validate_default=True)
+
+
+class MetricRule(Strict):
+    max: float | None = Field(default=None, description="Absolute upper bound for the canary.")
+    max_vs_stable: float | None = Field(
+        default=None, description="Upper bound as a ratio of the stable track's value."
+    )
+    query: str | None = Field(
+        default=None,
+        description="PromQL template; placeholders {namespace} {ingress} {service} {track} "
+        "{deployment} {window}.",
+    )
+
+
+class MetricRules(Strict):
+    error_ratio: MetricRule = MetricRule(max=0.05, max_vs_stable=2.0)
+    p99_latency_seconds: MetricRule = MetricRule(max=1.0, max_vs_stable=1.5)
+    restarts: MetricRule = MetricRule(max=0)
+    cpu: MetricRule | None = MetricRule(max_vs_stable=3.0)
+    memory: MetricRule | None = MetricRule(max_vs_stable=3.0)
+    business: MetricRule | None = None
+
+
+class CanaryPolicy(Strict):
+    steps: list[Annotated[int, Field(ge=1, le=100)]] = Field(
+        default=[10, 25, 50, 100], description="Percent of traffic at each step; ends at 100."
+    )
+    interval: Duration = Field(default="60s", validate_default=True)
+    analyses_per_step: int = Field(default=3, ge=1)
+    failure_limit: int = Field(default=1, ge=0, description="Roll back when failures > limit.")
+    inconclusive_limit: int = Field(default=2, ge=0)
+    min_requests: int = Field(default=100, ge=0, description="Per interval, else inconclusive.")
+    canary_replicas: int = Field(default=1, ge=1)
+    post_release_watch: Duration = Field(default="30m", validate_default=True)
+
+    @model_validator(mode="after")
+    def _steps_rise_to_100(self) -> CanaryPolicy:
+        if self.steps != sorted(set(self.steps)) or self.steps[-1] != 100:
+            raise ValueError("steps must rise strictly and end at 100")
+        return self
+
+
+class ApprovalPolicy(Strict):
+    timeout: Duration = Field(default="24h", validate_default=True)
+
+
+class EnvironmentTarget(Strict):
+    path: RelPath = Field(description="Overlay folder in the manifests repo.")
+    argocd_app: Name = Field(description="Argo CD Application of this service and environment.")
+    namespace: Name
+    host: str = Field(description="Ingress host of the service in this environment.")
+    endpoint: str | None = Field(
+        default=None,
+        description="Where the ingress answers (e.g. a load balancer URL); requests carry "
+        "the Host header. Defaults to https://<host>.",
+    )
+
+    @property
+    def base_url(self) -> str:
+        return self.endpoint or f"https://{self.host}"
+
+
+class BuildSpec(Strict):
+    context: RelPath = "."
+    dockerfile: RelPath = "Dockerfile"
+
+
+class Checks(Strict):
+    lint: list[str] = []
+    unit: list[str] = []
+    integration: list[str] = []
+    image: str = Field(
+        default="robotics-cd/check-runner:latest",
+        description="Throwaway container image the untrusted check commands run in.",
+    )
+    network: bool = Field(default=False, description="Give check containers a network.")
+    timeout: Duration = Field(default="10m", validate_default=True)
+
+
+class Service(Strict):
+    repo: str = Field(description="Git remote of the service (URL or path).")
+    github: str = Field(description="owner/name of the GitHub repository.")
+    branch: str = "main"
+    image: ImageRepository = Field(description="Repository path, e.g. robotics-serving/api-gateway.")
+    build: BuildSpec = BuildSpec()
+    checks: Checks = Checks()
+    environments: dict[Environment, EnvironmentTarget]
+    smoke: list[str] = ["/healthz"]
+    metrics: MetricRules = MetricRules()
+    canary: CanaryPolicy | None = None
+    scan: ScanPolicy | None = None
+    approvers: list[Name] = Field(min_length=1)
+    approval: ApprovalPolicy | None = None
+
+
+class TrainingImage(Strict):
+    repo: str
+    github: str
+    branch: str = "main"
+    image: ImageRepository
+    build: BuildSpec = BuildSpec()
+    paths: list[str] = ["src/**", "configs/**", "Dockerfile", "requirements.txt"]
+    namespace: Name = "training"
+    notify: list[str] = []
+    scan: ScanPolicy | None = None
+
+
+class Defaults(Strict):
+    push_registry: RegistryHost
+    pull_registry: RegistryHost
+    manifests_repo: str
+    manifests_branch: str = "main"
+    manifests_github: str = "robotics/robotics-k8s-manifests"
+    scan: ScanPolicy = ScanPolicy()
+    canary: CanaryPolicy = CanaryPolicy()
+    approval: ApprovalPolicy = ApprovalPolicy()
+
+
+class Catalog(Strict):
+    defaults: Defaults
+    services: dict[Name, Service] = {}
+    training: dict[Name, TrainingImage] = {}
+
+    def service(self, name: str) -> Service:
+        try:
+            return self.services[name]
+        except KeyError:
+            known = ", ".join(sorted(self.services)) or "none"
+            raise InvalidInput(f"unknown service {name!r} (catalog has: {known})") from None
+
+    def training_image(self, name: str) -> TrainingImage:
+        try:
+            return self.training[name]
+        except KeyError:
+            known = ", ".join(sorted(self.training)) or "none"
+            raise InvalidInput(f"unknown training image {name!r} (catalog has: {known})") from None
+
+    def canary_policy(self, name: str) -> CanaryPolicy:
+        return self.service(name).canary or self.defaults.canary
+
+    def scan_policy(self, name: str) -> ScanPolicy:
+        entry = self.services.get(name) or self.training.get(name)
+        return (entry.scan if entry else None) or self.defaults.scan
+
+    def approval_policy(self, name: str) -> ApprovalPolicy:
+        return self.service(name).approval or self.defaults.approval
+
+    def by_github(self, full_name: str) -> tuple[str, Service | TrainingImage] | None:
+        for name, svc in self.services.items():
+            if svc.github.lower() == full_name.lower():
+                return name, svc
+        for name, img in self.training.items():
+            if img.github.lower() == full_name.lower():
+                return name, img
+        return None
+
+
+# --- loading -----------------------------------------------------------------------------
+
+_VAR = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)(?::-([^}]*))?\}")
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str, path: tuple[str, ...]):
+        super().__init__(key)
+        self.key, self.path = key, path
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses duplicate mapping keys instead of keeping the last."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        if key in seen:
+            raise _DuplicateKey(str(key), ())
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _expand(value: Any, env: Mapping[str, str]) -> Any:
+    if isinstance(value, str):
+        return _VAR.sub(lambda m: env.get(m.group(1), m.group(2) or ""), value)
+    if isinstance(value, list):
+        return [_expand(v, env) for v in value]
+    if isinstance(value, dict):
+        return {k: _expand(v, env) for k, v in value.items()}
+    return value
+
+
+def parse_catalog(text: str, *, file: str = "services.yaml",
+                  env: Mapping[str, str] | None = None) -> Catalog:
+    try:
+        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as exc:
+        raise CatalogError(f"duplicate key {exc.key!r}", file=file, service=exc.key) from None
+    except yaml.YAMLError as exc:
+        raise CatalogError(f"not valid YAML: {exc}", file=file) from None
+    if not isinstance(raw, dict):
+        raise CatalogError("must be a mapping with 'defaults' and 'services'", file=file)
+    raw = _expand(raw, os.environ if env is None else env)
+    try:
+        return Catalog.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = [str(p) for p in first["loc"]]
+        service = loc[1] if len(loc) > 1 and loc[0] in ("services", "training") else ""
+        field = ".".join(loc[2:] if service else loc)
+        message = first["msg"]
+        if first["type"] == "extra_forbidden":
+            message = f"unknown key {loc[-1]!r}"
+        raise CatalogError(message, file=file, service=service, field=field) from None
+
+
+def default_catalog_path() -> Path:
+    return Path(os.environ.get("ROBOTICS_CD_CATALOG", Path(__file__).parent.parent / "services.yaml"))
+
+
+def load_catalog(path: str | Path | None = None) -> Catalog:
+    file = Path(path) if path else default_catalog_path()
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise CatalogError(f"cannot read: {exc.strerror}", file=str(file)) from None
+    return parse_catalog(text, file=str(file))

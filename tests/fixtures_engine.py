@@ -1,0 +1,1 @@
+"""Fixtures: engine (filled in by its issue)."""

@@ -1,0 +1,1 @@
+"""Fixtures: kube (filled in by its issue)."""

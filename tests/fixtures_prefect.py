@@ -1,0 +1,25 @@
+"""One real Prefect server per test session (SQLite in the session's temp dir)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from sandbox.prefect_server import PrefectServer, start_prefect_server, stop_prefect_server
+from tests.conftest import PREFECT_PORT, SESSION_DIR
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[PrefectServer]:
+    if "ROBOTICS_CD_TEST_PREFECT_API_URL" in os.environ:
+        url = os.environ["ROBOTICS_CD_TEST_PREFECT_API_URL"]
+        yield PrefectServer(url, url.removesuffix("/api"), SESSION_DIR)
+        return
+    home = SESSION_DIR / "prefect"
+    server = start_prefect_server(home, port=PREFECT_PORT)
+    try:
+        yield server
+    finally:
+        stop_prefect_server(home)
