@@ -159,7 +159,9 @@ class Service(Strict):
     repo: str = Field(description="Git remote of the service (URL or path).")
     github: str = Field(description="owner/name of the GitHub repository.")
     branch: str = "main"
-    image: ImageRepository = Field(description="Repository path, e.g. robotics-serving/api-gateway.")
+    image: ImageRepository = Field(
+        description="Repository path, e.g. robotics-serving/api-gateway."
+    )
     build: BuildSpec = BuildSpec()
     checks: Checks = Checks()
     environments: dict[Environment, EnvironmentTarget]
@@ -271,8 +273,9 @@ def _expand(value: Any, env: Mapping[str, str]) -> Any:
     return value
 
 
-def parse_catalog(text: str, *, file: str = "services.yaml",
-                  env: Mapping[str, str] | None = None) -> Catalog:
+def parse_catalog(
+    text: str, *, file: str = "services.yaml", env: Mapping[str, str] | None = None
+) -> Catalog:
     try:
         raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except _DuplicateKey as exc:
@@ -296,7 +299,9 @@ def parse_catalog(text: str, *, file: str = "services.yaml",
 
 
 def default_catalog_path() -> Path:
-    return Path(os.environ.get("ROBOTICS_CD_CATALOG", Path(__file__).parent.parent / "services.yaml"))
+    return Path(
+        os.environ.get("ROBOTICS_CD_CATALOG", Path(__file__).parent.parent / "services.yaml")
+    )
 
 
 def load_catalog(path: str | Path | None = None) -> Catalog:

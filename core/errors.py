@@ -1,34 +1,34 @@
 """The one exception tree of robotics-cd.
 
-    RoboticsCDError                      root: everything we raise on purpose
-    ├── CatalogError                     services.yaml is wrong (file, service, field)
-    ├── InvalidInput                     a parameter or payload refused before any side effect
-    ├── SourceError                      git checkout of a service repo failed
-    ├── CheckFailed                      lint / unit / integration command failed (stage, tail)
-    ├── ImageError
-    │   ├── BuildFailed                  docker build failed
-    │   ├── RegistryAuthFailed           the registry refused our credentials (registry named)
-    │   └── PushFailed                   push failed for another reason
-    ├── ScanError
-    │   ├── ScanGateFailed               findings at or above the gate severity
-    │   └── ScannerUnavailable           the scanner (or its DB) could not run
-    ├── GitOpsError
-    │   ├── OverlayRefused               an overlay edit does not render or changes more than asked
-    │   ├── PushConflict                 still rejected after the bounded rebase-and-retry
-    │   └── LeaseHeld                    the release lock belongs to another run
-    ├── ArgoCDError
-    │   ├── ArgoCDUnavailable            5xx / connection trouble that outlived the retries
-    │   ├── ArgoCDRefused                4xx (e.g. auto-sync forbids an explicit revision)
-    │   └── SyncFailed                   the app ended Degraded / failed hook / deadline
-    ├── KubeError                        Kubernetes API trouble (PyTorchJob, pods, logs)
-    │   └── TrainingFailed               a PyTorchJob ended Failed
-    ├── MetricsError                     Prometheus unreachable or answered an error
-    ├── VerificationFailed               smoke tests or staging metrics failed
-    ├── CanaryFailed                     analysis verdict: roll back
-    ├── ApprovalRejected                 rejected by a person or timed out
-    ├── Superseded                       production already runs a descendant of this commit
-    ├── GitHubError                      GitHub REST calls
-    └── NotifyError                      chat webhooks
+RoboticsCDError                      root: everything we raise on purpose
+├── CatalogError                     services.yaml is wrong (file, service, field)
+├── InvalidInput                     a parameter or payload refused before any side effect
+├── SourceError                      git checkout of a service repo failed
+├── CheckFailed                      lint / unit / integration command failed (stage, tail)
+├── ImageError
+│   ├── BuildFailed                  docker build failed
+│   ├── RegistryAuthFailed           the registry refused our credentials (registry named)
+│   └── PushFailed                   push failed for another reason
+├── ScanError
+│   ├── ScanGateFailed               findings at or above the gate severity
+│   └── ScannerUnavailable           the scanner (or its DB) could not run
+├── GitOpsError
+│   ├── OverlayRefused               an overlay edit does not render or changes more than asked
+│   ├── PushConflict                 still rejected after the bounded rebase-and-retry
+│   └── LeaseHeld                    the release lock belongs to another run
+├── ArgoCDError
+│   ├── ArgoCDUnavailable            5xx / connection trouble that outlived the retries
+│   ├── ArgoCDRefused                4xx (e.g. auto-sync forbids an explicit revision)
+│   └── SyncFailed                   the app ended Degraded / failed hook / deadline
+├── KubeError                        Kubernetes API trouble (PyTorchJob, pods, logs)
+│   └── TrainingFailed               a PyTorchJob ended Failed
+├── MetricsError                     Prometheus unreachable or answered an error
+├── VerificationFailed               smoke tests or staging metrics failed
+├── CanaryFailed                     analysis verdict: roll back
+├── ApprovalRejected                 rejected by a person or timed out
+├── Superseded                       production already runs a descendant of this commit
+├── GitHubError                      GitHub REST calls
+└── NotifyError                      chat webhooks
 """
 
 from __future__ import annotations
@@ -41,8 +41,13 @@ class RoboticsCDError(Exception):
 class CatalogError(RoboticsCDError):
     def __init__(self, message: str, *, file: str = "", service: str = "", field: str = ""):
         where = ", ".join(
-            p for p in (file and f"file {file}", service and f"service {service!r}",
-                        field and f"field {field!r}") if p
+            p
+            for p in (
+                file and f"file {file}",
+                service and f"service {service!r}",
+                field and f"field {field!r}",
+            )
+            if p
         )
         super().__init__(f"{where}: {message}" if where else message)
         self.file, self.service, self.field = file, service, field

@@ -17,7 +17,9 @@ _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 REPOSITORY_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
 TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
-REGISTRY_RE = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)(?:\.[A-Za-z0-9-]+)*(?::[0-9]{1,5})?$")
+REGISTRY_RE = re.compile(
+    r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)(?:\.[A-Za-z0-9-]+)*(?::[0-9]{1,5})?$"
+)
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 
 
@@ -95,7 +97,9 @@ def parse_reference(text: str) -> ImageRef:
     """Parse ``registry/repo[:tag][@digest]``; the registry part is required."""
     if not text or len(text) > 512 or any(c.isspace() for c in text):
         raise InvalidInput(f"invalid image reference {text!r}")
-    rest, digest = (text.split("@", 1) + [None])[:2] if "@" in text else (text, None)
+    rest, digest = text, None
+    if "@" in text:
+        rest, digest = text.split("@", 1)
     if "/" not in rest:
         raise InvalidInput(f"image reference {text!r} names no registry")
     registry, path = rest.split("/", 1)

@@ -19,7 +19,6 @@ app = typer.Typer(
 )
 
 
-
 @app.callback()
 def main() -> None:
     """robotics-cd: every service from a merge on main to production, on Prefect 3."""

@@ -13,8 +13,12 @@ from core.errors import CatalogError
 def register(app: typer.Typer) -> None:
     @app.command("catalog")
     def catalog(
-        path: Path | None = typer.Option(None, "--file", "-f", help="Catalog file (default: "
-                                         "$ROBOTICS_CD_CATALOG or services.yaml)."),
+        path: Path | None = typer.Option(
+            None,
+            "--file",
+            "-f",
+            help="Catalog file (default: $ROBOTICS_CD_CATALOG or services.yaml).",
+        ),
     ) -> None:
         """Validate the service catalog and list its services and training images."""
         try:

@@ -36,8 +36,9 @@ def prefect_env(home: Path, port: int) -> dict[str, str]:
     }
 
 
-def start_prefect_server(home: Path, *, port: int | None = None,
-                         timeout: float = 120.0) -> PrefectServer:
+def start_prefect_server(
+    home: Path, *, port: int | None = None, timeout: float = 120.0
+) -> PrefectServer:
     """Start (or reuse, if its pid file answers) a Prefect server whose state is in ``home``."""
     home.mkdir(parents=True, exist_ok=True)
     portfile = home / "server.port"
@@ -47,12 +48,19 @@ def start_prefect_server(home: Path, *, port: int | None = None,
             return PrefectServer(f"http://127.0.0.1:{old}/api", f"http://127.0.0.1:{old}", home)
     port = port or free_port()
     prefect = shutil.which("prefect", path=str(Path(sys.executable).parent)) or "prefect"
-    spawn([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-          log=home / "server.log", env=prefect_env(home, port), pidfile=home / "server.pid")
+    spawn(
+        [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        log=home / "server.log",
+        env=prefect_env(home, port),
+        pidfile=home / "server.pid",
+    )
     portfile.write_text(str(port))
     url = f"http://127.0.0.1:{port}"
-    wait_until(lambda: http_ok(f"{url}/api/health"), timeout=timeout,
-               what=f"Prefect server (log: {home / 'server.log'})")
+    wait_until(
+        lambda: http_ok(f"{url}/api/health"),
+        timeout=timeout,
+        what=f"Prefect server (log: {home / 'server.log'})",
+    )
     return PrefectServer(f"{url}/api", url, home)
 
 

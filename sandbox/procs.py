@@ -21,8 +21,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(check: Callable[[], bool], *, timeout: float, what: str,
-               interval: float = 0.2) -> None:
+def wait_until(
+    check: Callable[[], bool], *, timeout: float, what: str, interval: float = 0.2
+) -> None:
     """Poll ``check`` until it is true; raise TimeoutError naming ``what`` at the deadline."""
     deadline = time.monotonic() + timeout
     last: BaseException | None = None
@@ -30,7 +31,7 @@ def wait_until(check: Callable[[], bool], *, timeout: float, what: str,
         try:
             if check():
                 return
-        except Exception as exc:  # noqa: BLE001 - any failure means "not yet"
+        except Exception as exc:
             last = exc
         time.sleep(interval)
     raise TimeoutError(f"{what} not ready after {timeout:.0f}s" + (f": {last}" if last else ""))
@@ -43,14 +44,25 @@ def http_ok(url: str, **kwargs: object) -> bool:
         return False
 
 
-def spawn(argv: Sequence[str], *, log: Path, env: dict[str, str] | None = None,
-          pidfile: Path | None = None, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+def spawn(
+    argv: Sequence[str],
+    *,
+    log: Path,
+    env: dict[str, str] | None = None,
+    pidfile: Path | None = None,
+    cwd: Path | None = None,
+) -> subprocess.Popen[bytes]:
     """Start a long-running process in its own session, output to ``log``."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=True,
+            list(argv),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+            cwd=cwd,
+            start_new_session=True,
         )
     if pidfile:
         pidfile.write_text(str(proc.pid))

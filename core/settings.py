@@ -1,0 +1,54 @@
+"""Where robotics-cd finds its configuration: block names, tool paths, workspace.
+
+Everything is overridable by environment variables prefixed ``ROBOTICS_CD_`` (the sandbox's
+``.sandbox/env`` sets them). Secrets are never here: only the *names* of the Prefect blocks
+that hold them.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ROBOTICS_CD_", extra="ignore")
+
+    catalog: Path | None = Field(default=None, description="services.yaml to load.")
+    workspace: Path = Field(
+        default=Path("/tmp/robotics-cd-work"),
+        description="Where checkouts and manifests clones live.",
+    )
+
+    # Prefect block names (the blocks hold the credentials).
+    docker_host_block: str = "robotics-cd-docker"
+    registry_block: str = "robotics-cd-registry"
+    kubernetes_block: str = "robotics-cd-kube"
+    argocd_url: str = "https://argocd.robotics.example"
+    argocd_token_block: str = "robotics-cd-argocd-token"
+    argocd_verify_tls: bool = True
+    github_api_url: str = "https://api.github.com"
+    github_token_block: str = "robotics-cd-github-token"
+    webhook_secret_block: str = "robotics-cd-webhook-secret"
+    prometheus_url: str = "http://prometheus.monitoring:9090"
+    chat_webhooks_block: str = "robotics-cd-chat-webhooks"
+
+    # Tools (on the worker image's PATH in production; the dev extras ship them in the venv).
+    trivy: str = "trivy"
+    kubectl: str = "kubectl"
+    trivy_cache_dir: Path | None = None
+
+    # Deployment names the hand-offs start.
+    ci_deployment: str = "ci/ci"
+    release_deployment: str = "release/release"
+    rollback_deployment: str = "rollback/rollback"
+    training_image_deployment: str = "training-image/training-image"
+    train_deployment: str = "train/train"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
