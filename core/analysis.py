@@ -1,0 +1,512 @@
+"""Canary analysis rules: per-metric verdicts, interval verdicts, and the running decision.
+
+Pure: numbers in, verdicts out. Prometheus (``tasks/metrics.py``) fills an
+:class:`IntervalObservation` per analysis interval, canary against stable; the release flow
+feeds each :class:`IntervalVerdict` to an :class:`AnalysisRun`, which says what to do next.
+
+Rules (docs/analysis.md explains them with numbers):
+
+* A metric is **Inconclusive** when the canary has no data, or (for traffic metrics) fewer
+  requests than the policy's ``min_requests`` in the interval. Missing data is never a pass.
+* **Fail** when the canary is above the rule's absolute ``max``.
+* **Fail** when the canary is above ``max_vs_stable`` x stable *and* above the metric's noise
+  floor *and*, where the counts allow a statistical test, the canary is significantly worse
+  than stable (one-sided Fisher exact test on 5xx counts; one-sided Mann-Whitney U on the
+  latency histograms). An exceedance that the test calls noise passes, with the p-value in
+  the reason.
+* An interval is Fail if any metric fails, else Inconclusive if any is, else Pass.
+* The run rolls back when failures > ``failure_limit`` or inconclusive intervals >
+  ``inconclusive_limit`` (both counted over the whole release); a step needs
+  ``analyses_per_step`` passing intervals before its weight is raised.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from enum import StrEnum
+from typing import Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+from scipy import stats
+
+from core.catalog import CanaryPolicy, MetricRule, MetricRules
+
+DEFAULT_ALPHA = 0.01
+"""Significance level of the one-sided tests (a false-alarm rate of 1% per test)."""
+
+TRAFFIC_METRICS = frozenset({"error_ratio", "p99_latency_seconds"})
+"""Metrics that mean nothing without enough requests in the interval."""
+
+NOISE_FLOORS: dict[str, float] = {
+    "error_ratio": 0.005,  # half a percent of 5xx
+    "p99_latency_seconds": 0.025,  # 25 ms
+    "restarts": 0.0,
+    "cpu": 0.05,  # cores
+    "memory": 32 * 1024 * 1024,  # bytes
+    "business": 0.0,
+}
+"""Below these canary values a *relative* bound never fails: ratios of tiny numbers are
+noise (two idle containers can differ 5x in CPU). Absolute bounds always apply."""
+
+LatencyBuckets = list[tuple[float, float]]
+"""A cumulative histogram as Prometheus keeps it: ``(le, count of requests <= le)``,
+sorted by ``le``, the last ``le`` usually ``inf``."""
+
+
+class Verdict(StrEnum):
+    PASS = "Pass"
+    FAIL = "Fail"
+    INCONCLUSIVE = "Inconclusive"
+
+
+class Decision(StrEnum):
+    CONTINUE = "continue"  # analyse again at the same weight
+    NEXT_STEP = "next-step"  # commit the next canary weight
+    PROMOTE = "promote"  # every step passed: make the canary the stable
+    ROLLBACK = "rollback"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TrackObservation(_Model):
+    """What one track (canary or stable) did in one interval."""
+
+    requests: float | None = Field(default=None, description="Requests in the window.")
+    errors: float | None = Field(default=None, description="5xx responses in the window.")
+    latency_buckets: LatencyBuckets | None = Field(
+        default=None, description="Cumulative latency histogram increase over the window."
+    )
+    values: dict[str, float | None] = Field(
+        default_factory=dict, description="Metric name -> value (None: no data)."
+    )
+
+
+class IntervalObservation(_Model):
+    end: datetime
+    window_seconds: float
+    canary: TrackObservation
+    stable: TrackObservation
+
+
+class MetricVerdict(_Model):
+    metric: str
+    verdict: Verdict
+    canary: float | None
+    stable: float | None
+    threshold: str
+    reason: str
+    p_value: float | None = None
+
+
+class IntervalVerdict(_Model):
+    end: datetime
+    window_seconds: float
+    verdict: Verdict
+    reason: str
+    metrics: list[MetricVerdict]
+    canary_requests: float | None
+    stable_requests: float | None
+
+
+class MetricSource(Protocol):
+    """Anything that can say what canary and stable did in a window ending at ``end``."""
+
+    def observe(self, end: datetime, window_seconds: float) -> IntervalObservation: ...
+
+
+# --- statistics ----------------------------------------------------------------------------
+
+
+def fisher_greater(
+    canary_errors: float, canary_requests: float, stable_errors: float, stable_requests: float
+) -> float | None:
+    """One-sided Fisher exact p-value for "the canary's error rate is higher than stable's".
+
+    ``None`` when the counts cannot support a test (no requests on a side).
+    """
+    ce, cn = round(canary_errors), round(canary_requests)
+    se, sn = round(stable_errors), round(stable_requests)
+    if cn <= 0 or sn <= 0:
+        return None
+    ce, se = min(max(ce, 0), cn), min(max(se, 0), sn)
+    table = [[ce, cn - ce], [se, sn - se]]
+    result = stats.fisher_exact(table, alternative="greater")
+    return float(result.pvalue)
+
+
+def _bin_counts(buckets: LatencyBuckets) -> list[float]:
+    counts, previous = [], 0.0
+    for _, cumulative in buckets:
+        # Counter resets or float noise can make a cumulative series dip: clamp at zero.
+        counts.append(max(cumulative - previous, 0.0))
+        previous = max(cumulative, previous)
+    return counts
+
+
+def mann_whitney_greater(canary: LatencyBuckets, stable: LatencyBuckets) -> float | None:
+    """One-sided Mann-Whitney U p-value for "canary latencies are stochastically larger".
+
+    Works on the histograms directly: every request in a bucket is a tie at that bucket's
+    rank, so U and its tie-corrected variance come from the bin counts (the same numbers
+    ``scipy.stats.mannwhitneyu(..., method="asymptotic")`` gives on the expanded samples,
+    without materialising one number per request). ``None`` when the buckets differ or a
+    side is empty.
+    """
+    if [le for le, _ in canary] != [le for le, _ in stable]:
+        return None
+    c, s = _bin_counts(canary), _bin_counts(stable)
+    c = [float(round(x)) for x in c]
+    s = [float(round(x)) for x in s]
+    n1, n2 = sum(c), sum(s)
+    if n1 <= 0 or n2 <= 0:
+        return None
+    u, stable_below = 0.0, 0.0
+    for ci, si in zip(c, s, strict=True):
+        u += ci * (stable_below + 0.5 * si)
+        stable_below += si
+    n = n1 + n2
+    ties = sum((ci + si) ** 3 - (ci + si) for ci, si in zip(c, s, strict=True))
+    variance = n1 * n2 / 12.0 * ((n + 1) - ties / (n * (n - 1))) if n > 1 else 0.0
+    if variance <= 0:
+        return 1.0 if u <= n1 * n2 / 2 else 0.0
+    z = (u - n1 * n2 / 2.0 - 0.5) / math.sqrt(variance)
+    return float(stats.norm.sf(z))
+
+
+def histogram_quantile(q: float, buckets: LatencyBuckets) -> float | None:
+    """Prometheus' ``histogram_quantile`` on one cumulative histogram (linear in a bucket)."""
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    total = buckets[-1][1]
+    rank = q * total
+    lower_bound, lower_count = 0.0, 0.0
+    for le, cumulative in buckets:
+        if cumulative >= rank:
+            if math.isinf(le):
+                return lower_bound  # Prometheus answers the last finite bound
+            in_bucket = cumulative - lower_count
+            if in_bucket <= 0:
+                return le
+            return lower_bound + (le - lower_bound) * (rank - lower_count) / in_bucket
+        lower_bound, lower_count = le, cumulative
+    return lower_bound
+
+
+# --- per-metric rules ----------------------------------------------------------------------
+
+
+def describe_threshold(rule: MetricRule) -> str:
+    parts = []
+    if rule.max is not None:
+        parts.append(f"<= {rule.max:g}")
+    if rule.max_vs_stable is not None:
+        parts.append(f"<= {rule.max_vs_stable:g}x stable")
+    return ", ".join(parts) or "reported only"
+
+
+def _fmt(value: float | None) -> str:
+    return "no data" if value is None else f"{value:.4g}"
+
+
+def _usable(value: float | None) -> float | None:
+    return None if value is None or math.isnan(value) else value
+
+
+def _p_value(metric: str, canary: TrackObservation, stable: TrackObservation) -> float | None:
+    if metric == "error_ratio":
+        if None in (canary.errors, canary.requests, stable.errors, stable.requests):
+            return None
+        return fisher_greater(
+            canary.errors or 0.0,
+            canary.requests or 0.0,
+            stable.errors or 0.0,
+            stable.requests or 0.0,
+        )
+    if metric == "p99_latency_seconds" and canary.latency_buckets and stable.latency_buckets:
+        return mann_whitney_greater(canary.latency_buckets, stable.latency_buckets)
+    return None
+
+
+def judge_metric(
+    metric: str,
+    rule: MetricRule,
+    canary: TrackObservation,
+    stable: TrackObservation,
+    *,
+    min_requests: int,
+    alpha: float = DEFAULT_ALPHA,
+) -> MetricVerdict:
+    """Judge one metric of one interval, canary against stable."""
+    threshold = describe_threshold(rule)
+    c_value = _usable(canary.values.get(metric))
+    s_value = _usable(stable.values.get(metric))
+
+    def verdict(v: Verdict, reason: str, p: float | None = None) -> MetricVerdict:
+        return MetricVerdict(
+            metric=metric,
+            verdict=v,
+            canary=c_value,
+            stable=s_value,
+            threshold=threshold,
+            reason=reason,
+            p_value=p,
+        )
+
+    if rule.max is None and rule.max_vs_stable is None:
+        return verdict(Verdict.PASS, "no bound configured (reported only)")
+    traffic = metric in TRAFFIC_METRICS
+    c_requests = canary.requests or 0.0
+    if traffic and c_requests < min_requests:
+        return verdict(
+            Verdict.INCONCLUSIVE,
+            f"canary served {c_requests:.0f} requests, fewer than the {min_requests} needed",
+        )
+    if c_value is None:
+        return verdict(Verdict.INCONCLUSIVE, "no data for the canary")
+    if rule.max is not None and c_value > rule.max:
+        return verdict(Verdict.FAIL, f"canary {_fmt(c_value)} > max {rule.max:g}")
+    if rule.max_vs_stable is None:
+        return verdict(Verdict.PASS, f"canary {_fmt(c_value)} within max {rule.max:g}")
+
+    stable_known = s_value is not None and (not traffic or (stable.requests or 0.0) >= min_requests)
+    if not stable_known or s_value is None:
+        if rule.max is not None:
+            return verdict(
+                Verdict.PASS,
+                f"canary {_fmt(c_value)} within max {rule.max:g}; "
+                "stable has too little data for the relative bound",
+            )
+        return verdict(Verdict.INCONCLUSIVE, "stable has no data to compare with")
+
+    bound = rule.max_vs_stable * s_value
+    floor = NOISE_FLOORS.get(metric, 0.0)
+    if c_value <= bound:
+        return verdict(
+            Verdict.PASS,
+            f"canary {_fmt(c_value)} <= {rule.max_vs_stable:g}x stable {_fmt(s_value)}",
+        )
+    if c_value <= floor:
+        return verdict(
+            Verdict.PASS,
+            f"canary {_fmt(c_value)} above {rule.max_vs_stable:g}x stable {_fmt(s_value)} "
+            f"but under the noise floor {floor:g}",
+        )
+    p = _p_value(metric, canary, stable)
+    if p is not None and p >= alpha:
+        return verdict(
+            Verdict.PASS,
+            f"canary {_fmt(c_value)} > {rule.max_vs_stable:g}x stable {_fmt(s_value)} "
+            f"but not significant (p={p:.3g} >= {alpha:g}): noise at this traffic",
+            p,
+        )
+    detail = f"; p={p:.3g}" if p is not None else ""
+    return verdict(
+        Verdict.FAIL,
+        f"canary {_fmt(c_value)} > {rule.max_vs_stable:g}x stable {_fmt(s_value)}{detail}",
+        p,
+    )
+
+
+def enabled_rules(rules: MetricRules) -> list[tuple[str, MetricRule]]:
+    """The metrics a service is judged on, in a fixed order."""
+    out = []
+    for name in MetricRules.model_fields:
+        rule = getattr(rules, name)
+        if rule is not None:
+            out.append((name, rule))
+    return out
+
+
+def combine(verdicts: Iterable[MetricVerdict]) -> tuple[Verdict, str]:
+    """Worst verdict wins: Fail over Inconclusive over Pass; the reason lists the culprits."""
+    items = list(verdicts)
+    if not items:
+        return Verdict.INCONCLUSIVE, "no metrics to judge"
+    for worst in (Verdict.FAIL, Verdict.INCONCLUSIVE):
+        bad = [m for m in items if m.verdict == worst]
+        if bad:
+            return worst, "; ".join(f"{m.metric}: {m.reason}" for m in bad)
+    return Verdict.PASS, "all metrics within bounds"
+
+
+def judge_interval(
+    observation: IntervalObservation,
+    rules: MetricRules,
+    policy: CanaryPolicy,
+    *,
+    alpha: float = DEFAULT_ALPHA,
+) -> IntervalVerdict:
+    """Judge one analysis interval, canary against stable, on every enabled metric."""
+    metrics = [
+        judge_metric(
+            name,
+            rule,
+            observation.canary,
+            observation.stable,
+            min_requests=policy.min_requests,
+            alpha=alpha,
+        )
+        for name, rule in enabled_rules(rules)
+    ]
+    overall, reason = combine(metrics)
+    return IntervalVerdict(
+        end=observation.end,
+        window_seconds=observation.window_seconds,
+        verdict=overall,
+        reason=reason,
+        metrics=metrics,
+        canary_requests=observation.canary.requests,
+        stable_requests=observation.stable.requests,
+    )
+
+
+def judge_track(
+    observation: TrackObservation,
+    rules: MetricRules,
+    *,
+    min_requests: int,
+    end: datetime,
+    window_seconds: float,
+) -> IntervalVerdict:
+    """One track on its own (staging check, post-release watch): absolute bounds only.
+
+    Metrics with only a relative bound are reported, not judged: there is nothing to
+    compare with.
+    """
+    metrics = []
+    for name, rule in enabled_rules(rules):
+        absolute = MetricRule(max=rule.max, query=rule.query)
+        metrics.append(
+            judge_metric(name, absolute, observation, TrackObservation(), min_requests=min_requests)
+        )
+    overall, reason = combine(metrics)
+    return IntervalVerdict(
+        end=end,
+        window_seconds=window_seconds,
+        verdict=overall,
+        reason=reason,
+        metrics=metrics,
+        canary_requests=observation.requests,
+        stable_requests=None,
+    )
+
+
+# --- the running analysis ------------------------------------------------------------------
+
+
+class AnalysisRun(BaseModel):
+    """The canary's progress over intervals: which step, how many passes, failures, and
+    inconclusive intervals so far. ``record`` each interval's verdict; it answers what to do.
+
+    Bounded: at most ``len(steps) * analyses_per_step + failure_limit + inconclusive_limit
+    + 1`` intervals before it promotes or rolls back.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: list[int]
+    analyses_per_step: int
+    failure_limit: int
+    inconclusive_limit: int
+    step_index: int = 0
+    passes_in_step: int = 0
+    failures: int = 0
+    inconclusives: int = 0
+    history: list[IntervalVerdict] = Field(default_factory=list)
+    decision: Decision | None = None
+    reason: str = ""
+
+    @classmethod
+    def start(cls, policy: CanaryPolicy) -> AnalysisRun:
+        return cls(
+            steps=list(policy.steps),
+            analyses_per_step=policy.analyses_per_step,
+            failure_limit=policy.failure_limit,
+            inconclusive_limit=policy.inconclusive_limit,
+        )
+
+    @property
+    def weight(self) -> int:
+        """The canary weight (percent) being analysed now."""
+        return self.steps[min(self.step_index, len(self.steps) - 1)]
+
+    @property
+    def finished(self) -> bool:
+        return self.decision in (Decision.PROMOTE, Decision.ROLLBACK)
+
+    @property
+    def max_intervals(self) -> int:
+        return (
+            len(self.steps) * self.analyses_per_step
+            + self.failure_limit
+            + self.inconclusive_limit
+            + 1
+        )
+
+    def record(self, interval: IntervalVerdict) -> Decision:
+        """Count one interval's verdict and decide."""
+        if self.finished:
+            raise ValueError(f"analysis already ended: {self.decision} ({self.reason})")
+        self.history.append(interval)
+        if interval.verdict == Verdict.FAIL:
+            self.failures += 1
+            if self.failures > self.failure_limit:
+                return self._set(
+                    Decision.ROLLBACK,
+                    f"{self.failures} failed intervals > failure limit {self.failure_limit} "
+                    f"at {self.weight}%: {interval.reason}",
+                )
+            return self._set(
+                Decision.CONTINUE, f"failed interval {self.failures}: {interval.reason}"
+            )
+        if interval.verdict == Verdict.INCONCLUSIVE:
+            self.inconclusives += 1
+            if self.inconclusives > self.inconclusive_limit:
+                return self._set(
+                    Decision.ROLLBACK,
+                    f"{self.inconclusives} inconclusive intervals > inconclusive limit "
+                    f"{self.inconclusive_limit} at {self.weight}%: {interval.reason}",
+                )
+            return self._set(
+                Decision.CONTINUE, f"inconclusive interval {self.inconclusives}: {interval.reason}"
+            )
+        self.passes_in_step += 1
+        if self.passes_in_step < self.analyses_per_step:
+            return self._set(
+                Decision.CONTINUE,
+                f"{self.passes_in_step}/{self.analyses_per_step} passing intervals at "
+                f"{self.weight}%",
+            )
+        if self.step_index + 1 >= len(self.steps):
+            return self._set(Decision.PROMOTE, f"every step passed up to {self.weight}%")
+        self.step_index += 1
+        self.passes_in_step = 0
+        return self._set(Decision.NEXT_STEP, f"step passed; next weight {self.weight}%")
+
+    def _set(self, decision: Decision, reason: str) -> Decision:
+        self.decision, self.reason = decision, reason
+        return decision
+
+
+def run_analysis(
+    source: MetricSource,
+    ends: Sequence[datetime],
+    window_seconds: float,
+    rules: MetricRules,
+    policy: CanaryPolicy,
+    *,
+    alpha: float = DEFAULT_ALPHA,
+) -> AnalysisRun:
+    """Drive an :class:`AnalysisRun` over the given interval ends until it ends (a helper
+    for simulations and tests; the release flow records intervals one by one as it waits)."""
+    run = AnalysisRun.start(policy)
+    for end in ends:
+        observation = source.observe(end, window_seconds)
+        run.record(judge_interval(observation, rules, policy, alpha=alpha))
+        if run.finished:
+            break
+    return run
