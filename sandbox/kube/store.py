@@ -453,14 +453,14 @@ Owned = list[tuple[Key, JSON]]
 class ObjectStore:
     """Every object of the twin cluster, on disk under ``root`` (SQLite, WAL)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, event_history: int = EVENT_HISTORY) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.root = root
         self._lock = threading.RLock()
         self._db = sqlite3.connect(root / "store.sqlite3", check_same_thread=False)
         self._db.executescript("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;" + _SCHEMA)
         self._objects: dict[Key, JSON] = {}
-        self._history: deque[WatchEvent] = deque(maxlen=EVENT_HISTORY)
+        self._history: deque[WatchEvent] = deque(maxlen=max(1, event_history))
         self._subscribers: weakref.WeakSet[Subscription] = weakref.WeakSet()
         self.log_source: LogSource | None = None
         self._load()
@@ -476,7 +476,7 @@ class ObjectStore:
         row = self._db.execute("SELECT value FROM meta WHERE key = 'rv'").fetchone()
         self._rv = int(row[0]) if row else 0
         for rv, type_, body in self._db.execute(
-            "SELECT rv, type, body FROM events ORDER BY rv DESC LIMIT ?", (EVENT_HISTORY,)
+            "SELECT rv, type, body FROM events ORDER BY rv DESC LIMIT ?", (self._history.maxlen,)
         ).fetchall()[::-1]:
             self._history.append(WatchEvent(type_, json.loads(body), rv))
         # Everything after the floor is in the history; older versions are Gone.
@@ -494,8 +494,13 @@ class ObjectStore:
                 sub.close()
             self._db.close()
 
-    def _commit(self, changes: Changes) -> Objects:
-        """Give each change the next resourceVersion, persist all atomically, notify."""
+    def _commit(self, changes: Changes, dry_run: bool = False) -> Objects:
+        """Give each change the next resourceVersion, persist all atomically, notify.
+
+        A dry run (``?dryRun=All``) returns what would be stored and changes nothing.
+        """
+        if dry_run:
+            return [copy.deepcopy(obj) for _, _, obj in changes]
         events: list[WatchEvent] = []
         with self._db:
             for type_, key, obj in changes:
@@ -516,7 +521,10 @@ class ObjectStore:
                 events.append(WatchEvent(type_, obj, self._rv))
             self._db.execute("INSERT OR REPLACE INTO meta VALUES ('rv', ?)", (str(self._rv),))
             if self._rv - self._trimmed_at >= 500:
-                self._db.execute("DELETE FROM events WHERE rv <= ?", (self._rv - EVENT_HISTORY,))
+                self._db.execute(
+                    "DELETE FROM events WHERE rv <= ?",
+                    (self._rv - (self._history.maxlen or EVENT_HISTORY),),
+                )
                 self._trimmed_at = self._rv
         for (type_, key, obj), event in zip(changes, events, strict=True):
             if type_ == "DELETED":
@@ -646,7 +654,7 @@ class ObjectStore:
         with self._lock:
             return self._rv
 
-    def create(self, obj: JSON) -> JSON:
+    def create(self, obj: JSON, *, dry_run: bool = False) -> JSON:
         with self._lock:
             obj = copy.deepcopy(obj)
             rt, metadata = self._check_object(obj)
@@ -672,7 +680,7 @@ class ObjectStore:
             if rt.kind == "Namespace":
                 obj.setdefault("spec", {"finalizers": ["kubernetes"]})
                 obj["status"] = {"phase": "Active"}
-            return self._commit([("ADDED", key, obj)])[0]
+            return self._commit([("ADDED", key, obj)], dry_run)[0]
 
     def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> JSON:
         with self._lock:
@@ -714,7 +722,7 @@ class ObjectStore:
             ]
             return found, self._rv
 
-    def replace(self, obj: JSON) -> JSON:
+    def replace(self, obj: JSON, *, dry_run: bool = False) -> JSON:
         with self._lock:
             obj = copy.deepcopy(obj)
             rt, metadata = self._check_object(obj)
@@ -726,10 +734,17 @@ class ObjectStore:
             obj["status"] = copy.deepcopy(current.get("status"))
             if obj["status"] is None:
                 del obj["status"]
-            return self._update(key, current, obj)
+            return self._update(key, current, obj, dry_run=dry_run)
 
     def patch(
-        self, api_version: str, kind: str, namespace: str | None, name: str, patch: JSON
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str | None,
+        name: str,
+        patch: JSON,
+        *,
+        dry_run: bool = False,
     ) -> JSON:
         if not isinstance(patch, dict):
             raise ApiError(400, "BadRequest", "a merge patch must be a JSON object")
@@ -742,17 +757,24 @@ class ObjectStore:
             if rt_after != rt:
                 raise ApiError(400, "BadRequest", "a patch cannot change apiVersion or kind")
             self._validate_name(rt, metadata)
-            return self._update(key, current, patched)
+            return self._update(key, current, patched, dry_run=dry_run)
 
     def update_status(
-        self, api_version: str, kind: str, namespace: str | None, name: str, status: JSON
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str | None,
+        name: str,
+        status: JSON,
+        *,
+        dry_run: bool = False,
     ) -> JSON:
         with self._lock:
             rt = resource_type(api_version, kind)
             key, current = self._current(rt, namespace, name)
             updated = copy.deepcopy(current)
             updated["status"] = copy.deepcopy(status)
-            return self._update(key, current, updated, status_only=True)
+            return self._update(key, current, updated, status_only=True, dry_run=dry_run)
 
     def delete(
         self,
@@ -762,6 +784,7 @@ class ObjectStore:
         name: str,
         *,
         propagation_policy: str | None = None,
+        dry_run: bool = False,
     ) -> JSON:
         """Delete an object and (unless ``propagation_policy == "Orphan"``) all it owns."""
         with self._lock:
@@ -771,8 +794,7 @@ class ObjectStore:
             if propagation_policy == "Orphan":
                 changes.extend(self._orphan(current["metadata"]["uid"]))
             self._collect_deletes(key, current, changes, orphan=propagation_policy == "Orphan")
-            # The object itself is the first DELETED of its own cascade.
-            results = self._commit(changes)
+            results = self._commit(changes, dry_run)
             return next(
                 r
                 for (t, k, _), r in zip(changes, results, strict=True)
@@ -820,7 +842,15 @@ class ObjectStore:
                 details={"name": current["metadata"]["name"], "group": rt.group, "kind": rt.plural},
             )
 
-    def _update(self, key: Key, current: JSON, new: JSON, *, status_only: bool = False) -> JSON:
+    def _update(
+        self,
+        key: Key,
+        current: JSON,
+        new: JSON,
+        *,
+        status_only: bool = False,
+        dry_run: bool = False,
+    ) -> JSON:
         metadata = new["metadata"]
         old_meta = current["metadata"]
         # Fields the server owns: a client cannot change them.
@@ -833,7 +863,7 @@ class ObjectStore:
             metadata["generation"] = int(old_meta.get("generation", 1)) + 1
         if new == current:
             return copy.deepcopy(current)  # a no-op: no new version, no event
-        return self._commit([("MODIFIED", key, new)])[0]
+        return self._commit([("MODIFIED", key, new)], dry_run)[0]
 
     def _owned_by(self, uid: str) -> Owned:
         return [
