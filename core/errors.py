@@ -28,7 +28,9 @@ RoboticsCDError                      root: everything we raise on purpose
 ├── ApprovalRejected                 rejected by a person or timed out
 ├── Superseded                       production already runs a descendant of this commit
 ├── GitHubError                      GitHub REST calls
-└── NotifyError                      chat webhooks
+├── NotifyError                      chat webhooks
+└── TriggerError                     a run could not be started (webhook receiver, hand-off)
+    └── WebhookSecretMissing         no webhook secret in the Secret block nor the env
 """
 
 from __future__ import annotations
@@ -169,4 +171,12 @@ class GitHubError(RoboticsCDError):
 
 
 class NotifyError(RoboticsCDError):
+    pass
+
+
+class TriggerError(RoboticsCDError):
+    pass
+
+
+class WebhookSecretMissing(TriggerError):
     pass
