@@ -8,7 +8,8 @@ RoboticsCDError                      root: everything we raise on purpose
 ├── ImageError
 │   ├── BuildFailed                  docker build failed
 │   ├── RegistryAuthFailed           the registry refused our credentials (registry named)
-│   └── PushFailed                   push failed for another reason
+│   ├── PushFailed                   push failed for another reason
+│   └── RegistryUnavailable          the registry's HTTP API did not answer or answered 5xx
 ├── ScanError
 │   ├── ScanGateFailed               findings at or above the gate severity
 │   └── ScannerUnavailable           the scanner (or its DB) could not run
@@ -89,6 +90,10 @@ class RegistryAuthFailed(ImageError):
 
 
 class PushFailed(ImageError):
+    pass
+
+
+class RegistryUnavailable(ImageError):
     pass
 
 
