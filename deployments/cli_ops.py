@@ -1,0 +1,195 @@
+"""``robotics-cd deploy | serve | webhook serve``: how runs start.
+
+- ``serve``: every flow as a deployment served by this process (Prefect's runner, no work
+  pool, no worker): the embedded default, the demo and the tests.
+- ``deploy``: the same deployments registered against a work pool (process by default,
+  ``--pool-type kubernetes`` for Jobs through prefect-kubernetes), plus one global
+  concurrency limit per service and environment and the two automations (zombie runs →
+  Crashed; crashed or cancelled release → rollback). Re-running it updates in place.
+- ``webhook serve``: the GitHub webhook receiver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import typer
+
+from core.catalog import load_catalog
+from core.errors import CatalogError, RoboticsCDError
+from core.settings import get_settings
+from deployments import register as reg
+
+log = logging.getLogger("robotics_cd.ops")
+
+
+@dataclass
+class DeployReport:
+    pool: str
+    deployments: dict[str, str] = field(default_factory=dict)  # full name → id
+    limits_created: list[str] = field(default_factory=list)
+    automations: dict[str, str] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    typer.secho(message, fg="red", err=True)
+    return typer.Exit(code)
+
+
+async def deploy_all(
+    *,
+    pool_type: reg.PoolType = "process",
+    pool_name: str | None = None,
+    kube: reg.KubernetesPoolOptions | None = None,
+    only: set[str] | None = None,
+) -> DeployReport:
+    """Register every present flow against a work pool, with limits and automations."""
+    from prefect import get_client
+
+    catalog = load_catalog(get_settings().catalog)
+    pool = pool_name or reg.DEFAULT_POOL[pool_type]
+    template = (
+        reg.kubernetes_base_job_template(kube or reg.KubernetesPoolOptions())
+        if pool_type == "kubernetes"
+        else reg.process_base_job_template()
+    )
+    report = DeployReport(pool=pool)
+    async with get_client() as client:
+        await reg.ensure_work_pool(client, pool, pool_type, template)
+        deployments = reg.runner_deployments(only=only, work_pool_name=pool)
+        present = {d.flow_name for d in deployments}
+        report.skipped = [s.full_name for s in reg.SPECS if s.flow_name not in present]
+        for deployment in deployments:
+            deployment_id = await deployment.aapply(work_pool_name=pool)
+            report.deployments[f"{deployment.flow_name}/{deployment.name}"] = str(deployment_id)
+        report.limits_created = await reg.ensure_concurrency_limits(catalog, client)
+        report.automations = await _ensure_automations(client, report.deployments)
+    return report
+
+
+async def _ensure_automations(client: Any, deployed: dict[str, str]) -> dict[str, str]:
+    from uuid import UUID
+
+    settings = get_settings()
+    made = {
+        reg.ZOMBIE_AUTOMATION: str(await reg.upsert_automation(client, reg.zombie_automation()))
+    }
+    release, rollback = (
+        deployed.get(settings.release_deployment),
+        deployed.get(settings.rollback_deployment),
+    )
+    if release and rollback:
+        rollback_deployment = await client.read_deployment(UUID(rollback))
+        accepted = set((rollback_deployment.parameter_openapi_schema or {}).get("properties", {}))
+        automation = reg.rollback_automation(UUID(release), UUID(rollback), accepted)
+        made[reg.ROLLBACK_AUTOMATION] = str(await reg.upsert_automation(client, automation))
+    else:
+        log.warning(
+            "release or rollback deployment missing: automation %r not created",
+            reg.ROLLBACK_AUTOMATION,
+        )
+    return made
+
+
+def serve_all(*, only: set[str] | None = None, limit: int | None = None) -> None:
+    """Serve every present flow from this process until interrupted (no worker needed)."""
+    from prefect import serve
+
+    deployments = reg.runner_deployments(only=only)
+    if not deployments:
+        raise RoboticsCDError("no flow module is present: nothing to serve")
+    names = ", ".join(f"{d.flow_name}/{d.name}" for d in deployments)
+    typer.echo(f"serving {len(deployments)} deployments: {names}")
+    serve(*deployments, limit=limit, print_starting_message=False)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("deploy")
+    def deploy(
+        pool_type: str = typer.Option(
+            "process", "--pool-type", help="Work pool type: process or kubernetes."
+        ),
+        pool: str | None = typer.Option(None, "--pool", help="Work pool name."),
+        image: str = typer.Option(
+            reg.KubernetesPoolOptions.image,
+            "--image",
+            help="Kubernetes variant: image of this project the flow-run Jobs run.",
+        ),
+        namespace: str = typer.Option(
+            reg.KubernetesPoolOptions.namespace, "--namespace", help="Kubernetes namespace."
+        ),
+        service_account: str = typer.Option(
+            reg.KubernetesPoolOptions.service_account,
+            "--service-account",
+            help="Kubernetes service account of the flow-run Jobs.",
+        ),
+        only: list[str] = typer.Option(
+            [], "--only", help="Deploy only these flows (repeatable), e.g. --only ci."
+        ),
+    ) -> None:
+        """Register every flow as a deployment on a work pool, with concurrency limits and
+        automations. Start a worker for the pool afterwards (`prefect worker start --pool`)."""
+        if pool_type not in ("process", "kubernetes"):
+            raise _fail(f"--pool-type must be process or kubernetes, not {pool_type!r}")
+        kube = reg.KubernetesPoolOptions(
+            namespace=namespace, service_account=service_account, image=image
+        )
+        try:
+            report = asyncio.run(
+                deploy_all(
+                    pool_type=pool_type,  # type: ignore[arg-type]
+                    pool_name=pool,
+                    kube=kube,
+                    only=set(only) or None,
+                )
+            )
+        except (CatalogError, RoboticsCDError) as exc:
+            raise _fail(str(exc)) from None
+        typer.echo(f"work pool {report.pool} ({pool_type})")
+        for name, deployment_id in report.deployments.items():
+            typer.echo(f"deployment {name:<34} {deployment_id}")
+        for name in report.skipped:
+            typer.secho(f"skipped    {name} (flow module not present)", fg="yellow")
+        for name in report.limits_created:
+            typer.echo(f"concurrency limit {name} created (limit 1)")
+        for name, automation_id in report.automations.items():
+            typer.echo(f"automation {name!r} {automation_id}")
+
+    @app.command("serve")
+    def serve_cmd(
+        only: list[str] = typer.Option(
+            [], "--only", help="Serve only these flows (repeatable), e.g. --only ci."
+        ),
+        limit: int | None = typer.Option(
+            None, "--limit", help="At most this many concurrent flow runs."
+        ),
+    ) -> None:
+        """Serve every flow as a deployment from this process (no work pool, no worker)."""
+        try:
+            serve_all(only=set(only) or None, limit=limit)
+        except RoboticsCDError as exc:
+            raise _fail(str(exc)) from None
+
+    webhook_app = typer.Typer(help="The GitHub webhook receiver.", no_args_is_help=True)
+
+    @webhook_app.command("serve")
+    def webhook_serve(
+        host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+        port: int = typer.Option(8787, "--port", help="Port to listen on."),
+        max_body: int = typer.Option(
+            2 * 1024 * 1024, "--max-body", help="Largest delivery body accepted, in bytes."
+        ),
+    ) -> None:
+        """Receive GitHub webhooks (POST /github) and start the matching deployments."""
+        from deployments.webhook import serve
+
+        try:
+            serve(host, port, max_body=max_body)
+        except RoboticsCDError as exc:
+            raise _fail(str(exc)) from None
+
+    app.add_typer(webhook_app, name="webhook")
