@@ -147,17 +147,36 @@ def _bin_counts(buckets: LatencyBuckets) -> list[float]:
     return counts
 
 
+def align_buckets(a: LatencyBuckets, b: LatencyBuckets) -> tuple[LatencyBuckets, LatencyBuckets]:
+    """Put two histograms on the union of their bounds.
+
+    Exporters normally expose every bucket, but a series that never moved may be missing;
+    a missing bound takes the cumulative count of the nearest bound below it (0 if none),
+    the lower end of what it can be.
+    """
+    edges = sorted({le for le, _ in a} | {le for le, _ in b})
+
+    def fill(h: LatencyBuckets) -> LatencyBuckets:
+        known, out, last = dict(h), [], 0.0
+        for le in edges:
+            last = known.get(le, last)
+            out.append((le, last))
+        return out
+
+    return fill(a), fill(b)
+
+
 def mann_whitney_greater(canary: LatencyBuckets, stable: LatencyBuckets) -> float | None:
     """One-sided Mann-Whitney U p-value for "canary latencies are stochastically larger".
 
     Works on the histograms directly: every request in a bucket is a tie at that bucket's
     rank, so U and its tie-corrected variance come from the bin counts (the same numbers
     ``scipy.stats.mannwhitneyu(..., method="asymptotic")`` gives on the expanded samples,
-    without materialising one number per request). ``None`` when the buckets differ or a
-    side is empty.
+    without materialising one number per request). ``None`` when a side is empty.
     """
-    if [le for le, _ in canary] != [le for le, _ in stable]:
+    if not canary or not stable:
         return None
+    canary, stable = align_buckets(canary, stable)
     c, s = _bin_counts(canary), _bin_counts(stable)
     c = [float(round(x)) for x in c]
     s = [float(round(x)) for x in s]

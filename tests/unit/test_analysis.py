@@ -270,10 +270,15 @@ def test_mann_whitney_on_histograms_matches_scipy_on_samples():
     assert ours == pytest.approx(expected, rel=1e-9)
 
 
-def test_mann_whitney_needs_matching_buckets_and_data():
-    assert (
-        mann_whitney_greater([(0.1, 5), (float("inf"), 5)], [(0.2, 5), (float("inf"), 5)]) is None
-    )
+def test_mann_whitney_aligns_buckets_missing_on_one_side():
+    slow = [(0.5, 200.0), (float("inf"), 200.0)]  # the lower buckets never moved
+    fast = [(0.025, 300.0), (0.5, 300.0), (float("inf"), 300.0)]
+    p = mann_whitney_greater(slow, fast)
+    assert p is not None and p < 1e-9
+    assert mann_whitney_greater(fast, slow) == pytest.approx(1.0)
+
+
+def test_mann_whitney_needs_data():
     assert (
         mann_whitney_greater([(0.1, 0), (float("inf"), 0)], [(0.1, 5), (float("inf"), 5)]) is None
     )

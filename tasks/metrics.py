@@ -1,0 +1,549 @@
+"""Prometheus: the HTTP API client, the PromQL templates, and the analysis tasks.
+
+Canary and stable are told apart by ingress-nginx's ``canary`` label on
+``nginx_ingress_controller_requests`` and the latency histogram: requests served through the
+canary Ingress carry a non-empty ``canary`` label, the stable track's carry ``canary=""``.
+Container metrics (restarts, CPU, memory) are selected by pod name: ``<deployment>-<rs>-<pod>``.
+
+Every range window equals the analysis interval and is evaluated at the interval's end.
+Templates are plain PromQL with ``{placeholder}`` tokens (only the names in
+:data:`PLACEHOLDERS` are replaced, so PromQL's own braces are left alone); a catalog
+``MetricRule.query`` replaces the default query of its metric.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time as _time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import httpx
+from prefect import task
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_logger, get_run_logger
+from pydantic import BaseModel, ConfigDict
+
+from core.analysis import (
+    IntervalObservation,
+    IntervalVerdict,
+    LatencyBuckets,
+    TrackObservation,
+    Verdict,
+    enabled_rules,
+    histogram_quantile,
+    judge_interval,
+    judge_track,
+)
+from core.catalog import CanaryPolicy, MetricRules
+from core.errors import InvalidInput, MetricsError
+from core.settings import get_settings
+
+Track = Literal["canary", "stable"]
+
+PLACEHOLDERS = (
+    "namespace",
+    "ingress",
+    "canary_ingress",
+    "service",
+    "deployment",
+    "track",
+    "canary",
+    "canary_matcher",
+    "pod_regex",
+    "window",
+)
+_PLACEHOLDER = re.compile(r"\{(" + "|".join(PLACEHOLDERS) + r")\}")
+
+# Canary-routed requests carry the main Ingress's name in real ingress-nginx; accept the
+# canary Ingress's name too, in case an exporter labels them with it.
+_INGRESS = 'namespace="{namespace}",ingress=~"{ingress}|{canary_ingress}",{canary_matcher}'
+_REQUESTS = "nginx_ingress_controller_requests{" + _INGRESS
+_BUCKETS = "nginx_ingress_controller_request_duration_seconds_bucket{" + _INGRESS + "}"
+_POD = 'namespace="{namespace}",pod=~"{pod_regex}"'
+
+TEMPLATES: dict[str, str] = {
+    "requests": f"sum(increase({_REQUESTS}}}[{{window}}]))",
+    "errors": f'sum(increase({_REQUESTS},status=~"5.."}}[{{window}}]))',
+    "latency_buckets": f"sum by (le) (increase({_BUCKETS}[{{window}}]))",
+    "p99_rate": f"histogram_quantile(0.99, sum by (le) (rate({_BUCKETS}[{{window}}])))",
+    "restarts": f"sum(increase(kube_pod_container_status_restarts_total{{{_POD}}}[{{window}}]))",
+    # Per pod, so one canary pod compares with the average stable pod.
+    "cpu": f"avg(sum by (pod) (rate(container_cpu_usage_seconds_total{{{_POD}}}[{{window}}])))",
+    "memory": (
+        "avg(sum by (pod) (max_over_time("
+        f"container_memory_working_set_bytes{{{_POD}}}[{{window}}])))"
+    ),
+}
+"""Default PromQL for ingress-nginx, kube-state-metrics and cAdvisor metric names.
+``error_ratio`` is errors / requests and ``p99_latency_seconds`` is the 0.99 quantile of the
+``latency_buckets`` histogram, both computed here from the same numbers the statistical
+tests use (unless the catalog gives the metric its own query)."""
+
+
+def render(template: str, values: Mapping[str, str]) -> str:
+    """Fill ``{placeholder}`` tokens; PromQL's own ``{...}`` selectors are left intact."""
+
+    def fill(match: re.Match[str]) -> str:
+        return values[match.group(1)]
+
+    return _PLACEHOLDER.sub(fill, template)
+
+
+def prom_duration(seconds: float) -> str:
+    if seconds <= 0:
+        raise InvalidInput(f"analysis window must be positive, got {seconds}s")
+    if seconds == int(seconds):
+        return f"{int(seconds)}s"
+    return f"{round(seconds * 1000)}ms"
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a service's two tracks live in one environment."""
+
+    service: str
+    namespace: str
+    ingress: str = ""
+    canary_ingress: str = ""
+    deployment: str = ""
+    canary_deployment: str = ""
+
+    def __post_init__(self) -> None:
+        # Names as the manifests contract lays them out: <svc> and <svc>-canary.
+        object.__setattr__(self, "ingress", self.ingress or self.service)
+        object.__setattr__(self, "canary_ingress", self.canary_ingress or f"{self.service}-canary")
+        object.__setattr__(self, "deployment", self.deployment or self.service)
+        object.__setattr__(
+            self, "canary_deployment", self.canary_deployment or f"{self.service}-canary"
+        )
+
+    def placeholders(self, track: Track, window: str) -> dict[str, str]:
+        deployment = self.canary_deployment if track == "canary" else self.deployment
+        return {
+            "namespace": self.namespace,
+            "ingress": self.ingress,
+            "canary_ingress": self.canary_ingress,
+            "service": self.service,
+            "deployment": deployment,
+            "track": track,
+            "canary": self.canary_ingress if track == "canary" else "",
+            # Real ingress-nginx puts the canary's upstream name in the label, the sandbox
+            # the canary Ingress name: "non-empty" selects the canary track with either.
+            "canary_matcher": 'canary!=""' if track == "canary" else 'canary=""',
+            # Names are DNS labels (no regex metacharacters); PromQL strings refuse "\-".
+            "pod_regex": f"{deployment}-[a-z0-9]+-[a-z0-9]+",
+            "window": window,
+        }
+
+
+# --- the client ----------------------------------------------------------------------------
+
+
+class Sample(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    labels: dict[str, str]
+    value: float
+
+
+class Series(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    labels: dict[str, str]
+    points: list[tuple[float, float]]
+
+
+def _float(raw: Any) -> float:
+    try:
+        return float(raw)  # Prometheus sends "NaN", "+Inf", "1.5" as strings
+    except (TypeError, ValueError) as exc:
+        raise MetricsError(f"Prometheus sent a non-numeric sample value {raw!r}") from exc
+
+
+def _timestamp(value: datetime | float) -> float:
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise InvalidInput(f"time {value.isoformat()} has no timezone; pass an aware datetime")
+        return value.timestamp()
+    return float(value)
+
+
+class PrometheusClient:
+    """A small client of Prometheus' HTTP API (``/api/v1/query``, ``/api/v1/query_range``)."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        timeout: float = 10.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
+
+    def __enter__(self) -> PrometheusClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _get(self, path: str, params: dict[str, str]) -> dict[str, Any]:
+        try:
+            response = self._http.get(path, params=params)
+        except httpx.HTTPError as exc:
+            raise MetricsError(
+                f"Prometheus at {self.base_url} is unreachable ({type(exc).__name__}: {exc}); "
+                "check that it runs and that ROBOTICS_CD_PROMETHEUS_URL points at it"
+            ) from exc
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise MetricsError(
+                f"Prometheus at {self.base_url} answered HTTP {response.status_code} "
+                f"without a JSON body: {response.text[:200]!r}"
+            )
+        if body.get("status") != "success":
+            kind = body.get("errorType", "unknown")
+            raise MetricsError(
+                f"Prometheus refused the query ({kind}): {body.get('error', '')} "
+                f"[HTTP {response.status_code}; query {params.get('query', '')!r}]"
+            )
+        data = body.get("data")
+        if not isinstance(data, dict):
+            raise MetricsError(f"Prometheus answered success without data: {body!r:.200}")
+        return data
+
+    def query(self, promql: str, time: datetime | float | None = None) -> list[Sample]:
+        """An instant query: a vector (one sample per series) or a scalar (one sample)."""
+        params = {"query": promql}
+        if time is not None:
+            params["time"] = f"{_timestamp(time):.3f}"
+        data = self._get("/api/v1/query", params)
+        kind, result = data.get("resultType"), data.get("result")
+        if kind == "vector" and isinstance(result, list):
+            return [
+                Sample(labels=dict(item.get("metric", {})), value=_float(item["value"][1]))
+                for item in result
+            ]
+        if kind == "scalar" and isinstance(result, list):
+            return [Sample(labels={}, value=_float(result[1]))]
+        raise MetricsError(
+            f"expected an instant vector or scalar from {promql!r}, got {kind!r}; "
+            "wrap range selectors in rate()/increase()"
+        )
+
+    def query_range(
+        self, promql: str, start: datetime | float, end: datetime | float, step: float
+    ) -> list[Series]:
+        params = {
+            "query": promql,
+            "start": f"{_timestamp(start):.3f}",
+            "end": f"{_timestamp(end):.3f}",
+            "step": f"{step:g}",
+        }
+        data = self._get("/api/v1/query_range", params)
+        if data.get("resultType") != "matrix" or not isinstance(data.get("result"), list):
+            raise MetricsError(f"expected a matrix from {promql!r}, got {data.get('resultType')!r}")
+        return [
+            Series(
+                labels=dict(item.get("metric", {})),
+                points=[(float(ts), _float(v)) for ts, v in item.get("values", [])],
+            )
+            for item in data["result"]
+        ]
+
+    def scalar(self, promql: str, time: datetime | float | None = None) -> float | None:
+        """The single value of an aggregated query; ``None`` when no series (no data)."""
+        samples = self.query(promql, time)
+        if not samples:
+            return None
+        if len(samples) > 1:
+            raise MetricsError(
+                f"query returned {len(samples)} series, expected one; aggregate it (sum/avg): "
+                f"{promql!r}"
+            )
+        value = samples[0].value
+        return None if math.isnan(value) else value
+
+
+# --- observing a service -------------------------------------------------------------------
+
+
+def _buckets(samples: list[Sample]) -> LatencyBuckets | None:
+    pairs = []
+    for s in samples:
+        le = s.labels.get("le")
+        if le is None or math.isnan(s.value):
+            continue
+        pairs.append((_float(le), s.value))
+    if not pairs:
+        return None
+    pairs.sort()
+    return pairs
+
+
+class PrometheusSource:
+    """A :class:`core.analysis.MetricSource` over Prometheus for one service's target."""
+
+    def __init__(self, client: PrometheusClient, target: Target, rules: MetricRules) -> None:
+        self.client, self.target, self.rules = client, target, rules
+        self.queries: dict[str, str] = {}
+
+    def track(self, track: Track, end: datetime, window_seconds: float) -> TrackObservation:
+        values = self.target.placeholders(track, prom_duration(window_seconds))
+
+        def run(name: str, template: str) -> float | None:
+            promql = render(template, values)
+            self.queries[f"{track}:{name}"] = promql
+            return self.client.scalar(promql, end)
+
+        requests = run("requests", TEMPLATES["requests"])
+        errors = run("errors", TEMPLATES["errors"])
+        if errors is None and requests is not None:
+            errors = 0.0  # requests seen, but no 5xx series has ever appeared
+        bucket_query = render(TEMPLATES["latency_buckets"], values)
+        self.queries[f"{track}:latency_buckets"] = bucket_query
+        buckets = _buckets(self.client.query(bucket_query, end))
+        metric_values: dict[str, float | None] = {}
+        for name, rule in enabled_rules(self.rules):
+            if rule.query:
+                metric_values[name] = run(name, rule.query)
+            elif name == "error_ratio":
+                metric_values[name] = errors / requests if requests and errors is not None else None
+            elif name == "p99_latency_seconds":
+                metric_values[name] = histogram_quantile(0.99, buckets) if buckets else None
+            elif name in TEMPLATES:
+                metric_values[name] = run(name, TEMPLATES[name])
+            else:
+                metric_values[name] = None  # e.g. business without a query: no data
+        return TrackObservation(
+            requests=requests,
+            errors=errors,
+            latency_buckets=buckets,
+            values=metric_values,
+        )
+
+    def observe(self, end: datetime, window_seconds: float) -> IntervalObservation:
+        return IntervalObservation(
+            end=end,
+            window_seconds=window_seconds,
+            canary=self.track("canary", end, window_seconds),
+            stable=self.track("stable", end, window_seconds),
+        )
+
+
+class IntervalResult(BaseModel):
+    """One analysis interval: what each track did, the queries asked, and the verdict."""
+
+    model_config = ConfigDict(frozen=True)
+    service: str
+    namespace: str
+    analysis: IntervalVerdict
+    observation: IntervalObservation
+    queries: dict[str, str]
+
+    @property
+    def verdict(self) -> Verdict:
+        return self.analysis.verdict
+
+
+def _logger() -> Any:
+    try:
+        return get_run_logger()
+    except MissingContextError:  # called outside a run (``.fn`` in tests, scripts)
+        return get_logger("robotics_cd.metrics")
+
+
+@contextmanager
+def prometheus(
+    url: str | None = None, *, transport: httpx.BaseTransport | None = None
+) -> Iterator[PrometheusClient]:
+    client = PrometheusClient(base_url=url or get_settings().prometheus_url, transport=transport)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def wait_for_interval_end(end_time: datetime, *, scrape_lag_seconds: float) -> None:
+    """Block until ``end_time`` (plus the scrape lag) has passed: an interval is judged
+    only once it is over and its last samples are scraped. Bounded by the interval itself."""
+    if end_time.tzinfo is None:
+        raise InvalidInput("end_time must be timezone-aware (UTC)")
+    remaining = (end_time - datetime.now(UTC)).total_seconds() + scrape_lag_seconds
+    if remaining > 0:
+        _time.sleep(remaining)
+
+
+def _end_and_window(end_time: datetime | None, window_seconds: float) -> datetime:
+    if window_seconds <= 0:
+        raise InvalidInput(f"window_seconds must be positive, got {window_seconds}")
+    return end_time or datetime.now(UTC)
+
+
+@task(name="analyse-interval", retries=2, retry_delay_seconds=2)
+def analyse_interval(
+    service: str,
+    namespace: str,
+    rules: MetricRules,
+    policy: CanaryPolicy,
+    *,
+    end_time: datetime | None = None,
+    window_seconds: float,
+    target: Target | None = None,
+    prometheus_url: str | None = None,
+    scrape_lag_seconds: float = 2.0,
+) -> IntervalResult:
+    """Judge one canary interval ``[end_time - window, end_time]`` against stable.
+
+    Waits for ``end_time`` if it is still ahead. Raises MetricsError when Prometheus cannot
+    answer (the caller decides whether that counts as an inconclusive interval).
+    """
+    end = _end_and_window(end_time, window_seconds)
+    wait_for_interval_end(end, scrape_lag_seconds=scrape_lag_seconds)
+    where = target or Target(service=service, namespace=namespace)
+    with prometheus(prometheus_url) as client:
+        source = PrometheusSource(client, where, rules)
+        observation = source.observe(end, window_seconds)
+    verdict = judge_interval(observation, rules, policy)
+    _logger().info(
+        "%s/%s interval ending %s: %s (%s)",
+        namespace,
+        service,
+        end.isoformat(),
+        verdict.verdict,
+        verdict.reason,
+    )
+    return IntervalResult(
+        service=service,
+        namespace=namespace,
+        analysis=verdict,
+        observation=observation,
+        queries=source.queries,
+    )
+
+
+def _check_track(
+    service: str,
+    namespace: str,
+    rules: MetricRules,
+    *,
+    min_requests: int,
+    end_time: datetime | None,
+    window_seconds: float,
+    track: Track,
+    target: Target | None,
+    prometheus_url: str | None,
+    scrape_lag_seconds: float,
+) -> IntervalResult:
+    end = _end_and_window(end_time, window_seconds)
+    wait_for_interval_end(end, scrape_lag_seconds=scrape_lag_seconds)
+    where = target or Target(service=service, namespace=namespace)
+    with prometheus(prometheus_url) as client:
+        source = PrometheusSource(client, where, rules)
+        observed = source.track(track, end, window_seconds)
+    verdict = judge_track(
+        observed, rules, min_requests=min_requests, end=end, window_seconds=window_seconds
+    )
+    empty = type(observed)()
+    observation = IntervalObservation(
+        end=end,
+        window_seconds=window_seconds,
+        canary=observed if track == "canary" else empty,
+        stable=observed if track == "stable" else empty,
+    )
+    return IntervalResult(
+        service=service,
+        namespace=namespace,
+        analysis=verdict,
+        observation=observation,
+        queries=source.queries,
+    )
+
+
+@task(name="staging-metrics", retries=2, retry_delay_seconds=2)
+def staging_check(
+    service: str,
+    namespace: str,
+    rules: MetricRules,
+    *,
+    min_requests: int,
+    end_time: datetime | None = None,
+    window_seconds: float,
+    track: Track = "stable",
+    target: Target | None = None,
+    prometheus_url: str | None = None,
+    scrape_lag_seconds: float = 2.0,
+) -> IntervalResult:
+    """Error ratio, P99 (and the other absolute bounds) of one track over a window, judged
+    by the same rules as the canary (absolute bounds only: there is nothing to compare with).
+    Also the post-release watch of production's stable track."""
+    return _check_track(
+        service,
+        namespace,
+        rules,
+        min_requests=min_requests,
+        end_time=end_time,
+        window_seconds=window_seconds,
+        track=track,
+        target=target,
+        prometheus_url=prometheus_url,
+        scrape_lag_seconds=scrape_lag_seconds,
+    )
+
+
+# --- the canary window, for the chart ------------------------------------------------------
+
+
+class WindowSeries(BaseModel):
+    """Error ratio and P99 of both tracks over the canary window (for the chart)."""
+
+    model_config = ConfigDict(frozen=True)
+    error_ratio: dict[str, list[tuple[float, float]]]
+    p99_latency_seconds: dict[str, list[tuple[float, float]]]
+
+
+def _points(series: list[Series]) -> list[tuple[float, float]]:
+    if not series:
+        return []
+    return [(t, v) for t, v in series[0].points if not math.isnan(v)]
+
+
+@task(name="canary-window", retries=2, retry_delay_seconds=2)
+def canary_window(
+    service: str,
+    namespace: str,
+    *,
+    start: datetime,
+    end: datetime,
+    step_seconds: float = 5.0,
+    rate_window_seconds: float = 10.0,
+    target: Target | None = None,
+    prometheus_url: str | None = None,
+) -> WindowSeries:
+    """Per-step error ratio and P99 of canary and stable between ``start`` and ``end``."""
+    if end <= start:
+        raise InvalidInput("canary window end must be after its start")
+    where = target or Target(service=service, namespace=namespace)
+    window = prom_duration(rate_window_seconds)
+    errors: dict[str, list[tuple[float, float]]] = {}
+    p99: dict[str, list[tuple[float, float]]] = {}
+    with prometheus(prometheus_url) as client:
+        for track in ("canary", "stable"):
+            values = where.placeholders(track, window)  # type: ignore[arg-type]
+            ratio = (
+                f"({render(TEMPLATES['errors'], values)} or vector(0)) / "
+                f"{render(TEMPLATES['requests'], values)}"
+            )
+            quantile = render(TEMPLATES["p99_rate"], values)
+            errors[track] = _points(client.query_range(ratio, start, end, step_seconds))
+            p99[track] = _points(client.query_range(quantile, start, end, step_seconds))
+    return WindowSeries(error_ratio=errors, p99_latency_seconds=p99)
