@@ -1,7 +1,7 @@
 """The twin server: one process that speaks the protocols that cannot run here.
 
 It loads ``twin-config.json`` from the state dir, opens the Kubernetes object store, then
-starts each component in ``COMPONENTS`` (a module with ``async def start(ctx)`` that starts
+starts each component in ``COMPONENTS`` (or the config's ``"components"`` list) (a module with ``async def start(ctx)`` that starts
 its own servers and background tasks and returns). When every component has started it
 writes ``twin.ready`` (JSON: the ports it serves) so launchers can wait on it.
 
@@ -47,10 +47,28 @@ class TwinContext:
         self.tasks.append(task)
         return task
 
-    async def serve(self, app: Any, port: int, name: str) -> None:
-        """Serve an ASGI app on 127.0.0.1:port and wait until it listens."""
+    async def serve(
+        self,
+        app: Any,
+        port: int,
+        name: str,
+        *,
+        ssl_certfile: Path | None = None,
+        ssl_keyfile: Path | None = None,
+    ) -> None:
+        """Serve an ASGI app on 127.0.0.1:port (HTTPS if a cert is given) until it listens."""
         server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+            uvicorn.Config(
+                app,
+                host="127.0.0.1",
+                port=port,
+                log_level="warning",
+                lifespan="off",
+                ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
+                ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None,
+                # Long-lived watch streams must not hold the twin's shutdown.
+                timeout_graceful_shutdown=2,
+            )
         )
         self.spawn(server.serve(), f"http:{name}")
         for _ in range(200):
@@ -66,9 +84,12 @@ async def run(state_dir: Path) -> None:
     config = json.loads((state_dir / "twin-config.json").read_text())
     from sandbox.kube.store import ObjectStore
 
-    store = ObjectStore(state_dir / "kube")
+    store = ObjectStore(
+        state_dir / "kube", event_history=int(config.get("kube_event_history", 5000))
+    )
     ctx = TwinContext(state_dir=state_dir, config=config, store=store)
-    for name in COMPONENTS:
+    # "components" in twin-config.json narrows what starts (e.g. only "sandbox.kube.api").
+    for name in config.get("components", COMPONENTS):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
@@ -76,7 +97,12 @@ async def run(state_dir: Path) -> None:
                 raise
             log.warning("twin component %s not present; skipped", name)
             continue
-        await module.start(ctx)
+        start = getattr(module, "start", None)
+        if start is None:
+            # A component still being written (a bare package): not an error, but visible.
+            log.warning("twin component %s has no start(ctx) yet; skipped", name)
+            continue
+        await start(ctx)
         log.info("twin component %s started", name)
     (state_dir / "twin.ready").write_text(json.dumps(ctx.served))
     stop = asyncio.Event()

@@ -166,9 +166,18 @@ RESOURCE_TYPES: list[ResourceType] = [
     _rt("v1", "Event", "events", short=("ev",), sub=()),
     _rt("v1", "PersistentVolumeClaim", "persistentvolumeclaims", short=("pvc",)),
     _rt("v1", "PersistentVolume", "persistentvolumes", namespaced=False, short=("pv",)),
-    _rt("apps/v1", "Deployment", "deployments", short=("deploy",), all_=True),
-    _rt("apps/v1", "ReplicaSet", "replicasets", short=("rs",), all_=True),
-    _rt("apps/v1", "StatefulSet", "statefulsets", short=("sts",), all_=True),
+    _rt(
+        "apps/v1",
+        "Deployment",
+        "deployments",
+        short=("deploy",),
+        all_=True,
+        sub=("status", "scale"),
+    ),
+    _rt("apps/v1", "ReplicaSet", "replicasets", short=("rs",), all_=True, sub=("status", "scale")),
+    _rt(
+        "apps/v1", "StatefulSet", "statefulsets", short=("sts",), all_=True, sub=("status", "scale")
+    ),
     _rt("apps/v1", "DaemonSet", "daemonsets", short=("ds",), all_=True),
     _rt("batch/v1", "Job", "jobs", all_=True),
     _rt("batch/v1", "CronJob", "cronjobs", short=("cj",), all_=True),
