@@ -159,6 +159,9 @@ def runner_deployments(
                 work_pool_name=work_pool_name,
                 job_variables=job_variables,
                 entrypoint_type=EntrypointType.MODULE_PATH,
+                # Sync even when called from async code (deploy), which would otherwise
+                # get ato_deployment's coroutine.
+                _sync=True,
             )
         )
     return deployments
