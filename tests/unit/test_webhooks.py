@@ -110,7 +110,7 @@ def octokit_methods(tmp_path_factory) -> Path:
     node, npm = shutil.which("node"), shutil.which("npm")
     if not node or not npm:
         pytest.skip("node/npm not installed: cannot cross-check with @octokit/webhooks-methods")
-    where = tmp_path_factory.mktemp("octokit")
+    where: Path = tmp_path_factory.mktemp("octokit")
     proc = subprocess.run(
         [npm, "install", "--no-audit", "--no-fund", f"@octokit/webhooks-methods@{METHODS_VERSION}"],
         cwd=where,
