@@ -1,0 +1,240 @@
+"""The twin's runtime: pods as real containers, workload controllers, ingress routers,
+synthetic load, metrics and faults (issue 4).
+
+``start(ctx)`` wires it into the twin process: it subscribes to the object store and
+reacts to every change (plus a periodic resync), serves ``/metrics`` and ``/admin/*`` on the
+control port, and one ingress router per namespace. ``cleanup(label)`` removes every
+container, network and volume a sandbox made (for ``sandbox down``); ``state_label(dir)``
+gives the label of the sandbox living in ``dir``.
+
+What the other twin components can rely on:
+- every Pod object runs (whoever created it), its status written as the kubelet does;
+- pods resolve each other by pod name, hostname[.subdomain] and the names of the Services
+  selecting them, on the Docker network ``twin-<namespace>``;
+- ``ctx.served["control"]`` and ``ctx.served["ingress:<namespace>"]`` are the ports;
+- ``ctx.store.log_source`` streams container logs for ``kubectl logs``;
+- ``sandbox.faults.FaultInjector`` + ``FAULTS`` for HTTP faults on any twin server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from sandbox.faults import FAULTS, FaultRegistry, admin_routes
+from sandbox.procs import free_port
+from sandbox.runtime.config import RuntimeConfig
+from sandbox.runtime.engine import Engine, cleanup, state_label
+from sandbox.runtime.kubelet import Kubelet
+from sandbox.runtime.load import LoadGenerator, plans_for
+from sandbox.runtime.metrics import ContainerStats, RequestMetrics, restart_metrics
+from sandbox.runtime.router import NamespaceRouter
+from sandbox.runtime.workloads import Controllers
+
+__all__ = ["Runtime", "cleanup", "start", "state_label"]
+
+log = logging.getLogger("sandbox.runtime")
+
+WORKLOAD_KINDS = {"Deployment", "ReplicaSet", "Job", "Pod"}
+
+
+class Runtime:
+    def __init__(self, ctx: Any, config: RuntimeConfig, faults: FaultRegistry = FAULTS) -> None:
+        self.ctx = ctx
+        self.store = ctx.store
+        self.config = config
+        self.faults = faults
+        self.label = state_label(ctx.state_dir)
+        self.engine: Engine | None = None
+        self.kubelet: Kubelet | None = None
+        self.controllers = Controllers(self.store, config.backoff_initial, config.backoff_max)
+        self.metrics = RequestMetrics()
+        self.stats: ContainerStats | None = None
+        self.load = LoadGenerator(faults)
+        self.routers: dict[str, NamespaceRouter] = {}
+        self.router_ports: dict[str, int] = {}
+        self._starting: dict[str, asyncio.Task[None]] = {}
+        self._dirty = asyncio.Event()
+        self._ports_file = Path(ctx.state_dir) / "runtime" / "ingress-ports.json"
+
+    # -- start -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        try:
+            engine = Engine(self.label, self.config.registry)
+            await asyncio.to_thread(engine.client.ping)
+            self.engine = engine
+        except Exception as exc:  # no dockerd: the API and controllers still work
+            log.warning("no Docker Engine (%s): pods will stay Pending", exc)
+        if self.engine is not None:
+            self.kubelet = Kubelet(self.store, self.engine, self.config, self.faults)
+            self.stats = ContainerStats(self.engine)
+            self.store.log_source = self.kubelet.logs
+            self.ctx.spawn(self.stats.run(), "runtime:stats")
+        subscription = self.store.subscribe()
+        control_port = self.config.control_port or free_port()
+        await self.ctx.serve(self.control_app(), control_port, "control")
+        self._load_ports()
+        for namespace in self.config.ingress_ports:
+            await self.ensure_router(namespace)
+        for ingress in self.store.list("networking.k8s.io/v1", "Ingress"):
+            await self.ensure_router(ingress["metadata"]["namespace"])
+        self.ctx.spawn(self.watch(subscription), "runtime:watch")
+        self.ctx.spawn(self.control_loop(), "runtime:controllers")
+        self.ctx.spawn(self.resync_loop(), "runtime:resync")
+        self._dirty.set()
+
+    def _load_ports(self) -> None:
+        if self._ports_file.exists():
+            with contextlib.suppress(ValueError):
+                self.router_ports.update(json.loads(self._ports_file.read_text()))
+        self.router_ports.update(self.config.ingress_ports)
+
+    def _save_ports(self) -> None:
+        self._ports_file.parent.mkdir(parents=True, exist_ok=True)
+        self._ports_file.write_text(json.dumps(self.router_ports, indent=2, sort_keys=True))
+
+    async def ensure_router(self, namespace: str) -> NamespaceRouter:
+        router = self.routers.get(namespace)
+        if router is not None:
+            return router
+        endpoints = self.kubelet.endpoints if self.kubelet else {}
+        router = NamespaceRouter(namespace, self.store, endpoints, self.metrics, self.faults)
+        port = self.router_ports.get(namespace) or free_port()
+        await self.ctx.serve(router, port, f"ingress:{namespace}")
+        self.routers[namespace] = router
+        self.router_ports[namespace] = port
+        self._save_ports()
+        log.info("ingress router for namespace %s on 127.0.0.1:%d", namespace, port)
+        self.refresh_namespace(namespace)
+        return router
+
+    # -- reacting to the store ---------------------------------------------------------------
+
+    async def watch(self, subscription: Any) -> None:
+        async for event in subscription:
+            if event.type == "BOOKMARK":
+                continue
+            try:
+                await self.handle(event.type, event.object)
+            except Exception:
+                log.exception(
+                    "runtime: handling %s %s failed", event.type, event.object.get("kind")
+                )
+
+    async def handle(self, type_: str, obj: dict[str, Any]) -> None:
+        kind = obj.get("kind")
+        namespace = (obj.get("metadata") or {}).get("namespace", "")
+        if kind in WORKLOAD_KINDS:
+            self._dirty.set()
+        if kind == "Pod" and self.kubelet is not None:
+            if type_ == "DELETED":
+                self.kubelet.pod_deleted(obj)
+            else:
+                self.kubelet.pod_changed(obj)
+        elif kind == "Service":
+            if self.kubelet is not None:
+                self.kubelet.namespace_changed(namespace)
+            if namespace in self.routers:
+                self.routers[namespace].refresh()
+        elif kind == "Ingress":
+            if type_ != "DELETED" and namespace not in self.routers:
+                await self.ensure_router(namespace)
+            if namespace in self.routers:
+                self.refresh_namespace(namespace)
+
+    def refresh_namespace(self, namespace: str) -> None:
+        """Routes, Ingress status and load plans of one namespace, from the store."""
+        router = self.routers[namespace]
+        router.refresh()
+        port = self.router_ports[namespace]
+        ingresses = self.store.list("networking.k8s.io/v1", "Ingress", namespace)
+        served = {"ingress": [{"ip": "127.0.0.1", "ports": [{"port": port, "protocol": "TCP"}]}]}
+        for ingress in ingresses:
+            status = {**(ingress.get("status") or {}), "loadBalancer": served}
+            if status != ingress.get("status"):
+                meta = ingress["metadata"]
+                with contextlib.suppress(Exception):
+                    self.store.update_status(
+                        "networking.k8s.io/v1", "Ingress", namespace, meta["name"], status
+                    )
+        self.load.apply(namespace, port, plans_for(namespace, ingresses, self.config.load))
+
+    async def control_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._dirty.wait(), timeout=self.config.resync_seconds)
+            self._dirty.clear()
+            await asyncio.sleep(0.05)  # let a burst of events land in one pass
+            try:
+                self.controllers.reconcile_all()
+            except Exception:
+                log.exception("workload controllers failed; retrying")
+
+    async def resync_loop(self) -> None:
+        while True:
+            try:
+                if self.kubelet is not None:
+                    await self.kubelet.resync()
+                for namespace in list(self.routers):
+                    self.refresh_namespace(namespace)
+            except Exception:
+                log.exception("runtime resync failed; retrying")
+            await asyncio.sleep(max(self.config.resync_seconds, 2.0))
+
+    # -- control port ------------------------------------------------------------------------
+
+    def render_metrics(self) -> str:
+        lines = self.metrics.render()
+        lines += restart_metrics(self.store.list("v1", "Pod"))
+        if self.stats is not None:
+            lines += self.stats.render()
+        return "\n".join(lines) + "\n"
+
+    def control_app(self) -> Starlette:
+        async def metrics(request: Request) -> Response:
+            return PlainTextResponse(self.render_metrics(), media_type="text/plain; version=0.0.4")
+
+        async def health(request: Request) -> Response:
+            return PlainTextResponse("ok\n")
+
+        async def endpoints(request: Request) -> Response:
+            eps = self.kubelet.endpoints if self.kubelet else {}
+            return JSONResponse(
+                {
+                    "routers": self.router_ports,
+                    "pods": [
+                        {
+                            "namespace": ep.namespace,
+                            "name": ep.name,
+                            "ready": ep.ready,
+                            "ports": {str(k): v for k, v in ep.ports.items()},
+                        }
+                        for ep in list(eps.values())
+                    ],
+                }
+            )
+
+        routes = [
+            Route("/metrics", metrics),
+            Route("/healthz", health),
+            Route("/admin/endpoints", endpoints),
+            *admin_routes(self.faults),
+        ]
+        return Starlette(routes=routes)
+
+
+async def start(ctx: Any) -> None:
+    config = RuntimeConfig.from_twin(ctx.config)
+    runtime = Runtime(ctx, config)
+    await runtime.start()
+    ctx.runtime = runtime

@@ -1,0 +1,345 @@
+"""The runtime's side of Docker: networks, images, containers, volumes, stats and logs.
+
+Everything here is synchronous docker-py; the controllers call it through
+``asyncio.to_thread``. Every object created carries the label ``robotics-cd.sandbox=<id of
+the state dir>`` so ``cleanup`` removes exactly what one sandbox made and nothing else on
+the shared engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+from docker.models.containers import Container
+
+log = logging.getLogger("sandbox.runtime.engine")
+
+SANDBOX_LABEL = "robotics-cd.sandbox"
+POD_NS_LABEL = "robotics-cd.pod-namespace"
+POD_NAME_LABEL = "robotics-cd.pod-name"
+POD_UID_LABEL = "robotics-cd.pod-uid"
+CONTAINER_LABEL = "robotics-cd.container"
+
+
+def state_label(state_dir: Path) -> str:
+    """The value of ``SANDBOX_LABEL`` for the sandbox living in ``state_dir``."""
+    return hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:12]
+
+
+class PullFailed(RuntimeError):
+    """An image could not be pulled (kubelet reason ErrImagePull)."""
+
+
+class ContainerFailed(RuntimeError):
+    """Docker refused to create or start a container (kubelet reason CreateContainerError)."""
+
+
+@dataclass(frozen=True)
+class RegistryAuth:
+    """The sandbox registry: images named ``<host>/...`` are pulled with these credentials."""
+
+    url: str
+    username: str = ""
+    password: str = field(default="", repr=False)
+
+    @property
+    def host(self) -> str:
+        return self.url.split("://", 1)[-1].rstrip("/")
+
+
+@dataclass
+class ContainerSpec:
+    name: str
+    image: str
+    network: str
+    aliases: list[str]
+    labels: dict[str, str]
+    hostname: str
+    entrypoint: list[str] | None = None
+    command: list[str] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    ports: list[int] = field(default_factory=list)
+    nano_cpus: int | None = None
+    mem_limit: int | None = None
+    # docker volume name -> (mount path, read only)
+    mounts: list[tuple[str, str, bool]] = field(default_factory=list)
+    working_dir: str | None = None
+    user: str | None = None
+
+
+def split_image(image: str) -> tuple[str, str | None, str | None]:
+    """``repo[:tag][@digest]`` -> (repo, tag, digest); a registry port is not a tag."""
+    digest = None
+    if "@" in image:
+        image, digest = image.split("@", 1)
+    tag = None
+    last = image.rsplit("/", 1)[-1]
+    if ":" in last:
+        image, tag = image.rsplit(":", 1)
+    return image, tag, digest
+
+
+def pull_reference(image: str) -> tuple[str, str]:
+    """What to pull: (repository, tag-or-digest). A digest wins over a tag, as in Kubernetes."""
+    repo, tag, digest = split_image(image)
+    if digest:
+        return repo, digest
+    return repo, tag or "latest"
+
+
+def local_reference(image: str) -> str:
+    repo, ref = pull_reference(image)
+    return f"{repo}@{ref}" if ref.startswith("sha256:") else f"{repo}:{ref}"
+
+
+class Engine:
+    """One docker-py client shared by the runtime (docker-py is safe across threads here)."""
+
+    def __init__(self, label: str, registry: RegistryAuth | None = None) -> None:
+        self.label = label
+        self.registry = registry
+        self.client = docker.from_env(timeout=120)
+        self._pull_locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    def close(self) -> None:
+        self.client.close()
+
+    @property
+    def base_labels(self) -> dict[str, str]:
+        return {SANDBOX_LABEL: self.label}
+
+    # -- networks and volumes ------------------------------------------------------------
+
+    def ensure_network(self, name: str) -> str:
+        found = self.client.networks.list(names=[name])
+        for net in found:
+            if net.name == name:
+                return name
+        try:
+            self.client.networks.create(name, driver="bridge", labels=self.base_labels)
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409:
+                raise
+        return name
+
+    def ensure_volume(self, name: str, labels: dict[str, str]) -> str:
+        try:
+            self.client.volumes.get(name)
+        except docker.errors.NotFound:
+            self.client.volumes.create(name, labels={**self.base_labels, **labels})
+        return name
+
+    def remove_volume(self, name: str) -> None:
+        try:
+            self.client.volumes.get(name).remove(force=True)
+        except docker.errors.NotFound:
+            return
+
+    # -- images --------------------------------------------------------------------------
+
+    def _pull_lock(self, ref: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._pull_locks.setdefault(ref, threading.Lock())
+
+    def ensure_image(self, image: str, policy: str) -> str:
+        """Make ``image`` present per ``imagePullPolicy``; return its local reference."""
+        ref = local_reference(image)
+        with self._pull_lock(ref):
+            present = self._has_image(ref)
+            if policy == "Never":
+                if not present:
+                    raise PullFailed(f'image "{image}" is not present and imagePullPolicy is Never')
+                return ref
+            if present and policy != "Always":
+                return ref
+            repo, tag = pull_reference(image)
+            try:
+                self.client.images.pull(repo, tag=tag, auth_config=self._auth_for(repo))
+            except docker.errors.APIError as exc:
+                if present:
+                    # Always-pull of a present image with the registry down: Kubernetes
+                    # would fail too, but the cached copy is what a node would still run.
+                    log.warning("pull of %s failed (%s); using the local copy", image, exc)
+                    return ref
+                raise PullFailed(f'failed to pull image "{image}": {exc.explanation}') from exc
+            return ref
+
+    def _has_image(self, ref: str) -> bool:
+        try:
+            self.client.images.get(ref)
+        except docker.errors.ImageNotFound:
+            return False
+        return True
+
+    def _auth_for(self, repo: str) -> dict[str, str] | None:
+        reg = self.registry
+        if reg and reg.username and repo.split("/", 1)[0] == reg.host:
+            return {"username": reg.username, "password": reg.password}
+        return None
+
+    def image_id(self, ref: str) -> str:
+        """``imageID`` as the kubelet reports it: the repo digest when pulled, else the id."""
+        img = self.client.images.get(ref)
+        digests = img.attrs.get("RepoDigests") or []
+        repo = split_image(ref)[0]
+        for d in digests:
+            if d.startswith(repo + "@"):
+                return f"docker-pullable://{d}"
+        return f"docker://{img.id}"
+
+    # -- containers ----------------------------------------------------------------------
+
+    def create(self, spec: ContainerSpec) -> str:
+        endpoint = self.client.api.create_endpoint_config(aliases=spec.aliases or None)
+        try:
+            container = self.client.containers.create(
+                spec.image,
+                name=spec.name,
+                entrypoint=spec.entrypoint,
+                command=spec.command,
+                environment=spec.env,
+                hostname=spec.hostname[:63],
+                labels={**self.base_labels, **spec.labels},
+                ports={f"{p}/tcp": ("127.0.0.1", None) for p in spec.ports},
+                nano_cpus=spec.nano_cpus,
+                mem_limit=spec.mem_limit,
+                volumes={
+                    vol: {"bind": path, "mode": "ro" if ro else "rw"}
+                    for vol, path, ro in spec.mounts
+                },
+                working_dir=spec.working_dir,
+                user=spec.user,
+                network=spec.network,
+                networking_config={spec.network: endpoint},
+                detach=True,
+            )
+        except docker.errors.APIError as exc:
+            raise ContainerFailed(f"creating container {spec.name}: {exc.explanation}") from exc
+        return str(container.id)
+
+    def start(self, name: str) -> None:
+        try:
+            self.client.api.start(name)
+        except docker.errors.APIError as exc:
+            raise ContainerFailed(f"starting container {name}: {exc.explanation}") from exc
+
+    def inspect(self, name: str) -> dict[str, Any] | None:
+        try:
+            return dict(self.client.api.inspect_container(name))
+        except docker.errors.NotFound:
+            return None
+
+    def kill(self, name: str) -> None:
+        try:
+            self.client.api.kill(name)
+        except docker.errors.APIError as exc:
+            # Already stopped (409) or gone (404): the outcome the caller wanted.
+            if exc.status_code not in (404, 409):
+                raise
+
+    def remove(self, name: str) -> None:
+        try:
+            self.client.api.remove_container(name, force=True, v=True)
+        except docker.errors.NotFound:
+            return
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409:  # removal already in progress
+                raise
+
+    def set_aliases(self, name: str, network: str, aliases: list[str]) -> None:
+        """Re-attach ``name`` to ``network`` with new aliases (its host ports change)."""
+        net = self.client.networks.get(network)
+        try:
+            net.disconnect(name, force=True)
+        except docker.errors.APIError as exc:
+            if exc.status_code not in (404, 409, 500):
+                raise
+        net.connect(name, aliases=aliases)
+
+    def ours(self) -> list[Container]:
+        return list(
+            self.client.containers.list(
+                all=True, filters={"label": f"{SANDBOX_LABEL}={self.label}"}
+            )
+        )
+
+    def stats(self, name: str) -> dict[str, Any] | None:
+        try:
+            return dict(self.client.api.stats(name, stream=False, one_shot=True))
+        except docker.errors.NotFound:
+            return None
+
+    def logs(self, name: str, *, tail: int | None, follow: bool) -> Iterator[bytes]:
+        return iter(
+            self.client.api.logs(
+                name,
+                stdout=True,
+                stderr=True,
+                stream=True,
+                follow=follow,
+                tail="all" if tail is None else tail,
+            )
+        )
+
+
+def host_ports(info: dict[str, Any]) -> dict[int, int]:
+    """containerPort -> port published on 127.0.0.1, from an inspect result."""
+    result: dict[int, int] = {}
+    ports = (info.get("NetworkSettings") or {}).get("Ports") or {}
+    for key, bindings in ports.items():
+        port, _, proto = key.partition("/")
+        if proto != "tcp" or not bindings:
+            continue
+        for binding in bindings:
+            if binding.get("HostIp") in ("127.0.0.1", "") and binding.get("HostPort"):
+                result[int(port)] = int(binding["HostPort"])
+                break
+    return result
+
+
+def network_ip(info: dict[str, Any], network: str) -> str:
+    nets = (info.get("NetworkSettings") or {}).get("Networks") or {}
+    return str((nets.get(network) or {}).get("IPAddress") or "")
+
+
+def network_aliases(info: dict[str, Any], network: str) -> list[str]:
+    nets = (info.get("NetworkSettings") or {}).get("Networks") or {}
+    return list((nets.get(network) or {}).get("Aliases") or [])
+
+
+def cleanup(label: str) -> dict[str, int]:
+    """Remove every container, network and volume labelled ``robotics-cd.sandbox=<label>``."""
+    client = docker.from_env(timeout=120)
+    flt = {"label": f"{SANDBOX_LABEL}={label}"}
+    removed = {"containers": 0, "networks": 0, "volumes": 0}
+    try:
+        for c in client.containers.list(all=True, filters=flt):
+            try:
+                c.remove(force=True, v=True)
+                removed["containers"] += 1
+            except docker.errors.NotFound:
+                continue
+        for n in client.networks.list(filters=flt):
+            try:
+                n.remove()
+                removed["networks"] += 1
+            except docker.errors.NotFound:
+                continue
+        for v in client.volumes.list(filters=flt):
+            try:
+                v.remove(force=True)
+                removed["volumes"] += 1
+            except docker.errors.NotFound:
+                continue
+    finally:
+        client.close()
+    return removed

@@ -1,0 +1,838 @@
+"""The kubelet of the twin: every Pod object runs as real Docker containers.
+
+One worker per pod, as the real kubelet has: it pulls the images (with the sandbox
+registry's credentials), creates one container per container of the pod on the
+namespace's network with the pod's DNS aliases (pod name, hostname[.subdomain], the names of
+the Services selecting it), restarts exited containers per ``restartPolicy`` with
+exponential back-off, runs readiness and liveness probes through the ports published on
+127.0.0.1, and writes ``status`` (phase, conditions, containerStatuses) the way the kubelet
+does. A deleted pod's containers and emptyDir volumes are removed.
+
+Probes run at ``min(periodSeconds, 2)``: faster than a real node, so tests wait less.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from sandbox.faults import FaultRegistry
+from sandbox.runtime.config import RuntimeConfig
+from sandbox.runtime.engine import (
+    CONTAINER_LABEL,
+    POD_NAME_LABEL,
+    POD_NS_LABEL,
+    POD_UID_LABEL,
+    ContainerFailed,
+    ContainerSpec,
+    Engine,
+    PullFailed,
+    host_ports,
+    network_aliases,
+    network_ip,
+)
+from sandbox.runtime.objects import (
+    JSON,
+    docker_time,
+    labels_of,
+    now_iso,
+    parse_time,
+    quantity,
+    service_selects,
+    set_condition,
+)
+
+log = logging.getLogger("sandbox.runtime.kubelet")
+
+PodKey = tuple[str, str]  # namespace, name
+
+
+def network_name(namespace: str) -> str:
+    return f"twin-{namespace}"
+
+
+def container_name(namespace: str, pod: str, index: int, name: str) -> str:
+    base = f"twin-{namespace}-{pod}"
+    return base if index == 0 else f"{base}-{name}"
+
+
+@dataclass
+class PodEndpoint:
+    """What the router needs to reach a pod: readiness and its published ports."""
+
+    namespace: str
+    name: str
+    uid: str
+    labels: dict[str, str]
+    ready: bool
+    ports: dict[int, int]  # containerPort -> 127.0.0.1 port
+    port_names: dict[str, int]  # port name -> containerPort
+
+
+@dataclass
+class Probe:
+    spec: JSON
+    successes: int = 0
+    failures: int = 0
+    next_at: float = 0.0
+    ok: bool = False
+
+    @property
+    def period(self) -> float:
+        return float(min(self.spec.get("periodSeconds", 10), 2))
+
+
+@dataclass
+class ContainerRun:
+    """The kubelet's memory of one container of a pod."""
+
+    spec: JSON
+    docker_name: str
+    restart_count: int = 0
+    last_state: JSON = field(default_factory=dict)
+    waiting: tuple[str, str] | None = ("ContainerCreating", "")
+    next_start: float = 0.0
+    backoff: float = 0.0
+    seen_finish: str | None = None  # FinishedAt of the exit already counted
+    done: bool = False  # terminated and will not be restarted
+    image_ref: str | None = None
+    image_id: str = ""
+    ready: bool = False
+    readiness: Probe | None = None
+    liveness: Probe | None = None
+    info: JSON | None = None
+
+
+def _env_expand(text: str, env: dict[str, str]) -> str:
+    """Kubernetes ``$(VAR)`` expansion; ``$$`` escapes."""
+    return re.sub(
+        r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)",
+        lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)),
+        text,
+    )
+
+
+class PodWorker:
+    def __init__(self, kubelet: Kubelet, pod: JSON) -> None:
+        self.kubelet = kubelet
+        self.namespace = pod["metadata"]["namespace"]
+        self.name = pod["metadata"]["name"]
+        self.uid = pod["metadata"]["uid"]
+        self.wake = asyncio.Event()
+        self.runs: list[ContainerRun] = []
+        self.volumes: list[str] = []
+        self.prepared = False
+        self.started_at: str | None = None
+        self.last_status: JSON | None = None
+        self.http = kubelet.http
+
+    @property
+    def key(self) -> PodKey:
+        return (self.namespace, self.name)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Sync until the pod is gone, then remove its containers. A cancelled worker (the
+        twin stopping) leaves them running, as a node outlives its API server."""
+        try:
+            while True:
+                pod = self.kubelet.get_pod(self.namespace, self.name)
+                if pod is None or pod["metadata"]["uid"] != self.uid:
+                    break
+                try:
+                    delay = await self.sync(pod)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("syncing pod %s/%s failed; retrying", self.namespace, self.name)
+                    delay = 2.0
+                self.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), timeout=delay)
+            await self.teardown()
+        finally:
+            self.kubelet.forget(self)
+        successor = self.kubelet.get_pod(self.namespace, self.name)
+        if successor is not None:  # a new pod of the same name: its own worker starts now
+            self.kubelet.pod_changed(successor)
+
+    async def teardown(self) -> None:
+        self.kubelet.endpoints.pop(self.key, None)
+        engine = self.kubelet.engine
+        for run in self.runs:
+            await asyncio.to_thread(engine.remove, run.docker_name)
+        for volume in self.volumes:
+            await asyncio.to_thread(engine.remove_volume, volume)
+        log.info("pod %s/%s removed", self.namespace, self.name)
+
+    # -- one pass --------------------------------------------------------------------------
+
+    async def sync(self, pod: JSON) -> float:
+        spec = pod.get("spec") or {}
+        if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+            # Terminal pods stay as they ended; nothing runs again (as on a real node).
+            self.kubelet.endpoints.pop(self.key, None)
+            return 5.0
+        if not self.prepared:
+            await self.prepare(pod)
+        policy = spec.get("restartPolicy", "Always")
+        aliases = self.kubelet.aliases_for(pod)
+        for run in self.runs:
+            await self.sync_container(pod, run, policy, aliases)
+        self.publish_endpoint(pod)
+        await self.write_status(pod, policy)
+        soonest = min(
+            [1.0]
+            + [
+                max(0.05, r.next_start - time.monotonic())
+                for r in self.runs
+                if r.waiting and not r.done
+            ]
+        )
+        return soonest
+
+    async def prepare(self, pod: JSON) -> None:
+        spec = pod.get("spec") or {}
+        engine = self.kubelet.engine
+        await asyncio.to_thread(engine.ensure_network, network_name(self.namespace))
+        self.volumes = await asyncio.to_thread(self._ensure_volumes, spec)
+        old = {c.get("name"): c for c in (pod.get("status") or {}).get("containerStatuses") or []}
+        self.runs = []
+        for index, container in enumerate(spec.get("containers") or []):
+            run = ContainerRun(
+                spec=container,
+                docker_name=container_name(self.namespace, self.name, index, container["name"]),
+            )
+            previous = old.get(container["name"]) or {}
+            run.restart_count = int(previous.get("restartCount", 0))
+            run.last_state = dict(previous.get("lastState") or {})
+            if "readinessProbe" in container:
+                run.readiness = Probe(container["readinessProbe"])
+            if "livenessProbe" in container:
+                run.liveness = Probe(container["livenessProbe"])
+            self.runs.append(run)
+        self.started_at = (pod.get("status") or {}).get("startTime") or now_iso()
+        self.prepared = True
+
+    def _volume_name(self, volume: JSON) -> str | None:
+        if "persistentVolumeClaim" in volume:
+            claim = volume["persistentVolumeClaim"].get("claimName", volume["name"])
+            return f"twin-{self.namespace}-pvc-{claim}"
+        if "emptyDir" in volume or not any(
+            k in volume for k in ("hostPath", "configMap", "secret", "projected", "downwardAPI")
+        ):
+            return f"twin-{self.namespace}-{self.name}-{volume['name']}-{self.uid[:8]}"
+        return None
+
+    def _ensure_volumes(self, spec: JSON) -> list[str]:
+        """Docker volumes for emptyDir (removed with the pod) and PVCs (kept, by claim)."""
+        engine = self.kubelet.engine
+        per_pod = []
+        for volume in spec.get("volumes") or []:
+            name = self._volume_name(volume)
+            if name is None:
+                continue
+            labels = {POD_NS_LABEL: self.namespace}
+            if "persistentVolumeClaim" not in volume:
+                labels[POD_UID_LABEL] = self.uid
+                per_pod.append(name)
+            engine.ensure_volume(name, labels)
+        return per_pod
+
+    async def sync_container(
+        self, pod: JSON, run: ContainerRun, policy: str, aliases: list[str]
+    ) -> None:
+        engine = self.kubelet.engine
+        info = await asyncio.to_thread(engine.inspect, run.docker_name)
+        if info is not None and (info["Config"].get("Labels") or {}).get(POD_UID_LABEL) != self.uid:
+            # A container of an earlier pod of the same name: not ours to keep.
+            await asyncio.to_thread(engine.remove, run.docker_name)
+            info = None
+        run.info = info
+        if info is None:
+            if not run.done:
+                await self.create_and_start(pod, run, aliases)
+            return
+        state = info["State"]
+        if state.get("Running"):
+            run.waiting = None
+            if self.kubelet.faults.take_crash(self.namespace, self.name):
+                log.info("fault: killing %s", run.docker_name)
+                await asyncio.to_thread(engine.kill, run.docker_name)
+                return
+            await self.ensure_aliases(run, info, aliases)
+            await self.probe(run, info)
+            return
+        run.ready = False
+        if state.get("Status") == "created":
+            await self.start_existing(run)
+            return
+        # Exited (or dead).
+        finished = state.get("FinishedAt")
+        exit_code = int(state.get("ExitCode", 0))
+        if finished != run.seen_finish:
+            run.seen_finish = finished
+            if run.readiness:
+                run.readiness = Probe(run.readiness.spec)
+            if run.liveness:
+                run.liveness = Probe(run.liveness.spec)
+            if policy == "Always" or (policy == "OnFailure" and exit_code != 0):
+                run.last_state = {"terminated": self.terminated(info)}
+                ran = _seconds_between(state.get("StartedAt"), finished)
+                run.backoff = self.kubelet.config.next_backoff(run.backoff, ran)
+                run.next_start = time.monotonic() + run.backoff
+                run.waiting = (
+                    "CrashLoopBackOff",
+                    f"back-off {run.backoff:g}s restarting failed container={run.spec['name']} "
+                    f"pod={self.name}_{self.namespace}({self.uid})",
+                )
+            else:
+                run.done = True
+                run.waiting = None
+        if not run.done and time.monotonic() >= run.next_start:
+            await self.start_existing(run)
+            run.restart_count += 1
+
+    async def create_and_start(self, pod: JSON, run: ContainerRun, aliases: list[str]) -> None:
+        if time.monotonic() < run.next_start:
+            return
+        engine = self.kubelet.engine
+        container = run.spec
+        policy = container.get("imagePullPolicy") or _default_pull_policy(
+            container.get("image", "")
+        )
+        try:
+            run.image_ref = await asyncio.to_thread(
+                engine.ensure_image, container.get("image", ""), policy
+            )
+            run.image_id = await asyncio.to_thread(engine.image_id, run.image_ref)
+        except PullFailed as exc:
+            first = run.waiting is None or run.waiting[0] not in (
+                "ErrImagePull",
+                "ImagePullBackOff",
+            )
+            run.backoff = self.kubelet.config.next_backoff(run.backoff, 0)
+            run.next_start = time.monotonic() + run.backoff
+            run.waiting = ("ErrImagePull" if first else "ImagePullBackOff", str(exc))
+            return
+        try:
+            spec = self.container_spec(pod, run, aliases)
+            await asyncio.to_thread(engine.create, spec)
+            await asyncio.to_thread(engine.start, run.docker_name)
+        except (ContainerFailed, ValueError) as exc:
+            await asyncio.to_thread(engine.remove, run.docker_name)
+            run.backoff = self.kubelet.config.next_backoff(run.backoff, 0)
+            run.next_start = time.monotonic() + run.backoff
+            run.waiting = ("CreateContainerError", str(exc))
+            return
+        run.waiting = None
+        run.info = await asyncio.to_thread(engine.inspect, run.docker_name)
+
+    async def start_existing(self, run: ContainerRun) -> None:
+        try:
+            await asyncio.to_thread(self.kubelet.engine.start, run.docker_name)
+        except ContainerFailed as exc:
+            run.waiting = ("RunContainerError", str(exc))
+            run.backoff = self.kubelet.config.next_backoff(run.backoff, 0)
+            run.next_start = time.monotonic() + run.backoff
+            return
+        run.waiting = None
+        run.info = await asyncio.to_thread(self.kubelet.engine.inspect, run.docker_name)
+
+    async def ensure_aliases(self, run: ContainerRun, info: JSON, aliases: list[str]) -> None:
+        network = network_name(self.namespace)
+        current = set(network_aliases(info, network))
+        if set(aliases) <= current:
+            return
+        log.info("pod %s/%s: aliases now %s", self.namespace, self.name, aliases)
+        await asyncio.to_thread(self.kubelet.engine.set_aliases, run.docker_name, network, aliases)
+        run.info = await asyncio.to_thread(self.kubelet.engine.inspect, run.docker_name)
+
+    # -- probes ----------------------------------------------------------------------------
+
+    async def probe(self, run: ContainerRun, info: JSON) -> None:
+        started = parse_time(info["State"].get("StartedAt"))
+        age = time.time() - started.timestamp() if started else 0.0
+        if run.readiness is None:
+            run.ready = True
+        else:
+            run.ready = await self._probe_once(run, run.readiness, info, age, readiness=True)
+        if run.liveness is not None:
+            alive = await self._probe_once(run, run.liveness, info, age, readiness=False)
+            if not alive:
+                log.info("liveness probe failed: killing %s", run.docker_name)
+                await asyncio.to_thread(self.kubelet.engine.kill, run.docker_name)
+
+    async def _probe_once(
+        self, run: ContainerRun, probe: Probe, info: JSON, age: float, *, readiness: bool
+    ) -> bool:
+        spec = probe.spec
+        initial = not readiness or not probe.ok
+        if age < float(spec.get("initialDelaySeconds", 0)) or time.monotonic() < probe.next_at:
+            return probe.ok if readiness else True
+        probe.next_at = time.monotonic() + probe.period
+        success = await self._check(run, spec, info)
+        if success:
+            probe.successes, probe.failures = probe.successes + 1, 0
+            if probe.successes >= int(spec.get("successThreshold", 1)):
+                probe.ok = True
+        else:
+            probe.failures, probe.successes = probe.failures + 1, 0
+            if probe.failures >= int(spec.get("failureThreshold", 3)) or (readiness and initial):
+                probe.ok = False
+        if not readiness:
+            return probe.failures < int(spec.get("failureThreshold", 3))
+        return probe.ok
+
+    async def _check(self, run: ContainerRun, spec: JSON, info: JSON) -> bool:
+        timeout = float(spec.get("timeoutSeconds", 1))
+        ports = host_ports(info)
+        if "httpGet" in spec:
+            action = spec["httpGet"]
+            port = ports.get(self._port_number(run, action.get("port")))
+            if port is None:
+                return False
+            path = action.get("path", "/")
+            headers = {h["name"]: h["value"] for h in action.get("httpHeaders") or []}
+            try:
+                response = await self.http.get(
+                    f"http://127.0.0.1:{port}{path}", headers=headers, timeout=timeout
+                )
+            except httpx.HTTPError:
+                return False
+            return 200 <= response.status_code < 400
+        if "tcpSocket" in spec:
+            port = ports.get(self._port_number(run, spec["tcpSocket"].get("port")))
+            if port is None:
+                return False
+            try:
+                _, writer = await asyncio.wait_for(
+                    asyncio.open_connection("127.0.0.1", port), timeout
+                )
+            except (OSError, TimeoutError):
+                return False
+            writer.close()
+            return True
+        if "exec" in spec:
+            command = spec["exec"].get("command") or []
+            code = await asyncio.to_thread(self._exec, run.docker_name, command)
+            return code == 0
+        return True
+
+    def _exec(self, name: str, command: list[str]) -> int:
+        try:
+            container = self.kubelet.engine.client.containers.get(name)
+            result = container.exec_run(command)
+        except Exception as exc:  # docker errors of any kind: the probe failed
+            log.debug("exec probe in %s failed: %s", name, exc)
+            return -1
+        return int(result.exit_code or 0)
+
+    @staticmethod
+    def _port_number(run: ContainerRun, port: Any) -> int:
+        if isinstance(port, int) or (isinstance(port, str) and port.isdigit()):
+            return int(port)
+        for p in run.spec.get("ports") or []:
+            if p.get("name") == port:
+                return int(p["containerPort"])
+        return -1
+
+    # -- container spec --------------------------------------------------------------------
+
+    def container_spec(self, pod: JSON, run: ContainerRun, aliases: list[str]) -> ContainerSpec:
+        container = run.spec
+        spec = pod.get("spec") or {}
+        env = self.kubelet.resolve_env(pod, container)
+        command = [_env_expand(c, env) for c in container.get("command") or []] or None
+        args = [_env_expand(a, env) for a in container.get("args") or []] or None
+        limits = (container.get("resources") or {}).get("limits") or {}
+        nano_cpus = int(quantity(limits["cpu"]) * 1e9) if "cpu" in limits else None
+        mem_limit = int(quantity(limits["memory"])) if "memory" in limits else None
+        volumes = {v["name"]: v for v in spec.get("volumes") or []}
+        mounts = []
+        for mount in container.get("volumeMounts") or []:
+            volume = volumes.get(mount.get("name"))
+            docker_volume = self._volume_name(volume) if volume else None
+            if docker_volume:
+                mounts.append((docker_volume, mount["mountPath"], bool(mount.get("readOnly"))))
+        security = container.get("securityContext") or spec.get("securityContext") or {}
+        user = str(security["runAsUser"]) if "runAsUser" in security else None
+        return ContainerSpec(
+            name=run.docker_name,
+            image=run.image_ref or container["image"],
+            network=network_name(self.namespace),
+            aliases=aliases,
+            labels={
+                POD_NS_LABEL: self.namespace,
+                POD_NAME_LABEL: self.name,
+                POD_UID_LABEL: self.uid,
+                CONTAINER_LABEL: container["name"],
+            },
+            hostname=spec.get("hostname") or self.name,
+            # Kubernetes: command replaces ENTRYPOINT (and drops CMD), args replace CMD.
+            entrypoint=command,
+            command=args if args is not None else ([] if command else None),
+            env=env,
+            ports=[
+                int(p["containerPort"])
+                for p in container.get("ports") or []
+                if p.get("protocol", "TCP") == "TCP"
+            ],
+            nano_cpus=nano_cpus,
+            mem_limit=mem_limit,
+            mounts=mounts,
+            working_dir=container.get("workingDir"),
+            user=user,
+        )
+
+    # -- status ----------------------------------------------------------------------------
+
+    def terminated(self, info: JSON) -> JSON:
+        state = info["State"]
+        code = int(state.get("ExitCode", 0))
+        reason = "OOMKilled" if state.get("OOMKilled") else ("Completed" if code == 0 else "Error")
+        result: JSON = {
+            "exitCode": code,
+            "reason": reason,
+            "startedAt": docker_time(state.get("StartedAt")),
+            "finishedAt": docker_time(state.get("FinishedAt")),
+            "containerID": f"docker://{info['Id']}",
+        }
+        return result
+
+    def container_status(self, run: ContainerRun) -> JSON:
+        info = run.info
+        status: JSON = {
+            "name": run.spec["name"],
+            "image": run.spec.get("image", ""),
+            "imageID": run.image_id,
+            "restartCount": run.restart_count,
+            "ready": False,
+            "started": False,
+            "lastState": run.last_state,
+        }
+        if info is not None:
+            status["containerID"] = f"docker://{info['Id']}"
+        if info is not None and info["State"].get("Running"):
+            status["state"] = {
+                "running": {"startedAt": docker_time(info["State"].get("StartedAt"))}
+            }
+            status["ready"] = run.ready
+            status["started"] = True
+        elif run.waiting is not None:
+            reason, message = run.waiting
+            status["state"] = {
+                "waiting": {"reason": reason, **({"message": message} if message else {})}
+            }
+        elif info is not None:
+            status["state"] = {"terminated": self.terminated(info)}
+        else:
+            status["state"] = {"waiting": {"reason": "ContainerCreating"}}
+        return status
+
+    def phase(self, policy: str, statuses: list[JSON]) -> str:
+        if not statuses:
+            return "Pending"
+        states = [s["state"] for s in statuses]
+        ever_started = all(
+            "running" in st or "terminated" in st or s.get("lastState") or s["restartCount"] > 0
+            for st, s in zip(states, statuses, strict=True)
+        )
+        if not ever_started:
+            return "Pending"
+        if all(run.done for run in self.runs):
+            codes = [s["state"].get("terminated", {}).get("exitCode", 0) for s in statuses]
+            return "Succeeded" if all(c == 0 for c in codes) else "Failed"
+        return "Running"
+
+    async def write_status(self, pod: JSON, policy: str) -> None:
+        statuses = [self.container_status(run) for run in self.runs]
+        phase = self.phase(policy, statuses)
+        old = pod.get("status") or {}
+        conditions: list[JSON] = list(old.get("conditions") or [])
+        all_ready = bool(statuses) and all(s["ready"] for s in statuses)
+        not_ready = [s["name"] for s in statuses if not s["ready"]]
+        why = "" if all_ready else f"containers with unready status: [{' '.join(not_ready)}]"
+        reason = (
+            ""
+            if all_ready
+            else ("PodCompleted" if phase in ("Succeeded", "Failed") else "ContainersNotReady")
+        )
+        conditions = set_condition(conditions, "PodScheduled", "True", "", "")
+        conditions = set_condition(conditions, "Initialized", "True", "", "")
+        ready = "True" if all_ready else "False"
+        conditions = set_condition(conditions, "ContainersReady", ready, reason, why)
+        conditions = set_condition(conditions, "Ready", ready, reason, why)
+        ip = ""
+        for run in self.runs:
+            if run.info is not None:
+                ip = network_ip(run.info, network_name(self.namespace)) or ip
+                break
+        status: JSON = {
+            "phase": phase,
+            "conditions": [{k: v for k, v in c.items() if v != ""} for c in conditions],
+            "hostIP": "127.0.0.1",
+            "startTime": self.started_at,
+            "containerStatuses": statuses,
+            "qosClass": "BestEffort",
+        }
+        if ip:
+            status["podIP"] = ip
+            status["podIPs"] = [{"ip": ip}]
+        if status != old:
+            await self.kubelet.update_status(self.namespace, self.name, status)
+
+    def publish_endpoint(self, pod: JSON) -> None:
+        ports: dict[int, int] = {}
+        names: dict[str, int] = {}
+        for run in self.runs:
+            for p in run.spec.get("ports") or []:
+                if p.get("name"):
+                    names[p["name"]] = int(p["containerPort"])
+            if run.info is not None and run.info["State"].get("Running"):
+                ports.update(host_ports(run.info))
+        ready = bool(self.runs) and all(
+            r.ready and r.info is not None and r.info["State"].get("Running") for r in self.runs
+        )
+        self.kubelet.endpoints[self.key] = PodEndpoint(
+            self.namespace, self.name, self.uid, labels_of(pod), ready, ports, names
+        )
+
+
+def _seconds_between(start: str | None, end: str | None) -> float:
+    a, b = parse_time(start), parse_time(end)
+    return (b - a).total_seconds() if a and b else 0.0
+
+
+def _default_pull_policy(image: str) -> str:
+    last = image.split("@", 1)[0].rsplit("/", 1)[-1]
+    if "@" in image:
+        return "IfNotPresent"
+    if ":" not in last or last.endswith(":latest"):
+        return "Always"
+    return "IfNotPresent"
+
+
+class Kubelet:
+    """Keeps one PodWorker per Pod object and the pod endpoints the router reads."""
+
+    def __init__(
+        self, store: Any, engine: Engine, config: RuntimeConfig, faults: FaultRegistry
+    ) -> None:
+        self.store = store
+        self.engine = engine
+        self.config = config
+        self.faults = faults
+        self.workers: dict[PodKey, PodWorker] = {}
+        self.tasks: dict[PodKey, asyncio.Task[None]] = {}
+        self.endpoints: dict[PodKey, PodEndpoint] = {}
+        self.stopping = False
+        self.http = httpx.AsyncClient()
+
+    # -- store access (the store is synchronous and fast) --------------------------------
+
+    def get_pod(self, namespace: str, name: str) -> JSON | None:
+        from sandbox.kube.store import ApiError
+
+        try:
+            return dict(self.store.get("v1", "Pod", namespace, name))
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def update_status(self, namespace: str, name: str, status: JSON) -> None:
+        from sandbox.kube.store import ApiError
+
+        try:
+            self.store.update_status("v1", "Pod", namespace, name, status)
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+
+    def services(self, namespace: str) -> list[JSON]:
+        return list(self.store.list("v1", "Service", namespace))
+
+    def aliases_for(self, pod: JSON) -> list[str]:
+        """The names a pod answers to on its namespace's network."""
+        metadata = pod["metadata"]
+        spec = pod.get("spec") or {}
+        namespace = metadata["namespace"]
+        names = [metadata["name"]]
+        hostname, subdomain = spec.get("hostname"), spec.get("subdomain")
+        if hostname:
+            names.append(hostname)
+            if subdomain:
+                names += [f"{hostname}.{subdomain}", f"{hostname}.{subdomain}.{namespace}.svc"]
+        labels = labels_of(pod)
+        for service in self.services(namespace):
+            if service_selects(service, labels):
+                svc = service["metadata"]["name"]
+                names += [
+                    svc,
+                    f"{svc}.{namespace}",
+                    f"{svc}.{namespace}.svc",
+                    f"{svc}.{namespace}.svc.cluster.local",
+                ]
+        return list(dict.fromkeys(names))
+
+    def resolve_env(self, pod: JSON, container: JSON) -> dict[str, str]:
+        from sandbox.kube.store import ApiError
+
+        metadata = pod["metadata"]
+        namespace = metadata["namespace"]
+        env: dict[str, str] = {}
+
+        def lookup(kind: str, name: str, key: str | None) -> dict[str, str]:
+            try:
+                obj = self.store.get("v1", kind, namespace, name)
+            except ApiError as exc:
+                raise ValueError(f'{kind.lower()} "{name}" not found') from exc
+            data = dict(obj.get("data") or {})
+            if kind == "Secret":
+                import base64
+
+                data = {k: base64.b64decode(v).decode() for k, v in data.items()}
+                data.update(obj.get("stringData") or {})
+            return data if key is None else {key: data.get(key, "")}
+
+        for source in container.get("envFrom") or []:
+            prefix = source.get("prefix", "")
+            for kind, field_name in (("ConfigMap", "configMapRef"), ("Secret", "secretRef")):
+                if field_name in source:
+                    ref = source[field_name]
+                    with contextlib.suppress(ValueError):
+                        for k, v in lookup(kind, ref["name"], None).items():
+                            env[prefix + k] = v
+        for item in container.get("env") or []:
+            name = item["name"]
+            if "value" in item:
+                env[name] = _env_expand(str(item["value"]), env)
+                continue
+            source = item.get("valueFrom") or {}
+            if "fieldRef" in source:
+                env[name] = self._field(pod, source["fieldRef"].get("fieldPath", ""))
+            elif "configMapKeyRef" in source:
+                ref = source["configMapKeyRef"]
+                env[name] = lookup("ConfigMap", ref["name"], ref["key"])[ref["key"]]
+            elif "secretKeyRef" in source:
+                ref = source["secretKeyRef"]
+                env[name] = lookup("Secret", ref["name"], ref["key"])[ref["key"]]
+            else:
+                env[name] = ""
+        return env
+
+    @staticmethod
+    def _field(pod: JSON, path: str) -> str:
+        metadata = pod["metadata"]
+        match = re.match(r"metadata\.(labels|annotations)\['(.+)'\]$", path)
+        if match:
+            return str((metadata.get(match.group(1)) or {}).get(match.group(2), ""))
+        simple = {
+            "metadata.name": metadata.get("name", ""),
+            "metadata.namespace": metadata.get("namespace", ""),
+            "metadata.uid": metadata.get("uid", ""),
+            "spec.nodeName": "twin-node",
+            "spec.serviceAccountName": (pod.get("spec") or {}).get("serviceAccountName", "default"),
+            "status.hostIP": "127.0.0.1",
+            "status.podIP": "",
+        }
+        return str(simple.get(path, ""))
+
+    # -- workers ---------------------------------------------------------------------------
+
+    def pod_changed(self, pod: JSON) -> None:
+        key = (pod["metadata"]["namespace"], pod["metadata"]["name"])
+        worker = self.workers.get(key)
+        if worker is not None and worker.uid == pod["metadata"]["uid"]:
+            worker.wake.set()
+            return
+        if worker is not None:
+            worker.wake.set()  # it will see the new uid and end; resync starts the new one
+            return
+        worker = PodWorker(self, pod)
+        self.workers[key] = worker
+        self.tasks[key] = asyncio.create_task(worker.run(), name=f"pod:{key[0]}/{key[1]}")
+
+    def pod_deleted(self, pod: JSON) -> None:
+        worker = self.workers.get((pod["metadata"]["namespace"], pod["metadata"]["name"]))
+        if worker is not None:
+            worker.wake.set()
+
+    def namespace_changed(self, namespace: str) -> None:
+        """Services changed: every pod of the namespace re-checks its aliases."""
+        for (ns, _), worker in self.workers.items():
+            if ns == namespace:
+                worker.wake.set()
+
+    def forget(self, worker: PodWorker) -> None:
+        if self.workers.get(worker.key) is worker:
+            del self.workers[worker.key]
+            self.tasks.pop(worker.key, None)
+
+    async def resync(self) -> None:
+        """Start workers for every pod, remove containers no pod owns."""
+        pods = self.store.list("v1", "Pod")
+        uids = {p["metadata"]["uid"] for p in pods}
+        for pod in pods:
+            self.pod_changed(pod)
+        containers = await asyncio.to_thread(self.engine.ours)
+        for container in containers:
+            uid = (container.labels or {}).get(POD_UID_LABEL)
+            if uid and uid not in uids:
+                log.info("removing orphan container %s", container.name)
+                await asyncio.to_thread(self.engine.remove, container.name)
+
+    async def logs(
+        self, namespace: str, pod: str, container: str | None, tail: int | None, follow: bool
+    ) -> AsyncIterator[bytes]:
+        """Container output for ``kubectl logs`` (the store's ``log_source``)."""
+        found = self.get_pod(namespace, pod)
+        if found is None:
+            raise LookupError(f'pods "{pod}" not found')
+        containers = (found.get("spec") or {}).get("containers") or []
+        names = [c["name"] for c in containers]
+        index = names.index(container) if container in names else 0
+        if container is not None and container not in names:
+            raise LookupError(f"container {container} is not valid for pod {pod}")
+        docker_name = container_name(namespace, pod, index, names[index] if names else "")
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=256)
+        loop = asyncio.get_running_loop()
+        stop = False
+
+        def pump() -> None:
+            try:
+                for chunk in self.engine.logs(docker_name, tail=tail, follow=follow):
+                    if stop:
+                        break
+                    asyncio.run_coroutine_threadsafe(queue.put(chunk), loop).result()
+            except Exception as exc:  # the container went away: end the stream
+                log.debug("log stream of %s ended: %s", docker_name, exc)
+            finally:
+                asyncio.run_coroutine_threadsafe(queue.put(None), loop)
+
+        pump_task = asyncio.create_task(asyncio.to_thread(pump))
+        try:
+            while (chunk := await queue.get()) is not None:
+                yield chunk
+        finally:
+            stop = True
+            pump_task.cancel()
+
+    async def close(self) -> None:
+        self.stopping = True
+        for task in list(self.tasks.values()):
+            task.cancel()
+        for task in list(self.tasks.values()):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.http.aclose()
