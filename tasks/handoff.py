@@ -1,0 +1,244 @@
+"""The CI → release hand-off, and CI's commit statuses back to GitHub.
+
+Hand-off: after CI shipped an image for a push to the default branch, :func:`hand_off` starts
+the ``release`` deployment as a *top-level* run (``as_subflow=False``: a subflow cannot
+suspend for its approval) with ``timeout=0`` (CI does not wait for a release that may wait
+days for a human) and ``idempotency_key=ci-<ci run id>-release`` (a retried or resumed CI run
+starts no second release). If Prefect will not start it, nothing is lost: the image is built,
+pushed and recorded in CI's result; CI logs the failure, sets the ``robotics-cd/release``
+commit status to ``error`` and writes an artifact with the exact command that starts the
+release by hand.
+
+Statuses: :func:`ci_status_hooks` gives the ci flow ``on_running`` / ``on_completion`` /
+``on_failure`` / ``on_crashed`` / ``on_cancellation`` hooks that set the ``robotics-cd/ci``
+commit status (pending → success / failure / error) with the flow run's Prefect URL as
+``target_url``. A GitHub outage never fails CI: it is logged as a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+from collections.abc import Callable, Coroutine
+from typing import Any
+from uuid import UUID
+
+import anyio
+from prefect import task
+from prefect.artifacts import acreate_markdown_artifact
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_run_logger
+from pydantic import BaseModel, Field
+
+from core.catalog import load_catalog
+from core.errors import GitHubError, RoboticsCDError
+from core.settings import get_settings
+
+CI_CONTEXT = "robotics-cd/ci"
+RELEASE_CONTEXT = "robotics-cd/release"
+_log = logging.getLogger("robotics_cd.handoff")
+
+
+def _logger() -> Any:
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return _log
+
+
+class Handoff(BaseModel):
+    """What the hand-off did: the release run it started, or how to start it by hand."""
+
+    deployment: str
+    parameters: dict[str, Any]
+    started: bool
+    flow_run_id: str | None = None
+    flow_run_url: str | None = None
+    error: str | None = None
+    command: str = Field(description="The exact command that starts this release by hand.")
+
+
+def release_parameters(service: str, image: str, source_sha: str) -> dict[str, Any]:
+    return {"service": service, "image": image, "source_sha": source_sha}
+
+
+def manual_command(deployment: str, parameters: dict[str, Any]) -> str:
+    """``prefect deployment run`` with every parameter as JSON, quoted for a POSIX shell."""
+    return shlex.join(
+        ["prefect", "deployment", "run", deployment, "--params", json.dumps(parameters)]
+    )
+
+
+def flow_run_url(flow_run_id: str | UUID) -> str | None:
+    from prefect.utilities.urls import url_for
+
+    return url_for("flow-run", obj_id=str(flow_run_id))
+
+
+@task(name="start-release", retries=2, retry_delay_seconds=[2, 10])
+async def start_release(deployment: str, parameters: dict[str, Any], idempotency_key: str) -> str:
+    """Create the release run (top level, not waited on); returns its flow run id."""
+    from prefect.deployments import arun_deployment
+
+    run = await arun_deployment(
+        deployment,
+        parameters=parameters,
+        timeout=0,
+        as_subflow=False,
+        idempotency_key=idempotency_key,
+        tags=["handoff"],
+    )
+    return str(run.id)
+
+
+async def hand_off(
+    *,
+    service: str,
+    image: str,
+    source_sha: str,
+    ci_run_id: str | UUID,
+    deployment: str | None = None,
+) -> Handoff:
+    """Start the release of a shipped image; never raises for a release that did not start."""
+    deployment = deployment or get_settings().release_deployment
+    parameters = release_parameters(service, image, source_sha)
+    key = f"ci-{ci_run_id}-release"
+    command = manual_command(deployment, parameters)
+    logger = _logger()
+    state: Any = await start_release(deployment, parameters, key, return_state=True)  # type: ignore[misc]
+    if state.is_completed():
+        run_id = str(await state.aresult())
+        url = flow_run_url(run_id)
+        logger.info("release of %s started: flow run %s %s", image, run_id, url or "")
+        await post_commit_status(
+            service, source_sha, "pending", RELEASE_CONTEXT, f"release started for {image}", url
+        )
+        return Handoff(
+            deployment=deployment,
+            parameters=parameters,
+            started=True,
+            flow_run_id=run_id,
+            flow_run_url=url,
+            command=command,
+        )
+    error = state.message or "the release deployment could not be started"
+    logger.error(
+        "release of %s NOT started (%s); the image is built and pushed. Start it by hand: %s",
+        image,
+        error,
+        command,
+    )
+    await acreate_markdown_artifact(
+        key=f"release-handoff-{service}",
+        markdown=_failure_markdown(service, image, source_sha, deployment, error, command),
+        description=f"Release of {service} at {source_sha[:7]} not started",
+    )
+    await post_commit_status(
+        service,
+        source_sha,
+        "error",
+        RELEASE_CONTEXT,
+        f"release not started; run: {command}",
+        flow_run_url(ci_run_id),
+    )
+    return Handoff(
+        deployment=deployment, parameters=parameters, started=False, error=error, command=command
+    )
+
+
+def _failure_markdown(
+    service: str, image: str, sha: str, deployment: str, error: str, command: str
+) -> str:
+    return (
+        f"# Release of {service} not started\n\n"
+        f"CI built and pushed `{image}` for commit `{sha}`, but the `{deployment}` "
+        f"deployment could not be started:\n\n> {error}\n\n"
+        "Nothing is lost: the image is in the registry. Once the deployment is served or "
+        "deployed (`robotics-cd serve` / `robotics-cd deploy`), start the release by hand, "
+        "once:\n\n"
+        f"```sh\n{command}\n```\n"
+    )
+
+
+# --- commit statuses -----------------------------------------------------------------------
+
+
+async def post_commit_status(
+    service: str,
+    sha: str,
+    state: str,
+    context: str,
+    description: str,
+    target_url: str | None,
+) -> bool:
+    """Set a commit status on the service's GitHub repository; a failure is only a warning.
+
+    Runs the GitHub client in a worker thread with the token loaded asynchronously, so it
+    works from async hooks and tasks alike.
+    """
+    from prefect.blocks.system import Secret
+
+    from tasks.github import GitHubClient, check_repo, check_sha
+
+    settings = get_settings()
+    logger = _logger()
+    try:
+        repo = check_repo(load_catalog(settings.catalog).service(service).github)
+        check_sha(sha)
+        block = await Secret.aload(settings.github_token_block)
+        token: Any = block.get()  # type: ignore[attr-defined]
+
+        def post() -> None:
+            with GitHubClient(base_url=settings.github_api_url, token=str(token)) as gh:
+                gh.set_commit_status(repo, sha, state, context, description, target_url)  # type: ignore[arg-type]
+
+        await anyio.to_thread.run_sync(post)
+    except (GitHubError, RoboticsCDError, ValueError) as exc:
+        logger.warning("GitHub status %s=%s on %s not set: %s", context, state, sha[:7], exc)
+        return False
+    return True
+
+
+Hook = Callable[[Any, Any, Any], Coroutine[Any, Any, None]]
+
+
+def _status_hook(state: str, describe: Callable[[Any], str]) -> Hook:
+    async def hook(flow: Any, flow_run: Any, run_state: Any) -> None:
+        params = flow_run.parameters or {}
+        service, sha = params.get("service"), params.get("sha")
+        if not isinstance(service, str) or not isinstance(sha, str):
+            return
+        await post_commit_status(
+            service, sha, state, CI_CONTEXT, describe(run_state), flow_run_url(flow_run.id)
+        )
+
+    hook.__name__ = f"github_status_{state}"
+    return hook
+
+
+def _message(prefix: str) -> Callable[[Any], str]:
+    return lambda run_state: f"{prefix}: {run_state.message or run_state.name}"
+
+
+def ci_status_hooks() -> dict[str, list[Hook]]:
+    """Hooks for ``@flow(**ci_status_hooks())`` or ``ci.with_options(**ci_status_hooks())``."""
+    return {
+        "on_running": [_status_hook("pending", lambda _: "CI running: checks, build, scan")],
+        "on_completion": [_status_hook("success", lambda _: "CI passed")],
+        "on_failure": [_status_hook("failure", _message("CI failed"))],
+        "on_crashed": [_status_hook("error", _message("CI crashed"))],
+        "on_cancellation": [_status_hook("error", _message("CI cancelled"))],
+    }
+
+
+__all__ = [
+    "CI_CONTEXT",
+    "RELEASE_CONTEXT",
+    "Handoff",
+    "ci_status_hooks",
+    "hand_off",
+    "manual_command",
+    "post_commit_status",
+    "start_release",
+]
