@@ -78,7 +78,13 @@ def _add(doc: Any, path: str, value: Any) -> Any:
 
 def json_patch(document: Any, operations: Any) -> Any:
     if not isinstance(operations, list):
-        raise ApiError(400, "BadRequest", "a JSON patch must be a list of operations")
+        raise ApiError(
+            400,
+            "BadRequest",
+            "a JSON patch (Content-Type application/json-patch+json) must be a list of "
+            "operations; for a merge patch send Content-Type application/merge-patch+json "
+            "(kubernetes clients: _content_type='application/merge-patch+json')",
+        )
     doc = copy.deepcopy(document)
     for op in operations:
         if not isinstance(op, dict) or "op" not in op or "path" not in op:
