@@ -1001,3 +1001,18 @@ def _log(result: CommitResult) -> None:
         logger.info("pushed %s %s", result.sha[:12], result.message)
     else:
         logger.info("already there: %s %s (no new commit)", result.sha[:12], result.message)
+
+
+def descendant_check(
+    *, repo_url: str | None = None, branch: str | None = None, run_id: str | None = None
+) -> Callable[[str, str], bool]:
+    """``check(revision, commit)``: is ``revision`` our ``commit`` or a later one on the branch?
+
+    Hand it to ``tasks.argocd`` waits, which must not speak git themselves.
+    """
+    repo = manifests_repo(url=repo_url, branch=branch, run_id=run_id)
+
+    def check(revision: str, commit: str) -> bool:
+        return revision == commit or repo.is_ancestor(commit, revision)
+
+    return check
