@@ -1,0 +1,441 @@
+"""Kubernetes: training jobs (PyTorchJob), their pods and their logs.
+
+Every call goes through the Kubernetes API with the ``KubernetesCredentials`` block named
+``settings.kubernetes_block`` (prefect-kubernetes; without a saved block, in-cluster config
+or ``~/.kube/config`` as kubectl would). Job objects are created, read and deleted with
+prefect-kubernetes' ``custom_objects`` tasks (async: awaited). Following a job uses
+kubernetes_asyncio directly: a watch on the one object (re-listed on disconnect and on
+410 Gone), and ``GET .../pods/<master>/log?follow=true`` streamed line by line into the
+Prefect log, both under one deadline.
+
+Plain ``async def`` helpers take a credentials object, so the flow's cancellation hook (which
+runs outside any task) can delete a job with the same code the tasks use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+from uuid import UUID
+
+import aiohttp
+from kubernetes_asyncio import watch
+from kubernetes_asyncio.client.exceptions import ApiException
+from prefect import get_run_logger, task
+from prefect.artifacts import aupdate_progress_artifact
+from prefect_kubernetes.credentials import KubernetesCredentials
+from prefect_kubernetes.custom_objects import (
+    create_namespaced_custom_object,
+    delete_namespaced_custom_object,
+    get_namespaced_custom_object,
+)
+from pydantic import BaseModel, Field
+
+from core.errors import KubeError
+from core.settings import get_settings
+from core.training import (
+    ANNOTATION_FLOW_RUN,
+    CONTAINER_NAME,
+    PYTORCHJOB,
+    JobKind,
+    checkpoint_location,
+    epoch_progress,
+    job_state,
+    progress_percent,
+)
+
+JSON = dict[str, Any]
+LogSink = Callable[[str], None]
+
+# A watch request lasts at most this long before it is re-listed (the API server's own
+# minimum is 5 minutes; shorter here so a silently dead connection is noticed soon).
+WATCH_WINDOW_SECONDS = 60
+RECONNECT_DELAY_SECONDS = 1.0
+# After the job ends, how long the master's log may take to reach its end.
+LOG_DRAIN_SECONDS = 10.0
+LAST_LINES = 20
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    return get_run_logger()
+
+
+async def load_credentials(block_name: str | None = None) -> KubernetesCredentials:
+    """The ``KubernetesCredentials`` block named in settings, else in-cluster/kubeconfig."""
+    name = block_name or get_settings().kubernetes_block
+    try:
+        return await KubernetesCredentials.aload(name)
+    except ValueError:
+        logging.getLogger(__name__).info(
+            "no KubernetesCredentials block %r; using in-cluster config or ~/.kube/config", name
+        )
+        return KubernetesCredentials()
+
+
+def _kind_of(body: JSON) -> JobKind:
+    if body.get("apiVersion") == PYTORCHJOB.api_version and body.get("kind") == PYTORCHJOB.kind:
+        return PYTORCHJOB
+    raise KubeError(f"unsupported training job kind {body.get('apiVersion')}/{body.get('kind')}")
+
+
+def _translate(exc: ApiException, what: str) -> KubeError:
+    """An API failure as our error, with the server's own words and what to do."""
+    hint = {
+        401: "the credentials in the KubernetesCredentials block were refused",
+        403: "the service account may not do this; check its RBAC role",
+        404: "the resource (or its CRD or namespace) does not exist",
+        422: "the API server refused the object as invalid",
+    }.get(int(exc.status or 0), "the API server failed")
+    return KubeError(f"{what}: HTTP {exc.status} {exc.reason}: {hint}")
+
+
+def _retry_unless_ours(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry transport trouble and 5xx; a KubeError (4xx, refusal) will not get better."""
+    try:
+        state.result()
+    except KubeError as exc:
+        return "HTTP 5" in str(exc)
+    except Exception:
+        return True
+    return False
+
+
+# --- plain helpers (credentials in, data out) --------------------------------------------------
+
+
+async def read_job(
+    credentials: KubernetesCredentials, name: str, namespace: str, kind: JobKind = PYTORCHJOB
+) -> JSON | None:
+    try:
+        result = await get_namespaced_custom_object(
+            credentials, kind.group, kind.version, kind.plural, name, namespace=namespace
+        )
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise _translate(exc, f"reading {kind.kind} {namespace}/{name}") from exc
+    return dict(result)  # type: ignore[call-overload]
+
+
+async def delete_job(
+    credentials: KubernetesCredentials, name: str, namespace: str, kind: JobKind = PYTORCHJOB
+) -> bool:
+    """Delete a job and (by garbage collection) its pods; False if it was already gone."""
+    try:
+        await delete_namespaced_custom_object(
+            credentials,
+            kind.group,
+            kind.version,
+            kind.plural,
+            name,
+            namespace=namespace,
+            propagation_policy="Foreground",
+        )
+    except ApiException as exc:
+        if exc.status == 404:
+            return False
+        raise _translate(exc, f"deleting {kind.kind} {namespace}/{name}") from exc
+    return True
+
+
+# --- tasks -------------------------------------------------------------------------------------
+
+
+@task(
+    name="submit-training-job",
+    task_run_name="submit {body[metadata][name]}",
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=_retry_unless_ours,
+)
+async def submit_training_job(body: JSON, *, credentials_block: str | None = None) -> JSON:
+    """Create the job, or adopt it if this flow run already created it (a rerun).
+
+    Returns:
+        The job as the API server has it.
+
+    Raises:
+        KubeError: refused, or a job of that name exists that another run created.
+    """
+    kind = _kind_of(body)
+    meta = body["metadata"]
+    name, namespace = meta["name"], meta["namespace"]
+    credentials = await load_credentials(credentials_block)
+    logger = _logger()
+    try:
+        created = await create_namespaced_custom_object(
+            credentials, kind.group, kind.version, kind.plural, body, namespace=namespace
+        )
+    except ApiException as exc:
+        if exc.status != 409:
+            raise _translate(exc, f"creating {kind.kind} {namespace}/{name}") from exc
+        existing = await read_job(credentials, name, namespace, kind)
+        if existing is None:
+            raise KubeError(
+                f"{kind.kind} {namespace}/{name} was reported as existing but is gone; rerun"
+            ) from exc
+        ours = (meta.get("annotations") or {}).get(ANNOTATION_FLOW_RUN)
+        theirs = (existing["metadata"].get("annotations") or {}).get(ANNOTATION_FLOW_RUN)
+        if ours != theirs:
+            raise KubeError(
+                f"{kind.kind} {namespace}/{name} already exists and belongs to flow run "
+                f"{theirs or '(none)'}; delete it or choose another experiment name"
+            ) from exc
+        logger.info(
+            "%s %s/%s was already submitted by this run; following it", kind.kind, namespace, name
+        )
+        return existing
+    logger.info("submitted %s %s/%s", kind.kind, namespace, name)
+    return dict(created)  # type: ignore[call-overload]
+
+
+@task(name="get-training-job", task_run_name="get {name}")
+async def get_training_job(
+    name: str, namespace: str, *, credentials_block: str | None = None
+) -> JSON | None:
+    return await read_job(await load_credentials(credentials_block), name, namespace)
+
+
+@task(name="delete-training-job", task_run_name="delete {name}", retries=2, retry_delay_seconds=3)
+async def delete_training_job(
+    name: str, namespace: str, *, credentials_block: str | None = None
+) -> bool:
+    deleted = await delete_job(await load_credentials(credentials_block), name, namespace)
+    _logger().info(
+        "deleted PyTorchJob %s/%s and its pods" if deleted else "PyTorchJob %s/%s was already gone",
+        namespace,
+        name,
+    )
+    return deleted
+
+
+class FollowResult(BaseModel):
+    """How following a job ended."""
+
+    job: JSON = Field(description="The job as last seen.")
+    timed_out: bool = Field(default=False, description="The deadline passed first.")
+    last_lines: list[str] = Field(default_factory=list, description="Tail of the master log.")
+    checkpoint: str | None = Field(default=None, description="Last checkpoint the log named.")
+    epochs: tuple[int, int] | None = Field(default=None, description="Last 'epoch n/m' seen.")
+
+
+class _Progress:
+    """What the log and the watch have shown so far (shared by the two streams)."""
+
+    def __init__(self, artifact_id: UUID | None) -> None:
+        self.artifact_id = artifact_id
+        self.job: JSON = {}
+        self.last_lines: deque[str] = deque(maxlen=LAST_LINES)
+        self.checkpoint: str | None = None
+        self.epochs: tuple[int, int] | None = None
+        self._reported = -1.0
+
+    def line(self, text: str) -> None:
+        self.last_lines.append(text)
+        self.epochs = epoch_progress(text) or self.epochs
+        self.checkpoint = checkpoint_location(text) or self.checkpoint
+
+    async def report(self) -> None:
+        percent = progress_percent(job_state(self.job), self.epochs)
+        if self.artifact_id is not None and percent != self._reported:
+            self._reported = percent
+            await aupdate_progress_artifact(self.artifact_id, percent)
+
+
+async def watch_job(
+    credentials: KubernetesCredentials,
+    name: str,
+    namespace: str,
+    on_change: Callable[[JSON], Awaitable[None]],
+    kind: JobKind = PYTORCHJOB,
+) -> JSON:
+    """Follow one job until it is finished; return it.
+
+    Get the object, then watch from its resourceVersion; when the watch ends (server
+    timeout, dropped connection) or answers 410 Gone, get it again and watch anew, so no
+    change is missed and no wait depends on one connection staying up.
+    """
+    logger = _logger()
+    async with credentials.get_client("custom_objects") as api:
+        while True:
+            job = await read_job(credentials, name, namespace, kind)
+            if job is None:
+                raise KubeError(f"{kind.kind} {namespace}/{name} was deleted while it ran")
+            await on_change(job)
+            if job_state(job).finished:
+                return job
+            stream = watch.Watch()
+            try:
+                async for event in stream.stream(
+                    api.list_namespaced_custom_object,
+                    kind.group,
+                    kind.version,
+                    namespace,
+                    kind.plural,
+                    field_selector=f"metadata.name={name}",
+                    resource_version=job["metadata"]["resourceVersion"],
+                    timeout_seconds=WATCH_WINDOW_SECONDS,
+                ):
+                    obj = dict(event["raw_object"])
+                    if event["type"] == "DELETED":
+                        raise KubeError(f"{kind.kind} {namespace}/{name} was deleted while it ran")
+                    if event["type"] not in ("ADDED", "MODIFIED"):
+                        continue
+                    await on_change(obj)
+                    if job_state(obj).finished:
+                        return obj
+            except ApiException as exc:
+                if exc.status != 410:
+                    raise _translate(exc, f"watching {kind.kind} {namespace}/{name}") from exc
+                logger.info("watch of %s expired (410 Gone); re-listing", name)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                logger.warning("watch of %s dropped (%s); re-listing", name, exc)
+                await asyncio.sleep(RECONNECT_DELAY_SECONDS)
+            finally:
+                await stream.close()
+
+
+def _container_instance(pod: Any, container: str) -> tuple[int, bool] | None:
+    """(restartCount, started) of the container, or None while it has no status yet."""
+    for status in (pod.status and pod.status.container_statuses) or []:
+        if status.name == container:
+            state = status.state
+            started = bool(state and (state.running or state.terminated))
+            return int(status.restart_count or 0), started
+    return None
+
+
+async def stream_pod_log(
+    credentials: KubernetesCredentials,
+    pod: str,
+    namespace: str,
+    sink: LogSink,
+    stop: asyncio.Event,
+    *,
+    container: str = CONTAINER_NAME,
+    poll: float = 0.5,
+) -> None:
+    """Copy the container's log, line by line, to ``sink`` until ``stop`` is set.
+
+    Each container instance (one per restart) is followed once from its start; a stream
+    that breaks in the middle is reopened and the lines already copied are skipped. Once
+    ``stop`` is set, an instance that has started but was not read to its end yet is still
+    read (the job's last words are usually the ones that matter).
+    """
+    streamed: dict[int, int] = {}  # restartCount -> lines copied (-1: read to the end)
+    async with credentials.get_client("core") as core:
+        while True:
+            try:
+                obj = await core.read_namespaced_pod(pod, namespace)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise _translate(exc, f"reading pod {namespace}/{pod}") from exc
+                obj = None
+            instance = _container_instance(obj, container) if obj is not None else None
+            if instance is None or not instance[1] or streamed.get(instance[0]) == -1:
+                if stop.is_set():
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=poll)
+                continue
+            restarts = instance[0]
+            skip = streamed.get(restarts, 0)
+            copied = 0
+            try:
+                response = await core.read_namespaced_pod_log(
+                    pod, namespace, container=container, follow=True, _preload_content=False
+                )
+                try:
+                    while True:
+                        raw = await response.content.readline()
+                        if not raw:
+                            break
+                        copied += 1
+                        if copied > skip:
+                            sink(raw.decode("utf-8", "replace").rstrip("\n"))
+                finally:
+                    response.release()
+                streamed[restarts] = -1  # reached the end of this instance's log
+            except ApiException as exc:
+                # 400: the container is not running yet / already gone; look again soon.
+                if exc.status not in (400, 404):
+                    raise _translate(exc, f"reading the log of {namespace}/{pod}") from exc
+                streamed[restarts] = max(skip, copied)
+            except (aiohttp.ClientError, TimeoutError):
+                streamed[restarts] = max(skip, copied)
+            if copied == 0:
+                if stop.is_set():
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=poll)
+
+
+@task(name="follow-training-job", task_run_name="follow {name}")
+async def follow_training_job(
+    name: str,
+    namespace: str,
+    *,
+    timeout_seconds: float,
+    progress_artifact_id: UUID | None = None,
+    credentials_block: str | None = None,
+) -> FollowResult:
+    """Watch the job to its end while streaming its master's log into the Prefect log.
+
+    Returns when the job is Succeeded or Failed, or when ``timeout_seconds`` pass
+    (``timed_out``); the caller decides what a timeout means (the train flow deletes the
+    job). The progress artifact follows the phase and the ``epoch n/m`` lines of the log.
+    """
+    logger = _logger()
+    credentials = await load_credentials(credentials_block)
+    progress = _Progress(progress_artifact_id)
+    last_phase = ""
+
+    async def on_change(job: JSON) -> None:
+        nonlocal last_phase
+        progress.job = job
+        state = job_state(job)
+        if state.phase != last_phase:
+            last_phase = state.phase
+            logger.info("PyTorchJob %s: %s", name, state.condition)
+        await progress.report()
+
+    def on_line(text: str) -> None:
+        logger.info("[%s-master-0] %s", name, text)
+        progress.line(text)
+
+    stop = asyncio.Event()
+    logs = asyncio.create_task(
+        stream_pod_log(credentials, f"{name}-master-0", namespace, on_line, stop),
+        name=f"log:{name}",
+    )
+    timed_out = False
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(timeout_seconds):
+            await watch_job(credentials, name, namespace, on_change)
+    except TimeoutError:
+        timed_out = True
+        logger.warning(
+            "PyTorchJob %s did not finish within %.0fs", name, time.monotonic() - started
+        )
+    finally:
+        stop.set()
+        # Let the log reach its end (the container has exited), but never wait long.
+        done, _ = await asyncio.wait({logs}, timeout=LOG_DRAIN_SECONDS)
+        if not done:
+            logs.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await logs
+    await progress.report()
+    return FollowResult(
+        job=progress.job,
+        timed_out=timed_out,
+        last_lines=list(progress.last_lines),
+        checkpoint=progress.checkpoint,
+        epochs=progress.epochs,
+    )
