@@ -1,0 +1,124 @@
+"""The Argo CD client against the sandbox's Argo CD twin (real git, real kustomize, pods as
+containers): a wait that ends at a descendant revision, and 503s that the retry policy
+outlives. Needs engineer D's ``sandbox`` fixture (tests/fixtures_sandbox.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from core.images import ImageRef
+from sandbox.faults import FaultClient
+from tasks.argocd import ArgoCDClient, RetryPolicy
+from tasks.gitops import ManifestsRepo
+
+pytestmark = [pytest.mark.integration, pytest.mark.sandbox]
+
+ROOT = Path(__file__).parents[2]
+KUBECTL = str(ROOT / ".venv" / "bin" / "kubectl")
+STAGING_APP = "api-gateway-staging"
+STAGING = "serving/api-gateway/overlays/staging"
+IMAGE = "robotics-serving/api-gateway"
+MANIFEST_TYPES = ", ".join(
+    [
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+    ]
+)
+
+
+def seed_digest(sb) -> str:
+    """The digest of the seed api-gateway image, from the sandbox's registry."""
+    response = httpx.head(
+        f"http://{sb.registry}/v2/{IMAGE}/manifests/{sb.seed_tag}",
+        headers={"Accept": MANIFEST_TYPES},
+        auth=(sb.registry_username, sb.registry_password),
+        timeout=10,
+    )
+    response.raise_for_status()
+    return response.headers["Docker-Content-Digest"]
+
+
+def manifests(sb, tmp_path: Path, name: str) -> ManifestsRepo:
+    return ManifestsRepo(
+        url=sb.repo_url("robotics-k8s-manifests"), workdir=tmp_path / name, kubectl=KUBECTL
+    )
+
+
+def another_commit(sb, tmp_path: Path) -> str:
+    """Someone else's commit landing on the manifests repo after ours (not touching staging)."""
+    other = tmp_path / f"other-{uuid.uuid4().hex[:6]}"
+    subprocess.run(
+        ["git", "clone", "-q", sb.repo_url("robotics-k8s-manifests"), str(other)], check=True
+    )
+    (other / "training" / "NOTES.md").write_text(f"note {uuid.uuid4()}\n")
+    for args in (
+        ["add", "-A"],
+        ["-c", "user.name=p", "-c", "user.email=p@x", "commit", "-q", "-m", "docs: training notes"],
+        ["push", "-q", "origin", "main"],
+    ):
+        subprocess.run(["git", *args], cwd=other, check=True)
+    return subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=other, check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+def argo(sb, **kwargs) -> ArgoCDClient:
+    return ArgoCDClient(base_url=sb.argocd_url, token=sb.argocd_token, **kwargs)
+
+
+async def test_wait_ends_good_at_a_descendant_revision(sandbox, tmp_path):
+    sb = sandbox
+    repo = manifests(sb, tmp_path, "ours")
+    image = ImageRef(sb.registry, IMAGE, sb.seed_tag, seed_digest(sb))
+    ours = repo.set_image(
+        overlay=STAGING,
+        image_name="api-gateway",
+        image=image,
+        subject=f"deploy(staging): api-gateway:{sb.seed_tag}",
+        flow_run_id=f"test-{uuid.uuid4()}",
+    )
+    later = another_commit(sb, tmp_path)
+    assert repo.is_ancestor(ours.sha, later)
+
+    def is_descendant(revision: str, commit: str) -> bool:
+        return revision == commit or repo.is_ancestor(commit, revision)
+
+    started = time.monotonic()
+    async with argo(sb) as client:
+        app = await client.refresh(STAGING_APP)
+        if not app.get("operation"):
+            await client.sync(STAGING_APP)  # automated app: no revision
+        state = await client.wait_synced(
+            STAGING_APP, ours.sha, is_descendant=is_descendant, deadline=150, poll_interval=1
+        )
+        live = await client.get(STAGING_APP)
+    assert state.synced_revision in (later, *_descendants(repo, ours.sha))
+    assert state.health == "Healthy" and state.sync_status == "Synced"
+    assert str(image) in (live["status"].get("summary") or {}).get("images", [])
+    assert time.monotonic() - started < 150
+
+
+def _descendants(repo: ManifestsRepo, sha: str) -> list[str]:
+    return [c.sha for c in repo.commits_touching(".", since=sha)]
+
+
+async def test_argo_answering_503_three_times_is_outlived(sandbox):
+    sb = sandbox
+    faults = FaultClient(sb.control_url)
+    faults.http_fault("argocd", path_prefix="/api/v1/applications", status=503, count=3)
+    try:
+        async with argo(sb, retry=RetryPolicy(base_delay=0.2)) as client:
+            started = time.monotonic()
+            app = await client.get(STAGING_APP)
+        assert app["metadata"]["name"] == STAGING_APP
+        assert time.monotonic() - started >= 0.2 + 0.4 + 0.8 - 0.1  # it did back off
+    finally:
+        faults.clear("argocd")
