@@ -194,9 +194,32 @@ RESOURCE_TYPES: list[ResourceType] = [
     _rt("kubeflow.org/v1", "PyTorchJob", "pytorchjobs"),
     _rt("argoproj.io/v1alpha1", "Application", "applications", short=("app", "apps")),
     _rt("argoproj.io/v1alpha1", "AppProject", "appprojects", short=("appproj",)),
+    _rt("rbac.authorization.k8s.io/v1", "Role", "roles", sub=()),
+    _rt("rbac.authorization.k8s.io/v1", "RoleBinding", "rolebindings", sub=()),
+    _rt("rbac.authorization.k8s.io/v1", "ClusterRole", "clusterroles", namespaced=False, sub=()),
+    _rt(
+        "rbac.authorization.k8s.io/v1",
+        "ClusterRoleBinding",
+        "clusterrolebindings",
+        namespaced=False,
+        sub=(),
+    ),
+    _rt("v1", "ResourceQuota", "resourcequotas", short=("quota",)),
+    _rt("v1", "LimitRange", "limitranges", short=("limits",), sub=()),
+    _rt(
+        "apiextensions.k8s.io/v1",
+        "CustomResourceDefinition",
+        "customresourcedefinitions",
+        namespaced=False,
+        short=("crd", "crds"),
+    ),
 ]
 
 NAMESPACE_TYPE = RESOURCE_TYPES[0]
+CRD_GROUP_KIND = ("apiextensions.k8s.io", "CustomResourceDefinition")
+# Kinds served because a CustomResourceDefinition defines them (removed with it).
+_CRD_DEFINED: set[tuple[str, str]] = set()
+_TYPES_LOCK = threading.Lock()
 # Namespaces a fresh cluster has.
 BUILTIN_NAMESPACES = ("default", "kube-system", "kube-public")
 
@@ -224,6 +247,82 @@ def resource_by_plural(group: str, version: str, plural: str) -> ResourceType:
         if rt.group == group and rt.version == version and rt.plural == plural:
             return rt
     raise ApiError(404, "NotFound", "the server could not find the requested resource")
+
+
+def register_resource_type(rt: ResourceType) -> None:
+    """Serve one more kind in this process (idempotent; a CRD's kinds come through here)."""
+    with _TYPES_LOCK:
+        for i, existing in enumerate(RESOURCE_TYPES):
+            if (existing.group, existing.version, existing.kind) == (rt.group, rt.version, rt.kind):
+                RESOURCE_TYPES[i] = rt
+                return
+        RESOURCE_TYPES.append(rt)
+
+
+def _unregister_crd_kind(group: str, kind: str) -> None:
+    with _TYPES_LOCK:
+        RESOURCE_TYPES[:] = [rt for rt in RESOURCE_TYPES if (rt.group, rt.kind) != (group, kind)]
+        _CRD_DEFINED.discard((group, kind))
+
+
+def crd_resource_types(crd: JSON) -> list[ResourceType]:
+    """The kinds a CustomResourceDefinition serves (422 when it is not a usable one)."""
+    spec = crd.get("spec") or {}
+    names = spec.get("names") or {}
+    group, kind, plural = spec.get("group"), names.get("kind"), names.get("plural")
+    versions = [v.get("name") for v in spec.get("versions") or [] if v.get("served", True)]
+    problems = [
+        f"spec.{fld}: Required value"
+        for fld, value in (("group", group), ("names.kind", kind), ("names.plural", plural))
+        if not value
+    ]
+    if not versions:
+        problems.append("spec.versions: must have at least one served version")
+    if not problems and crd.get("metadata", {}).get("name") != f"{plural}.{group}":
+        problems.append(
+            f'metadata.name: Invalid value: must be spec.names.plural+"."+spec.group ({plural}.{group})'
+        )
+    if (
+        not problems
+        and (group, kind) not in _CRD_DEFINED
+        and any((rt.group, rt.kind) == (group, kind) for rt in RESOURCE_TYPES)
+    ):
+        problems.append(f"spec.names.kind: {group}/{kind} is already served by the API server")
+    if problems:
+        raise ApiError(
+            422,
+            "Invalid",
+            f'CustomResourceDefinition.apiextensions.k8s.io "{crd.get("metadata", {}).get("name")}" '
+            f"is invalid: {'; '.join(problems)}",
+            [
+                {"reason": "FieldValueInvalid", "message": p, "field": p.split(":")[0]}
+                for p in problems
+            ],
+        )
+    namespaced = spec.get("scope", "Namespaced") == "Namespaced"
+    short = tuple(names.get("shortNames") or ())
+    return [
+        ResourceType(
+            str(group),
+            str(v),
+            str(kind),
+            str(plural),
+            namespaced,
+            short,
+            tuple(names.get("categories") or ()),
+        )
+        for v in versions
+    ]
+
+
+def _serve_crd(crd: JSON) -> None:
+    types = crd_resource_types(crd)
+    group, kind = types[0].group, types[0].kind
+    _unregister_crd_kind(group, kind)
+    for rt in types:
+        register_resource_type(rt)
+    with _TYPES_LOCK:
+        _CRD_DEFINED.add((group, kind))
 
 
 @dataclass(frozen=True)
@@ -407,7 +506,10 @@ class Subscription:
                     "too old resource version: the watcher fell too far behind",
                 )
             if self._queue:
-                return self._queue.popleft()
+                event = self._queue.popleft()
+                # Each reader gets its own copy: events are shared by all subscribers and
+                # the history, and a controller may well edit what it receives.
+                return WatchEvent(event.type, copy.deepcopy(event.object), event.resource_version)
             if self._closed:
                 raise StopAsyncIteration
             self._wakeup.clear()
@@ -482,6 +584,8 @@ class ObjectStore:
             "SELECT grp, kind, namespace, name, body FROM objects"
         ):
             self._objects[(grp, kind, namespace, name)] = json.loads(body)
+            if (grp, kind) == CRD_GROUP_KIND:
+                _serve_crd(self._objects[(grp, kind, namespace, name)])
         row = self._db.execute("SELECT value FROM meta WHERE key = 'rv'").fetchone()
         self._rv = int(row[0]) if row else 0
         for rv, type_, body in self._db.execute(
@@ -511,11 +615,36 @@ class ObjectStore:
         if dry_run:
             return [copy.deepcopy(obj) for _, _, obj in changes]
         events: list[WatchEvent] = []
+        first_rv = self._rv
+        try:
+            self._write(changes, events)
+        except BaseException:
+            self._rv = first_rv  # the transaction rolled back: so does the counter
+            raise
+        for (type_, key, obj), event in zip(changes, events, strict=True):
+            if type_ == "DELETED":
+                self._objects.pop(key, None)
+            else:
+                self._objects[key] = obj
+            if len(self._history) == self._history.maxlen:
+                self._floor = self._history[0].resource_version
+            self._history.append(event)
+            self._notify(event)
+        return [copy.deepcopy(obj) for _, _, obj in changes]
+
+    def _write(self, changes: Changes, events: list[WatchEvent]) -> None:
         with self._db:
             for type_, key, obj in changes:
                 self._rv += 1
                 obj["metadata"]["resourceVersion"] = str(self._rv)
-                body = json.dumps(obj, separators=(",", ":"))
+                try:
+                    body = json.dumps(obj, separators=(",", ":"))
+                except (TypeError, ValueError) as exc:
+                    raise ApiError(
+                        400,
+                        "BadRequest",
+                        f"the object is not plain JSON ({exc}): send JSON values only",
+                    ) from exc
                 if type_ == "DELETED":
                     self._db.execute(
                         "DELETE FROM objects WHERE grp=? AND kind=? AND namespace=? AND name=?",
@@ -527,7 +656,7 @@ class ObjectStore:
                         (*key, obj["metadata"]["uid"], body),
                     )
                 self._db.execute("INSERT INTO events VALUES (?, ?, ?)", (self._rv, type_, body))
-                events.append(WatchEvent(type_, obj, self._rv))
+                events.append(WatchEvent(type_, json.loads(body), self._rv))
             self._db.execute("INSERT OR REPLACE INTO meta VALUES ('rv', ?)", (str(self._rv),))
             if self._rv - self._trimmed_at >= 500:
                 self._db.execute(
@@ -535,16 +664,6 @@ class ObjectStore:
                     (self._rv - (self._history.maxlen or EVENT_HISTORY),),
                 )
                 self._trimmed_at = self._rv
-        for (type_, key, obj), event in zip(changes, events, strict=True):
-            if type_ == "DELETED":
-                self._objects.pop(key, None)
-            else:
-                self._objects[key] = obj
-            if len(self._history) == self._history.maxlen:
-                self._floor = self._history[0].resource_version
-            self._history.append(event)
-            self._notify(event)
-        return [copy.deepcopy(obj) for _, _, obj in changes]
 
     def _notify(self, event: WatchEvent) -> None:
         for sub in list(self._subscribers):
@@ -689,7 +808,12 @@ class ObjectStore:
             if rt.kind == "Namespace":
                 obj.setdefault("spec", {"finalizers": ["kubernetes"]})
                 obj["status"] = {"phase": "Active"}
-            return self._commit([("ADDED", key, obj)], dry_run)[0]
+            if (rt.group, rt.kind) == CRD_GROUP_KIND:
+                crd_resource_types(obj)  # refuse a bad definition before storing it
+            created = self._commit([("ADDED", key, obj)], dry_run)[0]
+            if (rt.group, rt.kind) == CRD_GROUP_KIND and not dry_run:
+                _serve_crd(created)
+            return created
 
     def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> JSON:
         with self._lock:
@@ -804,6 +928,11 @@ class ObjectStore:
                 changes.extend(self._orphan(current["metadata"]["uid"]))
             self._collect_deletes(key, current, changes, orphan=propagation_policy == "Orphan")
             results = self._commit(changes, dry_run)
+            if (rt.group, rt.kind) == CRD_GROUP_KIND and not dry_run:
+                spec = current.get("spec") or {}
+                _unregister_crd_kind(
+                    spec.get("group", ""), (spec.get("names") or {}).get("kind", "")
+                )
             return next(
                 r
                 for (t, k, _), r in zip(changes, results, strict=True)
@@ -872,7 +1001,13 @@ class ObjectStore:
             metadata["generation"] = int(old_meta.get("generation", 1)) + 1
         if new == current:
             return copy.deepcopy(current)  # a no-op: no new version, no event
-        return self._commit([("MODIFIED", key, new)], dry_run)[0]
+        is_crd = key[:2] == CRD_GROUP_KIND
+        if is_crd:
+            crd_resource_types(new)
+        updated = self._commit([("MODIFIED", key, new)], dry_run)[0]
+        if is_crd and not dry_run:
+            _serve_crd(updated)
+        return updated
 
     def _owned_by(self, uid: str) -> Owned:
         return [
@@ -908,5 +1043,12 @@ class ObjectStore:
         if not orphan:
             for dep_key, dep in self._owned_by(obj["metadata"]["uid"]):
                 self._collect_deletes(dep_key, dep, changes, orphan=False)
+        if key[:2] == CRD_GROUP_KIND:
+            # Deleting a CRD deletes every object of its kind.
+            spec = obj.get("spec") or {}
+            defined = (spec.get("group"), (spec.get("names") or {}).get("kind"))
+            for other_key, other in list(self._objects.items()):
+                if other_key[:2] == defined:
+                    self._collect_deletes(other_key, other, changes, orphan=False)
         if is_namespace:
             changes.append(("DELETED", key, copy.deepcopy(obj)))

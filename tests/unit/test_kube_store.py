@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from pathlib import Path
 from typing import Any
@@ -307,3 +308,50 @@ async def test_state_and_history_survive_reopening(tmp_path: Path):
     [event] = await next_events(resumed, 1)
     assert event.type == "MODIFIED" and event.object["spec"]["replicas"] == 5
     assert int(second.create(deployment("b"))["metadata"]["resourceVersion"]) == mark + 2
+
+
+def widget_crd() -> dict[str, Any]:
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": "widgets.example.com"},
+        "spec": {
+            "group": "example.com",
+            "scope": "Namespaced",
+            "names": {"kind": "Widget", "plural": "widgets", "shortNames": ["wd"]},
+            "versions": [{"name": "v1", "served": True, "storage": True}],
+        },
+    }
+
+
+def test_a_crd_makes_its_kind_servable_until_it_is_deleted(tmp_path: Path):
+    store = ObjectStore(tmp_path / "kube")
+    widget = {
+        "apiVersion": "example.com/v1",
+        "kind": "Widget",
+        "metadata": {"name": "w", "namespace": "default"},
+    }
+    try:
+        store.create(widget_crd())
+        assert resource_by_plural("example.com", "v1", "widgets").short_names == ("wd",)
+        store.create(widget)
+        ObjectStore(tmp_path / "kube")  # a restarted store serves the kind again from the CRD
+        store.delete(
+            "apiextensions.k8s.io/v1", "CustomResourceDefinition", None, "widgets.example.com"
+        )
+        with pytest.raises(ApiError) as gone:
+            resource_type("example.com/v1", "Widget")
+        assert gone.value.status == 404
+    finally:
+        with contextlib.suppress(ApiError):
+            store.delete(
+                "apiextensions.k8s.io/v1", "CustomResourceDefinition", None, "widgets.example.com"
+            )
+
+    bad = widget_crd()
+    bad["spec"]["group"] = "apps"
+    bad["spec"]["names"]["kind"] = "Deployment"
+    bad["metadata"]["name"] = "widgets.apps"
+    with pytest.raises(ApiError) as refused:
+        store.create(bad)
+    assert refused.value.status == 422 and "already served" in refused.value.message
