@@ -1,9 +1,13 @@
 """The twin server: one process that speaks the protocols that cannot run here.
 
 It loads ``twin-config.json`` from the state dir, opens the Kubernetes object store, then
-starts each component in ``COMPONENTS`` (or the config's ``"components"`` list) (a module with ``async def start(ctx)`` that starts
+starts each component in ``COMPONENTS`` (a module with ``async def start(ctx)`` that starts
 its own servers and background tasks and returns). When every component has started it
 writes ``twin.ready`` (JSON: the ports it serves) so launchers can wait on it.
+
+Config keys read here: ``components`` (a list narrowing what starts), ``kube_event_history``
+(watch events kept for resumption, default 5000). The Kubernetes API component reads
+``kube_port``, ``kube_token`` and ``kube_bookmark_seconds`` and writes ``<state>/kubeconfig``.
 
 Run: ``python -m sandbox.twin --state DIR``.
 """
@@ -19,9 +23,12 @@ import logging
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
+
+if TYPE_CHECKING:
+    from sandbox.kube.store import ObjectStore
 
 log = logging.getLogger("sandbox.twin")
 
@@ -38,7 +45,7 @@ COMPONENTS: tuple[str, ...] = (
 class TwinContext:
     state_dir: Path
     config: dict[str, Any]
-    store: Any  # sandbox.kube.store.ObjectStore
+    store: ObjectStore
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     served: dict[str, Any] = field(default_factory=dict)
 
