@@ -28,12 +28,10 @@ from kubernetes_asyncio import watch
 from kubernetes_asyncio.client.exceptions import ApiException
 from prefect import get_run_logger, task
 from prefect.artifacts import aupdate_progress_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
+from prefect_kubernetes import custom_objects
 from prefect_kubernetes.credentials import KubernetesCredentials
-from prefect_kubernetes.custom_objects import (
-    create_namespaced_custom_object,
-    delete_namespaced_custom_object,
-    get_namespaced_custom_object,
-)
 from pydantic import BaseModel, Field
 
 from core.errors import KubeError
@@ -61,8 +59,25 @@ LOG_DRAIN_SECONDS = 10.0
 LAST_LINES = 20
 
 
+# Every call reads or changes live state: a result cached from an earlier identical call in
+# the same run (Prefect's default policy when results are persisted) would be a stale read.
+create_namespaced_custom_object = custom_objects.create_namespaced_custom_object.with_options(
+    cache_policy=NO_CACHE
+)
+get_namespaced_custom_object = custom_objects.get_namespaced_custom_object.with_options(
+    cache_policy=NO_CACHE
+)
+delete_namespaced_custom_object = custom_objects.delete_namespaced_custom_object.with_options(
+    cache_policy=NO_CACHE
+)
+
+
 def _logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
-    return get_run_logger()
+    """The run's logger inside a flow or task; a module logger in hooks and scripts."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("robotics_cd.kube")
 
 
 async def load_credentials(block_name: str | None = None) -> KubernetesCredentials:
@@ -148,6 +163,7 @@ async def delete_job(
 
 @task(
     name="submit-training-job",
+    cache_policy=NO_CACHE,
     task_run_name="submit {body[metadata][name]}",
     retries=2,
     retry_delay_seconds=5,
@@ -194,14 +210,20 @@ async def submit_training_job(body: JSON, *, credentials_block: str | None = Non
     return dict(created)  # type: ignore[call-overload]
 
 
-@task(name="get-training-job", task_run_name="get {name}")
+@task(name="get-training-job", cache_policy=NO_CACHE, task_run_name="get {name}")
 async def get_training_job(
     name: str, namespace: str, *, credentials_block: str | None = None
 ) -> JSON | None:
     return await read_job(await load_credentials(credentials_block), name, namespace)
 
 
-@task(name="delete-training-job", task_run_name="delete {name}", retries=2, retry_delay_seconds=3)
+@task(
+    name="delete-training-job",
+    cache_policy=NO_CACHE,
+    task_run_name="delete {name}",
+    retries=2,
+    retry_delay_seconds=3,
+)
 async def delete_training_job(
     name: str, namespace: str, *, credentials_block: str | None = None
 ) -> bool:
@@ -375,7 +397,7 @@ async def stream_pod_log(
                     await asyncio.wait_for(stop.wait(), timeout=poll)
 
 
-@task(name="follow-training-job", task_run_name="follow {name}")
+@task(name="follow-training-job", cache_policy=NO_CACHE, task_run_name="follow {name}")
 async def follow_training_job(
     name: str,
     namespace: str,
