@@ -49,6 +49,16 @@ class TwinContext:
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     served: dict[str, Any] = field(default_factory=dict)
 
+    def port(self, key: str) -> int:
+        """``config[key]`` if set (e.g. ``"argocd_port"``), else a free port on 127.0.0.1.
+
+        Components should start with a minimal config, so a missing port is not an error.
+        """
+        from sandbox.procs import free_port
+
+        configured = self.config.get(key)
+        return int(configured) if configured else free_port()
+
     def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)
         self.tasks.append(task)
