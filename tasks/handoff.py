@@ -32,7 +32,7 @@ from prefect.logging import get_run_logger
 from pydantic import BaseModel, Field
 
 from core.catalog import load_catalog
-from core.errors import GitHubError, RoboticsCDError
+from core.errors import GitHubError, RoboticsCDError, TriggerError
 from core.settings import get_settings
 
 CI_CONTEXT = "robotics-cd/ci"
@@ -76,19 +76,40 @@ def flow_run_url(flow_run_id: str | UUID) -> str | None:
     return url_for("flow-run", obj_id=str(flow_run_id))
 
 
-@task(name="start-release", retries=2, retry_delay_seconds=[2, 10])
+def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry a flaky API, not a deployment that is not there."""
+    return not isinstance(state.data, DeploymentMissing)
+
+
+class DeploymentMissing(TriggerError):
+    pass
+
+
+@task(
+    name="start-release",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=_worth_retrying,
+)
 async def start_release(deployment: str, parameters: dict[str, Any], idempotency_key: str) -> str:
     """Create the release run (top level, not waited on); returns its flow run id."""
     from prefect.deployments import arun_deployment
+    from prefect.exceptions import ObjectNotFound
 
-    run = await arun_deployment(
-        deployment,
-        parameters=parameters,
-        timeout=0,
-        as_subflow=False,
-        idempotency_key=idempotency_key,
-        tags=["handoff"],
-    )
+    try:
+        run = await arun_deployment(
+            deployment,
+            parameters=parameters,
+            timeout=0,
+            as_subflow=False,
+            idempotency_key=idempotency_key,
+            tags=["handoff"],
+        )
+    except ObjectNotFound as exc:
+        raise DeploymentMissing(
+            f"deployment {deployment} not found on the Prefect server: serve it "
+            "(`robotics-cd serve`) or register it (`robotics-cd deploy`)"
+        ) from exc
     return str(run.id)
 
 
@@ -122,7 +143,7 @@ async def hand_off(
             flow_run_url=url,
             command=command,
         )
-    error = state.message or "the release deployment could not be started"
+    error = await _failure_reason(state)
     logger.error(
         "release of %s NOT started (%s); the image is built and pushed. Start it by hand: %s",
         image,
@@ -145,6 +166,14 @@ async def hand_off(
     return Handoff(
         deployment=deployment, parameters=parameters, started=False, error=error, command=command
     )
+
+
+async def _failure_reason(state: Any) -> str:
+    try:
+        await state.aresult()
+    except Exception as exc:  # the task's own exception, re-raised by the state: report it
+        return f"{type(exc).__name__}: {exc}"
+    return state.message or "the release deployment could not be started"
 
 
 def _failure_markdown(
