@@ -1,0 +1,447 @@
+"""The twin's runtime on real parts: pods are Docker containers of images pulled from a real
+registry, the ingress router splits traffic as ingress-nginx does, and a real Prometheus
+scrapes the metrics. Driven through the twin's Kubernetes API with kubectl."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import docker
+import httpx
+import pytest
+
+from sandbox.faults import FaultClient
+from sandbox.procs import free_port
+from sandbox.runtime import cleanup, state_label
+from tests.fixtures_kube import KUBECTL, start_kube_twin
+from tests.fixtures_runtime import (
+    WEB_LOCAL,
+    RuntimeTwin,
+    ingress,
+    namespace,
+    service,
+    web_deployment,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def _condition(obj: dict[str, Any], type_: str) -> dict[str, Any]:
+    for cond in (obj.get("status") or {}).get("conditions") or []:
+        if cond["type"] == type_:
+            return dict(cond)
+    return {}
+
+
+def _available(rt: RuntimeTwin, name: str, ns: str, replicas: int) -> dict[str, Any] | None:
+    dep = rt.get("deployment", name, ns)
+    status = dep.get("status") or {}
+    done = (
+        status.get("observedGeneration") == dep["metadata"]["generation"]
+        and status.get("updatedReplicas", 0) == replicas
+        and status.get("availableReplicas", 0) == replicas
+        and status.get("replicas", 0) == replicas
+        and _condition(dep, "Available").get("status") == "True"
+        and _condition(dep, "Progressing").get("reason") == "NewReplicaSetAvailable"
+    )
+    return dep if done else None
+
+
+def test_deployment_available_routed_and_rolled(runtime_twin: RuntimeTwin) -> None:
+    rt = runtime_twin
+    images = rt.images
+    rt.apply(
+        namespace("staging"),
+        web_deployment("web", "staging", images.web_v1, replicas=2),
+        service("web", "staging", {"app": "web"}),
+        ingress("web", "staging", "web.example.test", "web"),
+    )
+    rt.wait_for(
+        "web Available with 2 replicas", lambda: _available(rt, "web", "staging", 2), timeout=60
+    )
+
+    # The pods are real containers answering through the router, on the Service name too.
+    answer = httpx.get(
+        f"{rt.router('staging')}/cgi-bin/status", headers={"Host": "web.example.test"}, timeout=10
+    )
+    assert answer.status_code == 200
+    assert "version=v1" in answer.text
+    ingress_obj = rt.get("ingress", "web", "staging")
+    assert ingress_obj["status"]["loadBalancer"]["ingress"] == [
+        {"ip": "127.0.0.1", "ports": [{"port": rt.ingress_ports["staging"], "protocol": "TCP"}]}
+    ]
+    client = docker.from_env()
+    try:
+        pods = rt.kube.kubectl(
+            "get", "pods", "-n", "staging", "-l", "app=web", "-o", "name"
+        ).stdout.split()
+        assert len(pods) == 2
+        pod_name = pods[0].split("/", 1)[1]
+        container = client.containers.get(rt.container("staging", pod_name))
+        assert container.status == "running"
+        assert container.attrs["HostConfig"]["NanoCpus"] == 200_000_000
+        # In-cluster name resolution: a pod reaches the Service by name on the namespace network.
+        out = container.exec_run(["wget", "-qO-", "http://web:8000/cgi-bin/status"])
+        assert out.exit_code == 0, out.output
+        assert b"version=v1" in out.output
+    finally:
+        client.close()
+
+    # A new image rolls the pods over; the rollout status is in the Deployment's status.
+    # (replace: the API twin serves strategic merge patches as merge patches, which would
+    # drop the container's other fields on a client-side apply.)
+    rt.apply(web_deployment("web", "staging", images.web_v2, replicas=2), verb="replace")
+    dep = rt.wait_for("web rolled to v2", lambda: _available(rt, "web", "staging", 2), timeout=90)
+    assert dep["metadata"]["generation"] == 2
+    rs = rt.kube.kubectl("get", "rs", "-n", "staging", "-o", "json").stdout
+    assert '"deployment.kubernetes.io/revision": "2"' in rs
+    for _ in range(5):
+        answer = httpx.get(
+            f"{rt.router('staging')}/cgi-bin/status",
+            headers={"Host": "web.example.test"},
+            timeout=10,
+        )
+        assert "version=v2" in answer.text
+    rollout = rt.kube.kubectl(
+        "rollout", "status", "deployment/web", "-n", "staging", "--timeout=10s"
+    )
+    assert "successfully rolled out" in rollout.stdout
+
+
+def test_never_ready_template_exceeds_progress_deadline(runtime_twin: RuntimeTwin) -> None:
+    rt = runtime_twin
+    rt.apply(
+        namespace("staging"),
+        web_deployment(
+            "stuck", "staging", rt.images.web_v1, probe_path="/not-there", progress_deadline=4
+        ),
+    )
+
+    def exceeded() -> dict[str, Any]:
+        dep = rt.get("deployment", "stuck", "staging")
+        cond = _condition(dep, "Progressing")
+        return cond if cond.get("reason") == "ProgressDeadlineExceeded" else {}
+
+    cond = rt.wait_for("stuck ProgressDeadlineExceeded", exceeded, timeout=20)
+    assert cond["status"] == "False"
+    assert "has timed out progressing" in cond["message"]
+    dep = rt.get("deployment", "stuck", "staging")
+    assert _condition(dep, "Available")["status"] == "False"
+    assert dep["status"].get("readyReplicas", 0) == 0
+    # A pod that never gets ready is running but not Ready.
+    pods = rt.kube.kubectl("get", "pods", "-n", "staging", "-l", "app=stuck", "-o", "json").stdout
+    assert '"phase": "Running"' in pods
+
+
+def _canary_setup(
+    rt: RuntimeTwin, weight: int, *, canary_env: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
+    host = "shop.example.test"
+    stable = {"app": "shop", "track": "stable"}
+    canary = {"app": "shop", "track": "canary"}
+    return [
+        namespace("production"),
+        web_deployment("shop", "production", rt.images.web_v1, labels=stable),
+        web_deployment(
+            "shop-canary", "production", rt.images.web_v2, labels=canary, env=canary_env
+        ),
+        service("shop", "production", stable),
+        service("shop-canary", "production", canary),
+        ingress(
+            "shop",
+            "production",
+            host,
+            "shop",
+            annotations={
+                "sandbox.robotics.dev/load": "20",
+                "sandbox.robotics.dev/load-paths": "/cgi-bin/status",
+            },
+        ),
+        ingress(
+            "shop-canary",
+            "production",
+            host,
+            "shop-canary",
+            annotations={
+                "nginx.ingress.kubernetes.io/canary": "true",
+                "nginx.ingress.kubernetes.io/canary-weight": str(weight),
+                "nginx.ingress.kubernetes.io/canary-by-header": "X-Canary",
+            },
+        ),
+    ]
+
+
+def test_canary_weight_header_and_5xx_in_prometheus(runtime_twin: RuntimeTwin) -> None:
+    rt = runtime_twin
+    rt.apply(*_canary_setup(rt, 20))
+    for name in ("shop", "shop-canary"):
+        rt.wait_for(
+            f"{name} Available", lambda n=name: _available(rt, n, "production", 1), timeout=60
+        )
+    url = f"{rt.router('production')}/cgi-bin/status"
+    host = {"Host": "shop.example.test"}
+
+    with httpx.Client(timeout=10) as client:
+        versions = [client.get(url, headers=host).text.split()[0] for _ in range(500)]
+        assert set(versions) == {"version=v1", "version=v2"}
+        share = versions.count("version=v2") / len(versions)
+        assert 0.15 <= share <= 0.25, f"canary got {share:.1%} of 500 requests at weight 20"
+        # canary-by-header wins over the weight, both ways.
+        assert all(
+            client.get(url, headers={**host, "X-Canary": "always"}).text.startswith("version=v2")
+            for _ in range(10)
+        )
+        assert all(
+            client.get(url, headers={**host, "X-Canary": "never"}).text.startswith("version=v1")
+            for _ in range(10)
+        )
+        # Latency injected on the canary track shows in its responses only.
+        with FaultClient(rt.control_url) as faults:
+            faults.add_latency("production", 0.3, track="canary")
+            try:
+                slow = client.get(url, headers={**host, "X-Canary": "always"})
+                fast = client.get(url, headers={**host, "X-Canary": "never"})
+            finally:
+                faults.clear_latency()
+        assert slow.elapsed.total_seconds() >= 0.3 > fast.elapsed.total_seconds()
+
+    # Metrics carry ingress-nginx's labels: canary traffic has a non-empty canary label.
+    metrics = httpx.get(f"{rt.control_url}/metrics", timeout=10).text
+    assert 'canary="production-shop-canary-80"' in metrics
+    assert "nginx_ingress_controller_request_duration_seconds_bucket{" in metrics
+
+    # The canary starts answering 500: the synthetic load makes it visible in Prometheus.
+    rt.apply(
+        web_deployment(
+            "shop-canary",
+            "production",
+            rt.images.web_v2,
+            labels={"app": "shop", "track": "canary"},
+            env={"STATUS_CODE": "500"},
+        ),
+        verb="replace",
+    )
+    rt.wait_for(
+        "canary rolled to the failing version",
+        lambda: _available(rt, "shop-canary", "production", 1),
+        timeout=60,
+    )
+    promql = 'sum(rate(nginx_ingress_controller_requests{canary!="",status=~"5.."}[15s])) > 0'
+    rt.wait_for("5xx of the canary in Prometheus", lambda: rt.query(promql), timeout=15)
+    stable = rt.query(
+        'sum(rate(nginx_ingress_controller_requests{canary="",status=~"5..",ingress="shop"}[15s]))'
+    )
+    assert not stable or float(stable[0]["value"][1]) == 0.0
+
+    # Stopping the load stops the traffic.
+    with FaultClient(rt.control_url) as faults:
+        faults.stop_load("production", "shop.example.test")
+        try:
+
+            def count() -> float:
+                text = httpx.get(f"{rt.control_url}/metrics", timeout=10).text
+                return sum(
+                    float(line.rsplit(" ", 1)[1])
+                    for line in text.splitlines()
+                    if line.startswith("nginx_ingress_controller_requests{")
+                    and 'host="shop.example.test"' in line
+                )
+
+            def quiet_for_a_second() -> bool:
+                before = count()
+                time.sleep(1.0)  # a measurement window: 20 rps would add ~20 requests
+                return count() == before
+
+            rt.wait_for("load stopped", quiet_for_a_second, timeout=8)
+        finally:
+            faults.start_load("production", "shop.example.test")
+
+
+def _pod(name: str, ns: str, image: str, command: list[str], restart: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "labels": {"app": name}},
+        "spec": {
+            "restartPolicy": restart,
+            "containers": [{"name": "main", "image": image, "command": command}],
+        },
+    }
+
+
+def test_crashing_container_counts_restarts(runtime_twin: RuntimeTwin) -> None:
+    rt = runtime_twin
+    rt.apply(
+        namespace("staging"),
+        _pod("crasher", "staging", rt.images.web_v1, ["sh", "-c", "sleep 0.5; exit 3"], "Always"),
+    )
+
+    def restarted() -> dict[str, Any] | None:
+        status = rt.get("pod", "crasher", "staging")["status"]["containerStatuses"][0]
+        return status if status["restartCount"] >= 2 else None
+
+    status = rt.wait_for("crasher restarted twice", restarted, timeout=30)
+    assert status["lastState"]["terminated"]["exitCode"] == 3
+    assert status["lastState"]["terminated"]["reason"] == "Error"
+    metric = 'kube_pod_container_status_restarts_total{namespace="staging",pod="crasher",container="main"}'
+    rt.wait_for("restarts in Prometheus", lambda: rt.query(f"{metric} >= 2"), timeout=15)
+
+    # A healthy pod crash-looped by fault injection restarts too.
+    rt.apply(
+        _pod(
+            "victim",
+            "staging",
+            rt.images.web_v1,
+            ["httpd", "-f", "-p", "8000", "-h", "/www"],
+            "Always",
+        )
+    )
+    rt.wait_for(
+        "victim running",
+        lambda: rt.get("pod", "victim", "staging")["status"].get("phase") == "Running",
+        timeout=30,
+    )
+    with FaultClient(rt.control_url) as faults:
+        faults.crash_pod("staging", "victim", count=2)
+
+    def victim_restarts() -> int:
+        return int(
+            rt.get("pod", "victim", "staging")["status"]["containerStatuses"][0]["restartCount"]
+        )
+
+    rt.wait_for("victim restarted by the fault", lambda: victim_restarts() >= 2, timeout=30)
+    rt.kube.kubectl("delete", "pod", "crasher", "victim", "-n", "staging")
+    client = docker.from_env()
+    try:
+        rt.wait_for(
+            "crasher's container removed with its pod",
+            lambda: (
+                not client.containers.list(
+                    all=True, filters={"name": rt.container("staging", "crasher")}
+                )
+            ),
+            timeout=15,
+        )
+    finally:
+        client.close()
+
+
+def _job(name: str, ns: str, image: str, code: int, backoff_limit: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "backoffLimit": backoff_limit,
+            "template": {
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [
+                        {"name": "main", "image": image, "command": ["sh", "-c", f"exit {code}"]}
+                    ],
+                }
+            },
+        },
+    }
+
+
+def test_jobs_complete_or_fail_after_backoff_limit(runtime_twin: RuntimeTwin) -> None:
+    rt = runtime_twin
+    rt.apply(
+        namespace("staging"),
+        _job("ok-job", "staging", rt.images.web_v1, 0, 2),
+        _job("bad-job", "staging", rt.images.web_v1, 1, 1),
+    )
+
+    def finished(name: str) -> dict[str, Any] | None:
+        job = rt.get("job", name, "staging")
+        for cond in job.get("status", {}).get("conditions") or []:
+            if cond["type"] in ("Complete", "Failed") and cond["status"] == "True":
+                return job
+        return None
+
+    ok = rt.wait_for("ok-job finished", lambda: finished("ok-job"), timeout=30)
+    assert _condition(ok, "Complete")["status"] == "True"
+    assert ok["status"]["succeeded"] == 1
+    assert "completionTime" in ok["status"]
+    bad = rt.wait_for("bad-job finished", lambda: finished("bad-job"), timeout=40)
+    failed = _condition(bad, "Failed")
+    assert failed["status"] == "True" and failed["reason"] == "BackoffLimitExceeded"
+    # backoffLimit 1: the first pod and one retry, both failed.
+    assert bad["status"]["failed"] == 2
+    pods = rt.kube.kubectl(
+        "get", "pods", "-n", "staging", "-l", "job-name=bad-job", "-o", "json"
+    ).stdout
+    assert pods.count('"phase": "Failed"') == 2
+
+
+def test_same_host_in_two_namespaces_does_not_collide(runtime_twin: RuntimeTwin) -> None:
+    rt = runtime_twin
+    host = "same.example.test"
+    for ns in ("staging", "production"):
+        rt.apply(
+            namespace(ns),
+            web_deployment("same", ns, rt.images.web_v1, env={"VERSION": ns}),
+            service("same", ns, {"app": "same"}),
+            ingress("same", ns, host, "same"),
+        )
+    for ns in ("staging", "production"):
+        rt.wait_for(
+            f"same Available in {ns}", lambda n=ns: _available(rt, "same", n, 1), timeout=60
+        )
+    for ns in ("staging", "production"):
+        for _ in range(5):
+            answer = httpx.get(
+                f"{rt.router(ns)}/cgi-bin/status", headers={"Host": host}, timeout=10
+            )
+            assert answer.text.startswith(f"version={ns} "), answer.text
+
+
+def test_cleanup_leaves_nothing(tmp_path: Path, runtime_twin: RuntimeTwin) -> None:
+    """A second sandbox without a registry runs a local image; ``cleanup`` removes all it made."""
+    state = tmp_path / "twin"
+    label = state_label(state)
+    config = {
+        "argocd_port": free_port(),
+        "github_port": free_port(),
+        "git_base": str(tmp_path / "git"),
+    }
+    pod = _pod(
+        "lonely",
+        "default",
+        f"{WEB_LOCAL}:v1",
+        ["httpd", "-f", "-p", "8000", "-h", "/www"],
+        "Always",
+    )
+    pod["spec"]["volumes"] = [{"name": "scratch", "emptyDir": {}}]
+    pod["spec"]["containers"][0]["volumeMounts"] = [{"name": "scratch", "mountPath": "/scratch"}]
+    client = docker.from_env()
+    flt = {"label": f"robotics-cd.sandbox={label}"}
+    try:
+        with start_kube_twin(state, **config) as kube:
+            subprocess.run(
+                [str(KUBECTL), f"--kubeconfig={kube.kubeconfig}", "create", "-f", "-"],
+                input=json.dumps(pod),
+                text=True,
+                check=True,
+                capture_output=True,
+            )
+            runtime_twin.wait_for(
+                "lonely pod running",
+                lambda: [c for c in client.containers.list(filters=flt) if c.status == "running"],
+                timeout=30,
+            )
+            assert client.networks.list(filters=flt)
+            assert client.volumes.list(filters=flt)
+        removed = cleanup(label)
+        assert removed["containers"] == 1
+        assert not client.containers.list(all=True, filters=flt)
+        assert not client.networks.list(filters=flt)
+        assert not client.volumes.list(filters=flt)
+    finally:
+        cleanup(label)
+        client.close()
