@@ -15,22 +15,12 @@ from typing import Any
 from sandbox.argocd.api import Sessions, build_app
 from sandbox.argocd.controller import Controller, ControllerSettings
 from sandbox.argocd.repo import RepoServer
+from sandbox.faults import FaultInjector
 
 
 def kubectl_path(config: dict[str, Any]) -> str:
     venv_bin = str(Path(sys.executable).parent)
     return str(config.get("kubectl") or shutil.which("kubectl", path=venv_bin) or "kubectl")
-
-
-def wrap_faults(app: Any, target: str) -> Any:
-    """Route the app through the runtime's fault injector when that module exists."""
-    try:
-        from sandbox.faults import FaultInjector  # type: ignore[import-not-found,unused-ignore]
-    except ModuleNotFoundError as exc:
-        if exc.name != "sandbox.faults":
-            raise
-        return app
-    return FaultInjector(app, target=target)
 
 
 async def start(ctx: Any) -> None:
@@ -52,5 +42,5 @@ async def start(ctx: Any) -> None:
     ctx.spawn(controller.poll_loop(), "argocd:poll")
     ctx.spawn(controller.health_loop(), "argocd:health")
     controller.resume_operations()
-    app = wrap_faults(build_app(controller, sessions), "argocd")
+    app = FaultInjector(build_app(controller, sessions), target="argocd")
     await ctx.serve(app, int(ctx.config["argocd_port"]), "argocd")

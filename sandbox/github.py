@@ -1,0 +1,851 @@
+"""The GitHub twin: the REST subset the product uses, a chat webhook sink, and the push
+webhooks GitHub sends after a ``git push``.
+
+REST (token auth, ``Authorization: token X`` or ``Bearer X``), for repos that exist as bare
+repos under ``git_base``:
+
+- ``POST/GET /repos/{o}/{r}/statuses/{sha}``, ``GET .../commits/{ref}/statuses`` and
+  ``.../commits/{ref}/status`` (combined);
+- ``POST/GET /repos/{o}/{r}/deployments``, ``GET .../deployments/{id}``,
+  ``POST/GET .../deployments/{id}/statuses``;
+- ``POST/GET/DELETE /repos/{o}/{r}/hooks`` (repository webhooks; a ``ping`` on creation).
+
+Webhooks: each bare repo's ``post-receive`` hook posts to ``/_twin/git/push``; the twin
+builds GitHub's ``push`` payload from the repo and delivers it, signed
+(``X-Hub-Signature-256``), to the configured receiver (``github.webhook_url``, an
+organisation-wide hook) and to every repository hook.
+
+Chat sink: any JSON ``POST /chat/<channel>/...`` is recorded and answered the way Feishu,
+DingTalk or Slack answer. Everything recorded is readable at ``GET /_twin/recorded`` (no
+auth: loopback only, for tests and the demo's summary).
+
+Config (``twin-config.json``): ``github_port``, ``git_base``, ``github``: ``{"token",
+"owner", "webhook_url", "webhook_secret"}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import itertools
+import json
+import logging
+import re
+import secrets
+import subprocess
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+log = logging.getLogger("sandbox.github")
+
+JSON = dict[str, Any]
+ZERO_SHA = "0" * 40
+DOCS = "https://docs.github.com/rest"
+STATUS_STATES = {"error", "failure", "pending", "success"}
+DEPLOYMENT_STATES = {"error", "failure", "inactive", "in_progress", "queued", "pending", "success"}
+MAX_PUSH_COMMITS = 20
+MAX_DELIVERIES = 500
+HOOKSHOT = "GitHub-Hookshot/sandbox"
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def signature_256(secret: str, body: bytes) -> str:
+    """``X-Hub-Signature-256`` as GitHub computes it."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+class GitHubError(Exception):
+    def __init__(self, status: int, message: str, errors: list[JSON] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.errors = status, message, errors
+
+    def response(self) -> JSONResponse:
+        body: JSON = {"message": self.message, "documentation_url": DOCS}
+        if self.errors:
+            body["errors"] = self.errors
+        return JSONResponse(body, status_code=self.status)
+
+
+def _validation(resource: str, fld: str, message: str) -> GitHubError:
+    return GitHubError(
+        422,
+        "Validation Failed",
+        [{"resource": resource, "code": "custom", "field": fld, "message": message}],
+    )
+
+
+# -- git reading ------------------------------------------------------------------------
+
+
+def _git(bare: Path, *args: str) -> str:
+    proc = subprocess.run(
+        ["git", "--git-dir", str(bare), *args], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise GitHubError(422, f"git {args[0]} failed: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def _changes(bare: Path, sha: str) -> tuple[list[str], list[str], list[str]]:
+    out = _git(bare, "diff-tree", "--root", "--no-commit-id", "--name-status", "-r", sha)
+    added: list[str] = []
+    modified: list[str] = []
+    removed: list[str] = []
+    for line in out.splitlines():
+        parts = line.split("\t")
+        if len(parts) < 2:
+            continue
+        code = parts[0][:1]
+        if code == "A":
+            added.append(parts[1])
+        elif code == "D":
+            removed.append(parts[1])
+        elif code == "R" and len(parts) == 3:
+            removed.append(parts[1])
+            added.append(parts[2])
+        else:
+            modified.append(parts[-1])
+    return added, modified, removed
+
+
+@dataclass
+class Store:
+    """What the twin recorded, persisted as one JSON file so a twin restart keeps it."""
+
+    path: Path
+    data: JSON = field(default_factory=dict)
+
+    KEYS = ("statuses", "deployments", "deployment_statuses", "hooks", "deliveries", "chat")
+
+    def __post_init__(self) -> None:
+        if self.path.exists():
+            self.data = json.loads(self.path.read_text())
+        for key in self.KEYS:
+            self.data.setdefault(key, [])
+        self.data.setdefault("next_id", 1)
+
+    def next_id(self) -> int:
+        value = int(self.data["next_id"])
+        self.data["next_id"] = value + 1
+        return value
+
+    def add(self, key: str, item: JSON) -> JSON:
+        self.data[key].append(item)
+        if key == "deliveries":
+            del self.data[key][:-MAX_DELIVERIES]
+        self.save()
+        return item
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data))
+        tmp.replace(self.path)
+
+
+class GitHubTwin:
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        git_base: Path,
+        owner: str,
+        token: str,
+        webhook_url: str,
+        webhook_secret: str,
+        store: Store,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.git_base = git_base
+        self.owner = owner
+        self.token = token
+        self.webhook_url = webhook_url
+        self.webhook_secret = webhook_secret
+        self.store = store
+        self._transport = transport
+        self._background: set[asyncio.Task[Any]] = set()
+        self._repo_ids = itertools.count(1000)
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def check_token(self, request: Request) -> None:
+        header = request.headers.get("authorization", "")
+        scheme, _, value = header.partition(" ")
+        if not header:
+            raise GitHubError(401, "Requires authentication")
+        if scheme.lower() not in ("token", "bearer") or not hmac.compare_digest(
+            value.strip(), self.token
+        ):
+            raise GitHubError(401, "Bad credentials")
+
+    def bare(self, owner: str, repo: str) -> Path:
+        path = self.git_base / f"{repo}.git"
+        if owner != self.owner or not re.fullmatch(r"[A-Za-z0-9._-]+", repo) or not path.is_dir():
+            raise GitHubError(404, "Not Found")
+        return path
+
+    def resolve(self, bare: Path, ref: str) -> str | None:
+        proc = subprocess.run(
+            ["git", "--git-dir", str(bare), "rev-parse", "--verify", "-q", f"{ref}^{{commit}}"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    def user(self, login: str = "robotics-cd") -> JSON:
+        return {
+            "login": login,
+            "id": 1,
+            "type": "Bot" if login.endswith("[bot]") else "User",
+            "url": f"{self.base_url}/users/{login}",
+            "html_url": f"{self.base_url}/{login}",
+        }
+
+    def repository(self, repo: str) -> JSON:
+        full = f"{self.owner}/{repo}"
+        clone_url = (self.git_base / f"{repo}.git").resolve().as_uri()
+        return {
+            "id": abs(hash(full)) % 10_000_000,
+            "node_id": f"R_{hashlib.sha1(full.encode()).hexdigest()[:12]}",  # noqa: S324
+            "name": repo,
+            "full_name": full,
+            "private": False,
+            "owner": {
+                "name": self.owner,
+                "login": self.owner,
+                "id": 2,
+                "type": "Organization",
+                "html_url": f"{self.base_url}/{self.owner}",
+            },
+            "html_url": f"{self.base_url}/{full}",
+            "url": f"{self.base_url}/repos/{full}",
+            "clone_url": clone_url,
+            "git_url": clone_url,
+            "ssh_url": clone_url,
+            "default_branch": "main",
+            "master_branch": "main",
+            "pushed_at": int(time.time()),
+        }
+
+    # -- commit statuses ------------------------------------------------------------------
+
+    def create_status(self, owner: str, repo: str, sha: str, body: JSON) -> JSON:
+        bare = self.bare(owner, repo)
+        state = body.get("state")
+        if state not in STATUS_STATES:
+            raise _validation("Status", "state", "state is not included in the list")
+        if not re.fullmatch(r"[0-9a-f]{40}", sha) or self.resolve(bare, sha) != sha:
+            raise GitHubError(422, f"No commit found for SHA: {sha}")
+        item_id = self.store.next_id()
+        stamp = now()
+        status = {
+            "id": item_id,
+            "node_id": f"SC_{item_id}",
+            "url": f"{self.base_url}/repos/{owner}/{repo}/statuses/{sha}",
+            "state": state,
+            "description": body.get("description"),
+            "target_url": body.get("target_url"),
+            "context": body.get("context") or "default",
+            "created_at": stamp,
+            "updated_at": stamp,
+            "creator": self.user(),
+            "repository": f"{owner}/{repo}",
+            "sha": sha,
+        }
+        return self.store.add("statuses", status)
+
+    def statuses_for(self, owner: str, repo: str, ref: str) -> list[JSON]:
+        bare = self.bare(owner, repo)
+        sha = self.resolve(bare, ref) or ref
+        found = [
+            s
+            for s in self.store.data["statuses"]
+            if s["repository"] == f"{owner}/{repo}" and s["sha"] == sha
+        ]
+        return list(reversed(found))
+
+    def combined_status(self, owner: str, repo: str, ref: str) -> JSON:
+        latest: dict[str, JSON] = {}
+        for status in self.statuses_for(owner, repo, ref):
+            latest.setdefault(status["context"], status)
+        states = {s["state"] for s in latest.values()}
+        if states & {"error", "failure"}:
+            state = "failure"
+        elif not latest or "pending" in states:
+            state = "pending"
+        else:
+            state = "success"
+        bare = self.bare(owner, repo)
+        return {
+            "state": state,
+            "statuses": list(latest.values()),
+            "sha": self.resolve(bare, ref) or ref,
+            "total_count": len(latest),
+            "repository": self.repository(repo),
+        }
+
+    # -- deployments ----------------------------------------------------------------------
+
+    def create_deployment(self, owner: str, repo: str, body: JSON) -> JSON:
+        bare = self.bare(owner, repo)
+        ref = body.get("ref")
+        if not isinstance(ref, str) or not ref:
+            raise _validation("Deployment", "ref", "ref is required")
+        sha = self.resolve(bare, ref)
+        if sha is None:
+            raise GitHubError(409, f"No ref found for: {ref}")
+        item_id = self.store.next_id()
+        stamp = now()
+        url = f"{self.base_url}/repos/{owner}/{repo}/deployments/{item_id}"
+        deployment = {
+            "id": item_id,
+            "node_id": f"DE_{item_id}",
+            "url": url,
+            "sha": sha,
+            "ref": ref,
+            "task": body.get("task") or "deploy",
+            "payload": body.get("payload") or {},
+            "original_environment": body.get("environment") or "production",
+            "environment": body.get("environment") or "production",
+            "description": body.get("description"),
+            "creator": self.user(),
+            "created_at": stamp,
+            "updated_at": stamp,
+            "statuses_url": f"{url}/statuses",
+            "repository_url": f"{self.base_url}/repos/{owner}/{repo}",
+            "transient_environment": bool(body.get("transient_environment", False)),
+            "production_environment": bool(
+                body.get("production_environment", body.get("environment") == "production")
+            ),
+            "repository": f"{owner}/{repo}",
+        }
+        return self.store.add("deployments", deployment)
+
+    def deployment(self, owner: str, repo: str, deployment_id: int) -> JSON:
+        self.bare(owner, repo)
+        for item in self.store.data["deployments"]:
+            if item["id"] == deployment_id and item["repository"] == f"{owner}/{repo}":
+                return dict(item)
+        raise GitHubError(404, "Not Found")
+
+    def list_deployments(self, owner: str, repo: str, query: dict[str, str]) -> list[JSON]:
+        self.bare(owner, repo)
+        found = [
+            d
+            for d in self.store.data["deployments"]
+            if d["repository"] == f"{owner}/{repo}"
+            and all(query.get(k) in (None, d.get(k)) for k in ("sha", "ref", "task", "environment"))
+        ]
+        return list(reversed(found))
+
+    def create_deployment_status(
+        self, owner: str, repo: str, deployment_id: int, body: JSON
+    ) -> JSON:
+        deployment = self.deployment(owner, repo, deployment_id)
+        state = body.get("state")
+        if state not in DEPLOYMENT_STATES:
+            raise _validation("DeploymentStatus", "state", "state is not included in the list")
+        status = self._deployment_status(deployment, body, state)
+        if state == "success" and body.get("auto_inactive", True):
+            # GitHub marks earlier deployments of the environment inactive.
+            for other in self.store.data["deployments"]:
+                same_env = other["environment"] == deployment["environment"]
+                if (
+                    other["id"] != deployment_id
+                    and same_env
+                    and other["repository"] == (f"{owner}/{repo}")
+                ):
+                    last = self._last_status(other["id"])
+                    if last and last["state"] == "success":
+                        self._deployment_status(other, {}, "inactive")
+        return status
+
+    def _last_status(self, deployment_id: int) -> JSON | None:
+        found = [
+            s for s in self.store.data["deployment_statuses"] if s["deployment_id"] == deployment_id
+        ]
+        return found[-1] if found else None
+
+    def _deployment_status(self, deployment: JSON, body: JSON, state: str) -> JSON:
+        item_id = self.store.next_id()
+        stamp = now()
+        status = {
+            "id": item_id,
+            "node_id": f"DES_{item_id}",
+            "url": f"{deployment['url']}/statuses/{item_id}",
+            "state": state,
+            "creator": self.user(),
+            "description": body.get("description", ""),
+            "environment": body.get("environment") or deployment["environment"],
+            "target_url": body.get("target_url") or body.get("log_url", ""),
+            "log_url": body.get("log_url") or body.get("target_url", ""),
+            "environment_url": body.get("environment_url", ""),
+            "created_at": stamp,
+            "updated_at": stamp,
+            "deployment_url": deployment["url"],
+            "repository_url": deployment["repository_url"],
+            "deployment_id": deployment["id"],
+            "repository": deployment["repository"],
+        }
+        return self.store.add("deployment_statuses", status)
+
+    def deployment_statuses(self, owner: str, repo: str, deployment_id: int) -> list[JSON]:
+        self.deployment(owner, repo, deployment_id)
+        found = [
+            s for s in self.store.data["deployment_statuses"] if s["deployment_id"] == deployment_id
+        ]
+        return list(reversed(found))
+
+    # -- repository hooks -----------------------------------------------------------------
+
+    def create_hook(self, owner: str, repo: str, body: JSON) -> JSON:
+        self.bare(owner, repo)
+        config = body.get("config") or {}
+        if not isinstance(config, dict) or not config.get("url"):
+            raise _validation("Hook", "config", "url is missing")
+        if config.get("content_type", "form") not in ("json", "form"):
+            raise _validation("Hook", "content_type", "content_type is not json or form")
+        item_id = self.store.next_id()
+        hook = {
+            "id": item_id,
+            "type": "Repository",
+            "name": "web",
+            "active": bool(body.get("active", True)),
+            "events": list(body.get("events") or ["push"]),
+            "config": {
+                "url": config["url"],
+                "content_type": config.get("content_type", "form"),
+                "insecure_ssl": str(config.get("insecure_ssl", "0")),
+                "secret": config.get("secret", ""),
+            },
+            "created_at": now(),
+            "updated_at": now(),
+            "url": f"{self.base_url}/repos/{owner}/{repo}/hooks/{item_id}",
+            "repository": f"{owner}/{repo}",
+        }
+        self.store.add("hooks", hook)
+        ping = {
+            "zen": "Keep it logically awesome.",
+            "hook_id": item_id,
+            "hook": _public_hook(hook),
+            "repository": self.repository(repo),
+            "sender": self.user(),
+        }
+        self._spawn(self._deliver(hook_target(hook), "ping", ping))
+        return _public_hook(hook)
+
+    def hooks(self, owner: str, repo: str) -> list[JSON]:
+        self.bare(owner, repo)
+        return [h for h in self.store.data["hooks"] if h["repository"] == f"{owner}/{repo}"]
+
+    def delete_hook(self, owner: str, repo: str, hook_id: int) -> None:
+        before = len(self.store.data["hooks"])
+        self.store.data["hooks"] = [
+            h
+            for h in self.store.data["hooks"]
+            if not (h["id"] == hook_id and h["repository"] == f"{owner}/{repo}")
+        ]
+        if len(self.store.data["hooks"]) == before:
+            raise GitHubError(404, "Not Found")
+        self.store.save()
+
+    def targets(self, repo: str, event: str) -> list[JSON]:
+        found: list[JSON] = []
+        if self.webhook_url:
+            found.append(
+                {
+                    "hook_id": 1,
+                    "url": self.webhook_url,
+                    "secret": self.webhook_secret,
+                    "content_type": "json",
+                    "target_type": "organization",
+                }
+            )
+        for hook in self.store.data["hooks"]:
+            wanted = set(hook["events"])
+            if (
+                hook["repository"] == f"{self.owner}/{repo}"
+                and hook["active"]
+                and (event in wanted or "*" in wanted)
+            ):
+                found.append(hook_target(hook))
+        return found
+
+    # -- push webhooks --------------------------------------------------------------------
+
+    def push_payload(self, repo: str, update: JSON, pusher: str) -> JSON:
+        bare = self.git_base / f"{repo}.git"
+        before, after, ref = update["before"], update["after"], update["ref"]
+        created, deleted = before == ZERO_SHA, after == ZERO_SHA
+        if deleted:
+            shas: list[str] = []
+        elif created:
+            others = [
+                line.split()[0]
+                for line in _git(
+                    bare, "for-each-ref", "--format=%(objectname) %(refname)"
+                ).splitlines()
+                if line.split()[1] != ref and line.split()[1].startswith("refs/heads/")
+            ]
+            shas = _git(bare, "rev-list", "--reverse", after, "--not", *others).split()
+        else:
+            shas = _git(bare, "rev-list", "--reverse", f"{before}..{after}").split()
+        forced = bool(
+            not created
+            and not deleted
+            and subprocess.run(
+                ["git", "--git-dir", str(bare), "merge-base", "--is-ancestor", before, after],
+                capture_output=True,
+                check=False,
+            ).returncode
+        )
+        commits = [self._commit(bare, repo, sha) for sha in shas[-MAX_PUSH_COMMITS:]]
+        head = None if deleted else self._commit(bare, repo, after)
+        full = f"{self.owner}/{repo}"
+        return {
+            "ref": ref,
+            "before": before,
+            "after": after,
+            "repository": self.repository(repo),
+            "pusher": {"name": pusher, "email": f"{pusher}@robotics.local"},
+            "sender": self.user(pusher),
+            "created": created,
+            "deleted": deleted,
+            "forced": forced,
+            "base_ref": None,
+            "compare": f"{self.base_url}/{full}/compare/{before[:12]}...{after[:12]}",
+            "commits": commits,
+            "head_commit": head,
+        }
+
+    def _commit(self, bare: Path, repo: str, sha: str) -> JSON:
+        fmt = "%H%x00%T%x00%an%x00%ae%x00%cn%x00%ce%x00%cI%x00%B"
+        fields = _git(bare, "show", "-s", f"--format={fmt}", sha).split("\x00")
+        full, tree, an, ae, cn, ce, stamp, message = (fields + [""] * 8)[:8]
+        added, modified, removed = _changes(bare, sha)
+        return {
+            "id": full,
+            "tree_id": tree,
+            "distinct": True,
+            "message": message.strip(),
+            "timestamp": stamp,
+            "url": f"{self.base_url}/{self.owner}/{repo}/commit/{full}",
+            "author": {"name": an, "email": ae, "username": an},
+            "committer": {"name": cn, "email": ce, "username": cn},
+            "added": added,
+            "removed": removed,
+            "modified": modified,
+        }
+
+    def on_push(self, repo: str, updates: list[JSON], pusher: str) -> list[str]:
+        if not (self.git_base / f"{repo}.git").is_dir():
+            raise GitHubError(404, "Not Found")
+        guids: list[str] = []
+        for update in updates:
+            payload = self.push_payload(repo, update, pusher)
+            for target in self.targets(repo, "push"):
+                guid = str(uuid.uuid4())
+                guids.append(guid)
+                self._spawn(self._deliver(target, "push", payload, guid=guid))
+        return guids
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _deliver(
+        self,
+        target: JSON,
+        event: str,
+        payload: JSON,
+        *,
+        guid: str | None = None,
+        redelivery: bool = False,
+    ) -> JSON:
+        guid = guid or str(uuid.uuid4())
+        body = json.dumps(payload).encode()
+        headers = {
+            "Accept": "*/*",
+            "User-Agent": HOOKSHOT,
+            "X-GitHub-Event": event,
+            "X-GitHub-Delivery": guid,
+            "X-GitHub-Hook-ID": str(target["hook_id"]),
+            "X-GitHub-Hook-Installation-Target-Type": target["target_type"],
+            "X-GitHub-Hook-Installation-Target-ID": "1",
+            "Content-Type": "application/json",
+        }
+        if target.get("content_type") == "form":
+            from urllib.parse import urlencode
+
+            body = urlencode({"payload": body.decode()}).encode()
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+        if target.get("secret"):
+            headers["X-Hub-Signature"] = (
+                "sha1=" + hmac.new(target["secret"].encode(), body, hashlib.sha1).hexdigest()
+            )
+            headers["X-Hub-Signature-256"] = signature_256(target["secret"], body)
+        record: JSON = {
+            "guid": guid,
+            "event": event,
+            "action": payload.get("action"),
+            "hook_id": target["hook_id"],
+            "url": target["url"],
+            "repository": (payload.get("repository") or {}).get("full_name"),
+            "redelivery": redelivery,
+            "delivered_at": now(),
+            "request": {"headers": _public_headers(headers), "payload": payload},
+        }
+        started = time.monotonic()
+        try:
+            async with httpx.AsyncClient(timeout=10.0, transport=self._transport) as client:
+                response = await client.post(target["url"], content=body, headers=headers)
+            record.update(status_code=response.status_code, response=response.text[:2000])
+        except httpx.HTTPError as exc:
+            record.update(status_code=0, error=f"{type(exc).__name__}: {exc}")
+        record["duration"] = round(time.monotonic() - started, 3)
+        log.info("delivered %s %s to %s: %s", event, guid, target["url"], record["status_code"])
+        return self.store.add("deliveries", record)
+
+    async def redeliver(self, guid: str) -> JSON:
+        """Send a recorded delivery again, with the same GUID (GitHub's "Redeliver")."""
+        for record in reversed(self.store.data["deliveries"]):
+            if record["guid"] == guid:
+                target = self._target_by_id(record["hook_id"])
+                if target is None:
+                    raise GitHubError(404, "the hook of this delivery no longer exists")
+                return await self._deliver(
+                    target,
+                    record["event"],
+                    record["request"]["payload"],
+                    guid=guid,
+                    redelivery=True,
+                )
+        raise GitHubError(404, "Not Found")
+
+    def _target_by_id(self, hook_id: int) -> JSON | None:
+        if hook_id == 1 and self.webhook_url:
+            return self.targets("", "")[0]
+        hook = next((h for h in self.store.data["hooks"] if h["id"] == hook_id), None)
+        return hook_target(hook) if hook else None
+
+    # -- chat sink ------------------------------------------------------------------------
+
+    def record_chat(self, channel: str, path: str, body: Any, content_type: str) -> JSON:
+        item = {
+            "id": self.store.next_id(),
+            "channel": channel,
+            "path": path,
+            "content_type": content_type,
+            "body": body,
+            "received_at": now(),
+        }
+        return self.store.add("chat", item)
+
+
+def hook_target(hook: JSON) -> JSON:
+    return {
+        "hook_id": hook["id"],
+        "url": hook["config"]["url"],
+        "secret": hook["config"].get("secret", ""),
+        "content_type": hook["config"].get("content_type", "form"),
+        "target_type": "repository",
+    }
+
+
+def _public_hook(hook: JSON) -> JSON:
+    out = {k: v for k, v in hook.items() if k != "repository"}
+    out["config"] = dict(hook["config"])
+    if out["config"].get("secret"):
+        out["config"]["secret"] = "********"
+    return out
+
+
+def _public_headers(headers: dict[str, str]) -> dict[str, str]:
+    return dict(headers)
+
+
+_CHAT_ANSWERS: dict[str, Callable[[], Response]] = {
+    "feishu": lambda: JSONResponse(
+        {"StatusCode": 0, "StatusMessage": "success", "code": 0, "data": {}, "msg": "success"}
+    ),
+    "dingtalk": lambda: JSONResponse({"errcode": 0, "errmsg": "ok"}),
+    "slack": lambda: PlainTextResponse("ok"),
+}
+
+
+# -- HTTP ---------------------------------------------------------------------------------
+
+
+async def _json_body(request: Request) -> Any:
+    raw = await request.body()
+    if not raw:
+        return {}
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise GitHubError(400, "Problems parsing JSON") from exc
+
+
+def build_app(twin: GitHubTwin) -> Starlette:
+    Handler = Callable[..., Awaitable[Any]]
+
+    def api(
+        handler: Handler, *, status: int = 200, auth: bool = True
+    ) -> Callable[[Request], Awaitable[Response]]:
+        async def run(request: Request) -> Response:
+            try:
+                if auth:
+                    twin.check_token(request)
+                result = await handler(request, **request.path_params)
+            except GitHubError as exc:
+                return exc.response()
+            if isinstance(result, Response):
+                return result
+            if result is None:
+                return Response(status_code=204)
+            return JSONResponse(result, status_code=status)
+
+        return run
+
+    async def root(request: Request) -> Any:
+        return {"current_user_url": f"{twin.base_url}/user", "sandbox": True}
+
+    async def create_status(request: Request, owner: str, repo: str, sha: str) -> Any:
+        return twin.create_status(owner, repo, sha, await _json_body(request))
+
+    async def list_statuses(request: Request, owner: str, repo: str, ref: str) -> Any:
+        return twin.statuses_for(owner, repo, ref)
+
+    async def combined(request: Request, owner: str, repo: str, ref: str) -> Any:
+        return twin.combined_status(owner, repo, ref)
+
+    async def deployments(request: Request, owner: str, repo: str) -> Any:
+        if request.method == "POST":
+            return JSONResponse(
+                twin.create_deployment(owner, repo, await _json_body(request)), status_code=201
+            )
+        return twin.list_deployments(owner, repo, dict(request.query_params))
+
+    async def deployment(request: Request, owner: str, repo: str, deployment_id: str) -> Any:
+        return twin.deployment(owner, repo, _int(deployment_id))
+
+    async def deployment_statuses(
+        request: Request, owner: str, repo: str, deployment_id: str
+    ) -> Any:
+        if request.method == "POST":
+            body = await _json_body(request)
+            created = twin.create_deployment_status(owner, repo, _int(deployment_id), body)
+            return JSONResponse(created, status_code=201)
+        return twin.deployment_statuses(owner, repo, _int(deployment_id))
+
+    async def hooks(request: Request, owner: str, repo: str) -> Any:
+        if request.method == "POST":
+            hook = twin.create_hook(owner, repo, await _json_body(request))
+            return JSONResponse(hook, status_code=201)
+        return [_public_hook(h) for h in twin.hooks(owner, repo)]
+
+    async def delete_hook(request: Request, owner: str, repo: str, hook_id: str) -> Any:
+        twin.delete_hook(owner, repo, _int(hook_id))
+        return None
+
+    async def git_push(request: Request) -> Any:
+        body = await _json_body(request)
+        guids = twin.on_push(
+            str(body.get("repository", "")),
+            list(body.get("updates") or []),
+            str(body.get("pusher") or "sandbox"),
+        )
+        return JSONResponse({"deliveries": guids}, status_code=202)
+
+    async def recorded(request: Request) -> Any:
+        data = twin.store.data
+        return {k: data[k] for k in Store.KEYS if k != "hooks"} | {
+            "hooks": [_public_hook(h) for h in data["hooks"]]
+        }
+
+    async def redeliver(request: Request, guid: str) -> Any:
+        return JSONResponse(await twin.redeliver(guid), status_code=202)
+
+    async def chat(request: Request, channel: str, path: str = "") -> Any:
+        if request.method == "GET":
+            return [c for c in twin.store.data["chat"] if c["channel"] == channel]
+        content_type = request.headers.get("content-type", "")
+        raw = await request.body()
+        try:
+            body: Any = json.loads(raw) if raw else {}
+        except ValueError:
+            body = raw.decode(errors="replace")
+        twin.record_chat(channel, path, body, content_type)
+        answer = _CHAT_ANSWERS.get(channel)
+        return answer() if answer else JSONResponse({"ok": True})
+
+    repo = "/repos/{owner}/{repo}"
+    return Starlette(
+        routes=[
+            Route("/", api(root, auth=False)),
+            Route(f"{repo}/statuses/{{sha}}", api(create_status, status=201), methods=["POST"]),
+            Route(f"{repo}/statuses/{{ref}}", api(list_statuses), methods=["GET"]),
+            Route(f"{repo}/commits/{{ref}}/statuses", api(list_statuses)),
+            Route(f"{repo}/commits/{{ref}}/status", api(combined)),
+            Route(f"{repo}/deployments", api(deployments), methods=["GET", "POST"]),
+            Route(f"{repo}/deployments/{{deployment_id}}", api(deployment)),
+            Route(
+                f"{repo}/deployments/{{deployment_id}}/statuses",
+                api(deployment_statuses),
+                methods=["GET", "POST"],
+            ),
+            Route(f"{repo}/hooks", api(hooks), methods=["GET", "POST"]),
+            Route(f"{repo}/hooks/{{hook_id}}", api(delete_hook), methods=["DELETE"]),
+            Route("/_twin/git/push", api(git_push, auth=False), methods=["POST"]),
+            Route("/_twin/recorded", api(recorded, auth=False)),
+            Route(
+                "/_twin/deliveries/{guid}/redeliver",
+                api(redeliver, auth=False),
+                methods=["POST"],
+            ),
+            Route("/chat/{channel}", api(chat, auth=False), methods=["GET", "POST"]),
+            Route("/chat/{channel}/{path:path}", api(chat, auth=False), methods=["GET", "POST"]),
+        ]
+    )
+
+
+def _int(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise GitHubError(404, "Not Found") from exc
+
+
+async def start(ctx: Any) -> None:
+    from sandbox.faults import FaultInjector
+
+    conf: JSON = ctx.config.get("github", {})
+    port = int(ctx.config["github_port"])
+    twin = GitHubTwin(
+        base_url=f"http://127.0.0.1:{port}",
+        git_base=Path(ctx.config["git_base"]),
+        owner=conf.get("owner", "robotics"),
+        token=conf.get("token") or secrets.token_hex(20),
+        webhook_url=conf.get("webhook_url", ""),
+        webhook_secret=conf.get("webhook_secret", ""),
+        store=Store(ctx.state_dir / "github" / "recorded.json"),
+    )
+    await ctx.serve(FaultInjector(build_app(twin), target="github"), port, "github")
