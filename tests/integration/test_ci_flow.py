@@ -1,0 +1,313 @@
+"""The ci flow on real parts: the session Prefect server, dockerd, a registry with htpasswd
+auth, and the Trivy binary, against the sample service in a local bare repo."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from datetime import timedelta
+from typing import Any
+from uuid import UUID
+
+import docker
+import httpx
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
+from prefect.logging.handlers import APILogHandler
+from prefect.states import State
+from prefect_docker import DockerRegistryCredentials
+
+from core.errors import CheckFailed, RegistryAuthFailed, ScanGateFailed, ScannerUnavailable
+from core.images import parse_reference
+from core.settings import get_settings
+from flows.ci import CIResult, ci
+from sandbox.procs import free_port, wait_until
+from tasks.checks import run_check
+from tests.fixtures_engine import SEED, SampleService
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+TAG_DATE = "20261120"  # the fixture's committer date
+MAIN = "refs/heads/main"
+SECRET_IN_ENV = "ENV AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG/bPxRfiCYzq8EXAMPLE1\n"
+PROBE = """#!/bin/sh
+# Tries to get out of the check container; exits 0 only if every attempt fails.
+escaped=0
+echo "interfaces: $(ls /sys/class/net | tr '\\n' ' ')"
+for nic in $(ls /sys/class/net); do
+  [ "$nic" = lo ] || { echo "ESCAPE: network interface $nic"; escaped=1; }
+done
+if grep -q '^[^I]' /proc/net/route 2>/dev/null && [ "$(wc -l </proc/net/route)" -gt 1 ]; then
+  echo "ESCAPE: a route exists"; escaped=1
+fi
+for target in "$REGISTRY_TARGET" 172.17.0.1:80; do
+  if timeout 3 wget -q -O /dev/null "http://$target/v2/" 2>/dev/null; then
+    echo "ESCAPE: reached $target"; escaped=1
+  fi
+done
+env | sort
+if env | grep -qi password; then echo "ESCAPE: a password variable is set"; escaped=1; fi
+for f in /var/run/docker.sock /root/.docker/config.json "$HOME/.docker/config.json"; do
+  [ -e "$f" ] && { echo "ESCAPE: $f exists"; escaped=1; }
+done
+id
+[ "$escaped" -eq 0 ] && echo "isolated: no network, no credentials"
+exit "$escaped"
+"""
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+async def run_ci(sample: SampleService, **params: Any) -> tuple[State, UUID]:
+    params = {"service": sample.service, "sha": sample.sha, "ref": MAIN, "event": "push", **params}
+    state = await ci(**params, return_state=True)
+    return state, state.state_details.flow_run_id
+
+
+async def logs_of(flow_run_id: UUID) -> str:
+    """Every log line of a flow run and its tasks, once the log handler has flushed."""
+    await APILogHandler.aflush()
+    lines: list[str] = []
+    async with get_client() as client:
+        while True:
+            batch = await client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                offset=len(lines),
+                limit=200,
+            )
+            lines += [log.message for log in batch]
+            if len(batch) < 200:
+                return "\n".join(lines)
+
+
+async def wait_for_log(flow_run_id: UUID, needle: str, timeout: float = 15) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        text = await logs_of(flow_run_id)
+        if needle in text or time.monotonic() > deadline:
+            return text
+        await asyncio.sleep(0.5)
+
+
+async def artifacts_of(flow_run_id: UUID) -> list[Any]:
+    async with get_client() as client:
+        return await client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+
+
+async def task_names(flow_run_id: UUID) -> list[str]:
+    async with get_client() as client:
+        runs = await client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    return [r.name for r in runs]
+
+
+def registry_get(sample: SampleService, path: str, accept: str = "") -> httpx.Response:
+    reg = sample.registry
+    headers = {"Accept": accept} if accept else {}
+    return httpx.get(f"{reg.url}{path}", auth=(reg.username, reg.password), headers=headers)
+
+
+def manifest(sample: SampleService, tag: str) -> httpx.Response:
+    return registry_get(
+        sample,
+        f"/v2/{sample.image}/manifests/{tag}",
+        accept="application/vnd.docker.distribution.manifest.v2+json",
+    )
+
+
+def tag_of(sample: SampleService) -> str:
+    return f"{TAG_DATE}-{sample.sha[:7]}"
+
+
+# --- tests -------------------------------------------------------------------------------
+
+
+async def test_push_ships_a_labelled_image_and_a_rerun_reuses_it(sample_service_repo: Any) -> None:
+    sample: SampleService = sample_service_repo()
+    state, run_id = await run_ci(sample)
+    result: CIResult = await state.result()
+
+    tag = tag_of(sample)
+    ref = parse_reference(result.image or "")
+    assert (ref.registry, ref.repository, ref.tag) == (sample.registry.host, sample.image, tag)
+    assert ref.digest == result.digest and result.tag == tag
+    assert result.built and result.pushed and not result.reused
+
+    # In the registry under the seed's tag scheme, with the digest we returned and the labels.
+    found = manifest(sample, tag)
+    assert found.status_code == 200
+    assert found.headers["Docker-Content-Digest"] == result.digest
+    config = registry_get(
+        sample, f"/v2/{sample.image}/blobs/{found.json()['config']['digest']}"
+    ).json()
+    labels = config["config"]["Labels"]
+    assert labels["org.opencontainers.image.revision"] == sample.sha
+    assert labels["org.opencontainers.image.source"] == "https://github.com/robotics/robotics-api"
+    assert labels["org.opencontainers.image.created"] == "2026-11-20T10:00:00Z"
+    assert f"APP_VERSION={sample.sha}" in config["config"]["Env"]  # the GIT_SHA build arg
+
+    # The summary and the scan table are on the run; the scan says the vuln scanner did not run.
+    artifacts = {a.key: a for a in await artifacts_of(run_id)}
+    summary = artifacts["ci-api-gateway"].data
+    assert result.digest in summary and sample.sha in summary
+    for stage in ("checkout", "lint", "unit", "integration", "build", "scan", "push"):
+        assert f"| {stage} | passed |" in summary
+    scan = next(a for k, a in artifacts.items() if (k or "").startswith("scan-"))
+    assert "vulnerability scanner did NOT run" in scan.description
+    assert "NOT RUN" in str(scan.data)
+
+    # The image serves: /v1/status answers with the commit it was built from.
+    client = docker.from_env()
+    port = free_port()
+    container = client.containers.run(
+        result.image,
+        detach=True,
+        name=f"robotics-cd-ci-test-{uuid.uuid4().hex[:6]}",
+        ports={"8000/tcp": ("127.0.0.1", port)},
+    )
+    try:
+        wait_until(
+            lambda: httpx.get(f"http://127.0.0.1:{port}/v1/status", timeout=2).status_code == 200,
+            timeout=15,
+            what="the sample service",
+        )
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/status").json()["version"] == sample.sha
+    finally:
+        container.remove(force=True)
+        client.close()
+
+    # A second run for the same sha builds and pushes nothing and returns the same digest.
+    again_state, again_id = await run_ci(sample)
+    again: CIResult = await again_state.result()
+    assert again.image == result.image and again.digest == result.digest
+    assert again.reused and not again.built and not again.pushed
+    names = await task_names(again_id)
+    assert not any(n.startswith(("build", "push", "scan")) for n in names), names
+
+
+async def test_failing_lint_stops_the_flow_before_anything_is_built(
+    sample_service_repo: Any,
+) -> None:
+    sample: SampleService = sample_service_repo(files={"config/fail_rate": "lots\n"})
+    state, run_id = await run_ci(sample)
+    assert state.is_failed()
+    with pytest.raises(CheckFailed) as caught:
+        await state.result()
+    assert caught.value.stage == "lint"
+    assert "config/fail_rate must be an integer" in caught.value.tail
+    assert manifest(sample, tag_of(sample)).status_code == 404
+    names = await task_names(run_id)
+    assert "lint" in names and not {"unit", "integration"} & set(names)
+    assert not any(n.startswith(("build", "push", "find")) for n in names), names
+    # The lint output streamed into the Prefect log.
+    assert "config/fail_rate must be an integer" in await wait_for_log(run_id, "fail_rate must")
+
+
+async def test_secret_in_dockerfile_env_fails_the_scan_gate(sample_service_repo: Any) -> None:
+    seed = (SEED / "Dockerfile").read_text()
+    bad = seed.replace("USER 65534:65534\n", SECRET_IN_ENV + "USER 65534:65534\n")
+    sample: SampleService = sample_service_repo(files={"Dockerfile": bad})
+    state, run_id = await run_ci(sample)
+    with pytest.raises(ScanGateFailed) as caught:
+        await state.result()
+    assert "DS-0031" in str(caught.value)
+    assert manifest(sample, tag_of(sample)).status_code == 404  # nothing pushed
+    scan = next(a for a in await artifacts_of(run_id) if (a.key or "").startswith("scan-"))
+    rows = [r for r in scan.data if isinstance(r, dict)] if isinstance(scan.data, list) else None
+    text = str(scan.data)
+    assert "DS-0031" in text and "CRITICAL" in text
+    assert rows is None or any(r["id"] == "DS-0031" and r["gate"] == "FAIL" for r in rows)
+    assert "wJalrXUtnFEMI" not in text  # the value itself is not repeated
+    summary = next(a for a in await artifacts_of(run_id) if a.key == "ci-api-gateway").data
+    assert "| scan | failed |" in summary and "| push |" not in summary
+
+
+async def test_wrong_registry_password_names_the_registry_and_leaks_nothing(
+    sample_service_repo: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sample: SampleService = sample_service_repo()
+    wrong = f"wrong-{uuid.uuid4().hex}"
+    block = f"registry-wrong-{uuid.uuid4().hex[:6]}"
+    await DockerRegistryCredentials(
+        username=sample.registry.username, password=wrong, registry_url=sample.registry.host
+    ).asave(block)
+    monkeypatch.setenv("ROBOTICS_CD_REGISTRY_BLOCK", block)
+    get_settings.cache_clear()
+
+    state, run_id = await run_ci(sample)
+    with pytest.raises(RegistryAuthFailed) as caught:
+        await state.result()
+    assert sample.registry.host in str(caught.value)
+    assert manifest(sample, tag_of(sample)).status_code == 404
+    logs = await wait_for_log(run_id, "RegistryAuthFailed")
+    assert "RegistryAuthFailed" in logs  # the failure itself is logged ...
+    artifacts = str([(a.data, a.description) for a in await artifacts_of(run_id)])
+    for secret in (wrong, sample.registry.password):  # ... without either password
+        assert secret not in logs and secret not in artifacts and secret not in str(caught.value)
+    get_settings.cache_clear()
+
+
+async def test_pull_request_runs_isolated_checks_and_builds_nothing(
+    sample_service_repo: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sample: SampleService = sample_service_repo(
+        files={"scripts/probe.sh": PROBE},
+        checks={"unit": ["sh scripts/test.sh unit", "sh scripts/probe.sh"]},
+    )
+    # A worker holding the registry password in its environment must not hand it down.
+    monkeypatch.setenv("REGISTRY_PASSWORD", sample.registry.password)
+    monkeypatch.setenv("REGISTRY_TARGET", sample.registry.host)
+    state, run_id = await run_ci(sample, ref="refs/pull/7/head", event="pull_request", fork=True)
+    result: CIResult = await state.result()
+    assert result.image is None and not result.built and not result.pushed
+    assert manifest(sample, tag_of(sample)).status_code == 404
+    logs = await wait_for_log(run_id, "isolated: no network")
+    assert "isolated: no network, no credentials" in logs
+    assert "interfaces: lo" in logs
+    assert sample.registry.password not in logs
+    names = await task_names(run_id)
+    assert {"lint", "unit", "integration"} <= set(names)
+    assert not any(n.startswith(("build", "push", "find", "scan")) for n in names), names
+
+
+async def test_the_probe_does_see_a_network_when_the_catalog_allows_one(
+    sample_service_repo: Any, tmp_path: Any
+) -> None:
+    """Control for the test above: the same probe fails when checks.network is on."""
+    (tmp_path / "probe.sh").write_text(PROBE)
+    with pytest.raises(CheckFailed) as caught:
+        await run_check(
+            "unit",
+            ["sh probe.sh"],
+            str(tmp_path),
+            image="robotics-cd/check-runner:latest",
+            network=True,
+            timeout=timedelta(seconds=30),
+        )
+    assert "ESCAPE: network interface eth0" in caught.value.tail
+
+
+async def test_missing_vuln_db_fails_the_scan_unless_allowed(sample_service_repo: Any) -> None:
+    sample: SampleService = sample_service_repo(
+        scan={"fail_on": ["CRITICAL", "HIGH"], "allow_missing_vuln_db": False}
+    )
+    state, _ = await run_ci(sample)
+    with pytest.raises(ScannerUnavailable) as caught:
+        await state.result()
+    message = str(caught.value)
+    assert "no Trivy vulnerability DB" in message
+    assert "vuln_db_repository" in message and "--download-db-only" in message
+    assert manifest(sample, tag_of(sample)).status_code == 404
