@@ -91,7 +91,22 @@ class Runtime:
         self.ctx.spawn(self.watch(subscription), "runtime:watch")
         self.ctx.spawn(self.control_loop(), "runtime:controllers")
         self.ctx.spawn(self.resync_loop(), "runtime:resync")
+        self.ctx.spawn(self._close_on_stop(), "runtime:close")
         self._dirty.set()
+
+    async def _close_on_stop(self) -> None:
+        """Wait for the twin to stop (it cancels every task), then close HTTP sessions.
+        Containers keep running: a twin restart adopts them."""
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self.load.close()
+            for router in self.routers.values():
+                await router.close()
+            if self.kubelet is not None:
+                await self.kubelet.close()
+            if self.engine is not None:
+                self.engine.close()
 
     def _load_ports(self) -> None:
         if self._ports_file.exists():
@@ -234,6 +249,8 @@ class Runtime:
 
 
 async def start(ctx: Any) -> None:
+    # Probes and the router speak HTTP all the time; one log line per request is noise.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     config = RuntimeConfig.from_twin(ctx.config)
     runtime = Runtime(ctx, config)
     await runtime.start()

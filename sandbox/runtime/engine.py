@@ -8,6 +8,7 @@ the shared engine.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
@@ -32,6 +33,24 @@ CONTAINER_LABEL = "robotics-cd.container"
 def state_label(state_dir: Path) -> str:
     """The value of ``SANDBOX_LABEL`` for the sandbox living in ``state_dir``."""
     return hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:12]
+
+
+# Names carry the sandbox id: several sandboxes (test sessions, the demo) share one dockerd
+# and may all have a "staging" namespace or a pod "train-master-0".
+def network_name(label: str, namespace: str) -> str:
+    """The Docker network of a namespace: ``twin-<namespace>-<sandbox id>``."""
+    return f"twin-{namespace}-{label[:6]}"
+
+
+def container_name(
+    label: str, namespace: str, pod: str, index: int = 0, container: str = ""
+) -> str:
+    """``twin-<namespace>-<pod>-<sandbox id>`` for a pod's first container;
+    ``twin-<namespace>-<pod>-<container>-<sandbox id>`` for the others."""
+    base = f"twin-{namespace}-{pod}"
+    if index:
+        base += f"-{container}"
+    return f"{base}-{label[:6]}"
 
 
 class PullFailed(RuntimeError):
@@ -109,9 +128,16 @@ class Engine:
         self.client = docker.from_env(timeout=120)
         self._pull_locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._network_lock = threading.Lock()
 
     def close(self) -> None:
         self.client.close()
+
+    def network_name(self, namespace: str) -> str:
+        return network_name(self.label, namespace)
+
+    def container_name(self, namespace: str, pod: str, index: int, container: str) -> str:
+        return container_name(self.label, namespace, pod, index, container)
 
     @property
     def base_labels(self) -> dict[str, str]:
@@ -120,15 +146,17 @@ class Engine:
     # -- networks and volumes ------------------------------------------------------------
 
     def ensure_network(self, name: str) -> str:
-        found = self.client.networks.list(names=[name])
-        for net in found:
-            if net.name == name:
-                return name
-        try:
-            self.client.networks.create(name, driver="bridge", labels=self.base_labels)
-        except docker.errors.APIError as exc:
-            if exc.status_code != 409:
-                raise
+        # Docker allows two networks of one name (then refuses to attach to either), so
+        # creation is serialized and duplicates left by a crash are dropped.
+        with self._network_lock:
+            found = [n for n in self.client.networks.list(names=[name]) if n.name == name]
+            for extra in found[1:]:
+                with contextlib.suppress(docker.errors.APIError):
+                    extra.remove()
+            if not found:
+                self.client.networks.create(
+                    name, driver="bridge", labels=self.base_labels, check_duplicate=True
+                )
         return name
 
     def ensure_volume(self, name: str, labels: dict[str, str]) -> str:

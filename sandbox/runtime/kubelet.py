@@ -55,15 +55,6 @@ log = logging.getLogger("sandbox.runtime.kubelet")
 PodKey = tuple[str, str]  # namespace, name
 
 
-def network_name(namespace: str) -> str:
-    return f"twin-{namespace}"
-
-
-def container_name(namespace: str, pod: str, index: int, name: str) -> str:
-    base = f"twin-{namespace}-{pod}"
-    return base if index == 0 else f"{base}-{name}"
-
-
 @dataclass
 class PodEndpoint:
     """What the router needs to reach a pod: readiness and its published ports."""
@@ -203,14 +194,18 @@ class PodWorker:
     async def prepare(self, pod: JSON) -> None:
         spec = pod.get("spec") or {}
         engine = self.kubelet.engine
-        await asyncio.to_thread(engine.ensure_network, network_name(self.namespace))
+        await asyncio.to_thread(
+            engine.ensure_network, self.kubelet.engine.network_name(self.namespace)
+        )
         self.volumes = await asyncio.to_thread(self._ensure_volumes, spec)
         old = {c.get("name"): c for c in (pod.get("status") or {}).get("containerStatuses") or []}
         self.runs = []
         for index, container in enumerate(spec.get("containers") or []):
             run = ContainerRun(
                 spec=container,
-                docker_name=container_name(self.namespace, self.name, index, container["name"]),
+                docker_name=self.kubelet.engine.container_name(
+                    self.namespace, self.name, index, container["name"]
+                ),
             )
             previous = old.get(container["name"]) or {}
             run.restart_count = int(previous.get("restartCount", 0))
@@ -349,7 +344,7 @@ class PodWorker:
         run.info = await asyncio.to_thread(self.kubelet.engine.inspect, run.docker_name)
 
     async def ensure_aliases(self, run: ContainerRun, info: JSON, aliases: list[str]) -> None:
-        network = network_name(self.namespace)
+        network = self.kubelet.engine.network_name(self.namespace)
         current = set(network_aliases(info, network))
         if set(aliases) <= current:
             return
@@ -469,7 +464,7 @@ class PodWorker:
         return ContainerSpec(
             name=run.docker_name,
             image=run.image_ref or container["image"],
-            network=network_name(self.namespace),
+            network=self.kubelet.engine.network_name(self.namespace),
             aliases=aliases,
             labels={
                 POD_NS_LABEL: self.namespace,
@@ -575,7 +570,7 @@ class PodWorker:
         ip = ""
         for run in self.runs:
             if run.info is not None:
-                ip = network_ip(run.info, network_name(self.namespace)) or ip
+                ip = network_ip(run.info, self.kubelet.engine.network_name(self.namespace)) or ip
                 break
         status: JSON = {
             "phase": phase,
@@ -804,7 +799,9 @@ class Kubelet:
         index = names.index(container) if container in names else 0
         if container is not None and container not in names:
             raise LookupError(f"container {container} is not valid for pod {pod}")
-        docker_name = container_name(namespace, pod, index, names[index] if names else "")
+        docker_name = self.engine.container_name(
+            namespace, pod, index, names[index] if names else ""
+        )
         queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=256)
         loop = asyncio.get_running_loop()
         stop = False

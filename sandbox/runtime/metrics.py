@@ -125,7 +125,11 @@ class ContainerStats:
             )
             if not key[1]:
                 continue
-            stats = self.engine.stats(container.id or "")
+            try:
+                stats = self.engine.stats(container.id or "")
+            except Exception as exc:  # the container exited between list and stats
+                log.debug("no stats for %s: %s", container.name, exc)
+                continue
             if not stats:
                 continue
             cpu = (

@@ -195,7 +195,7 @@ class Controllers:
         tmpl.setdefault("metadata", {}).setdefault("labels", {})[HASH_LABEL] = phash
         selector = json.loads(json.dumps(spec.get("selector") or {}))
         selector.setdefault("matchLabels", {})[HASH_LABEL] = phash
-        rs = {
+        rs: JSON = {
             "apiVersion": "apps/v1",
             "kind": "ReplicaSet",
             "metadata": {
