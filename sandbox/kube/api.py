@@ -657,11 +657,11 @@ class KubeApi:
                 400, "BadRequest", f"resourceVersion must be a number, got {rv_param!r}"
             ) from None
         try:
+            current, list_rv = self.store.list_with_version(rt.api_version, rt.kind, namespace)
+            current = [o for o in current if selects(o, labels, fields)]
             if since is None or send_initial:
                 # "Get state and start at most recent": synthetic ADDED events, then changes.
-                initial, list_rv = self.store.list_with_version(rt.api_version, rt.kind, namespace)
-                initial = [o for o in initial if selects(o, labels, fields)]
-                since = list_rv
+                initial, since = current, list_rv
             subscription = self.store.subscribe(since)
         except ApiError as error:
             if error.status != 410:
@@ -675,6 +675,7 @@ class KubeApi:
             fields=fields,
             subscription=subscription,
             initial=initial,
+            visible_from=current,
             since=since,
             send_initial_end=send_initial,
             bookmarks=_flag(request, "allowWatchBookmarks"),
@@ -762,6 +763,7 @@ class _WatchStream:
         fields: list[Any],
         subscription: Subscription,
         initial: list[JSON],
+        visible_from: list[JSON],
         since: int,
         send_initial_end: bool,
         bookmarks: bool,
@@ -783,8 +785,9 @@ class _WatchStream:
         self.table_format = table_format
         self.columns_sent = False
         # Names currently visible through the selectors, to turn a MODIFIED that leaves or
-        # enters the selection into DELETED or ADDED as the API server does.
-        self.visible: set[tuple[str, str]] = {self._key(o) for o in initial}
+        # enters the selection into DELETED or ADDED as the API server does. A resumed
+        # watch starts from what matches now (the state at its version is not kept).
+        self.visible: set[tuple[str, str]] = {self._key(o) for o in visible_from}
 
     @staticmethod
     def _key(obj: JSON) -> tuple[str, str]:
@@ -818,6 +821,8 @@ class _WatchStream:
         key = self._key(obj)
         if self.namespace and self.rt.namespaced and key[0] != self.namespace:
             return None
+        if not self.labels and not self.fields:
+            return event.type, obj
         now = selects(obj, self.labels, self.fields)
         was = key in self.visible
         if event.type == "DELETED":
@@ -825,7 +830,7 @@ class _WatchStream:
             return ("DELETED", obj) if (now or was) else None
         if now:
             self.visible.add(key)
-            return ("MODIFIED" if was and event.type == "MODIFIED" else event.type, obj)
+            return ("MODIFIED" if was and event.type == "MODIFIED" else "ADDED", obj)
         if was:
             self.visible.discard(key)
             return ("DELETED", obj)

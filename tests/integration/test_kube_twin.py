@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -325,50 +326,155 @@ async def test_a_resumed_watch_gets_the_events_it_missed(kube_twin: KubeTwin, tm
     assert [(t, n) for t, n, _ in events] == [("ADDED", "a"), ("MODIFIED", "a"), ("ADDED", "b")]
 
 
-async def test_an_expired_watch_is_410_and_the_client_recovers_by_relisting(tmp_path: Path):
+@pytest.fixture(scope="module")
+def tuned_twin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeTwin]:
+    """A private API-only twin with a 20-event history and bookmarks every 0.3 s."""
     with start_kube_twin(
-        tmp_path / "twin", kube_event_history=20, components=["sandbox.kube.api"]
+        tmp_path_factory.mktemp("tuned-twin"),
+        kube_event_history=20,
+        kube_bookmark_seconds=0.3,
+        components=["sandbox.kube.api"],
     ) as twin:
-        namespace = fresh_namespace(twin, tmp_path, "expired")
-        creds = credentials(twin)
-        async with creds.get_client("custom_objects") as api:
-            old = (await api.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL))[
-                "metadata"
-            ]["resourceVersion"]
-            await api.create_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, pytorchjob("busy", namespace)
-            )
-            for i in range(30):  # push the old version out of the 20-event history
-                await api.patch_namespaced_custom_object(
-                    GROUP,
-                    VERSION,
-                    namespace,
-                    PLURAL,
-                    "busy",
-                    {"metadata": {"annotations": {"step": str(i)}}},
-                    **MERGE,
-                )
+        yield twin
 
-            with pytest.raises(ApiException) as expired:
-                await asyncio.wait_for(
-                    collect_events(creds, namespace, old, 1, asyncio.Event()), WAIT
-                )
-            assert expired.value.status == 410
 
-            # Recovery as an informer does it: list again, then watch from the list's version.
-            relisted = await api.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
-            assert [i["metadata"]["annotations"]["step"] for i in relisted["items"]] == ["29"]
-            started = asyncio.Event()
-            watcher = asyncio.create_task(
-                collect_events(
-                    creds, namespace, relisted["metadata"]["resourceVersion"], 1, started
-                )
+async def watch_lines(
+    twin: KubeTwin, path: str, params: dict[str, str], count: int, started: asyncio.Event
+) -> list[dict[str, Any]]:
+    """The first ``count`` events of a raw watch stream (JSON lines)."""
+    headers = {"Authorization": f"Bearer {twin.token}"}
+    events: list[dict[str, Any]] = []
+    async with (
+        httpx.AsyncClient(verify=str(twin.ca_cert), timeout=WAIT) as client,
+        client.stream(
+            "GET", f"{twin.url}{path}", params={**params, "watch": "true"}, headers=headers
+        ) as response,
+    ):
+        assert response.status_code == 200
+        started.set()
+        async for line in response.aiter_lines():
+            if line.strip():
+                events.append(json.loads(line))
+            if len(events) == count:
+                break
+    return events
+
+
+async def test_watches_send_bookmarks_and_follow_label_selectors(
+    tuned_twin: KubeTwin, tmp_path: Path
+):
+    namespace = fresh_namespace(tuned_twin, tmp_path, "selector")
+    creds = credentials(tuned_twin)
+    path = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}"
+    async with creds.get_client("custom_objects") as api:
+        rv = (await api.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL))[
+            "metadata"
+        ]["resourceVersion"]
+        started = asyncio.Event()
+        params = {
+            "resourceVersion": rv,
+            "labelSelector": "stage=train",
+            "allowWatchBookmarks": "true",
+        }
+        watcher = asyncio.create_task(watch_lines(tuned_twin, path, params, 4, started))
+        await asyncio.wait_for(started.wait(), WAIT)
+        job = pytorchjob("sel", namespace)
+        job["metadata"]["labels"]["stage"] = "train"
+        await api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, job)
+        await api.create_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, pytorchjob("other", namespace)
+        )
+        # Leaving the selection reads as DELETED to this watcher, coming back as ADDED.
+        await api.patch_namespaced_custom_object(
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            "sel",
+            {"metadata": {"labels": {"stage": "done"}}},
+            **MERGE,
+        )
+        await api.patch_namespaced_custom_object(
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            "sel",
+            {"metadata": {"labels": {"stage": "train"}}},
+            **MERGE,
+        )
+        events = await asyncio.wait_for(watcher, WAIT)
+    changes = [
+        (e["type"], e["object"]["metadata"]["name"]) for e in events if e["type"] != "BOOKMARK"
+    ]
+    assert changes == [("ADDED", "sel"), ("DELETED", "sel"), ("ADDED", "sel")]
+
+    # An idle watch gets bookmarks carrying the current resourceVersion.
+    latest = (
+        await asyncio.to_thread(
+            tuned_twin.kubectl, "get", "pytorchjob", "sel", "-n", namespace, "-o", "json"
+        )
+    ).stdout
+    bookmarks = await asyncio.wait_for(
+        watch_lines(
+            tuned_twin,
+            path,
+            {
+                "resourceVersion": json.loads(latest)["metadata"]["resourceVersion"],
+                "allowWatchBookmarks": "true",
+            },
+            2,
+            asyncio.Event(),
+        ),
+        WAIT,
+    )
+    assert [e["type"] for e in bookmarks] == ["BOOKMARK", "BOOKMARK"]
+    assert bookmarks[0]["object"]["kind"] == "PyTorchJob"
+    assert int(bookmarks[0]["object"]["metadata"]["resourceVersion"]) >= int(
+        json.loads(latest)["metadata"]["resourceVersion"]
+    )
+
+
+async def test_an_expired_watch_is_410_and_the_client_recovers_by_relisting(
+    tuned_twin: KubeTwin, tmp_path: Path
+):
+    twin = tuned_twin
+    namespace = fresh_namespace(twin, tmp_path, "expired")
+    creds = credentials(twin)
+    async with creds.get_client("custom_objects") as api:
+        old = (await api.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL))[
+            "metadata"
+        ]["resourceVersion"]
+        await api.create_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, pytorchjob("busy", namespace)
+        )
+        for i in range(30):  # push the old version out of the 20-event history
+            await api.patch_namespaced_custom_object(
+                GROUP,
+                VERSION,
+                namespace,
+                PLURAL,
+                "busy",
+                {"metadata": {"annotations": {"step": str(i)}}},
+                **MERGE,
             )
-            await asyncio.wait_for(started.wait(), WAIT)
-            await api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "busy")
-            assert [(t, n) for t, n, _ in await asyncio.wait_for(watcher, WAIT)] == [
-                ("DELETED", "busy")
-            ]
+
+        with pytest.raises(ApiException) as expired:
+            await asyncio.wait_for(collect_events(creds, namespace, old, 1, asyncio.Event()), WAIT)
+        assert expired.value.status == 410
+
+        # Recovery as an informer does it: list again, then watch from the list's version.
+        relisted = await api.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+        assert [i["metadata"]["annotations"]["step"] for i in relisted["items"]] == ["29"]
+        started = asyncio.Event()
+        watcher = asyncio.create_task(
+            collect_events(creds, namespace, relisted["metadata"]["resourceVersion"], 1, started)
+        )
+        await asyncio.wait_for(started.wait(), WAIT)
+        await api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "busy")
+        assert [(t, n) for t, n, _ in await asyncio.wait_for(watcher, WAIT)] == [
+            ("DELETED", "busy")
+        ]
 
 
 async def test_objects_survive_a_twin_restart(tmp_path: Path):
