@@ -69,7 +69,8 @@ class Decision(StrEnum):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # "constants": the +Inf bucket bound survives a JSON round trip (persisted results).
+    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_inf_nan="constants")
 
 
 class TrackObservation(_Model):
@@ -380,6 +381,20 @@ def judge_interval(
         metrics=metrics,
         canary_requests=observation.canary.requests,
         stable_requests=observation.stable.requests,
+    )
+
+
+def no_data_interval(end: datetime, window_seconds: float, reason: str) -> IntervalVerdict:
+    """An Inconclusive interval for when nothing could be measured (e.g. Prometheus down):
+    it counts towards the inconclusive limit like any interval without data."""
+    return IntervalVerdict(
+        end=end,
+        window_seconds=window_seconds,
+        verdict=Verdict.INCONCLUSIVE,
+        reason=f"no data: {reason}",
+        metrics=[],
+        canary_requests=None,
+        stable_requests=None,
     )
 
 

@@ -253,3 +253,34 @@ def test_canary_window_series_for_the_chart(prometheus_url: str) -> None:
 def test_prometheus_down_is_a_metrics_error() -> None:
     with pytest.raises(MetricsError, match=r"Prometheus at http://127\.0\.0\.1:\d+ is unreachable"):
         analyse("good", f"http://127.0.0.1:{free_port()}")
+
+
+def test_analyse_interval_as_a_task_in_a_flow(prometheus_url: str, prefect_server) -> None:
+    from prefect import flow
+
+    @flow(name="metrics-probe")
+    def probe() -> tuple[Verdict, Verdict]:
+        end = datetime.now(UTC)
+        bad = analyse_interval(
+            "api-gateway",
+            "bad",
+            MetricRules(),
+            POLICY,
+            end_time=end,
+            window_seconds=WINDOW,
+            prometheus_url=prometheus_url,
+            scrape_lag_seconds=0,
+        )
+        staging = staging_check(
+            "api-gateway",
+            "good",
+            MetricRules(),
+            min_requests=50,
+            end_time=end,
+            window_seconds=WINDOW,
+            prometheus_url=prometheus_url,
+            scrape_lag_seconds=0,
+        )
+        return bad.verdict, staging.verdict
+
+    assert probe() == (Verdict.FAIL, Verdict.PASS)

@@ -21,6 +21,7 @@ from core.analysis import (
     judge_metric,
     judge_track,
     mann_whitney_greater,
+    no_data_interval,
     run_analysis,
 )
 from core.catalog import CanaryPolicy, MetricRule, MetricRules
@@ -325,3 +326,20 @@ def test_run_analysis_over_a_source_rolls_back_soon_after_the_first_bad_interval
     run = run_analysis(source, ends, 10, RULES, policy)
     assert run.decision == Decision.ROLLBACK
     assert source.calls == 3  # 1 good, then 2 bad: failures 2 > limit 1
+
+
+def test_verdicts_survive_a_json_round_trip():
+    v = interval(track(300, 0.0, 0.02), track(900, 0.0, 0.02, seed=2))
+    obs = IntervalObservation(
+        end=T0, window_seconds=10, canary=track(300, 0.0, 0.02), stable=TrackObservation()
+    )
+    assert type(v).model_validate_json(v.model_dump_json()) == v
+    again = IntervalObservation.model_validate_json(obs.model_dump_json())
+    assert again.canary.latency_buckets[-1] == (float("inf"), 300.0)
+
+
+def test_no_data_interval_counts_as_inconclusive():
+    run = AnalysisRun.start(POLICY)
+    down = no_data_interval(T0, 10, "Prometheus at http://prom unreachable")
+    assert [run.record(down) for _ in range(3)][-1] == Decision.ROLLBACK
+    assert "no data: Prometheus" in run.reason
