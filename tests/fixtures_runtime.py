@@ -54,7 +54,7 @@ CMD ["httpd", "-f", "-p", "8000", "-h", "/www"]
 """
 
 
-def _build(client: docker.DockerClient, version: str) -> str:
+def build_web_image(client: docker.DockerClient, version: str) -> str:
     """Build the web image from an in-memory context (Dockerfile + CGI script)."""
     import tarfile
 
@@ -90,7 +90,7 @@ def runtime_images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime
     try:
         refs = []
         for version in ("v1", "v2"):
-            local = _build(client, version)
+            local = build_web_image(client, version)
             push_image(registry, local, "test/web", version)
             refs.append(f"{registry.host}/test/web:{version}")
             # Pods must pull from the registry, not find the pushed tag locally.
