@@ -21,11 +21,11 @@ import json
 import logging
 import shlex
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar, cast
 from uuid import UUID
 
 import anyio
-from prefect import task
+from prefect import Flow, task
 from prefect.artifacts import acreate_markdown_artifact
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
@@ -250,8 +250,8 @@ def _message(prefix: str) -> Callable[[Any], str]:
     return lambda run_state: f"{prefix}: {run_state.message or run_state.name}"
 
 
-def ci_status_hooks() -> dict[str, list[Hook]]:
-    """Hooks for ``@flow(**ci_status_hooks())`` or ``ci.with_options(**ci_status_hooks())``."""
+def ci_status_hooks() -> dict[str, list[Any]]:
+    """The state hooks, by ``@flow`` keyword: ``on_running``, ``on_completion``, ..."""
     return {
         "on_running": [_status_hook("pending", lambda _: "CI running: checks, build, scan")],
         "on_completion": [_status_hook("success", lambda _: "CI passed")],
@@ -259,6 +259,23 @@ def ci_status_hooks() -> dict[str, list[Hook]]:
         "on_crashed": [_status_hook("error", _message("CI crashed"))],
         "on_cancellation": [_status_hook("error", _message("CI cancelled"))],
     }
+
+
+F = TypeVar("F", bound=Flow[Any, Any])
+
+
+def with_ci_statuses(flow: F) -> F:
+    """The same flow, reporting its state to GitHub as the ``robotics-cd/ci`` status of the
+    ``sha`` parameter on the ``service`` parameter's repository (``ci = with_ci_statuses(ci)``)."""
+    hooks = ci_status_hooks()
+    wrapped = flow.with_options(
+        on_running=flow.on_running_hooks + hooks["on_running"],
+        on_completion=flow.on_completion_hooks + hooks["on_completion"],
+        on_failure=flow.on_failure_hooks + hooks["on_failure"],
+        on_crashed=flow.on_crashed_hooks + hooks["on_crashed"],
+        on_cancellation=flow.on_cancellation_hooks + hooks["on_cancellation"],
+    )
+    return cast(F, wrapped)
 
 
 __all__ = [
@@ -270,4 +287,5 @@ __all__ = [
     "manual_command",
     "post_commit_status",
     "start_release",
+    "with_ci_statuses",
 ]

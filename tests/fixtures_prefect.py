@@ -22,4 +22,15 @@ def prefect_server() -> Iterator[PrefectServer]:
     try:
         yield server
     finally:
+        _drain_prefect_workers()
         stop_prefect_server(home)
+
+
+def _drain_prefect_workers() -> None:
+    """Send queued logs and events while the server still answers; otherwise the exit-time
+    flush retries against a stopped server for a minute or more."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)
+    EventsWorker.drain_all(timeout=10)

@@ -32,7 +32,7 @@ from starlette.routing import Route
 
 from core.settings import get_settings
 from sandbox.procs import free_port, stop_pid, wait_until
-from tasks.handoff import RELEASE_CONTEXT, Handoff, ci_status_hooks, hand_off
+from tasks.handoff import RELEASE_CONTEXT, Handoff, hand_off, with_ci_statuses
 from tests.integration.handoff_probe import DEPLOYMENT
 
 pytestmark = pytest.mark.integration
@@ -152,7 +152,8 @@ async def test_hand_off_starts_a_top_level_release_that_suspends_and_can_be_appr
 ):
     result = await ci_stand_in(DEPLOYMENT)
     assert result.started, result.error
-    assert result.flow_run_url and result.flow_run_id in result.flow_run_url
+    assert result.flow_run_url and result.flow_run_id
+    assert result.flow_run_id in result.flow_run_url
     release_id = uuid.UUID(result.flow_run_id)
 
     run = await wait_for_state(release_id, StateType.PAUSED)
@@ -213,13 +214,16 @@ async def test_release_that_cannot_start_is_reported_and_nothing_is_lost(github_
 
 
 async def test_ci_status_hooks_report_pending_then_success_with_the_run_url(github_settings):
-    @flow(name="status-hooks-ci", **ci_status_hooks())
-    def fake_ci(service: str, sha: str) -> str:
+    @flow(name="status-hooks-ci")
+    def plain_ci(service: str, sha: str) -> str:
         return "ok"
 
-    @flow(name="status-hooks-ci-failing", **ci_status_hooks())
-    def failing_ci(service: str, sha: str) -> str:
+    @flow(name="status-hooks-ci-failing")
+    def plain_failing_ci(service: str, sha: str) -> str:
         raise RuntimeError("lint failed (exit code 1)")
+
+    fake_ci = with_ci_statuses(plain_ci)
+    failing_ci = with_ci_statuses(plain_failing_ci)
 
     fake_ci("api-gateway", SHA)
     with pytest.raises(RuntimeError):
