@@ -263,6 +263,41 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+def _duplicate_path(node: yaml.Node, path: tuple[str, ...] = ()) -> tuple[str, ...] | None:
+    """Where the first duplicate mapping key is (e.g. services.api, or services.api.repo)."""
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            if key in seen:
+                return (*path, key)
+            seen.add(key)
+            found = _duplicate_path(value_node, (*path, key))
+            if found:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            found = _duplicate_path(item, (*path, str(i)))
+            if found:
+                return found
+    return None
+
+
+def _duplicate_error(text: str, key: str, file: str) -> CatalogError:
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    path = (_duplicate_path(root) if root is not None else None) or (key,)
+    if len(path) >= 2 and path[0] in ("services", "training"):
+        kind = "service" if path[0] == "services" else "training image"
+        if len(path) == 2:
+            return CatalogError(
+                f"duplicate {kind} {path[1]!r}", file=file, service=path[1], field=path[0]
+            )
+        return CatalogError(
+            f"duplicate key {key!r}", file=file, service=path[1], field=".".join(path[2:])
+        )
+    return CatalogError(f"duplicate key {key!r}", file=file, field=".".join(path))
+
+
 def _expand(value: Any, env: Mapping[str, str]) -> Any:
     if isinstance(value, str):
         return _VAR.sub(lambda m: env.get(m.group(1), m.group(2) or ""), value)
@@ -279,7 +314,7 @@ def parse_catalog(
     try:
         raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except _DuplicateKey as exc:
-        raise CatalogError(f"duplicate key {exc.key!r}", file=file, service=exc.key) from None
+        raise _duplicate_error(text, exc.key, file) from None
     except yaml.YAMLError as exc:
         raise CatalogError(f"not valid YAML: {exc}", file=file) from None
     if not isinstance(raw, dict):
