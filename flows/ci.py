@@ -18,6 +18,7 @@ from typing import Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact
+from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
 from core.catalog import ScanPolicy, Service, load_catalog
@@ -25,6 +26,7 @@ from core.errors import InvalidInput
 from core.images import release_tag, validate_sha
 from core.settings import get_settings
 from tasks.checks import run_check
+from tasks.handoff import hand_off, with_ci_statuses
 from tasks.images import build_image, find_pushed_image, push_image
 from tasks.scan import ScanReport, scan_image
 from tasks.source import Checkout, checkout, remove_checkout
@@ -238,5 +240,12 @@ async def ci(service: str, sha: str, ref: str, event: Event, fork: bool = False)
         )
         if co is not None:
             await remove_checkout(co.path)
-    # Hand-offs (e.g. starting the release deployment) go here, after a successful ship.
+    if result.image and ships(svc, event=event, ref=ref, fork=fork):
+        # A top-level release run (it suspends for approval); reported, never lost, if it
+        # cannot start: the image is pushed and in this result.
+        await hand_off(service=service, image=result.image, source_sha=sha, ci_run_id=flow_run.id)
     return result
+
+
+# Commit statuses (robotics-cd/ci: pending → success/failure) with this run's URL.
+ci = with_ci_statuses(ci)
