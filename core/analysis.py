@@ -56,14 +56,19 @@ sorted by ``le``, the last ``le`` usually ``inf``."""
 
 
 class Verdict(StrEnum):
-    PASS = "Pass"
-    FAIL = "Fail"
-    INCONCLUSIVE = "Inconclusive"
+    PASS = "pass"
+    FAIL = "fail"
+    INCONCLUSIVE = "inconclusive"
+
+    @property
+    def label(self) -> str:
+        """For people: Pass, Fail, Inconclusive."""
+        return self.value.capitalize()
 
 
 class Decision(StrEnum):
     CONTINUE = "continue"  # analyse again at the same weight
-    NEXT_STEP = "next-step"  # commit the next canary weight
+    NEXT_STEP = "next_step"  # commit the next canary weight
     PROMOTE = "promote"  # every step passed: make the canary the stable
     ROLLBACK = "rollback"
 

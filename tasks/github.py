@@ -149,7 +149,10 @@ class GitHubClient:
         )
         for item in found or []:
             payload = item.get("payload")
-            if isinstance(payload, dict) and payload.get("run_id") == run_id:
+            if isinstance(payload, dict) and run_id in (
+                payload.get("run_id"),
+                payload.get("flow_run_id"),
+            ):
                 return int(item["id"])
         return None
 
@@ -275,12 +278,15 @@ def create_deployment(
     """Create (or reuse) the GitHub deployment of ``ref`` to ``environment``.
 
     Idempotent: a deployment of the same ref and environment whose payload carries the same
-    ``run_id`` is reused, so a resumed or retried release makes no second one.
+    ``run_id`` (or ``flow_run_id``) is reused, so a resumed or retried release makes no
+    second one.
     """
     check_repo(repo)
-    run_id = payload.get("run_id")
+    run_id = payload.get("run_id", payload.get("flow_run_id"))
     if not isinstance(run_id, str) or not run_id:
-        raise InvalidInput("deployment payload needs a 'run_id' (the flow run id) for idempotency")
+        raise InvalidInput(
+            "deployment payload needs a 'run_id' or 'flow_run_id' (the flow run id) for idempotency"
+        )
     try:
         with client or github_client() as gh:
             existing = gh.find_deployment(repo, ref, environment, run_id)

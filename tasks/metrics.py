@@ -29,6 +29,7 @@ from prefect.logging import get_logger, get_run_logger
 from pydantic import BaseModel, ConfigDict
 
 from core.analysis import (
+    AnalysisRun,
     IntervalObservation,
     IntervalVerdict,
     LatencyBuckets,
@@ -387,6 +388,11 @@ def _end_and_window(end_time: datetime | None, window_seconds: float) -> datetim
     if window_seconds <= 0:
         raise InvalidInput(f"window_seconds must be positive, got {window_seconds}")
     return end_time or datetime.now(UTC)
+
+
+def new_analysis(policy: CanaryPolicy) -> AnalysisRun:
+    """A fresh running analysis for a canary under ``policy`` (see core.analysis)."""
+    return AnalysisRun.start(policy)
 
 
 @task(name="analyse-interval", retries=2, retry_delay_seconds=2)

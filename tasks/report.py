@@ -14,7 +14,7 @@ import io
 import re
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 from uuid import UUID
 
 from prefect import task
@@ -26,9 +26,8 @@ from prefect.artifacts import (
 )
 from prefect.context import FlowRunContext
 from prefect.utilities.urls import url_for
-from pydantic import BaseModel, ConfigDict, Field
 
-from core.analysis import IntervalVerdict, MetricVerdict
+from core.analysis import AnalysisRun, Decision, IntervalVerdict, MetricVerdict
 from core.errors import InvalidInput
 
 _KEY_BAD = re.compile(r"[^a-z0-9-]+")
@@ -88,17 +87,6 @@ def _clamp(percent: float) -> float:
     return max(0.0, min(100.0, float(percent)))
 
 
-def canary_progress(weight: int, steps: Sequence[int], *, promoted: bool = False) -> float:
-    """How far a canary is, in percent: the share of steps reached (100 once promoted)."""
-    if promoted:
-        return 100.0
-    if not steps or weight <= 0:
-        return 0.0
-    reached = sum(1 for s in steps if s <= weight)
-    # The last step (100 %) is only "done" at promotion.
-    return round(100.0 * reached / (len(steps) + 1), 1)
-
-
 # --- analysis table ------------------------------------------------------------------------
 
 
@@ -126,7 +114,7 @@ def _row(interval: IntervalVerdict, m: MetricVerdict, weight: str) -> dict[str, 
         "canary": _num(m.canary),
         "stable": _num(m.stable),
         "threshold": m.threshold,
-        "verdict": m.verdict.value,
+        "verdict": m.verdict.label,
         "p-value": "" if m.p_value is None else f"{m.p_value:.3g}",
         "reason": m.reason,
     }
@@ -239,44 +227,72 @@ def publish_canary_chart(
 # --- the release record --------------------------------------------------------------------
 
 
-class SmokeLine(BaseModel):
-    model_config = ConfigDict(frozen=True)
-    path: str
-    status: int | None
-    latency_ms: float | None
+class ReleaseLike(Protocol):
+    """What the release record is rendered from (the release flow's record,
+    ``core.release.ReleaseRecord``). Analyses may be verdicts or interval results; smoke
+    results may be models or dicts."""
+
+    @property
+    def service(self) -> str: ...
+    @property
+    def flow_run_id(self) -> str: ...
+    @property
+    def source_sha(self) -> str: ...
+    @property
+    def image(self) -> str: ...
+    @property
+    def digest(self) -> str: ...
+    @property
+    def staging_commit(self) -> str: ...
+    @property
+    def staging_revision(self) -> str: ...
+    @property
+    def smoke(self) -> Sequence[Any]: ...
+    @property
+    def staging_metrics(self) -> Any: ...
+    @property
+    def decision(self) -> Any: ...
+    @property
+    def production_commits(self) -> Sequence[str]: ...
+    @property
+    def production_revisions(self) -> Sequence[str]: ...
+    @property
+    def steps(self) -> Sequence[tuple[int, datetime]]: ...
+    @property
+    def analyses(self) -> Sequence[Any]: ...
+    @property
+    def watch(self) -> Sequence[Any]: ...
+    @property
+    def rollback_commit(self) -> str: ...
+    @property
+    def rollback_verification(self) -> Sequence[Any]: ...
+    @property
+    def notes(self) -> Sequence[str]: ...
+    @property
+    def outcome(self) -> str: ...
 
 
-class EnvironmentRecord(BaseModel):
-    """What happened to one environment in a release."""
-
-    model_config = ConfigDict(frozen=True)
-    name: str
-    manifest_commits: list[str] = Field(default_factory=list)
-    argocd_app: str = ""
-    argocd_revisions: list[str] = Field(default_factory=list)
-    smoke: list[SmokeLine] = Field(default_factory=list)
-    metrics_verdict: str = ""
+def as_verdict(item: Any) -> IntervalVerdict:
+    """An IntervalVerdict from a verdict or from anything carrying one as ``.analysis``."""
+    verdict = getattr(item, "analysis", item)
+    if not isinstance(verdict, IntervalVerdict):
+        raise TypeError(f"not an interval verdict: {type(item).__name__}")
+    return verdict
 
 
-class ReleaseRecord(BaseModel):
-    """The audit trail of one release, source commit to outcome."""
+def _field(item: Any, name: str) -> Any:
+    return item.get(name) if isinstance(item, Mapping) else getattr(item, name, None)
 
-    model_config = ConfigDict(frozen=True)
-    service: str
-    source_repo: str = ""
-    source_commit: str
-    image: str
-    digest: str = ""
-    flow_run_url: str | None = None
-    environments: list[EnvironmentRecord] = Field(default_factory=list)
-    analyses: list[IntervalVerdict] = Field(default_factory=list)
-    approval: str = Field(default="", description="approved / rejected / timed out / pending")
-    approver: str = ""
-    comment: str = ""
-    outcome: str = Field(default="", description="promoted / rolled back: <reason> / ...")
-    reason: str = ""
-    manifests_repo: str = ""
-    links: dict[str, str] = Field(default_factory=dict)
+
+def _smoke_text(results: Sequence[Any]) -> str:
+    parts = []
+    for r in results:
+        status, latency = _field(r, "status"), _field(r, "latency_ms")
+        text = f"{_field(r, 'path')} {status or 'no answer'}"
+        if latency is not None:
+            text += f" ({latency:.0f} ms)"
+        parts.append(text)
+    return ", ".join(parts) or "not run"
 
 
 def _cell(text: object) -> str:
@@ -284,70 +300,140 @@ def _cell(text: object) -> str:
 
 
 def _short(sha: str) -> str:
-    return sha[:12] if re.fullmatch(r"[0-9a-f]{40}", sha) else sha
+    return sha[:12] if re.fullmatch(r"[0-9a-f]{40}", sha or "") else (sha or "none")
 
 
-def render_release_record(record: ReleaseRecord) -> str:
-    """The release record as markdown, in the order a person follows the release."""
-    out = [f"# Release of {record.service}: {record.outcome or 'in progress'}", ""]
-    if record.reason:
-        out += [f"**Why:** {record.reason}", ""]
-    out += ["| | |", "|---|---|"]
-    source = f"`{_short(record.source_commit)}`"
-    if record.source_repo:
-        source += f" in {record.source_repo}"
-    out.append(f"| Source commit | {_cell(source)} |")
-    out.append(f"| Image | `{_cell(record.image)}` |")
-    if record.digest:
-        out.append(f"| Digest | `{record.digest}` |")
-    for env in record.environments:
-        commits = ", ".join(f"`{_short(c)}`" for c in env.manifest_commits) or "none"
-        out.append(f"| {env.name} manifest commits | {commits} |")
-        if env.argocd_app:
-            revisions = ", ".join(f"`{_short(r)}`" for r in env.argocd_revisions) or "none"
-            out.append(f"| {env.name} Argo CD ({env.argocd_app}) revisions | {revisions} |")
-        if env.smoke:
-            smoke = ", ".join(
-                f"{s.path} {s.status or 'no answer'}"
-                + (f" ({s.latency_ms:.0f} ms)" if s.latency_ms is not None else "")
-                for s in env.smoke
-            )
-            out.append(f"| {env.name} smoke | {_cell(smoke)} |")
-        if env.metrics_verdict:
-            out.append(f"| {env.name} metrics | {_cell(env.metrics_verdict)} |")
-    if record.approval:
-        who = f" by {record.approver}" if record.approver else ""
-        out.append(f"| Approval | {_cell(record.approval + who)} |")
-    if record.comment:
-        out.append(f"| Comment | {_cell(record.comment)} |")
-    out.append(f"| Outcome | **{_cell(record.outcome or 'in progress')}** |")
-    if record.flow_run_url:
-        out.append(f"| Flow run | [{record.flow_run_url}]({record.flow_run_url}) |")
-    for name, url in record.links.items():
-        out.append(f"| {_cell(name)} | [{url}]({url}) |")
-    if record.analyses:
-        out += ["", "## Canary analyses", "", "| interval end | verdict | canary req | reason |"]
-        out.append("|---|---|---|---|")
-        for a in record.analyses:
-            requests = "no data" if a.canary_requests is None else f"{a.canary_requests:.0f}"
-            out.append(
-                f"| {a.end.astimezone(UTC).strftime('%H:%M:%S')} | {a.verdict.value} | "
-                f"{requests} | {_cell(a.reason)} |"
-            )
+def _shas(shas: Sequence[str]) -> str:
+    return ", ".join(f"`{_short(s)}`" for s in dict.fromkeys(shas)) or "none"
+
+
+def _decision_text(decision: Any) -> tuple[str, str]:
+    if decision is None:
+        return "pending", ""
+    outcome = decision.outcome() if callable(getattr(decision, "outcome", None)) else decision
+    return str(outcome), str(getattr(decision, "comment", "") or "")
+
+
+def render_release_record(record: ReleaseLike, *, run_url: str | None = None) -> str:
+    """The release record as markdown, in the order a release goes: source commit → image
+    digest → staging and production manifest commits → Argo CD revisions → analyses →
+    approver and comment → outcome."""
+    approval, comment = _decision_text(record.decision)
+    staging = record.staging_metrics
+    rows = [
+        ("Source commit", f"`{_short(record.source_sha)}`"),
+        ("Image", f"`{record.image}`"),
+        ("Digest", f"`{record.digest}`" if record.digest else "none"),
+        (
+            "Staging manifest commit",
+            _shas([record.staging_commit] if record.staging_commit else []),
+        ),
+        (
+            "Staging Argo CD revision",
+            _shas([record.staging_revision] if record.staging_revision else []),
+        ),
+        ("Staging smoke", _smoke_text(record.smoke)),
+        (
+            "Staging metrics",
+            f"{as_verdict(staging).verdict.label}: {as_verdict(staging).reason}"
+            if staging
+            else "not run",
+        ),
+        ("Approval", approval),
+        ("Comment", comment or "none"),
+        ("Production manifest commits", _shas(record.production_commits)),
+        ("Production Argo CD revisions", _shas(record.production_revisions)),
+        (
+            "Canary steps",
+            ", ".join(f"{w}% at {t.astimezone(UTC):%H:%M:%S}" for w, t in record.steps) or "none",
+        ),
+    ]
+    if record.rollback_commit:
+        rows.append(("Rollback commit", _shas([record.rollback_commit])))
+        rows.append(("Rollback smoke", _smoke_text(record.rollback_verification)))
+    rows.append(("Outcome", f"**{record.outcome}**"))
+    url = run_url or flow_run_url(record.flow_run_id)
+    if url:
+        rows.append(("Flow run", f"[{record.flow_run_id}]({url})"))
+    out = [f"# Release of {record.service}: {record.outcome}", "", "| | |", "|---|---|"]
+    out += [f"| {name} | {_cell(value)} |" for name, value in rows]
+    for title, items in (
+        ("Canary analyses", record.analyses),
+        ("Post-release watch", record.watch),
+    ):
+        if items:
+            out += ["", f"## {title}", "", "| interval end | verdict | canary requests | reason |"]
+            out.append("|---|---|---|---|")
+            for item in items:
+                v = as_verdict(item)
+                requests = "no data" if v.canary_requests is None else f"{v.canary_requests:.0f}"
+                out.append(
+                    f"| {v.end.astimezone(UTC):%H:%M:%S} | {v.verdict.label} | {requests} | "
+                    f"{_cell(v.reason)} |"
+                )
+    if record.notes:
+        out += ["", "## Notes", ""] + [f"- {n}" for n in record.notes]
     return "\n".join(out) + "\n"
 
 
-def publish_release_record(record: ReleaseRecord, key: str | None = None) -> UUID:
+def release_summary(record: ReleaseLike) -> str:
+    """A few markdown lines for chat: what, where it ended, why."""
+    approval, _ = _decision_text(record.decision)
+    lines = [
+        f"**{record.service}** `{record.image.rsplit('/', 1)[-1]}`",
+        f"source `{_short(record.source_sha)}` · approval: {approval}",
+        f"outcome: **{record.outcome}**",
+    ]
+    if record.analyses:
+        last = as_verdict(record.analyses[-1])
+        lines.append(f"last analysis: {last.verdict.label} ({last.reason})")
+    return "\n\n".join(lines)
+
+
+def approval_description(record: ReleaseLike, diff: str) -> str:
+    """The markdown above the approval form: what would go to production, and why it is
+    believed good (staging results), with the production change as a diff."""
+    staging = record.staging_metrics
+    metrics_lines = []
+    if staging is not None:
+        for m in as_verdict(staging).metrics:
+            metrics_lines.append(
+                f"| {m.metric} | {_num(m.canary)} | {m.threshold} | {m.verdict.label} |"
+            )
+    parts = [
+        f"## Release {record.service} to production",
+        "",
+        f"- Image: `{record.image}`",
+        f"- Digest: `{record.digest}`",
+        f"- Source commit: `{record.source_sha}`",
+        f"- Staging: manifest commit `{_short(record.staging_commit)}`, Argo CD revision "
+        f"`{_short(record.staging_revision)}`",
+        f"- Smoke tests: {_smoke_text(record.smoke)}",
+    ]
+    if staging is not None:
+        v = as_verdict(staging)
+        parts += [
+            f"- Staging metrics: **{v.verdict.label}** ({v.reason})",
+            "",
+            "| metric | staging | threshold | verdict |",
+            "|---|---|---|---|",
+            *metrics_lines,
+        ]
+    parts += ["", "### Production change", "", "```diff", diff.rstrip() or "(no change)", "```"]
+    return "\n".join(parts) + "\n"
+
+
+def publish_release_record(record: ReleaseLike, key: str | None = None) -> UUID:
     return _artifact(
         create_markdown_artifact,
         markdown=render_release_record(record),
         key=artifact_key(key or f"release-{record.service}"),
-        description=f"Release record of {record.service}: {record.outcome or 'in progress'}",
+        description=f"Release record of {record.service}: {record.outcome}",
     )
 
 
 @task(name="release-record")
-def release_record(record: ReleaseRecord, key: str | None = None) -> UUID:
+def release_record(record: Any, key: str | None = None) -> UUID:
     """Publish the release record as a markdown artifact (a task, so it shows in the UI)."""
     return publish_release_record(record, key)
 
@@ -361,3 +447,44 @@ def canary_chart(
     title: str = "canary vs stable",
 ) -> UUID:
     return publish_canary_chart(key, error_ratio, p99_seconds, steps, title=title)
+
+
+# --- the canary's progress artifact --------------------------------------------------------
+
+
+class _Named(Protocol):
+    @property
+    def service(self) -> str: ...
+
+
+class CanaryProgress:
+    """The progress artifact of one canary: moves with the steps and passing intervals."""
+
+    def __init__(self, artifact_id: UUID, steps: Sequence[int], analyses_per_step: int) -> None:
+        self.artifact_id = artifact_id
+        self.steps = list(steps)
+        self.analyses_per_step = analyses_per_step
+
+    @classmethod
+    def start(cls, plan: _Named, policy: Any) -> CanaryProgress:
+        steps = list(policy.steps)
+        artifact_id = start_progress(
+            f"canary-{plan.service}", f"{plan.service}: canary at {steps[0]}%", 0.0
+        )
+        return cls(artifact_id, steps, int(policy.analyses_per_step))
+
+    def percent(self, run: AnalysisRun) -> float:
+        if run.decision == Decision.PROMOTE:
+            return 100.0
+        total = len(self.steps) * self.analyses_per_step
+        done = run.step_index * self.analyses_per_step + run.passes_in_step
+        return round(100.0 * done / total, 1) if total else 0.0
+
+    def update(self, run: AnalysisRun) -> None:
+        description = (
+            f"canary at {run.weight}%: {run.passes_in_step}/{self.analyses_per_step} passing "
+            f"intervals, {run.failures} failed, {run.inconclusives} inconclusive"
+        )
+        if run.decision == Decision.ROLLBACK:
+            description = f"rolling back at {run.weight}%: {run.reason}"
+        update_progress(self.artifact_id, self.percent(run), description)

@@ -10,9 +10,10 @@ from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-from core.analysis import IntervalVerdict, MetricVerdict, Verdict
+from core.analysis import AnalysisRun, IntervalVerdict, MetricVerdict, Verdict
+from core.catalog import CanaryPolicy
 from tasks.report import (
-    ReleaseRecord,
+    CanaryProgress,
     canary_chart,
     flow_run_url,
     publish_analysis_table,
@@ -20,6 +21,7 @@ from tasks.report import (
     start_progress,
     update_progress,
 )
+from tests.unit.test_report import Record
 
 pytestmark = pytest.mark.integration
 
@@ -69,18 +71,17 @@ def test_artifacts_of_a_release(prefect_server) -> None:
             {"canary": [(t0 + i, 0.05) for i in range(30)], "stable": [(t0, 0.02)]},
             [(t0, 10), (t0 + 15, 50)],
         )
+        from prefect.runtime import flow_run
+
+        policy = CanaryPolicy(steps=[50, 100], analyses_per_step=2)
+        canary = CanaryProgress.start(Record(service="probe-svc"), policy)
+        run = AnalysisRun.start(policy)
+        run.record(interval)
+        canary.update(run)
         release_record(
-            ReleaseRecord(
-                service="api-gateway",
-                source_commit="f" * 40,
-                image="reg/robotics-serving/api-gateway:t",
-                analyses=[interval],
-                outcome="promoted",
-                flow_run_url=flow_run_url(),
-            ),
+            Record(flow_run_id=str(flow_run.id), analyses=[interval], outcome="promoted"),
             key="release-api-gateway-probe",
         )
-        from prefect.runtime import flow_run
 
         return flow_run_url(), str(flow_run.id)
 
@@ -95,6 +96,8 @@ def test_artifacts_of_a_release(prefect_server) -> None:
     chart = latest("chart-api-gateway-probe")
     assert chart.type == "markdown"
     assert "![canary](data:image/png;base64,iVBORw0KGgo" in str(chart.data)
+    canary = latest("canary-probe-svc")
+    assert float(canary.data) == 25.0 and "1/2 passing" in canary.description
     record = latest("release-api-gateway-probe")
     assert "# Release of api-gateway: promoted" in str(record.data)
     assert str(record.flow_run_id) == run_id

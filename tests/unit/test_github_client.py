@@ -165,3 +165,11 @@ def test_status_of_a_missing_deployment_is_skipped_with_a_warning(caplog):
         assert set_deployment_status.fn(REPO, None, "success", client=gh.client()) is False
     assert gh.requests == []
     assert "not created" in caplog.text
+
+
+def test_flow_run_id_in_the_payload_also_makes_it_idempotent():
+    gh = FakeGitHub()
+    payload = {"flow_run_id": "run-9"}
+    first = create_deployment.fn(REPO, SHA, "staging", "s", payload, client=gh.client())
+    again = create_deployment.fn(REPO, SHA, "staging", "s", payload, client=gh.client())
+    assert first == again and len(gh.deployments) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import pytest
@@ -9,14 +10,12 @@ import pytest
 from core.analysis import IntervalVerdict, MetricVerdict, Verdict
 from core.errors import InvalidInput
 from tasks.report import (
-    EnvironmentRecord,
-    ReleaseRecord,
-    SmokeLine,
     analysis_rows,
+    approval_description,
     artifact_key,
     canary_chart_png,
-    canary_progress,
     png_markdown,
+    release_summary,
     render_release_record,
 )
 
@@ -73,13 +72,6 @@ def test_analysis_rows_one_per_metric_and_interval():
     assert rows[1]["canary"] == "no data" and rows[1]["verdict"] == "Inconclusive"
 
 
-def test_canary_progress():
-    assert canary_progress(0, [10, 25, 50, 100]) == 0
-    assert canary_progress(25, [10, 25, 50, 100]) == 40
-    assert canary_progress(100, [10, 25, 50, 100]) == 80
-    assert canary_progress(100, [10, 25, 50, 100], promoted=True) == 100
-
-
 def test_chart_is_a_png_with_both_tracks():
     t0 = END.timestamp()
     series = {
@@ -100,52 +92,84 @@ def test_chart_without_data_still_draws():
     assert canary_chart_png({}, {}, []).startswith(b"\x89PNG")
 
 
-def test_release_record_links_the_whole_path():
-    record = ReleaseRecord(
-        service="api-gateway",
-        source_repo="robotics/robotics-api",
-        source_commit="abc1234" + "0" * 33,
-        image="127.0.0.1:5000/robotics-serving/api-gateway:20261127-abc1234",
-        digest="sha256:" + "d" * 64,
-        flow_run_url="http://127.0.0.1:4200/runs/flow-run/1",
-        environments=[
-            EnvironmentRecord(
-                name="staging",
-                manifest_commits=["1" * 40],
-                argocd_app="api-gateway-staging",
-                argocd_revisions=["1" * 40],
-                smoke=[SmokeLine(path="/healthz", status=200, latency_ms=4.2)],
-                metrics_verdict="Pass",
-            ),
-            EnvironmentRecord(
-                name="production",
-                manifest_commits=["2" * 40, "3" * 40],
-                argocd_app="api-gateway-production",
-                argocd_revisions=["3" * 40],
-            ),
-        ],
-        analyses=[INTERVAL],
-        approval="approved",
-        approver="alice",
-        comment="ship | it",
-        outcome="rolled back: error ratio",
-        reason="2 failed intervals > failure limit 1",
+@dataclass
+class Decision:
+    approver: str
+    comment: str
+
+    def outcome(self) -> str:
+        return f"approved by {self.approver}"
+
+
+@dataclass
+class Result:
+    analysis: IntervalVerdict
+
+
+@dataclass
+class Record:
+    """The shape of the release flow's record (core.release.ReleaseRecord)."""
+
+    service: str = "api-gateway"
+    flow_run_id: str = "0b5c1d9e-0000-4000-8000-000000000001"
+    source_sha: str = "abc1234" + "0" * 33
+    image: str = "127.0.0.1:5000/robotics-serving/api-gateway:20261127-abc1234@sha256:" + "d" * 64
+    digest: str = "sha256:" + "d" * 64
+    staging_commit: str = "1" * 40
+    staging_revision: str = "1" * 40
+    smoke: list = field(
+        default_factory=lambda: [{"path": "/healthz", "status": 200, "latency_ms": 4.2}]
     )
-    text = render_release_record(record)
+    staging_metrics: IntervalVerdict | None = None
+    decision: Decision | None = None
+    production_commits: list = field(default_factory=lambda: ["2" * 40, "3" * 40, "3" * 40])
+    production_revisions: list = field(default_factory=lambda: ["3" * 40])
+    steps: list = field(default_factory=lambda: [(10, END)])
+    analyses: list = field(default_factory=list)
+    watch: list = field(default_factory=list)
+    rollback_commit: str = ""
+    rollback_verification: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+    outcome: str = "in progress"
+
+
+def test_release_record_links_the_whole_path():
+    record = Record(
+        decision=Decision("alice", "ship | it"),
+        analyses=[Result(INTERVAL)],
+        rollback_commit="4" * 40,
+        outcome="rolled back: error ratio",
+        notes=["2 failed intervals > failure limit 1"],
+    )
+    text = render_release_record(record, run_url="http://ui/runs/flow-run/1")
     order = [
-        "Source commit",
+        "Source commit | `abc123400000`",
         "Digest",
-        "staging manifest commits",
-        "staging Argo CD",
-        "production manifest commits",
+        "Staging manifest commit | `111111111111`",
+        "Staging Argo CD revision",
+        "Staging smoke | /healthz 200 (4 ms)",
         "Approval | approved by alice",
         "Comment | ship \\| it",
+        "Production manifest commits | `222222222222`, `333333333333` |",
+        "Production Argo CD revisions",
+        "Canary steps | 10% at 12:30:05",
+        "Rollback commit | `444444444444`",
         "Outcome | **rolled back: error ratio**",
+        "Flow run | [0b5c1d9e",
         "## Canary analyses",
+        "| 12:30:05 | Fail | 300 |",
+        "## Notes",
     ]
     positions = [text.index(o) for o in order]
     assert positions == sorted(positions)
-    assert "`abc123400000`" in text
-    assert "`222222222222`, `333333333333`" in text
-    assert "/healthz 200 (4 ms)" in text
-    assert "| 12:30:05 | Fail | 300 |" in text
+
+
+def test_summary_and_approval_description():
+    record = Record(staging_metrics=INTERVAL, analyses=[INTERVAL])
+    summary = release_summary(record)
+    assert "**api-gateway**" in summary and "approval: pending" in summary
+    assert "last analysis: Fail" in summary
+    text = approval_description(record, "--- a/x\n+++ b/x\n-old\n+new\n")
+    assert "Digest: `sha256:dddd" in text
+    assert "| error_ratio | 0.3 | <= 0.05, <= 2x stable | Fail |" in text
+    assert text.rstrip().endswith("+new\n```")
