@@ -32,6 +32,7 @@ import docker
 import docker.errors
 import httpx
 from prefect import get_run_logger, task
+from prefect.client.schemas.objects import State
 from prefect_docker import DockerHost, DockerRegistryCredentials
 from pydantic import BaseModel, Field
 
@@ -80,6 +81,16 @@ class PushedImage(BaseModel):
 
 
 # --- blocks and clients ------------------------------------------------------------------
+
+
+def retry_on(*transient: type[BaseException]) -> Callable[[Any, Any, State], bool]:
+    """A ``retry_condition_fn``: retry only errors a second try may fix (never refused
+    credentials or bad input)."""
+
+    def should_retry(_task: Any, _run: Any, state: State) -> bool:
+        return isinstance(state.data, transient)
+
+    return should_retry
 
 
 def _logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
@@ -263,6 +274,7 @@ class RegistryClient:
     task_run_name="find {repository}:{tag}",
     retries=2,
     retry_delay_seconds=5,
+    retry_condition_fn=retry_on(RegistryUnavailable),
 )
 async def find_pushed_image(
     registry: str,
@@ -533,7 +545,13 @@ def _push_sync(client: docker.DockerClient, ref: ImageRef, log: Callable[[str], 
     return validate_digest(str(digest))
 
 
-@task(name="push-image", task_run_name="push {image}", retries=2, retry_delay_seconds=10)
+@task(
+    name="push-image",
+    task_run_name="push {image}",
+    retries=2,
+    retry_delay_seconds=10,
+    retry_condition_fn=retry_on(RegistryUnavailable, PushFailed),
+)
 async def push_image(
     image: str,
     *,

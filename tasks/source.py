@@ -92,7 +92,13 @@ def checkout_sync(repo_url: str, sha: str, *, workspace: Path, label: str = "") 
     )
 
 
-@task(name="checkout", task_run_name="checkout {sha:.7}", retries=2, retry_delay_seconds=5)
+@task(
+    name="checkout",
+    task_run_name="checkout {sha:.7}",
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=lambda _task, _run, state: isinstance(state.data, SourceError),
+)
 async def checkout(repo_url: str, sha: str, *, label: str = "") -> Checkout:
     """Check out commit ``sha`` of ``repo_url`` into a fresh directory.
 

@@ -22,8 +22,8 @@ from prefect.client.schemas.filters import (
     LogFilter,
     LogFilterFlowRunId,
 )
+from prefect.client.schemas.objects import State
 from prefect.logging.handlers import APILogHandler
-from prefect.states import State
 from prefect_docker import DockerRegistryCredentials
 
 from core.errors import CheckFailed, RegistryAuthFailed, ScanGateFailed, ScannerUnavailable
@@ -71,7 +71,9 @@ exit "$escaped"
 async def run_ci(sample: SampleService, **params: Any) -> tuple[State, UUID]:
     params = {"service": sample.service, "sha": sample.sha, "ref": MAIN, "event": "push", **params}
     state = await ci(**params, return_state=True)
-    return state, state.state_details.flow_run_id
+    run_id = state.state_details.flow_run_id
+    assert run_id is not None
+    return state, run_id
 
 
 async def logs_of(flow_run_id: UUID) -> str:
