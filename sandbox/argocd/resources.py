@@ -156,13 +156,8 @@ def _three_way(live: Any, last: Any, desired: Any) -> Any:
 
 def merged_for_apply(live: JSON, desired: JSON) -> JSON:
     """``kubectl apply``'s three-way merge, simplified: lists are replaced, not merged."""
-    annotations = live.get("metadata", {}).get("annotations") or {}
-    try:
-        last = json.loads(annotations.get(LAST_APPLIED, "{}"))
-    except ValueError:
-        last = {}
     body = {k: v for k, v in live.items() if k != "status"}
-    merged = _three_way(body, last, with_last_applied(desired))
+    merged = _three_way(body, last_applied(live), with_last_applied(desired))
     merged["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"]
     return dict(merged)
 
@@ -186,10 +181,30 @@ def is_subset(desired: Any, live: Any) -> bool:
     return bool(desired == live)
 
 
+def _dropped(last: Any, desired: Any) -> bool:
+    """True when ``last`` (what we applied before) has a field ``desired`` no longer has."""
+    if isinstance(last, dict) and isinstance(desired, dict):
+        return any(k not in desired or _dropped(v, desired[k]) for k, v in last.items())
+    if isinstance(last, list) and isinstance(desired, list) and len(last) == len(desired):
+        return any(_dropped(a, b) for a, b in zip(last, desired, strict=True))
+    return False
+
+
+def last_applied(live: JSON) -> JSON:
+    annotations = live.get("metadata", {}).get("annotations") or {}
+    try:
+        value = json.loads(annotations.get(LAST_APPLIED, "{}"))
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def in_sync(desired: JSON, live: JSON | None) -> bool:
+    """Live has every desired field, and nothing we applied before and removed since."""
     if live is None:
         return False
-    return is_subset({k: v for k, v in desired.items() if k != "status"}, live)
+    body = {k: v for k, v in desired.items() if k != "status"}
+    return is_subset(body, live) and not _dropped(last_applied(live), body)
 
 
 def images_of(objects: list[JSON]) -> list[str]:

@@ -118,3 +118,20 @@ def test_signature_matches_githubs_test_vector() -> None:
     assert signature_256("It's a Secret to Everybody", body) == expected
     digest = hmac.new(b"It's a Secret to Everybody", body, hashlib.sha256).hexdigest()
     assert expected == f"sha256={digest}"
+
+
+def test_a_field_we_applied_and_then_removed_is_out_of_sync() -> None:
+    before = prepare(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "s", "annotations": {"x": "1"}},
+        },
+        app="app",
+        namespace="production",
+    )
+    live = with_last_applied(before)
+    after = json.loads(json.dumps(before))
+    del after["metadata"]["annotations"]["x"]
+    assert in_sync(before, live)
+    assert not in_sync(after, live)
