@@ -94,13 +94,38 @@ def _num(value: float | None) -> str:
     return "no data" if value is None else f"{value:.4g}"
 
 
+def weights_at(intervals: Sequence[Any], steps: Sequence[tuple[int, datetime]]) -> list[int | None]:
+    """The canary weight in force at each interval's start (from the steps' commit times)."""
+    out: list[int | None] = []
+    for item in intervals:
+        v = as_verdict(item)
+        start = v.end.timestamp() - v.window_seconds
+        current = None
+        for weight, at in steps:
+            if at.timestamp() <= start + 1.0:  # a step committed just before counts
+                current = weight
+        out.append(current)
+    return out
+
+
 def analysis_rows(
-    intervals: Sequence[IntervalVerdict], weights: Sequence[int] | None = None
+    intervals: Sequence[Any],
+    weights: Sequence[int | None] | None = None,
+    *,
+    steps: Sequence[tuple[int, datetime]] | None = None,
 ) -> list[dict[str, str]]:
-    """One row per metric per interval: metric, canary, stable, threshold, verdict."""
+    """One row per metric per interval: metric, canary, stable, threshold, verdict.
+
+    ``intervals`` are IntervalVerdicts or anything carrying one as ``.analysis``; the weight
+    column comes from ``weights`` or is derived from the canary ``steps``.
+    """
+    if weights is None and steps is not None:
+        weights = weights_at(intervals, steps)
     rows = []
-    for i, interval in enumerate(intervals):
-        weight = f"{weights[i]}%" if weights is not None and i < len(weights) else ""
+    for i, item in enumerate(intervals):
+        interval = as_verdict(item)
+        w = weights[i] if weights is not None and i < len(weights) else None
+        weight = "" if w is None else f"{w}%"
         for m in interval.metrics:
             rows.append(_row(interval, m, weight))
     return rows
@@ -122,17 +147,24 @@ def _row(interval: IntervalVerdict, m: MetricVerdict, weight: str) -> dict[str, 
 
 def publish_analysis_table(
     key: str,
-    intervals: Sequence[IntervalVerdict],
-    weights: Sequence[int] | None = None,
+    intervals: Sequence[Any],
+    weights: Sequence[int | None] | None = None,
     description: str = "Canary analysis: canary against stable, each interval",
+    *,
+    steps: Sequence[tuple[int, datetime]] | None = None,
 ) -> UUID:
-    rows = analysis_rows(intervals, weights)
+    rows = analysis_rows(intervals, weights, steps=steps)
     return _artifact(
         create_table_artifact,
         table=rows,
         key=artifact_key(key),
         description=description,
     )
+
+
+def chart_steps(steps: Sequence[tuple[int, datetime]]) -> list[tuple[float, int]]:
+    """The release record's ``(weight, time)`` steps as the chart's ``(unix_ts, weight)``."""
+    return [(at.timestamp(), weight) for weight, at in steps]
 
 
 # --- the canary chart ----------------------------------------------------------------------

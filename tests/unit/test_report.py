@@ -72,6 +72,13 @@ def test_analysis_rows_one_per_metric_and_interval():
     assert rows[1]["canary"] == "no data" and rows[1]["verdict"] == "Inconclusive"
 
 
+def test_weights_come_from_the_steps():
+    steps = [(10, datetime(2026, 11, 27, 12, 29, tzinfo=UTC)), (50, END)]
+    later = INTERVAL.model_copy(update={"end": datetime(2026, 11, 27, 12, 30, 20, tzinfo=UTC)})
+    rows = analysis_rows([INTERVAL, Result(later)], steps=steps)
+    assert [r["weight"] for r in rows] == ["10%", "10%", "50%", "50%"]
+
+
 def test_chart_is_a_png_with_both_tracks():
     t0 = END.timestamp()
     series = {
