@@ -19,11 +19,11 @@ from core.catalog import CanaryPolicy, MetricRules
 from core.errors import MetricsError
 from sandbox.procs import free_port, wait_until
 from sandbox.prometheus import start_prometheus, stop_prometheus
+from sandbox.runtime.metrics import RequestMetrics, restart_metrics
 from tasks.metrics import PrometheusClient, analyse_interval, canary_window, staging_check
 
 pytestmark = pytest.mark.integration
 
-BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, float("inf")]
 WINDOW = 5.0
 POLICY = CanaryPolicy(steps=[50, 100], analyses_per_step=1, min_requests=50)
 
@@ -46,29 +46,43 @@ PODS = {"canary": "api-gateway-canary-7d9f8-abcde", "stable": "api-gateway-5c6b7
 
 
 class IngressExporter:
-    """Counters advanced by a ticker thread, served in Prometheus' text format.
-
-    Bucket series appear only once they count something (so the two tracks' histograms
-    have different bounds, as with an exporter that creates series lazily)."""
+    """Synthetic traffic recorded by the sandbox runtime's own exporter classes, so the
+    labels are exactly the twin's (ingress-nginx's): ``ingress``/``service`` name the main
+    Ingress, ``canary`` is the canary upstream (``<ns>-<svc>-canary-<port>``) or ``""``."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.requests: dict[tuple[str, str, str], float] = defaultdict(float)
-        self.buckets: dict[tuple[str, str, float], float] = defaultdict(float)
+        self.requests = RequestMetrics()
+        self.owed: dict[tuple[str, str], float] = defaultdict(float)
+        self.sent: dict[tuple[str, str], int] = defaultdict(int)
         self.cpu: dict[tuple[str, str], float] = defaultdict(float)
+        self.lock = threading.Lock()
         self.stop = threading.Event()
 
     def tick(self, dt: float) -> None:
-        with self.lock:
-            for ns, tracks in SCENARIOS.items():
-                for track, t in tracks.items():
-                    n = t.rps * dt
-                    self.requests[(ns, track, "500")] += n * t.error_rate
-                    self.requests[(ns, track, "200")] += n * (1 - t.error_rate)
-                    for latency in (t.latency * 0.8, t.latency * 1.2):
-                        for le in BUCKETS:
-                            if latency <= le:
-                                self.buckets[(ns, track, le)] += n / 2
+        for ns, tracks in SCENARIOS.items():
+            for track, t in tracks.items():
+                self.owed[(ns, track)] += t.rps * dt
+                n = int(self.owed[(ns, track)])
+                self.owed[(ns, track)] -= n
+                canary = f"{ns}-api-gateway-canary-8000" if track == "canary" else ""
+                for k in range(n):
+                    sent = self.sent[(ns, track)]
+                    self.sent[(ns, track)] = sent + 1
+                    # Exactly error_rate of the requests fail, spread evenly.
+                    failed = int((sent + 1) * t.error_rate) > int(sent * t.error_rate)
+                    labels = {
+                        "namespace": ns,
+                        "ingress": "api-gateway",
+                        "service": "api-gateway",
+                        "canary": canary,
+                        "host": "api.robotics.local",
+                        "method": "GET",
+                        "path": "/v1/work",
+                        "status": "500" if failed else "200",
+                    }
+                    latency = t.latency * (0.8 if k % 2 else 1.2)
+                    self.requests.observe(labels, latency)
+                with self.lock:
                     self.cpu[(ns, track)] += 0.1 * dt
 
     def run(self) -> None:
@@ -79,25 +93,18 @@ class IngressExporter:
             last = now
 
     def render(self) -> str:
-        lines = ["# TYPE nginx_ingress_controller_requests counter"]
+        pods = [
+            {
+                "metadata": {"namespace": ns, "name": PODS[track]},
+                "status": {"containerStatuses": [{"name": "api-gateway", "restartCount": 0}]},
+            }
+            for ns in SCENARIOS
+            for track in PODS
+        ]
+        lines = self.requests.render() + restart_metrics(pods)
         with self.lock:
-            for (ns, track, status), v in sorted(self.requests.items()):
-                canary = "api-gateway-canary" if track == "canary" else ""
-                lines.append(
-                    f'nginx_ingress_controller_requests{{namespace="{ns}",ingress="api-gateway",'
-                    f'service="api-gateway",canary="{canary}",status="{status}"}} {v}'
-                )
-            lines.append("# TYPE nginx_ingress_controller_request_duration_seconds histogram")
-            for (ns, track, le), v in sorted(self.buckets.items()):
-                canary = "api-gateway-canary" if track == "canary" else ""
-                le_text = "+Inf" if le == float("inf") else repr(le)
-                lines.append(
-                    "nginx_ingress_controller_request_duration_seconds_bucket"
-                    f'{{namespace="{ns}",ingress="api-gateway",canary="{canary}",le="{le_text}"}} {v}'
-                )
             for (ns, track), v in sorted(self.cpu.items()):
                 pod = f'namespace="{ns}",pod="{PODS[track]}",container="api-gateway"'
-                lines.append(f"kube_pod_container_status_restarts_total{{{pod}}} 0")
                 lines.append(f"container_cpu_usage_seconds_total{{{pod}}} {v}")
                 lines.append(f"container_memory_working_set_bytes{{{pod}}} 50000000")
         return "\n".join(lines) + "\n"
