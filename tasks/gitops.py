@@ -23,6 +23,7 @@ import hashlib
 import json
 import random
 import re
+import shutil
 import subprocess
 import threading
 import time
@@ -300,6 +301,14 @@ class ManifestsRepo:
     def _session(self) -> Iterator[None]:
         with _dir_lock(self.workdir):
             yield
+
+    def remove_clone(self) -> bool:
+        """Delete this clone (at the end of a run); False when there was none."""
+        with self._session():
+            if not self.workdir.exists():
+                return False
+            shutil.rmtree(self.workdir)
+            return True
 
     # -- reading
 
@@ -904,6 +913,17 @@ def restore_overlay(
     )
     _log(result)
     return result
+
+
+@task(name="gitops-remove-clone")
+def remove_clone(
+    flow_run_id: str | None = None, *, repo_url: str | None = None, branch: str | None = None
+) -> bool:
+    """Delete this run's clone of the manifests repo (call it when the run ends)."""
+    run_id = flow_run_id or _current_run_id()
+    if not run_id:
+        raise InvalidInput("remove_clone needs a flow run id (none in this context)")
+    return manifests_repo(url=repo_url, branch=branch, run_id=run_id).remove_clone()
 
 
 @task(name="gitops-head-commit")

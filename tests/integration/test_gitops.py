@@ -396,5 +396,12 @@ def test_bump_task_in_a_flow(prefect_server, tmp_path, manifests):
     assert changed
     sha2, changed2 = bump_flow(image("api-gateway", 9))
     assert (sha2, changed2) == (sha, False)
+
+    @flow(name="clone-cleanup")
+    def cleanup() -> bool:
+        gitops.head_commit(repo_url=manifests, branch="main")
+        return gitops.remove_clone(repo_url=manifests, branch="main")
+
+    assert cleanup() is True
     body = git(Path(manifests.removeprefix("file://")), "log", "-1", "--format=%B", "main")
     assert "Prefect-Flow-Run: " in body and f"Source-Commit: {'b' * 40}" in body
