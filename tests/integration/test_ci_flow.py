@@ -4,9 +4,11 @@ auth, and the Trivy binary, against the sample service in a local bare repo."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -26,12 +28,21 @@ from prefect.client.schemas.objects import State
 from prefect.logging.handlers import APILogHandler
 from prefect_docker import DockerRegistryCredentials
 
-from core.errors import CheckFailed, RegistryAuthFailed, ScanGateFailed, ScannerUnavailable
+from core.catalog import ScanPolicy
+from core.errors import (
+    CheckFailed,
+    InvalidInput,
+    RegistryAuthFailed,
+    ScanGateFailed,
+    ScannerUnavailable,
+)
 from core.images import parse_reference
 from core.settings import get_settings
 from flows.ci import CIResult, ci
 from sandbox.procs import free_port, wait_until
 from tasks.checks import run_check
+from tasks.images import push_image
+from tasks.scan import scan_image
 from tests.fixtures_engine import SEED, SampleService
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -218,7 +229,9 @@ async def test_failing_lint_stops_the_flow_before_anything_is_built(
     assert "config/fail_rate must be an integer" in await wait_for_log(run_id, "fail_rate must")
 
 
-async def test_secret_in_dockerfile_env_fails_the_scan_gate(sample_service_repo: Any) -> None:
+async def test_secret_in_dockerfile_env_fails_the_scan_gate(
+    sample_service_repo: Any, tmp_path: Path
+) -> None:
     seed = (SEED / "Dockerfile").read_text()
     bad = seed.replace("USER 65534:65534\n", SECRET_IN_ENV + "USER 65534:65534\n")
     sample: SampleService = sample_service_repo(files={"Dockerfile": bad})
@@ -235,6 +248,18 @@ async def test_secret_in_dockerfile_env_fails_the_scan_gate(sample_service_repo:
     assert "wJalrXUtnFEMI" not in text  # the value itself is not repeated
     summary = next(a for a in await artifacts_of(run_id) if a.key == "ci-api-gateway").data
     assert "| scan | failed |" in summary and "| push |" not in summary
+
+    # Accepting the finding in .trivyignore lets the same image through the gate.
+    accepted = tmp_path / "repo"
+    accepted.mkdir()
+    (accepted / "Dockerfile").write_text(bad)
+    (accepted / ".trivyignore").write_text("# accepted: demo key, rotated\nDS-0031\n")
+    image = f"{sample.registry.host}/{sample.image}:{tag_of(sample)}"
+    report = await scan_image(
+        image, repo_path=str(accepted), policy=ScanPolicy(allow_missing_vuln_db=True)
+    )
+    assert "DS-0031" not in {f.id for f in report.findings}
+    assert not report.blocking
 
 
 async def test_wrong_registry_password_names_the_registry_and_leaks_nothing(
@@ -254,6 +279,14 @@ async def test_wrong_registry_password_names_the_registry_and_leaks_nothing(
         await state.result()
     assert sample.registry.host in str(caught.value)
     assert manifest(sample, tag_of(sample)).status_code == 404
+    # The same refusal when pushing: login fails, the registry is named, no password shown.
+    local = f"{sample.registry.host}/{sample.image}:auth-test"
+    docker.from_env().images.get("robotics-cd/busybox:latest").tag(local)
+    with pytest.raises(RegistryAuthFailed) as at_push:
+        await push_image(local, credentials_block=block)
+    assert sample.registry.host in str(at_push.value) and wrong not in str(at_push.value)
+    assert registry_get(sample, f"/v2/{sample.image}/tags/list").status_code == 404
+
     logs = await wait_for_log(run_id, "RegistryAuthFailed")
     assert "RegistryAuthFailed" in logs  # the failure itself is logged ...
     artifacts = str([(a.data, a.description) for a in await artifacts_of(run_id)])
@@ -300,6 +333,19 @@ async def test_the_probe_does_see_a_network_when_the_catalog_allows_one(
             timeout=timedelta(seconds=30),
         )
     assert "ESCAPE: network interface eth0" in caught.value.tail
+
+
+async def test_bad_input_is_refused_before_any_side_effect(sample_service_repo: Any) -> None:
+    sample: SampleService = sample_service_repo()
+    for params, needle in (
+        ({"sha": "HEAD; rm -rf /"}, "invalid git sha"),
+        ({"ref": "refs/heads/$(reboot)"}, "invalid git ref"),
+        ({"service": "no-such-service"}, "unknown service"),
+    ):
+        state, run_id = await run_ci(sample, **params)
+        with pytest.raises(InvalidInput, match=re.escape(needle)):
+            await state.result()
+        assert await task_names(run_id) == []
 
 
 async def test_missing_vuln_db_fails_the_scan_unless_allowed(sample_service_repo: Any) -> None:
