@@ -176,7 +176,17 @@ def _json_file(path: Path, make: Callable[[], dict[str, Any]]) -> dict[str, Any]
 
 
 def _ports(state: Path) -> dict[str, int]:
-    names = ("kube", "control", "argocd", "github", "staging", "production", "training", "webhook")
+    names = (
+        "prefect",
+        "kube",
+        "control",
+        "argocd",
+        "github",
+        "staging",
+        "production",
+        "training",
+        "webhook",
+    )
 
     def make() -> dict[str, Any]:
         return {name: free_port() for name in names}
@@ -585,7 +595,9 @@ def up(
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
     prefect_future: concurrent.futures.Future[prefect_server.PrefectServer] | None = None
     if prefect_api_url is None:
-        prefect_future = pool.submit(prefect_server.start_prefect_server, state / "prefect")
+        prefect_future = pool.submit(
+            prefect_server.start_prefect_server, state / "prefect", port=ports["prefect"]
+        )
     try:
         with timer.step("base images"):
             engine.ensure_base_images()
@@ -609,20 +621,15 @@ def up(
         install_hooks(state / "git", github_url)
         with timer.step("argo cd applications"):
             create_applications(state / "kubeconfig", seeded)
-        if prefect_future is not None:
-            with timer.step("prefect server"):
-                server = prefect_future.result()
-        else:
-            url = prefect_api_url or ""
-            server = prefect_server.PrefectServer(url, url.removesuffix("/api"), state / "prefect")
     except Exception:
         pool.shutdown(wait=True)
         raise
-    pool.shutdown(wait=False)
+    prefect_port = ports["prefect"]
+    fallback = prefect_api_url or f"http://127.0.0.1:{prefect_port}/api"
     sb = Sandbox(
         state_dir=str(state),
-        prefect_api_url=server.api_url,
-        prefect_ui_url=server.ui_url,
+        prefect_api_url=fallback,
+        prefect_ui_url=fallback.removesuffix("/api"),
         prefect_managed=prefect_future is not None,
         registry=reg.host,
         registry_username=reg.username,
@@ -652,11 +659,26 @@ def up(
         docker_managed=docker_managed,
         blocks=block_names(),
     )
-    with timer.step("prefect blocks"):
+
+    def prefect_then_blocks() -> None:
+        # Runs beside the wait for healthy apps: the server is the slowest part to start.
+        if prefect_future is not None:
+            server = prefect_future.result()
+            sb.prefect_api_url, sb.prefect_ui_url = server.api_url, server.ui_url
+            timer.timings["prefect server (parallel)"] = round(time.monotonic() - timer.started, 2)
+        t0 = time.monotonic()
         register_blocks(sb)
-    if wait_healthy:
-        with timer.step("staging + production healthy"):
-            bring_apps_up(sb, timeout=120)
+        timer.timings["prefect blocks (parallel)"] = round(time.monotonic() - t0, 2)
+
+    blocks_future = pool.submit(prefect_then_blocks)
+    try:
+        if wait_healthy:
+            with timer.step("staging + production healthy"):
+                bring_apps_up(sb, timeout=120)
+        with timer.step("prefect server + blocks"):
+            blocks_future.result()
+    finally:
+        pool.shutdown(wait=True)
     sb.timings = {**timer.timings, "total": round(time.monotonic() - timer.started, 2)}
     sb.save()
     write_env(sb)

@@ -37,7 +37,9 @@ PRODUCTION = "serving/api-gateway/overlays/production"
 
 
 def _port_free(port: int) -> bool:
+    """Nothing listens on the port (closed connections may linger in TIME_WAIT)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
