@@ -43,7 +43,8 @@ class Scenario:
     stable_error: float
     canary_error: float
     stable_median_s: float
-    canary_extra_s: float  # added to every canary request
+    canary_extra_s: float  # added to a share of the canary's requests
+    extra_share: float = 1.0  # that share (1.0: every request)
     sigma: float = 0.5  # log-normal shape of latencies
 
 
@@ -55,16 +56,25 @@ SCENARIOS = [
     Scenario("canary 5xx 3 % vs 1 %, busy", 200, 60, 0.01, 0.03, 0.02, 0.0),
     Scenario("canary +300 ms", 20, 60, 0.01, 0.01, 0.02, 0.3),
     Scenario("canary +60 ms, busy", 200, 60, 0.01, 0.01, 0.02, 0.06),
+    Scenario("3 % of canary requests +300 ms, busy", 200, 60, 0.01, 0.01, 0.02, 0.3, 0.03),
+    Scenario("3 % of canary requests +300 ms", 20, 60, 0.01, 0.01, 0.02, 0.3, 0.03),
     Scenario("canary 5xx 1.5 % vs 1 %, busy", 200, 60, 0.01, 0.015, 0.02, 0.0),
     Scenario("no traffic", 0, 60, 0.01, 0.01, 0.02, 0.0),
 ]
 
 
 def track(
-    rng: np.random.Generator, requests: int, error: float, median: float, extra: float, sigma: float
+    rng: np.random.Generator,
+    requests: int,
+    error: float,
+    median: float,
+    extra: float,
+    sigma: float,
+    share: float = 1.0,
 ) -> TrackObservation:
     errors = int(rng.binomial(requests, error)) if requests else 0
-    latencies = rng.lognormal(math.log(median), sigma, requests) + extra
+    latencies = rng.lognormal(math.log(median), sigma, requests)
+    latencies += extra * (rng.random(requests) < share)
     counts = np.searchsorted(BUCKETS, latencies, side="left")
     per_bucket = np.bincount(counts, minlength=len(BUCKETS))
     cumulative = np.cumsum(per_bucket)
@@ -99,6 +109,7 @@ def simulate(scenario: Scenario, rng: np.random.Generator, alpha: float) -> tupl
                 scenario.stable_median_s,
                 scenario.canary_extra_s,
                 scenario.sigma,
+                scenario.extra_share,
             ),
             stable=track(
                 rng, stable_n, scenario.stable_error, scenario.stable_median_s, 0.0, scenario.sigma

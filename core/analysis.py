@@ -252,8 +252,42 @@ def _p_value(metric: str, canary: TrackObservation, stable: TrackObservation) ->
             stable.requests or 0.0,
         )
     if metric == "p99_latency_seconds" and canary.latency_buckets and stable.latency_buckets:
-        return mann_whitney_greater(canary.latency_buckets, stable.latency_buckets)
+        return latency_p_value(canary.latency_buckets, stable.latency_buckets)
     return None
+
+
+def tail_greater(canary: LatencyBuckets, stable: LatencyBuckets, cut: float) -> float | None:
+    """One-sided Fisher p-value for "more canary requests than stable ones are slower than
+    ``cut``" (counts above the histogram bound ``cut``)."""
+    canary, stable = align_buckets(canary, stable)
+
+    def above(h: LatencyBuckets) -> tuple[float, float]:
+        total = h[-1][1]
+        at_cut = max((c for le, c in h if le <= cut), default=0.0)
+        return total - at_cut, total
+
+    c_above, c_total = above(canary)
+    s_above, s_total = above(stable)
+    return fisher_greater(c_above, c_total, s_above, s_total)
+
+
+def latency_p_value(canary: LatencyBuckets, stable: LatencyBuckets) -> float | None:
+    """Is the canary slower? Two one-sided tests, Bonferroni-combined:
+
+    * Mann-Whitney U catches a shift of the whole distribution;
+    * a tail test catches a regression of a few percent of requests (what moves a P99
+      without moving the median): Fisher on the share of requests above the first bucket
+      bound at or over the stable's P99.
+    """
+    p_values = [mann_whitney_greater(canary, stable)]
+    stable_p99 = histogram_quantile(0.99, stable)
+    if stable_p99 is not None:
+        edges = sorted({le for le, _ in canary} | {le for le, _ in stable})
+        cut = next((le for le in edges if le >= stable_p99 and not math.isinf(le)), None)
+        if cut is not None:
+            p_values.append(tail_greater(canary, stable, cut))
+    known = [p for p in p_values if p is not None]
+    return min(1.0, min(known) * len(known)) if known else None
 
 
 def judge_metric(

@@ -343,3 +343,32 @@ def test_no_data_interval_counts_as_inconclusive():
     down = no_data_interval(T0, 10, "Prometheus at http://prom unreachable")
     assert [run.record(down) for _ in range(3)][-1] == Decision.ROLLBACK
     assert "no data: Prometheus" in run.reason
+
+
+def test_a_slow_tail_fails_on_p99_though_the_median_is_unchanged():
+    # 3 % of canary requests take +300 ms: the median does not move, P99 does.
+    rng = random.Random(3)
+    base = [0.02 * rng.uniform(0.5, 1.5) for _ in range(1000)]
+    slow = [x + (0.3 if i % 33 == 0 else 0.0) for i, x in enumerate(base)]
+    canary_buckets = histogram(slow)
+    stable_buckets = histogram([0.02 * rng.uniform(0.5, 1.5) for _ in range(9000)])
+    assert mann_whitney_greater(canary_buckets, stable_buckets) > 0.01  # blind to it
+    canary = TrackObservation(
+        requests=1000,
+        latency_buckets=canary_buckets,
+        values={"p99_latency_seconds": histogram_quantile(0.99, canary_buckets)},
+    )
+    stable = TrackObservation(
+        requests=9000,
+        latency_buckets=stable_buckets,
+        values={"p99_latency_seconds": histogram_quantile(0.99, stable_buckets)},
+    )
+    m = judge_metric(
+        "p99_latency_seconds",
+        MetricRule(max=1.0, max_vs_stable=1.5),
+        canary,
+        stable,
+        min_requests=50,
+    )
+    assert m.verdict == Verdict.FAIL, m.reason
+    assert m.p_value is not None and m.p_value < 1e-6
