@@ -39,6 +39,7 @@ from core.analysis import (
     histogram_quantile,
     judge_interval,
     judge_track,
+    no_data_interval,
 )
 from core.catalog import CanaryPolicy, MetricRules
 from core.errors import InvalidInput, MetricsError
@@ -407,18 +408,38 @@ def analyse_interval(
     target: Target | None = None,
     prometheus_url: str | None = None,
     scrape_lag_seconds: float = 2.0,
+    unavailable_is_inconclusive: bool = False,
 ) -> IntervalResult:
     """Judge one canary interval ``[end_time - window, end_time]`` against stable.
 
-    Waits for ``end_time`` if it is still ahead. Raises MetricsError when Prometheus cannot
-    answer (the caller decides whether that counts as an inconclusive interval).
+    Waits for ``end_time`` if it is still ahead. When Prometheus cannot answer it raises
+    MetricsError (after the task's retries), or, with ``unavailable_is_inconclusive``,
+    returns an Inconclusive interval saying why: an outage then counts towards the
+    inconclusive limit like any interval without data, and a long one rolls back.
     """
     end = _end_and_window(end_time, window_seconds)
     wait_for_interval_end(end, scrape_lag_seconds=scrape_lag_seconds)
     where = target or Target(service=service, namespace=namespace)
     with prometheus(prometheus_url) as client:
         source = PrometheusSource(client, where, rules)
-        observation = source.observe(end, window_seconds)
+        try:
+            observation = source.observe(end, window_seconds)
+        except MetricsError as exc:
+            if not unavailable_is_inconclusive:
+                raise
+            _logger().warning("%s/%s interval without data: %s", namespace, service, exc)
+            return IntervalResult(
+                service=service,
+                namespace=namespace,
+                analysis=no_data_interval(end, window_seconds, str(exc)),
+                observation=IntervalObservation(
+                    end=end,
+                    window_seconds=window_seconds,
+                    canary=TrackObservation(),
+                    stable=TrackObservation(),
+                ),
+                queries=source.queries,
+            )
     verdict = judge_interval(observation, rules, policy)
     _logger().info(
         "%s/%s interval ending %s: %s (%s)",

@@ -257,6 +257,21 @@ def test_canary_window_series_for_the_chart(prometheus_url: str) -> None:
     assert all(v < 0.05 for _, v in window.p99_latency_seconds["stable"])
 
 
+def test_prometheus_down_can_count_as_inconclusive() -> None:
+    result = analyse_interval.fn(
+        "api-gateway",
+        "good",
+        MetricRules(),
+        POLICY,
+        window_seconds=WINDOW,
+        prometheus_url=f"http://127.0.0.1:{free_port()}",
+        scrape_lag_seconds=0,
+        unavailable_is_inconclusive=True,
+    )
+    assert result.verdict == Verdict.INCONCLUSIVE
+    assert result.analysis.reason.startswith("no data: Prometheus at http://127.0.0.1:")
+
+
 def test_prometheus_down_is_a_metrics_error() -> None:
     with pytest.raises(MetricsError, match=r"Prometheus at http://127\.0\.0\.1:\d+ is unreachable"):
         analyse("good", f"http://127.0.0.1:{free_port()}")
