@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +125,9 @@ class Runtime:
             return router
         endpoints = self.kubelet.endpoints if self.kubelet else {}
         router = NamespaceRouter(namespace, self.store, endpoints, self.metrics, self.faults)
-        port = self.router_ports.get(namespace) or free_port()
+        port = self.router_ports.get(namespace)
+        if not port or (namespace not in self.config.ingress_ports and not _port_free(port)):
+            port = free_port()
         await self.ctx.serve(router, port, f"ingress:{namespace}")
         self.routers[namespace] = router
         self.router_ports[namespace] = port
@@ -136,15 +139,27 @@ class Runtime:
     # -- reacting to the store ---------------------------------------------------------------
 
     async def watch(self, subscription: Any) -> None:
-        async for event in subscription:
-            if event.type == "BOOKMARK":
-                continue
+        """React to every change; if the store cuts us off (410, fell behind), subscribe
+        again and let the resync catch up on what was missed."""
+        from sandbox.kube.store import ApiError
+
+        while True:
             try:
-                await self.handle(event.type, event.object)
-            except Exception:
-                log.exception(
-                    "runtime: handling %s %s failed", event.type, event.object.get("kind")
-                )
+                async for event in subscription:
+                    if event.type == "BOOKMARK":
+                        continue
+                    try:
+                        await self.handle(event.type, event.object)
+                    except Exception:
+                        log.exception(
+                            "runtime: handling %s %s failed", event.type, event.object.get("kind")
+                        )
+            except ApiError as exc:
+                log.warning("runtime: store subscription ended (%s); subscribing again", exc)
+            subscription = self.store.subscribe()
+            self._dirty.set()
+            for namespace in list(self.routers):
+                self.refresh_namespace(namespace)
 
     async def handle(self, type_: str, obj: dict[str, Any]) -> None:
         kind = obj.get("kind")
@@ -246,6 +261,15 @@ class Runtime:
             *admin_routes(self.faults),
         ]
         return Starlette(routes=routes)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 async def start(ctx: Any) -> None:

@@ -19,7 +19,6 @@ from typing import Any
 
 import docker
 import docker.errors
-from docker.models.containers import Container
 
 log = logging.getLogger("sandbox.runtime.engine")
 
@@ -72,6 +71,14 @@ class RegistryAuth:
     @property
     def host(self) -> str:
         return self.url.split("://", 1)[-1].rstrip("/")
+
+
+@dataclass(frozen=True)
+class ContainerSummary:
+    id: str
+    name: str
+    state: str  # created | running | exited | ...
+    labels: dict[str, str]
 
 
 @dataclass
@@ -293,12 +300,20 @@ class Engine:
                 raise
         net.connect(name, aliases=aliases)
 
-    def ours(self) -> list[Container]:
-        return list(
-            self.client.containers.list(
+    def ours(self) -> list[ContainerSummary]:
+        """Every container of this sandbox, from one list call (no per-container inspect:
+        a container removed meanwhile must not fail the listing)."""
+        return [
+            ContainerSummary(
+                id=str(row["Id"]),
+                name=str((row.get("Names") or ["/"])[0]).lstrip("/"),
+                state=str(row.get("State", "")),
+                labels=dict(row.get("Labels") or {}),
+            )
+            for row in self.client.api.containers(
                 all=True, filters={"label": f"{SANDBOX_LABEL}={self.label}"}
             )
-        )
+        ]
 
     def stats(self, name: str) -> dict[str, Any] | None:
         try:
@@ -350,9 +365,9 @@ def cleanup(label: str) -> dict[str, int]:
     flt = {"label": f"{SANDBOX_LABEL}={label}"}
     removed = {"containers": 0, "networks": 0, "volumes": 0}
     try:
-        for c in client.containers.list(all=True, filters=flt):
+        for row in client.api.containers(all=True, filters=flt):
             try:
-                c.remove(force=True, v=True)
+                client.api.remove_container(row["Id"], force=True, v=True)
                 removed["containers"] += 1
             except docker.errors.NotFound:
                 continue

@@ -578,7 +578,7 @@ class PodWorker:
             "hostIP": "127.0.0.1",
             "startTime": self.started_at,
             "containerStatuses": statuses,
-            "qosClass": "BestEffort",
+            "qosClass": qos_class(pod),
         }
         if ip:
             status["podIP"] = ip
@@ -601,6 +601,22 @@ class PodWorker:
         self.kubelet.endpoints[self.key] = PodEndpoint(
             self.namespace, self.name, self.uid, labels_of(pod), ready, ports, names
         )
+
+
+def qos_class(pod: JSON) -> str:
+    """Guaranteed (limits = requests for cpu and memory everywhere), else Burstable if any
+    request or limit is set, else BestEffort."""
+    containers = (pod.get("spec") or {}).get("containers") or []
+    resources = [c.get("resources") or {} for c in containers]
+    if not any(r.get("limits") or r.get("requests") for r in resources):
+        return "BestEffort"
+    for r in resources:
+        limits = r.get("limits") or {}
+        requests = r.get("requests") or limits  # requests default to the limits
+        for key in ("cpu", "memory"):
+            if key not in limits or str(requests.get(key)) != str(limits[key]):
+                return "Burstable"
+    return "Guaranteed"
 
 
 def _seconds_between(start: str | None, end: str | None) -> float:
@@ -782,7 +798,7 @@ class Kubelet:
             self.pod_changed(pod)
         containers = await asyncio.to_thread(self.engine.ours)
         for container in containers:
-            uid = (container.labels or {}).get(POD_UID_LABEL)
+            uid = container.labels.get(POD_UID_LABEL)
             if uid and uid not in uids:
                 log.info("removing orphan container %s", container.name)
                 await asyncio.to_thread(self.engine.remove, container.name)

@@ -115,9 +115,9 @@ class ContainerStats:
     def _collect(self) -> dict[tuple[str, str, str], tuple[float, float]]:
         values = {}
         for container in self.engine.ours():
-            if container.status != "running":
+            if container.state != "running":
                 continue
-            labels = container.labels or {}
+            labels = container.labels
             key = (
                 labels.get(POD_NS_LABEL, ""),
                 labels.get(POD_NAME_LABEL, ""),
@@ -126,7 +126,7 @@ class ContainerStats:
             if not key[1]:
                 continue
             try:
-                stats = self.engine.stats(container.id or "")
+                stats = self.engine.stats(container.id)
             except Exception as exc:  # the container exited between list and stats
                 log.debug("no stats for %s: %s", container.name, exc)
                 continue

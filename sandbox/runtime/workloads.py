@@ -73,6 +73,7 @@ class Controllers:
             ("Deployment", "apps/v1", self.reconcile_deployment),
             ("ReplicaSet", "apps/v1", self.reconcile_replicaset),
             ("Job", "batch/v1", self.reconcile_job),
+            ("PersistentVolumeClaim", "v1", self.reconcile_claim),
         ):
             for obj in self.store.list(api_version, kind):
                 try:
@@ -415,6 +416,20 @@ class Controllers:
                 )
         status["conditions"] = conditions
         self._update_status(dep, status)
+
+    # -- PersistentVolumeClaims ------------------------------------------------------------
+
+    def reconcile_claim(self, claim: JSON) -> None:
+        """Bind at once, as a dynamic provisioner would: the data lives in a Docker volume
+        named after the claim, made when a pod first mounts it."""
+        spec = claim.get("spec") or {}
+        storage = ((spec.get("resources") or {}).get("requests") or {}).get("storage", "1Gi")
+        status = {
+            "phase": "Bound",
+            "accessModes": list(spec.get("accessModes") or ["ReadWriteOnce"]),
+            "capacity": {"storage": storage},
+        }
+        self._update_status(claim, status)
 
     # -- Jobs ------------------------------------------------------------------------------
 
