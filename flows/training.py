@@ -15,15 +15,15 @@ and the last log lines; a cancelled run, or one whose deadline passes, deletes t
 This module only orders tasks; every outside system is reached in ``tasks/``.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: Prefect validates the flows' parameters
+# from their real annotations, also when it loads this file by path (a served deployment).
 from datetime import datetime
 from typing import Any
 
 from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import acreate_markdown_artifact, acreate_progress_artifact
 from prefect.client.schemas.objects import FlowRun, State
-from prefect.logging import get_logger
+from prefect.logging.loggers import flow_run_logger
 from prefect.variables import Variable
 from pydantic import BaseModel, Field
 
@@ -226,7 +226,7 @@ def _job_for(params: TrainParams, flow_run_id: str) -> tuple[str, str]:
 
 async def delete_job_of_run(flow: Any, flow_run: FlowRun, state: State) -> None:
     """``on_cancellation`` hook: the run is going away, so its job (and pods) must too."""
-    logger = get_logger("robotics_cd.training")
+    logger = flow_run_logger(flow_run, flow)
     try:
         params = parse_train_params((flow_run.parameters or {}).get("params") or {})
         name, namespace = _job_for(params, str(flow_run.id))

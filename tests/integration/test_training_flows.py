@@ -1,0 +1,414 @@
+"""The training flows on real parts: the session Prefect server, dockerd, a registry with
+htpasswd auth, Trivy, and a twin process (Kubernetes API, runtime running pods as
+containers, the PyTorchJob controller, the chat sink) — against the seed training repo in a
+local bare repo.
+
+The ``train`` runs are started in-process (the fastest way to a flow run); cancellation is
+shown on a served ``train`` deployment, where Prefect's runner cancels and runs the hook.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import git
+import httpx
+import pytest
+import yaml
+from prefect.blocks.system import Secret
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    DeploymentFilter,
+    DeploymentFilterName,
+    LogFilter,
+    LogFilterFlowRunId,
+)
+from prefect.deployments import run_deployment
+from prefect.logging.handlers import APILogHandler
+from prefect.states import Cancelling
+from prefect.variables import Variable
+from prefect_kubernetes.credentials import KubernetesClusterConfig, KubernetesCredentials
+
+from core.settings import get_settings
+from core.training import TrainParams, job_name
+from flows.training import READY_TITLE, latest_variable, train, training_image
+from sandbox.procs import free_port, stop_pid, wait_until
+from sandbox.runtime import cleanup, state_label
+from tests.conftest import SESSION_DIR
+from tests.fixtures_kube import KubeTwin, start_kube_twin
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.timeout(300),
+    pytest.mark.asyncio(loop_scope="session"),
+]
+
+ROOT = Path(__file__).resolve().parents[2]
+SEED = ROOT / "sandbox" / "seed" / "robotics-training"
+COMMIT_DATE = "2026-11-21T09:00:00+00:00"
+NAMESPACE = "training"
+LABEL_JOB = "training.kubeflow.org/job-name"
+
+
+@dataclass
+class TrainingPlatform:
+    twin: KubeTwin
+    github_url: str
+    bare: Path
+    work: Path
+    image: str  # repository path, unique per module run
+    env: dict[str, str]
+
+    def kubectl_json(self, *args: str) -> dict[str, Any]:
+        return dict(json.loads(self.twin.kubectl(*args, "-o", "json").stdout))
+
+    def pods(self, job: str) -> list[dict[str, Any]]:
+        items = self.kubectl_json("get", "pods", "-n", NAMESPACE, "-l", f"{LABEL_JOB}={job}")
+        return list(items["items"])
+
+    def jobs(self) -> list[str]:
+        items = self.kubectl_json("get", "pytorchjobs", "-n", NAMESPACE)["items"]
+        return [i["metadata"]["name"] for i in items]
+
+    def chat(self, channel: str) -> list[dict[str, Any]]:
+        return list(httpx.get(f"{self.github_url}/chat/{channel}", timeout=5).json())
+
+    def commit(self, files: dict[str, str], message: str) -> str:
+        """A new commit on main of the training repo, pushed to the bare repo."""
+        repo = git.Repo(self.work)
+        for name, text in files.items():
+            (self.work / name).write_text(text)
+        repo.git.add(A=True)
+        env = {"GIT_AUTHOR_DATE": COMMIT_DATE, "GIT_COMMITTER_DATE": COMMIT_DATE}
+        with repo.git.custom_environment(**env):
+            repo.git.commit("-q", "-m", message)
+        repo.git.push("-q", "origin", "main")
+        return repo.head.commit.hexsha
+
+
+def _seed_repo(root: Path) -> tuple[Path, Path]:
+    work = root / "work"
+    shutil.copytree(SEED, work)
+    bare = root / "robotics-training.git"
+    git.Repo.init(bare, bare=True, initial_branch="main")
+    repo = git.Repo.init(work, initial_branch="main")
+    with repo.config_writer() as cw:
+        cw.set_value("user", "name", "ML Dev")
+        cw.set_value("user", "email", "ml@robotics.example")
+    repo.create_remote("origin", str(bare))
+    return work, bare
+
+
+def _first_commit(work: Path) -> None:
+    repo = git.Repo(work)
+    repo.git.add(A=True)
+    env = {"GIT_AUTHOR_DATE": COMMIT_DATE, "GIT_COMMITTER_DATE": COMMIT_DATE}
+    with repo.git.custom_environment(**env):
+        repo.git.commit("-q", "-m", "robotics-training: seed")
+    repo.git.push("-q", "origin", "main")
+
+
+@pytest.fixture(scope="module")
+async def platform(registry: Any, prefect_server: Any) -> Any:
+    uid = uuid.uuid4().hex[:6]
+    root = SESSION_DIR / f"training-{uid}"
+    work, bare = _seed_repo(root)
+    _first_commit(work)
+    image = f"robotics-training/vision-train-{uid}"
+    catalog = {
+        "defaults": {
+            "push_registry": registry.host,
+            "pull_registry": registry.host,
+            "manifests_repo": str(root / "manifests.git"),
+            "scan": {"fail_on": ["CRITICAL", "HIGH"], "allow_missing_vuln_db": True},
+        },
+        "training": {
+            "vision-train": {
+                "repo": f"file://{bare}",
+                "github": "robotics/robotics-training",
+                "image": image,
+                "namespace": NAMESPACE,
+                "notify": ["feishu", "dingtalk"],
+            }
+        },
+    }
+    (root / "services.yaml").write_text(yaml.safe_dump(catalog, sort_keys=False))
+    github_port = free_port()
+    config = {
+        "registry": {
+            "url": registry.url,
+            "username": registry.username,
+            "password": registry.password,
+        },
+        "restart_backoff": {"initial": 0.5, "max": 2},
+        "resync_seconds": 1,
+        "control_port": free_port(),
+        "argocd_port": free_port(),
+        "github_port": github_port,
+        "git_base": str(root / "git"),
+        "load": {"enabled": False},
+    }
+    env = {
+        "ROBOTICS_CD_CATALOG": str(root / "services.yaml"),
+        "ROBOTICS_CD_KUBERNETES_BLOCK": f"training-kube-{uid}",
+        "ROBOTICS_CD_CHAT_WEBHOOKS_BLOCK": f"training-chat-{uid}",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    get_settings.cache_clear()
+    state = root / "twin"
+    try:
+        with start_kube_twin(state, **config) as twin:
+            manifest = root / "namespace.json"
+            manifest.write_text(
+                json.dumps(
+                    {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}
+                )
+            )
+            twin.kubectl("create", "-f", str(manifest))
+            await KubernetesCredentials(
+                cluster_config=KubernetesClusterConfig.from_file(twin.kubeconfig)
+            ).asave(env["ROBOTICS_CD_KUBERNETES_BLOCK"], overwrite=True)
+            hooks = {
+                p: f"http://127.0.0.1:{github_port}/chat/{p}/hook" for p in ("feishu", "dingtalk")
+            }
+            await Secret(value=hooks).asave(env["ROBOTICS_CD_CHAT_WEBHOOKS_BLOCK"], overwrite=True)
+            yield TrainingPlatform(twin, f"http://127.0.0.1:{github_port}", bare, work, image, env)
+    finally:
+        cleanup(state_label(state))
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        get_settings.cache_clear()
+
+
+@pytest.fixture(scope="module")
+async def first_image(platform: TrainingPlatform) -> tuple[str, Any]:
+    """The training repo's first commit, built and announced by the training-image flow."""
+    # The change: run the trainer as non-root (the scan gate refuses root: DS-0002 HIGH),
+    # with the default checkpoint directory writable by that user.
+    dockerfile = (
+        (platform.work / "Dockerfile")
+        .read_text()
+        .replace(
+            "ENTRYPOINT",
+            "RUN mkdir -p /checkpoints && chown 65534:65534 /checkpoints\nUSER 65534:65534\nENTRYPOINT",
+        )
+    )
+    sha = platform.commit({"Dockerfile": dockerfile}, "vision-train: run as non-root")
+    state = await training_image(sha=sha, ref="refs/heads/main", return_state=True)
+    return sha, state
+
+
+async def logs_of(flow_run_id: UUID) -> str:
+    await APILogHandler.aflush()
+    lines: list[str] = []
+    async with get_client() as client:
+        while True:
+            batch = await client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                offset=len(lines),
+                limit=200,
+            )
+            lines += [entry.message for entry in batch]
+            if len(batch) < 200:
+                return "\n".join(lines)
+
+
+async def artifacts_of(flow_run_id: UUID) -> dict[str, Any]:
+    async with get_client() as client:
+        found = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return {a.key: a for a in found if a.key}
+
+
+# --- training-image ----------------------------------------------------------------------------
+
+
+async def test_training_repo_change_pushes_image_and_notifies(
+    platform: TrainingPlatform, first_image: tuple[str, Any]
+):
+    sha, state = first_image
+    assert state.is_completed(), state.message
+    record = await state.result()
+    assert record.tag == f"20261121-{sha[:7]}"
+    assert record.ref.startswith(
+        f"{get_settings_registry(platform)}/{platform.image}:{record.tag}@sha256:"
+    )
+    stored = await Variable.aget(latest_variable("vision-train"))
+    assert stored["digest"] == record.digest and stored["notified"] is True
+
+    for channel in ("feishu", "dingtalk"):
+        posts = platform.chat(channel)
+        assert len(posts) == 1, posts
+        assert READY_TITLE in json.dumps(posts[0]["body"], ensure_ascii=False)
+        assert record.tag in json.dumps(posts[0]["body"], ensure_ascii=False)
+
+    # A rerun for the same commit builds, pushes and announces nothing again.
+    again = await training_image(sha=sha, return_state=True)
+    assert again.is_completed()
+    assert (await again.result()).digest == record.digest
+    assert len(platform.chat("feishu")) == 1
+    logs = await logs_of(again.state_details.flow_run_id)
+    assert "already in the registry" in logs
+
+
+def get_settings_registry(platform: TrainingPlatform) -> str:
+    from core.catalog import load_catalog
+
+    return load_catalog(platform.env["ROBOTICS_CD_CATALOG"]).defaults.push_registry
+
+
+# --- train -------------------------------------------------------------------------------------
+
+
+async def test_one_master_two_workers_succeed_with_epochs_and_summary(
+    platform: TrainingPlatform, first_image: tuple[str, Any]
+):
+    params = TrainParams(experiment="resnet-ok", workers=2, cpu="100m", memory="64Mi")
+    state = await train(params=params, return_state=True)
+    run_id = state.state_details.flow_run_id
+    logs = await logs_of(run_id)
+    assert state.is_completed(), f"{state.message}\n{logs[-3000:]}"
+    result = await state.result()
+    assert result.phase == "Succeeded"
+    assert result.checkpoint == "/checkpoints/resnet-ok/epoch-3.ckpt"
+    for epoch in ("epoch 1/3", "epoch 2/3", "epoch 3/3"):
+        assert epoch in logs
+    artifacts = await artifacts_of(run_id)
+    summary = artifacts["train-resnet-ok-summary"].data
+    assert "Succeeded" in summary and "1 master + 2 worker(s)" in summary
+    assert "sha256:" in summary and "epoch-3.ckpt" in summary
+    assert artifacts["train-resnet-ok"].data == 100.0
+    name = job_name("resnet-ok", str(run_id))
+    assert result.job == f"{NAMESPACE}/{name}"
+    # A rerun of the same flow run adopts its job instead of submitting another one.
+    assert platform.jobs().count(name) == 1
+
+
+async def test_trainer_exit_1_fails_the_run_with_the_job_reason(
+    platform: TrainingPlatform, first_image: tuple[str, Any]
+):
+    params = TrainParams(
+        experiment="resnet-nan",
+        workers=0,
+        config="configs/fail.yaml",
+        backoff_limit=1,
+        cleanup="All",
+        cpu="100m",
+        memory="64Mi",
+    )
+    state = await train(params=params, return_state=True)
+    assert state.is_failed()
+    message = state.message or ""
+    with pytest.raises(Exception) as raised:
+        await state.result()
+    text = str(raised.value)
+    assert type(raised.value).__name__ == "TrainingFailed", text
+    assert "reached the specified backoff limit" in text
+    assert "loss diverged" in text or "loss=nan" in text, text
+    name = job_name("resnet-nan", str(state.state_details.flow_run_id))
+    # cleanPodPolicy All: the pods are gone, the failed job stays for inspection.
+    wait_until(lambda: not platform.pods(name), timeout=30, what="pods cleaned up")
+    assert name in platform.jobs()
+    assert "TrainingFailed" in message or "backoff" in message
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"experiment": "bad", "workers": 0, "elastic_min": 2}, "workers"),
+        ({"experiment": "bad", "gpus_per_node": -1}, "gpus_per_node"),
+        ({"experiment": "bad", "volumes": [{"claim": "datasets/imagenet"}]}, "claim"),
+        ({"experiment": "bad", "image_tag": "19990101-0000000"}, "image_tag"),
+    ],
+)
+async def test_invalid_parameters_are_refused_before_submission(
+    platform: TrainingPlatform, first_image: tuple[str, Any], params: dict[str, Any], field: str
+):
+    before = platform.jobs()
+    state = await train(params=params, return_state=True)
+    assert state.is_failed()
+    assert field in (state.message or ""), state.message
+    assert platform.jobs() == before
+
+
+# --- cancellation on a served deployment -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served_train(platform: TrainingPlatform, prefect_server: Any) -> Iterator[None]:
+    log = open(prefect_server.home / "served-train.log", "ab")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from flows.training import train; train.serve(name='train')"],
+        cwd=ROOT,
+        env={**os.environ, **platform.env, "PREFECT_RUNNER_POLL_FREQUENCY": "1"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+    def deployed() -> bool:
+        with get_client(sync_client=True) as client:
+            return bool(
+                client.read_deployments(
+                    deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["train"]))
+                )
+            )
+
+    try:
+        wait_until(deployed, timeout=60, what="served train deployment")
+        yield
+    finally:
+        stop_pid(proc.pid)
+        log.close()
+
+
+async def test_cancelling_the_run_deletes_the_job_and_its_pods(
+    platform: TrainingPlatform, first_image: tuple[str, Any], served_train: None
+):
+    params = TrainParams(
+        experiment="resnet-cancel", workers=1, args=["--epochs", "120"], cpu="100m", memory="64Mi"
+    )
+    run = await run_deployment(
+        get_settings().train_deployment,
+        parameters={"params": params.model_dump(mode="json")},
+        timeout=0,
+        as_subflow=False,
+    )
+    name = job_name("resnet-cancel", str(run.id))
+    wait_until(
+        lambda: len([p for p in platform.pods(name) if p["status"].get("phase") == "Running"]) == 2,
+        timeout=90,
+        what="the job's pods running",
+    )
+    async with get_client() as client:
+        await client.set_flow_run_state(run.id, Cancelling(), force=True)
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if name not in platform.jobs() and not platform.pods(name):
+            break
+        await asyncio.sleep(0.5)
+    assert name not in platform.jobs(), "the PyTorchJob outlived its cancelled run"
+    assert not platform.pods(name)
+    async with get_client() as client:
+        final = await client.read_flow_run(run.id)
+    assert final.state is not None and final.state.type.value in ("CANCELLED", "CANCELLING")
