@@ -188,7 +188,8 @@ async def run_check(
         return result
     host = await load_docker_host(docker_host_block)
     started = time.monotonic()
-    with tempfile.TemporaryFile() as archive, host.get_client() as client:
+    client = await anyio.to_thread.run_sync(host.get_client)  # version negotiation is I/O
+    with tempfile.TemporaryFile() as archive, client:
         await anyio.to_thread.run_sync(lambda: _tar_checkout(root, archive))
         for command in commands:
             logger.info("%s: $ %s", stage, command)

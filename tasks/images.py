@@ -580,7 +580,8 @@ async def push_image(
     _check_same_registry(ref, credentials)
     logger = _logger()
     host = await load_docker_host(docker_host_block)
-    with host.get_client() as client:
+    client = await anyio.to_thread.run_sync(host.get_client)
+    try:
         try:
             await credentials.login(client)
         except docker.errors.APIError as exc:
@@ -590,11 +591,16 @@ async def push_image(
         digest = await anyio.to_thread.run_sync(
             lambda: _push_sync(client, ref, lambda line: logger.info("[push] %s", line))
         )
-    pushed = PushedImage(ref=str(ref.with_digest(digest)), tag=ref.tag, digest=digest, revision="")
-    # The revision is what build_image labelled; read it back so the result is self-contained.
-    with host.get_client() as client:
+        # The revision is what build_image labelled; read back so the result stands alone.
         labels = await anyio.to_thread.run_sync(lambda: client.images.get(ref.tagged).labels or {})
-    pushed = pushed.model_copy(update={"revision": str(labels.get(REVISION_LABEL, ""))})
+    finally:
+        await anyio.to_thread.run_sync(client.close)
+    pushed = PushedImage(
+        ref=str(ref.with_digest(digest)),
+        tag=ref.tag,
+        digest=digest,
+        revision=str(labels.get(REVISION_LABEL, "")),
+    )
     logger.info("pushed %s", pushed.ref)
     return pushed
 

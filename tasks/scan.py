@@ -294,8 +294,8 @@ async def scan_image(
 
     Args:
         image: the image on the Docker host (``registry/repository:tag``).
-        repo_path: the checkout (its ``.trivyignore`` is honoured; the SBOM is written there
-            under ``.robotics-cd/``).
+        repo_path: the checkout (its ``.trivyignore`` is honoured). The SBOM is written to
+            ``settings.workspace/sboms/``.
         dockerfile: path of the Dockerfile, relative to the checkout.
         policy: severities of the gate, vuln DB repository, whether a missing DB is allowed,
             timeout (default: ``ScanPolicy()``: CRITICAL and HIGH, DB required).
@@ -363,8 +363,11 @@ async def scan_image(
     )
     findings += parse_misconfigs(_json(config_run, "misconfiguration scan"), dockerfile)
 
-    sbom = root / ".robotics-cd" / "sbom.cdx.json"
-    sbom.parent.mkdir(exist_ok=True)
+    # Kept beside the workspace, not in the checkout (which the flow deletes).
+    sbom = (
+        get_settings().workspace / "sboms" / (re.sub(r"[^A-Za-z0-9_.-]+", "_", image) + ".cdx.json")
+    )
+    sbom.parent.mkdir(parents=True, exist_ok=True)
     sbom_run = await _trivy(
         ["image", *docker_flags, *offline, "--format", "cyclonedx", "--output", str(sbom), image],
         timeout=timeout,
