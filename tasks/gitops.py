@@ -387,15 +387,13 @@ class ManifestsRepo:
         last_reason = ""
         for attempt in range(self.max_push_attempts):
             self._update()
-            before = parse_rendered(self._render_at_head(edit.overlay))
-            try:
-                edit.apply(self.workdir)
-            except InvalidInput as exc:
-                self._git("reset", "-q", "--hard", "HEAD")
-                raise OverlayRefused(f"{edit.subject}: refused, nothing committed: {exc}") from exc
-            if not self._git("status", "--porcelain", "--", edit.overlay).strip():
+            if not self._apply(edit):
                 sha = edit.existing() or self._git("rev-parse", "HEAD").strip()
                 return CommitResult(sha=sha, changed=False, message=self._subject_of(sha))
+            # Render the head as it is, then our edit on top of it (applying is idempotent).
+            self._git("reset", "-q", "--hard", "HEAD")
+            before = parse_rendered(self._render_at_head(edit.overlay))
+            self._apply(edit)
             self._check(edit, before)
             self._git("add", "-A", "--", edit.overlay)
             self._git("commit", "-q", "-m", _message(edit.subject, edit.body, edit.trailers))
@@ -417,6 +415,15 @@ class ManifestsRepo:
             f"{edit.subject}: push still rejected after {self.max_push_attempts} attempts "
             f"({last_reason}); the manifests branch is busy, run the step again"
         )
+
+    def _apply(self, edit: _Edit) -> bool:
+        """Write the edit into the work tree; False when the overlay already says that."""
+        try:
+            edit.apply(self.workdir)
+        except InvalidInput as exc:
+            self._git("reset", "-q", "--hard", "HEAD")
+            raise OverlayRefused(f"{edit.subject}: refused, nothing committed: {exc}") from exc
+        return bool(self._git("status", "--porcelain", "--", edit.overlay).strip())
 
     def _render_at_head(self, overlay: str) -> str:
         try:
