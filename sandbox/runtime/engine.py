@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import logging
+import tarfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -289,6 +291,21 @@ class Engine:
         except docker.errors.APIError as exc:
             if exc.status_code != 409:  # removal already in progress
                 raise
+
+    def put_files(self, name: str, directory: str, files: dict[str, tuple[bytes, int]]) -> None:
+        """Copy files (relative path -> (content, mode)) into ``directory`` of a container."""
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for path, (content, mode) in sorted(files.items()):
+                info = tarfile.TarInfo(path)
+                info.size, info.mode = len(content), mode
+                tar.addfile(info, io.BytesIO(content))
+        try:
+            self.client.api.put_archive(name, directory, buf.getvalue())
+        except docker.errors.APIError as exc:
+            raise ContainerFailed(
+                f"writing files into {name}:{directory}: {exc.explanation}"
+            ) from exc
 
     def set_aliases(self, name: str, network: str, aliases: list[str]) -> None:
         """Re-attach ``name`` to ``network`` with new aliases (its host ports change)."""

@@ -219,14 +219,53 @@ class PodWorker:
         self.prepared = True
 
     def _volume_name(self, volume: JSON) -> str | None:
+        """The Docker volume behind a pod volume: a PVC's is named after the claim (data
+        outlives the pod); emptyDir, configMap and secret ones belong to the pod."""
+        label = self.kubelet.engine.label[:6]
         if "persistentVolumeClaim" in volume:
             claim = volume["persistentVolumeClaim"].get("claimName", volume["name"])
-            return f"twin-{self.namespace}-pvc-{claim}"
-        if "emptyDir" in volume or not any(
-            k in volume for k in ("hostPath", "configMap", "secret", "projected", "downwardAPI")
+            return f"twin-{self.namespace}-pvc-{claim}-{label}"
+        if (
+            "emptyDir" in volume
+            or "configMap" in volume
+            or "secret" in volume
+            or not any(k in volume for k in ("hostPath", "projected", "downwardAPI"))
         ):
             return f"twin-{self.namespace}-{self.name}-{volume['name']}-{self.uid[:8]}"
         return None
+
+    def _volume_files(self, volume: JSON) -> dict[str, tuple[bytes, int]] | None:
+        """The files of a configMap or secret volume (path -> (content, mode)), or None."""
+        import base64
+
+        from sandbox.kube.store import ApiError
+
+        if "configMap" in volume:
+            source, kind, name = volume["configMap"], "ConfigMap", volume["configMap"].get("name")
+        elif "secret" in volume:
+            source, kind, name = volume["secret"], "Secret", volume["secret"].get("secretName")
+        else:
+            return None
+        try:
+            obj = self.kubelet.store.get("v1", kind, self.namespace, name)
+        except ApiError as exc:
+            if exc.status == 404 and source.get("optional"):
+                return {}
+            raise ValueError(f'{kind.lower()} "{name}" not found') from exc
+        data: dict[str, bytes] = {}
+        for key, value in (obj.get("data") or {}).items():
+            data[key] = base64.b64decode(value) if kind == "Secret" else str(value).encode()
+        for key, value in (obj.get("binaryData") or {}).items():
+            data[key] = base64.b64decode(value)
+        mode = int(source.get("defaultMode", 0o644))
+        items = source.get("items")
+        if items:
+            return {
+                i["path"]: (data.get(i["key"], b""), int(i.get("mode", mode)))
+                for i in items
+                if i.get("key") in data
+            }
+        return {key: (value, mode) for key, value in data.items()}
 
     def _ensure_volumes(self, spec: JSON) -> list[str]:
         """Docker volumes for emptyDir (removed with the pod) and PVCs (kept, by claim)."""
@@ -322,6 +361,7 @@ class PodWorker:
         try:
             spec = self.container_spec(pod, run, aliases)
             await asyncio.to_thread(engine.create, spec)
+            await asyncio.to_thread(self._project_files, pod, run)
             await asyncio.to_thread(engine.start, run.docker_name)
         except (ContainerFailed, ValueError) as exc:
             await asyncio.to_thread(engine.remove, run.docker_name)
@@ -351,6 +391,15 @@ class PodWorker:
         log.info("pod %s/%s: aliases now %s", self.namespace, self.name, aliases)
         await asyncio.to_thread(self.kubelet.engine.set_aliases, run.docker_name, network, aliases)
         run.info = await asyncio.to_thread(self.kubelet.engine.inspect, run.docker_name)
+
+    def _project_files(self, pod: JSON, run: ContainerRun) -> None:
+        """Write configMap/secret volume contents through the created container's mounts."""
+        volumes = {v["name"]: v for v in (pod.get("spec") or {}).get("volumes") or []}
+        for mount in run.spec.get("volumeMounts") or []:
+            volume = volumes.get(mount.get("name"))
+            files = self._volume_files(volume) if volume else None
+            if files:
+                self.kubelet.engine.put_files(run.docker_name, mount["mountPath"], files)
 
     # -- probes ----------------------------------------------------------------------------
 
@@ -458,7 +507,11 @@ class PodWorker:
             volume = volumes.get(mount.get("name"))
             docker_volume = self._volume_name(volume) if volume else None
             if docker_volume:
-                mounts.append((docker_volume, mount["mountPath"], bool(mount.get("readOnly"))))
+                # configMap/secret volumes stay writable: their files are copied in after
+                # the container is created.
+                projected = "configMap" in volume or "secret" in volume  # type: ignore[operator]
+                read_only = bool(mount.get("readOnly")) and not projected
+                mounts.append((docker_volume, mount["mountPath"], read_only))
         security = container.get("securityContext") or spec.get("securityContext") or {}
         user = str(security["runAsUser"]) if "runAsUser" in security else None
         return ContainerSpec(

@@ -421,7 +421,7 @@ def test_jobs_complete_or_fail_after_backoff_limit(runtime_twin: RuntimeTwin) ->
     assert pods.count('"phase": "Failed"') == 2
 
 
-def test_claims_bind_and_keep_data_across_pods_and_logs_are_served(
+def test_volumes_env_sources_and_logs(
     runtime_twin: RuntimeTwin,
 ) -> None:
     rt = runtime_twin
@@ -432,12 +432,37 @@ def test_claims_bind_and_keep_data_across_pods_and_logs_are_served(
         "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
     }
     writer = _job("writer", "staging", rt.images.web_v1, 0, 0, "echo kept > /data/note; ")
-    reader = _job("reader", "staging", rt.images.web_v1, 0, 0, "echo read: $(cat /data/note); ")
+    reader = _job(
+        "reader",
+        "staging",
+        rt.images.web_v1,
+        0,
+        0,
+        "echo read: $(cat /data/note) $(cat /cfg/greeting) $TOKEN; ",
+    )
     for job in (writer, reader):
         pod_spec = job["spec"]["template"]["spec"]
         pod_spec["volumes"] = [{"name": "data", "persistentVolumeClaim": {"claimName": "data"}}]
         pod_spec["containers"][0]["volumeMounts"] = [{"name": "data", "mountPath": "/data"}]
-    rt.apply(namespace("staging"), claim, writer)
+    reader_spec = reader["spec"]["template"]["spec"]
+    reader_spec["volumes"].append({"name": "cfg", "configMap": {"name": "greetings"}})
+    reader_spec["containers"][0]["volumeMounts"].append({"name": "cfg", "mountPath": "/cfg"})
+    reader_spec["containers"][0]["env"] = [
+        {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}}
+    ]
+    config_map = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "greetings", "namespace": "staging"},
+        "data": {"greeting": "hello"},
+    }
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "creds", "namespace": "staging"},
+        "stringData": {"token": "t0ken"},
+    }
+    rt.apply(namespace("staging"), claim, writer, config_map, secret)
     rt.wait_for(
         "claim bound",
         lambda: rt.get("pvc", "data", "staging").get("status", {}).get("phase") == "Bound",
@@ -456,7 +481,7 @@ def test_claims_bind_and_keep_data_across_pods_and_logs_are_served(
     )
     (pod,) = _pods(rt, "staging", "job-name=reader")
     logs = rt.kube.kubectl("logs", "-n", "staging", pod["metadata"]["name"]).stdout
-    assert logs.strip() == "read: kept"
+    assert logs.strip() == "read: kept hello t0ken"
 
 
 def test_same_host_in_two_namespaces_does_not_collide(runtime_twin: RuntimeTwin) -> None:
