@@ -236,7 +236,8 @@ def test_canary_steps_promotion_and_restore(tmp_path, manifests):
     )
     assert start.changed
     assert repo.canary_settings(PRODUCTION, "api-gateway") == CanarySettings(1, 10)
-    assert repo.current_image(PRODUCTION, "api-gateway-canary").digest == digest(7)
+    canary_entry = repo.current_image(PRODUCTION, "api-gateway-canary")
+    assert canary_entry is not None and canary_entry.digest == digest(7)
     canary_text = repo.read_file(f"{PRODUCTION}/canary.yaml")
     assert canary_text.startswith("# Written by the release flow")
 
@@ -265,7 +266,8 @@ def test_canary_steps_promotion_and_restore(tmp_path, manifests):
         subject="promote(production): api-gateway",
     )
     assert promoted.changed
-    assert repo.current_image(PRODUCTION, "api-gateway").digest == digest(7)
+    stable_entry = repo.current_image(PRODUCTION, "api-gateway")
+    assert stable_entry is not None and stable_entry.digest == digest(7)
     assert repo.canary_settings(PRODUCTION, "api-gateway") == CanarySettings(0, 0)
 
     touching = repo.commits_touching(PRODUCTION, since=before)
@@ -311,7 +313,8 @@ def test_lease_take_held_renew_release_and_expiry(tmp_path, manifests):
     with pytest.raises(LeaseHeld) as held:
         b.take_lease("api-gateway-production", "run-b", timedelta(minutes=5))
     assert held.value.holder == "run-a"
-    assert b.read_lease("api-gateway-production").holder == "run-a"
+    seen = b.read_lease("api-gateway-production")
+    assert seen is not None and seen.holder == "run-a"
     with pytest.raises(LeaseHeld):
         b.release_lease("api-gateway-production", "run-b")
     # Taking it again as the same holder (a resumed run) renews it.
@@ -352,7 +355,8 @@ def test_a_stale_compare_and_swap_loses(tmp_path, manifests):
     for t in threads:
         t.join(timeout=30)
     assert len(wins) == 1
-    assert a.read_lease("x-production").holder == wins[0]
+    winner = a.read_lease("x-production")
+    assert winner is not None and winner.holder == wins[0]
 
 
 def test_two_flow_runs_racing_for_one_lease(prefect_server, tmp_path, manifests):
