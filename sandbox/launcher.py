@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import contextlib
+import importlib.metadata
 import json
 import os
 import secrets
@@ -220,6 +221,53 @@ class _Timer:
         yield
         self.timings[name] = round(time.monotonic() - t0, 2)
         self.echo(f"  {name:<28} {self.timings[name]:6.1f}s")
+
+
+# -- Prefect -------------------------------------------------------------------------------
+
+
+def prefect_template() -> Path:
+    """An empty, migrated Prefect database for this Prefect version, made once per machine.
+
+    A fresh server spends most of its start-up in SQLite migrations; copying a migrated
+    empty database into a new state dir skips them (the server's own upgrade on start is
+    then a no-op). Kept under ``$XDG_CACHE_HOME/robotics-cd`` and keyed by version.
+    """
+    version = importlib.metadata.version("prefect")
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "robotics-cd"
+    template = cache / f"prefect-{version}.db"
+    if template.exists():
+        return template
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="prefect-template-") as tmp:
+        db = Path(tmp) / "prefect.db"
+        prefect = shutil.which("prefect", path=str(VENV_BIN)) or "prefect"
+        proc = subprocess.run(
+            [prefect, "server", "database", "upgrade", "-y"],
+            env={
+                **os.environ,
+                "PREFECT_HOME": tmp,
+                "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{db}",
+            },
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        if proc.returncode != 0 or not db.exists():
+            raise SandboxError(f"preparing the Prefect database failed:\n{proc.stdout[-2000:]}")
+        # Atomic: a second sandbox starting at the same time sees the whole file or none.
+        staged = cache / f".prefect-{version}-{os.getpid()}.db"
+        shutil.copyfile(db, staged)
+        staged.replace(template)
+    return template
+
+
+def start_prefect(home: Path, port: int) -> prefect_server.PrefectServer:
+    if not (home / "prefect.db").exists():
+        home.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(prefect_template(), home / "prefect.db")
+    return prefect_server.start_prefect_server(home, port=port)
 
 
 # -- docker --------------------------------------------------------------------------------
@@ -595,9 +643,7 @@ def up(
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
     prefect_future: concurrent.futures.Future[prefect_server.PrefectServer] | None = None
     if prefect_api_url is None:
-        prefect_future = pool.submit(
-            prefect_server.start_prefect_server, state / "prefect", port=ports["prefect"]
-        )
+        prefect_future = pool.submit(start_prefect, state / "prefect", ports["prefect"])
     try:
         with timer.step("base images"):
             engine.ensure_base_images()

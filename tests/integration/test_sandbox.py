@@ -369,3 +369,65 @@ def test_git_push_delivers_a_signed_push_webhook(
     assert payload["head_commit"]["id"] == sha
     assert payload["commits"][-1]["added"] == ["NOTES.md"]
     assert any(r[0].get("X-GitHub-Event") == "ping" for r in received)
+
+
+def test_staging_self_heals_drift(sandbox: SandboxHandle) -> None:
+    before = sandbox.wait_app(
+        "api-gateway-staging",
+        lambda a: a["status"].get("sync", {}).get("status") == "Synced" and not a.get("operation"),
+        what="synced before the drift",
+    )
+    wanted = _kubectl_json(sandbox, "get", "deploy", "api-gateway", "-n", "staging")["spec"][
+        "replicas"
+    ]
+    subprocess.run(
+        [
+            sandbox.env["ROBOTICS_CD_KUBECTL"],
+            "--kubeconfig",
+            str(sandbox.kubeconfig),
+            "scale",
+            "deploy/api-gateway",
+            "-n",
+            "staging",
+            f"--replicas={wanted + 2}",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    history = len(before["status"]["history"])
+
+    app = sandbox.wait_app(
+        "api-gateway-staging",
+        lambda a: len(a["status"]["history"]) > history and not a.get("operation"),
+        timeout=60,
+        what="a self-heal sync",
+    )
+
+    assert app["status"]["operationState"]["phase"] == "Succeeded"
+    live = _kubectl_json(sandbox, "get", "deploy", "api-gateway", "-n", "staging")
+    assert live["spec"]["replicas"] == wanted
+
+
+def test_production_rolls_back_to_a_history_entry(sandbox: SandboxHandle) -> None:
+    app = sandbox.wait_operation_done("api-gateway-production")
+    entry = app["status"]["history"][0]
+    with sandbox.argocd() as client:
+        response = client.post(
+            "/api/v1/applications/api-gateway-production/rollback",
+            json={"id": entry["id"], "prune": True},
+        )
+        unknown = client.post(
+            "/api/v1/applications/api-gateway-production/rollback", json={"id": 999}
+        )
+    assert response.status_code == 200, response.text
+    assert unknown.status_code == 400
+    app = sandbox.wait_operation_done("api-gateway-production")
+    state = app["status"]["operationState"]
+    assert state["phase"] == "Succeeded"
+    assert state["syncResult"]["revision"] == entry["revision"]
+    assert app["status"]["history"][-1]["revision"] == entry["revision"]
+    # Leave production at main for the tests that follow.
+    main = sandbox.git("--git-dir", str(sandbox.git_base / f"{MANIFESTS}.git"), "rev-parse", "main")
+    _sync(sandbox, "api-gateway-production", prune=True)
+    sandbox.wait_synced("api-gateway-production", main)
