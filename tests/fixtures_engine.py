@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,17 +77,22 @@ def _remove_images_of(host: str) -> None:
         client.close()
 
 
-@pytest.fixture(scope="session")
-async def registry(prefect_server: Any, base_images: list[str], engine_settings: None) -> Any:
+async def save_blocks(reg: Registry) -> None:
+    """The DockerHost and DockerRegistryCredentials blocks, under the names in settings."""
     from prefect_docker import DockerHost, DockerRegistryCredentials
 
-    home = SESSION_DIR / "registry"
-    reg = start_registry(home)
     settings = get_settings()
     await DockerHost().asave(settings.docker_host_block, overwrite=True)
     await DockerRegistryCredentials(
         username=reg.username, password=reg.password, registry_url=reg.host, reauth=True
     ).asave(settings.registry_block, overwrite=True)
+
+
+@pytest.fixture(scope="session")
+async def registry(prefect_server: Any, base_images: list[str], engine_settings: None) -> Any:
+    home = SESSION_DIR / "registry"
+    reg = start_registry(home)
+    await save_blocks(reg)
     yield reg
     _remove_images_of(reg.host)
     stop_registry(home)
@@ -131,13 +136,16 @@ def _commit_tree(work: Path, files: dict[str, str | None]) -> str:
 
 
 @pytest.fixture
-def sample_service_repo(
+async def sample_service_repo(
     registry: Registry, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Callable[..., SampleService]]:
+) -> AsyncIterator[Callable[..., SampleService]]:
     """``make(files={path: text or None}, checks={...}, scan={...})`` → :class:`SampleService`.
 
     The catalog file is made the active one (``ROBOTICS_CD_CATALOG``) for the test.
     """
+    # Saved again per test: another fixture (the sandbox launcher) may have pointed the
+    # same block names at its own registry meanwhile.
+    await save_blocks(registry)
 
     def make(
         *,
