@@ -46,8 +46,12 @@ async def deploy_all(
     pool_name: str | None = None,
     kube: reg.KubernetesPoolOptions | None = None,
     only: set[str] | None = None,
+    name_suffix: str = "",
 ) -> DeployReport:
-    """Register every present flow against a work pool, with limits and automations."""
+    """Register every present flow against a work pool, with limits and automations.
+
+    ``name_suffix`` deploys a side-by-side copy (``ci/ci-test``): the automations then watch
+    that copy's release deployment."""
     from prefect import get_client
 
     catalog = load_catalog(get_settings().catalog)
@@ -60,38 +64,44 @@ async def deploy_all(
     report = DeployReport(pool=pool)
     async with get_client() as client:
         await reg.ensure_work_pool(client, pool, pool_type, template)
-        deployments = reg.runner_deployments(only=only, work_pool_name=pool)
+        deployments = reg.runner_deployments(
+            only=only, work_pool_name=pool, name_suffix=name_suffix
+        )
         present = {d.flow_name for d in deployments}
-        report.skipped = [s.full_name for s in reg.SPECS if s.flow_name not in present]
+        report.skipped = [
+            s.full_name
+            for s in reg.SPECS
+            if s.flow_name not in present and (only is None or s.flow_name in only)
+        ]
         for deployment in deployments:
             deployment_id = await deployment.aapply(work_pool_name=pool)
             report.deployments[f"{deployment.flow_name}/{deployment.name}"] = str(deployment_id)
         report.limits_created = await reg.ensure_concurrency_limits(catalog, client)
-        report.automations = await _ensure_automations(client, report.deployments)
+        report.automations = await _ensure_automations(client, report.deployments, name_suffix)
     return report
 
 
-async def _ensure_automations(client: Any, deployed: dict[str, str]) -> dict[str, str]:
+async def _ensure_automations(
+    client: Any, deployed: dict[str, str], name_suffix: str = ""
+) -> dict[str, str]:
     from uuid import UUID
 
     settings = get_settings()
-    made = {
-        reg.ZOMBIE_AUTOMATION: str(await reg.upsert_automation(client, reg.zombie_automation()))
-    }
-    release, rollback = (
-        deployed.get(settings.release_deployment),
-        deployed.get(settings.rollback_deployment),
+    zombie = reg.ZOMBIE_AUTOMATION + name_suffix
+    rollback_name = reg.ROLLBACK_AUTOMATION + name_suffix
+    made = {zombie: str(await reg.upsert_automation(client, reg.zombie_automation(zombie)))}
+    release = deployed.get(settings.release_deployment + name_suffix)
+    rollback = deployed.get(settings.rollback_deployment + name_suffix)
+    if not (release and rollback):
+        log.warning("release or rollback deployment missing: %r not created", rollback_name)
+        return made
+    # Pass only the parameters the rollback flow accepts, read from its deployment's schema.
+    rollback_deployment = await client.read_deployment(UUID(rollback))
+    accepted = set((rollback_deployment.parameter_openapi_schema or {}).get("properties", {}))
+    automation = reg.rollback_automation(
+        UUID(release), UUID(rollback), accepted, name=rollback_name
     )
-    if release and rollback:
-        rollback_deployment = await client.read_deployment(UUID(rollback))
-        accepted = set((rollback_deployment.parameter_openapi_schema or {}).get("properties", {}))
-        automation = reg.rollback_automation(UUID(release), UUID(rollback), accepted)
-        made[reg.ROLLBACK_AUTOMATION] = str(await reg.upsert_automation(client, automation))
-    else:
-        log.warning(
-            "release or rollback deployment missing: automation %r not created",
-            reg.ROLLBACK_AUTOMATION,
-        )
+    made[rollback_name] = str(await reg.upsert_automation(client, automation))
     return made
 
 

@@ -138,8 +138,10 @@ def runner_deployments(
     only: set[str] | None = None,
     work_pool_name: str | None = None,
     job_variables: dict[str, Any] | None = None,
+    name_suffix: str = "",
 ) -> list[Any]:
-    """``RunnerDeployment``s of every flow present (``only``: a subset by flow name)."""
+    """``RunnerDeployment``s of every flow present (``only``: a subset by flow name;
+    ``name_suffix``: appended to each deployment name, e.g. for a side-by-side copy)."""
     from prefect.types.entrypoint import EntrypointType
 
     deployments = []
@@ -151,7 +153,7 @@ def runner_deployments(
             continue
         deployments.append(
             flow.to_deployment(
-                name=spec.name,
+                name=spec.name + name_suffix,
                 description=spec.description,
                 tags=list(spec.tags),
                 parameters=dict(spec.parameters) or None,
@@ -201,13 +203,13 @@ async def ensure_concurrency_limits(catalog: Catalog, client: Any) -> list[str]:
 # --- automations ---------------------------------------------------------------------------
 
 
-def zombie_automation() -> Any:
+def zombie_automation(name: str = ZOMBIE_AUTOMATION) -> Any:
     """Prefect's zombie-run pattern: a running flow run whose heartbeats stop is Crashed."""
     from prefect.automations import AutomationCore, ChangeFlowRunState, EventTrigger
     from prefect.client.schemas.objects import StateType
 
     return AutomationCore(
-        name=ZOMBIE_AUTOMATION,
+        name=name,
         description="A flow run that sent a heartbeat then went silent for "
         f"{int(ZOMBIE_AFTER.total_seconds())} s is marked Crashed (needs "
         "PREFECT_FLOWS_HEARTBEAT_FREQUENCY on the runners/workers).",
@@ -239,17 +241,21 @@ def zombie_automation() -> Any:
 
 
 # What the rollback flow may be told about the release run that died, by parameter name.
+# (`| string`: a bare `{{ flow_run.id }}` fails to render in Prefect 3.9's RunDeployment.)
 ROLLBACK_PARAMETER_TEMPLATES = {
-    "release_flow_run_id": "{{ flow_run.id }}",
-    "release_run_id": "{{ flow_run.id }}",
-    "flow_run_id": "{{ flow_run.id }}",
+    "release_flow_run_id": "{{ flow_run.id | string }}",
+    "release_run_id": "{{ flow_run.id | string }}",
+    "flow_run_id": "{{ flow_run.id | string }}",
     "service": "{{ flow_run.parameters.service }}",
     "reason": "release run {{ flow_run.name }} ended {{ flow_run.state.name }}",
 }
 
 
 def rollback_automation(
-    release_deployment_id: UUID, rollback_deployment_id: UUID, accepted: set[str]
+    release_deployment_id: UUID,
+    rollback_deployment_id: UUID,
+    accepted: set[str],
+    name: str = ROLLBACK_AUTOMATION,
 ) -> Any:
     """A crashed or cancelled release run starts the rollback deployment for that run.
 
@@ -259,7 +265,7 @@ def rollback_automation(
     from prefect.automations import AutomationCore, EventTrigger, RunDeployment
 
     return AutomationCore(
-        name=ROLLBACK_AUTOMATION,
+        name=name,
         description="Roll production back when a release run crashed or was cancelled; the "
         "rollback flow is idempotent per release run.",
         trigger=EventTrigger(
@@ -365,3 +371,8 @@ async def ensure_work_pool(
         ),
         overwrite=True,
     )
+
+
+def kubernetes_template_file() -> Path:
+    """The Kubernetes pool's base job template as a file, for ``prefect work-pool create``."""
+    return Path(__file__).parent / "kubernetes-base-job-template.json"

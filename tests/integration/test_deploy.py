@@ -1,0 +1,209 @@
+"""``robotics-cd deploy`` against the session's real Prefect server, and prefect.yaml.
+
+The Kubernetes pool's base job template is validated by the server itself (it refuses a
+template whose job configuration names undeclared variables). No Kubernetes worker runs
+here; the pool is created, not used.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import yaml
+from prefect import get_client
+
+from deployments import register as reg
+from deployments.cli_ops import deploy_all
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_kubernetes_template_file_is_the_one_deploy_uses():
+    on_disk = json.loads(reg.kubernetes_template_file().read_text())
+    assert on_disk == reg.kubernetes_base_job_template(reg.KubernetesPoolOptions()), (
+        "regenerate deployments/kubernetes-base-job-template.json from "
+        "deployments.register.kubernetes_base_job_template(KubernetesPoolOptions())"
+    )
+
+
+async def test_kubernetes_pool_is_accepted_by_the_prefect_server(prefect_server):
+    name = f"robotics-cd-k8s-test-{uuid.uuid4().hex[:6]}"
+    options = reg.KubernetesPoolOptions(
+        namespace="robotics-ci", service_account="ci-runner", image="registry.local/rcd:1.0"
+    )
+    async with get_client() as client:
+        await reg.ensure_work_pool(
+            client, name, "kubernetes", reg.kubernetes_base_job_template(options)
+        )
+        pool = await client.read_work_pool(name)
+        # Deploying again updates in place.
+        await reg.ensure_work_pool(
+            client, name, "kubernetes", reg.kubernetes_base_job_template(options)
+        )
+        await client.delete_work_pool(name)
+    assert pool.type == "kubernetes"
+    variables = pool.base_job_template["variables"]["properties"]
+    assert variables["namespace"]["default"] == "robotics-ci"
+    assert variables["service_account_name"]["default"] == "ci-runner"
+    assert variables["image"]["default"] == "registry.local/rcd:1.0"
+    assert variables["memory_limit"]["default"] == "4Gi"
+    assert variables["env"]["default"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
+    manifest = pool.base_job_template["job_configuration"]["job_manifest"]
+    container = manifest["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["memory"] == "{{ memory_limit }}"
+
+
+async def test_a_broken_template_is_refused_by_the_server(prefect_server):
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    template = reg.kubernetes_base_job_template(reg.KubernetesPoolOptions())
+    template["job_configuration"]["namespace"] = "{{ no_such_variable }}"
+    async with get_client() as client:
+        with pytest.raises(PrefectHTTPStatusError, match="422"):
+            await reg.ensure_work_pool(client, "robotics-cd-broken", "kubernetes", template)
+
+
+def _spec_view(spec: reg.DeploymentSpec) -> dict[str, Any]:
+    return {
+        "entrypoint": spec.entrypoint,
+        "tags": list(spec.tags),
+        "parameters": dict(spec.parameters),
+        "cron": spec.cron,
+        "description": spec.description,
+    }
+
+
+def test_prefect_yaml_declares_every_flow_in_both_pools():
+    config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    declared: dict[tuple[str, str], dict[str, Any]] = {}
+    for entry in config["deployments"]:
+        flow_name = next(
+            s.flow_name
+            for s in reg.SPECS
+            if s.entrypoint == entry["entrypoint"] and (entry["name"] in (s.name, "kubernetes"))
+        )
+        declared[(flow_name, entry["work_pool"]["name"])] = {
+            "entrypoint": entry["entrypoint"],
+            "tags": entry["tags"],
+            "parameters": entry["parameters"],
+            "cron": (entry.get("schedules") or [{}])[0].get("cron"),
+            "description": entry["description"],
+            "name": entry["name"],
+            "pull": entry.get("pull"),
+            "job_variables": entry["work_pool"]["job_variables"],
+        }
+    for spec in reg.SPECS:
+        for pool in ("robotics-cd-process", "robotics-cd-kubernetes"):
+            entry = declared[(spec.flow_name, pool)]
+            assert {k: entry[k] for k in _spec_view(spec)} == _spec_view(spec)
+    assert {s.flow_name for s in reg.SPECS} == {
+        "ci",
+        "release",
+        "rollback",
+        "expire-approvals",
+        "training-image",
+        "train",
+    }
+    template = reg.kubernetes_base_job_template(reg.KubernetesPoolOptions())
+    for (_, pool), entry in declared.items():
+        if pool == "robotics-cd-kubernetes":
+            assert set(entry["job_variables"]) <= set(template["variables"]["properties"])
+            assert entry["pull"][0]["prefect.deployments.steps.set_working_directory"]
+
+
+async def test_deploy_registers_flows_limits_and_automations_and_is_rerunnable(prefect_server):
+    suffix = f"-deploytest-{uuid.uuid4().hex[:4]}"
+    pool = f"robotics-cd-process{suffix}"
+    first = await deploy_all(pool_type="process", pool_name=pool, name_suffix=suffix)
+    again = await deploy_all(pool_type="process", pool_name=pool, name_suffix=suffix)
+    try:
+        assert first.deployments == again.deployments  # updated in place, same ids
+        assert first.automations == again.automations
+        assert f"ci/ci{suffix}" in first.deployments
+        async with get_client() as client:
+            ci = await client.read_deployment_by_name(f"ci/ci{suffix}")
+            assert ci.work_pool_name == pool
+            assert ci.entrypoint == "flows.ci.ci"
+            assert set(ci.tags) == {"ci", "github"}
+            assert ci.description.startswith("CI of one commit")
+            process_pool = await client.read_work_pool(pool)
+            assert process_pool.base_job_template["variables"]["properties"]["working_dir"][
+                "default"
+            ] == str(ROOT)
+
+            for name in reg.concurrency_limit_names(_catalog()):
+                limit = await client.read_global_concurrency_limit_by_name(name)
+                assert limit.limit == 1
+
+            zombie = await client.read_automations_by_name(reg.ZOMBIE_AUTOMATION + suffix)
+            assert len(zombie) == 1
+            trigger = zombie[0].trigger
+            assert trigger.posture == "Proactive"
+            assert trigger.after == {"prefect.flow-run.heartbeat"}
+            assert zombie[0].actions[0].type == "change-flow-run-state"
+
+            if (
+                f"release/release{suffix}" in first.deployments
+                and f"rollback/rollback{suffix}" in first.deployments
+            ):
+                (rollback,) = await client.read_automations_by_name(
+                    reg.ROLLBACK_AUTOMATION + suffix
+                )
+                release_id = first.deployments[f"release/release{suffix}"]
+                rollback_id = first.deployments[f"rollback/rollback{suffix}"]
+                related = rollback.trigger.match_related
+                assert f"prefect.deployment.{release_id}" in str(related)
+                action = rollback.actions[0]
+                assert str(action.deployment_id) == rollback_id
+                assert action.parameters["service"] == "{{ flow_run.parameters.service }}"
+                assert action.parameters["release_run_id"] == "{{ flow_run.id | string }}"
+                await _cancelled_release_starts_a_rollback(client, release_id, rollback_id)
+    finally:
+        async with get_client() as client:
+            for automation_id in first.automations.values():
+                await client.delete_automation(uuid.UUID(automation_id))
+            for deployment_id in first.deployments.values():
+                await client.delete_deployment(uuid.UUID(deployment_id))
+            await client.delete_work_pool(pool)
+
+
+async def _cancelled_release_starts_a_rollback(
+    client: Any, release_id: str, rollback_id: str
+) -> None:
+    """The automation at work: a release run cancelled → a rollback run for that release."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.states import Cancelled
+
+    run = await client.create_flow_run_from_deployment(
+        uuid.UUID(release_id),
+        parameters={"service": "api-gateway", "image": "x", "source_sha": "0" * 40},
+    )
+    await client.set_flow_run_state(
+        run.id, Cancelled(message="test: operator cancelled"), force=True
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        started = await client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[uuid.UUID(rollback_id)]))
+        )
+        if started or time.monotonic() > deadline:
+            break
+        await anyio.sleep(0.5)
+    assert len(started) == 1, "the automation started no rollback within 60 s"
+    assert started[0].parameters["release_run_id"] == str(run.id)
+    assert started[0].parameters["service"] == "api-gateway"
+    assert "Cancelled" in started[0].parameters["reason"]
+
+
+def _catalog() -> Any:
+    from core.catalog import load_catalog
+
+    return load_catalog()
