@@ -4,6 +4,7 @@ outlives. Needs engineer D's ``sandbox`` fixture (tests/fixtures_sandbox.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import time
 import uuid
@@ -13,6 +14,7 @@ import httpx
 import pytest
 from prefect import flow
 
+from core.errors import SyncFailed
 from core.images import ImageRef
 from sandbox.faults import FaultClient
 from tasks import gitops
@@ -38,8 +40,12 @@ MANIFEST_TYPES = ", ".join(
 
 def seed_digest(sb) -> str:
     """The digest of the seed api-gateway image, from the sandbox's registry."""
+    return registry_digest(sb, IMAGE, sb.seed_tag)
+
+
+def registry_digest(sb, repository: str, tag: str) -> str:
     response = httpx.head(
-        f"http://{sb.registry}/v2/{IMAGE}/manifests/{sb.seed_tag}",
+        f"http://{sb.registry}/v2/{repository}/manifests/{tag}",
         headers={"Accept": MANIFEST_TYPES},
         auth=sb.registry_auth,
         timeout=10,
@@ -151,3 +157,71 @@ async def test_sync_and_wait_task_and_its_rerun_makes_no_new_sync(sandbox, sandb
     synced_now, again = await staging(ours.sha)
     assert synced_now is False and again == revision
     assert len(sb.app(STAGING_APP)["status"]["history"]) == history  # no new sync
+
+
+async def test_an_image_that_never_gets_ready_fails_naming_progress_deadline_exceeded(
+    sandbox, tmp_path
+):
+    sb = sandbox
+    repo = manifests(sb, tmp_path, "pde")
+    before = repo.head_commit()
+    # A person shortens staging's progress deadline, so the rollout gives up quickly.
+    person = sb.clone("robotics-k8s-manifests", tmp_path / "person")
+    patch = f"{STAGING}/patch-replicas.yaml"
+    sb.commit_and_push(
+        person,
+        "staging: 8s progress deadline",
+        {patch: (person / patch).read_text() + "  progressDeadlineSeconds: 8\n"},
+    )
+    # busybox has no server: its pod never becomes ready.
+    never_ready = ImageRef(
+        sb.registry, "library/busybox", "seed", registry_digest(sb, "library/busybox", "seed")
+    )
+    bad = repo.set_image(
+        overlay=STAGING,
+        image_name="api-gateway",
+        image=never_ready,
+        subject="deploy(staging): api-gateway:seed (never ready)",
+    )
+
+    def is_descendant(revision: str, commit: str) -> bool:
+        return revision == commit or repo.is_ancestor(commit, revision)
+
+    try:
+        async with argo(sb) as client:
+            app = await client.refresh(STAGING_APP)
+            if not app.get("operation"):
+                await client.sync(STAGING_APP)
+            started = time.monotonic()
+            with pytest.raises(SyncFailed) as failure:
+                await client.wait_synced(
+                    STAGING_APP, bad.sha, is_descendant=is_descendant, deadline=90, poll_interval=1
+                )
+            assert time.monotonic() - started < 90
+        text = str(failure.value)
+        assert "ProgressDeadlineExceeded" in text
+        assert "Deployment staging/api-gateway" in text
+    finally:
+        await _restore_staging(sb, repo, before, is_descendant)
+
+
+async def _restore_staging(sb, repo: ManifestsRepo, before: str, is_descendant) -> None:
+    """Put staging back as it was (other tests share the sandbox), and wait until it is good."""
+    restored = repo.restore(
+        overlay=STAGING,
+        before=before,
+        subject="rollback(staging): api-gateway",
+        body="test cleanup",
+    )
+    async with argo(sb) as client:
+        if (await client.get(STAGING_APP)).get("operation"):
+            await client.terminate(STAGING_APP)  # the failing sync may still be retrying
+        deadline = time.monotonic() + 30
+        while (await client.get(STAGING_APP)).get("operation") and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+        app = await client.refresh(STAGING_APP)
+        if not app.get("operation"):
+            await client.sync(STAGING_APP)
+        await client.wait_synced(
+            STAGING_APP, restored.sha, is_descendant=is_descendant, deadline=120, poll_interval=1
+        )
