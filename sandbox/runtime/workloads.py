@@ -383,17 +383,9 @@ class Controllers:
                 with_update_time=True,
             )
         elif (
-            progressing
-            and progressing.get("reason") == "ProgressDeadlineExceeded"
-            and not progressed
-            and dep["metadata"].get("generation") == old_status.get("observedGeneration")
-        ):
-            pass  # stays failed until something moves
-        elif (
             progressed
             or progressing is None
-            or progressing.get("reason") == "NewReplicaSetAvailable"
-            or (dep["metadata"].get("generation") != old_status.get("observedGeneration"))
+            or dep["metadata"].get("generation") != old_status.get("observedGeneration")
         ):
             conditions = set_condition(
                 conditions,
@@ -403,8 +395,12 @@ class Controllers:
                 f'ReplicaSet "{rs_name}" is progressing.',
                 with_update_time=True,
             )
+        elif progressing.get("reason") in ("NewReplicaSetAvailable", "ProgressDeadlineExceeded"):
+            # As upstream: a finished rollout that loses a pod is not "progressing" again,
+            # and a timed-out one stays timed out until something moves.
+            pass
         else:
-            last = parse_time((progressing or {}).get("lastUpdateTime"))
+            last = parse_time(progressing.get("lastUpdateTime"))
             if last is not None and time.time() - last.timestamp() > deadline:
                 conditions = set_condition(
                     conditions,
