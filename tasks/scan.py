@@ -399,7 +399,13 @@ async def scan_image(
     vuln_scanned, vuln_note = True, ""
     if vuln_run.code != 0 and is_missing_db(vuln_run):
         if not policy.allow_missing_vuln_db:
-            raise ScannerUnavailable(f"vulnerability scan of {image} failed: {NO_DB_HELP}")
+            source = (
+                f"could not download it from {policy.vuln_db_repository} "
+                f"({_tail(vuln_run.stderr, 2)}); check that the mirror holds trivy-db:2. "
+                if policy.vuln_db_repository
+                else ""
+            )
+            raise ScannerUnavailable(f"vulnerability scan of {image} failed: {source}{NO_DB_HELP}")
         vuln_scanned = False
         vuln_note = f"no vulnerability DB ({_tail(vuln_run.stderr, 1)})"
         logger.warning("the vulnerability scanner did NOT run: %s", vuln_note)

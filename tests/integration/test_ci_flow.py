@@ -348,7 +348,9 @@ async def test_bad_input_is_refused_before_any_side_effect(sample_service_repo: 
         assert await task_names(run_id) == []
 
 
-async def test_missing_vuln_db_fails_the_scan_unless_allowed(sample_service_repo: Any) -> None:
+async def test_missing_vuln_db_fails_the_scan_unless_allowed(
+    sample_service_repo: Any, tmp_path: Path
+) -> None:
     sample: SampleService = sample_service_repo(
         scan={"fail_on": ["CRITICAL", "HIGH"], "allow_missing_vuln_db": False}
     )
@@ -359,3 +361,18 @@ async def test_missing_vuln_db_fails_the_scan_unless_allowed(sample_service_repo
     assert "no Trivy vulnerability DB" in message
     assert "vuln_db_repository" in message and "--download-db-only" in message
     assert manifest(sample, tag_of(sample)).status_code == 404
+
+    # A configured mirror that lacks the DB: the message names it (Trivy got our registry
+    # credentials through its environment; the password shows nowhere).
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "Dockerfile").write_text((SEED / "Dockerfile").read_text())
+    mirror = f"{sample.registry.host}/aquasecurity/trivy-db:2"
+    with pytest.raises(ScannerUnavailable) as from_mirror:
+        await scan_image(
+            f"{sample.registry.host}/{sample.image}:{tag_of(sample)}",
+            repo_path=str(repo),
+            policy=ScanPolicy(vuln_db_repository=mirror),
+        )
+    assert f"could not download it from {mirror}" in str(from_mirror.value)
+    assert sample.registry.password not in str(from_mirror.value)
