@@ -18,9 +18,11 @@ one run share it under a file lock.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import fcntl
 import hashlib
 import json
+import os
 import random
 import re
 import shutil
@@ -64,6 +66,8 @@ Environment = Literal["staging", "production"]
 IDENTITY = ("robotics-cd", "robotics-cd@robotics.local")
 EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_BEFORE_RE = re.compile(r"^[0-9a-f]{40}(\^|~[0-9]{1,4})?$")
+_RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _REJECTED_HINTS = (
     "[rejected]",
     "non-fast-forward",
@@ -366,6 +370,59 @@ class ManifestsRepo:
             self.read_file(f"{_check_relpath(overlay)}/kustomization.yaml"), image_name
         )
 
+    def commits_of_run(self, overlay: str, flow_run_id: str) -> list[str]:
+        """Commits (oldest first) that changed ``overlay`` with ``Prefect-Flow-Run: <id>``."""
+        overlay = _check_relpath(overlay)
+        if not _RUN_ID_RE.match(flow_run_id):
+            raise InvalidInput(f"invalid flow run id {flow_run_id!r}")
+        with self._session():
+            self._update()
+            self._full_history()
+            out = self._git(
+                "log",
+                "--reverse",
+                "--format=%H",
+                "--fixed-strings",
+                f"--grep=Prefect-Flow-Run: {flow_run_id}",
+                "HEAD",
+                "--",
+                overlay,
+            )
+            return out.split()
+
+    def image_history(self, overlay: str, image_name: str) -> list[tuple[str, ImageEntry]]:
+        """(commit, entry) for each commit that changed ``overlay``'s kustomization, newest first."""
+        path = f"{_check_relpath(overlay)}/kustomization.yaml"
+        with self._session():
+            self._update()
+            self._full_history()
+            history: list[tuple[str, ImageEntry]] = []
+            for sha in self._git("log", "--format=%H", "HEAD", "--", path).split():
+                code, text = self._git_status("show", f"{sha}:{path}")
+                if code != 0:
+                    continue  # the file was deleted in that commit
+                try:
+                    entry = find_image(text, image_name)
+                except InvalidInput:
+                    continue  # a broken revision of the file says nothing about images
+                if entry is not None:
+                    history.append((sha, entry))
+            return history
+
+    def preview_image_change(self, overlay: str, image_name: str, image: ImageRef) -> str:
+        """The unified diff setting ``images[name=image_name]`` would make (nothing written)."""
+        path = f"{_check_relpath(overlay)}/kustomization.yaml"
+        old = self.read_file(path)
+        new = set_image(old, ImageEntry(image_name, image.name, image.tag, image.digest))
+        return "".join(
+            difflib.unified_diff(
+                old.splitlines(keepends=True),
+                new.splitlines(keepends=True),
+                fromfile=f"a/{path}",
+                tofile=f"b/{path}",
+            )
+        )
+
     def canary_settings(self, overlay: str, service: str) -> CanarySettings:
         return parse_canary(self.read_file(f"{_check_relpath(overlay)}/canary.yaml"), service)
 
@@ -579,8 +636,10 @@ class ManifestsRepo:
     ) -> CommitResult:
         """Restore ``overlay`` to its tree in ``before`` (a commit, or a root tree), one commit."""
         overlay = _check_relpath(overlay)
-        if not re.match(r"^[0-9a-f]{40}$", before):
-            raise InvalidInput(f"invalid commit or tree sha {before!r}")
+        if not _BEFORE_RE.match(before):
+            raise InvalidInput(
+                f"invalid revision {before!r}: a 40-hex commit or tree sha, optionally with ^ or ~N"
+            )
 
         def apply(root: Path) -> None:
             self._full_history()
@@ -765,7 +824,8 @@ def manifests_repo(
         defaults = load_catalog().defaults
         url = url or defaults.manifests_repo
         branch = branch or defaults.manifests_branch
-    run = run_id or _current_run_id() or f"adhoc-{uuid.uuid4().hex[:12]}"
+    # Outside a flow run, one clone per process (reused by its calls).
+    run = run_id or _current_run_id() or f"adhoc-{os.getpid()}"
     key = hashlib.sha256(url.encode()).hexdigest()[:10]
     return ManifestsRepo(
         url=url,
@@ -933,6 +993,57 @@ def remove_clone(
     return manifests_repo(url=repo_url, branch=branch, run_id=run_id).remove_clone()
 
 
+@task(name="gitops-preview-production-change")
+def preview_production_change(
+    service: str,
+    image: str,
+    *,
+    overlay: str | None = None,
+    repo_url: str | None = None,
+    branch: str | None = None,
+) -> str:
+    """The diff a promotion of ``image`` would make to the production overlay (for approvers)."""
+    _check_name(service, "service")
+    ref = _digest_required(_as_image(image))
+    repo = manifests_repo(url=repo_url, branch=branch)
+    return repo.preview_image_change(_overlay(service, "production", overlay), service, ref)
+
+
+@task(name="gitops-release-commits")
+def release_commits(
+    service: str,
+    env: Environment,
+    release_run_id: str,
+    *,
+    overlay: str | None = None,
+    repo_url: str | None = None,
+    branch: str | None = None,
+) -> list[str]:
+    """The commits a release (flow run) made to the service's overlay, oldest first."""
+    _check_name(service, "service")
+    repo = manifests_repo(url=repo_url, branch=branch)
+    return repo.commits_of_run(_overlay(service, env, overlay), release_run_id)
+
+
+@task(name="gitops-previous-image")
+def previous_image(
+    service: str,
+    env: Environment,
+    *,
+    overlay: str | None = None,
+    repo_url: str | None = None,
+    branch: str | None = None,
+) -> str | None:
+    """The image the overlay pinned before the current one (``name:tag@digest``), if any."""
+    _check_name(service, "service")
+    repo = manifests_repo(url=repo_url, branch=branch)
+    history = repo.image_history(_overlay(service, env, overlay), service)
+    if not history:
+        return None
+    current = history[0][1].reference
+    return next((e.reference for _, e in history if e.reference != current), None)
+
+
 @task(name="gitops-head-commit")
 def head_commit(*, repo_url: str | None = None, branch: str | None = None) -> str:
     return manifests_repo(url=repo_url, branch=branch).head_commit()
@@ -1043,3 +1154,11 @@ def descendant_check(
         return revision == commit or repo.is_ancestor(commit, revision)
 
     return check
+
+
+def descends(revision: str, commit: str) -> bool:
+    """``revision`` is ``commit`` or a later commit of the manifests branch (this run's clone).
+
+    The ``is_descendant`` the Argo CD waits take; configured from the catalog.
+    """
+    return revision == commit or manifests_repo().is_ancestor(commit, revision)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from prefect import flow
 
-from core.errors import LeaseHeld, OverlayRefused
+from core.errors import InvalidInput, LeaseHeld, OverlayRefused
 from core.images import parse_reference
 from core.kustomize import CanarySettings, ImageEntry
 from tasks import gitops
@@ -407,3 +407,45 @@ def test_bump_task_in_a_flow(prefect_server, tmp_path, manifests):
     assert cleanup() is True
     body = git(Path(manifests.removeprefix("file://")), "log", "-1", "--format=%B", "main")
     assert "Prefect-Flow-Run: " in body and f"Source-Commit: {'b' * 40}" in body
+
+
+def test_release_history_previous_image_preview_and_restore_before_a_runs_commits(
+    tmp_path, manifests
+):
+    repo = client(tmp_path, manifests)
+    seeded = f"{REGISTRY}/robotics-serving/api-gateway:{SEED_TAG}"
+    first = parse_reference(image("api-gateway", 10, tag="20261127-1111111"))
+    second = parse_reference(image("api-gateway", 11, tag="20261128-2222222"))
+
+    def release(run_id: str, img):
+        return repo.set_canary(
+            overlay=PRODUCTION,
+            service="api-gateway",
+            image=None,
+            stable_image=img,
+            settings=CanarySettings(0, 0),
+            subject=f"promote(production): api-gateway:{img.tag}",
+            flow_run_id=run_id,
+        )
+
+    diff = repo.preview_image_change(PRODUCTION, "api-gateway", first)
+    assert f'-  newTag: "{SEED_TAG}"' in diff or f"-  newTag: {SEED_TAG}" in diff
+    assert f"+  digest: {digest(10)}" in diff
+    assert diff.startswith(f"--- a/{PRODUCTION}/kustomization.yaml")
+
+    a = release("run-a", first)
+    b = release("run-b", second)
+    assert repo.commits_of_run(PRODUCTION, "run-b") == [b.sha]
+    assert repo.commits_of_run(PRODUCTION, "run-a") == [a.sha]
+    assert repo.commits_of_run(PRODUCTION, "run-zzz") == []
+    history = [entry.reference for _, entry in repo.image_history(PRODUCTION, "api-gateway")]
+    assert history == [str(second), str(first), seeded]
+
+    restored = repo.restore(
+        overlay=PRODUCTION, before=f"{b.sha}^", subject="rollback(production)", body=""
+    )
+    assert restored.changed
+    entry = repo.current_image(PRODUCTION, "api-gateway")
+    assert entry is not None and entry.reference == str(first)
+    with pytest.raises(InvalidInput):
+        repo.restore(overlay=PRODUCTION, before="HEAD~1; rm -rf /", subject="x", body="")
