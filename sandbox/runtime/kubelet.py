@@ -119,6 +119,8 @@ class PodWorker:
         self.uid = pod["metadata"]["uid"]
         self.wake = asyncio.Event()
         self.runs: list[ContainerRun] = []
+        self.init_runs: list[ContainerRun] = []
+        self.initialized = False
         self.volumes: list[str] = []
         self.prepared = False
         self.started_at: str | None = None
@@ -159,7 +161,7 @@ class PodWorker:
     async def teardown(self) -> None:
         self.kubelet.endpoints.pop(self.key, None)
         engine = self.kubelet.engine
-        for run in self.runs:
+        for run in self.runs + self.init_runs:
             await asyncio.to_thread(engine.remove, run.docker_name)
         for volume in self.volumes:
             await asyncio.to_thread(engine.remove_volume, volume)
@@ -177,19 +179,43 @@ class PodWorker:
             await self.prepare(pod)
         policy = spec.get("restartPolicy", "Always")
         aliases = self.kubelet.aliases_for(pod)
-        for run in self.runs:
-            await self.sync_container(pod, run, policy, aliases)
+        if not self.initialized:
+            await self.sync_init(pod, policy, aliases)
+        if self.initialized:
+            for run in self.runs:
+                await self.sync_container(pod, run, policy, aliases)
         self.publish_endpoint(pod)
         await self.write_status(pod, policy)
         soonest = min(
             [1.0]
             + [
                 max(0.05, r.next_start - time.monotonic())
-                for r in self.runs
+                for r in self.runs + self.init_runs
                 if r.waiting and not r.done
             ]
         )
         return soonest
+
+    async def sync_init(self, pod: JSON, policy: str, aliases: list[str]) -> None:
+        """Init containers run one at a time, each to success, before the app containers;
+        a failed one is retried unless the pod's restartPolicy is Never."""
+        init_policy = "Never" if policy == "Never" else "OnFailure"
+        for run in self.init_runs:
+            if run.done:
+                if self._failed(run):
+                    return  # restartPolicy Never: the pod has failed
+                continue
+            await self.sync_container(pod, run, init_policy, aliases)
+            if not run.done:
+                return
+            if self._failed(run):
+                return
+        self.initialized = True
+
+    @staticmethod
+    def _failed(run: ContainerRun) -> bool:
+        info = run.info or {}
+        return int((info.get("State") or {}).get("ExitCode", 0)) != 0
 
     async def prepare(self, pod: JSON) -> None:
         spec = pod.get("spec") or {}
@@ -215,6 +241,18 @@ class PodWorker:
             if "livenessProbe" in container:
                 run.liveness = Probe(container["livenessProbe"])
             self.runs.append(run)
+        self.init_runs = [
+            ContainerRun(
+                spec=container,
+                docker_name=self.kubelet.engine.container_name(
+                    self.namespace, self.name, 1, f"init-{container['name']}"
+                ),
+            )
+            for container in spec.get("initContainers") or []
+        ]
+        # After a twin restart: app containers that exist mean init already finished.
+        existing = [await asyncio.to_thread(engine.inspect, r.docker_name) for r in self.runs]
+        self.initialized = not self.init_runs or any(info is not None for info in existing)
         self.started_at = (pod.get("status") or {}).get("startTime") or now_iso()
         self.prepared = True
 
@@ -587,8 +625,18 @@ class PodWorker:
             status["state"] = {"waiting": {"reason": "ContainerCreating"}}
         return status
 
+    def init_status(self, run: ContainerRun) -> JSON:
+        status = self.container_status(run)
+        if run.info is None and not run.done and run.waiting == ("ContainerCreating", ""):
+            status["state"] = {"waiting": {"reason": "PodInitializing"}}
+        # A completed init container reports ready, as the kubelet does.
+        status["ready"] = run.done and not self._failed(run)
+        return status
+
     def phase(self, policy: str, statuses: list[JSON]) -> str:
-        if not statuses:
+        if any(run.done and self._failed(run) for run in self.init_runs):
+            return "Failed"
+        if not statuses or not self.initialized:
             return "Pending"
         states = [s["state"] for s in statuses]
         ever_started = all(
@@ -604,6 +652,9 @@ class PodWorker:
 
     async def write_status(self, pod: JSON, policy: str) -> None:
         statuses = [self.container_status(run) for run in self.runs]
+        if not self.initialized:
+            for s in statuses:
+                s["state"] = {"waiting": {"reason": "PodInitializing"}}
         phase = self.phase(policy, statuses)
         old = pod.get("status") or {}
         conditions: list[JSON] = list(old.get("conditions") or [])
@@ -616,7 +667,17 @@ class PodWorker:
             else ("PodCompleted" if phase in ("Succeeded", "Failed") else "ContainersNotReady")
         )
         conditions = set_condition(conditions, "PodScheduled", "True", "", "")
-        conditions = set_condition(conditions, "Initialized", "True", "", "")
+        pending_init = [r.spec["name"] for r in self.init_runs if not r.done or self._failed(r)]
+        if self.initialized:
+            conditions = set_condition(conditions, "Initialized", "True", "", "")
+        else:
+            conditions = set_condition(
+                conditions,
+                "Initialized",
+                "False",
+                "ContainersNotInitialized",
+                f"containers with incomplete status: [{' '.join(pending_init)}]",
+            )
         ready = "True" if all_ready else "False"
         conditions = set_condition(conditions, "ContainersReady", ready, reason, why)
         conditions = set_condition(conditions, "Ready", ready, reason, why)
@@ -633,6 +694,8 @@ class PodWorker:
             "containerStatuses": statuses,
             "qosClass": qos_class(pod),
         }
+        if self.init_runs:
+            status["initContainerStatuses"] = [self.init_status(r) for r in self.init_runs]
         if ip:
             status["podIP"] = ip
             status["podIPs"] = [{"ip": ip}]

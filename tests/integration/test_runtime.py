@@ -484,6 +484,39 @@ def test_volumes_env_sources_and_logs(
     assert logs.strip() == "read: kept hello t0ken"
 
 
+def test_init_containers_run_first_and_a_failed_one_fails_the_pod(
+    runtime_twin: RuntimeTwin,
+) -> None:
+    rt = runtime_twin
+    image = rt.images.web_v1
+    good = _pod("initialized", "staging", image, ["cat", "/work/flag"], "Never")
+    good["spec"]["volumes"] = [{"name": "work", "emptyDir": {}}]
+    good["spec"]["initContainers"] = [
+        {
+            "name": "prepare",
+            "image": image,
+            "command": ["sh", "-c", "echo prepared > /work/flag"],
+            "volumeMounts": [{"name": "work", "mountPath": "/work"}],
+        }
+    ]
+    good["spec"]["containers"][0]["volumeMounts"] = [{"name": "work", "mountPath": "/work"}]
+    bad = _pod("uninitialized", "staging", image, ["true"], "Never")
+    bad["spec"]["initContainers"] = [{"name": "prepare", "image": image, "command": ["false"]}]
+    rt.apply(namespace("staging"), good, bad)
+
+    def phase(name: str) -> str:
+        return str(rt.get("pod", name, "staging").get("status", {}).get("phase", ""))
+
+    rt.wait_for("initialized Succeeded", lambda: phase("initialized") == "Succeeded", timeout=30)
+    assert rt.kube.kubectl("logs", "-n", "staging", "initialized").stdout.strip() == "prepared"
+    init = rt.get("pod", "initialized", "staging")["status"]["initContainerStatuses"][0]
+    assert init["state"]["terminated"]["exitCode"] == 0
+    rt.wait_for("uninitialized Failed", lambda: phase("uninitialized") == "Failed", timeout=30)
+    status = rt.get("pod", "uninitialized", "staging")["status"]
+    assert _condition(rt.get("pod", "uninitialized", "staging"), "Initialized")["status"] == "False"
+    assert status["containerStatuses"][0]["state"] == {"waiting": {"reason": "PodInitializing"}}
+
+
 def test_same_host_in_two_namespaces_does_not_collide(runtime_twin: RuntimeTwin) -> None:
     rt = runtime_twin
     host = "same.example.test"
