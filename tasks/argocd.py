@@ -19,6 +19,8 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any, Literal
 
+import anyio
+import anyio.to_thread
 import httpx
 from prefect import task
 from prefect.blocks.system import Secret
@@ -297,13 +299,14 @@ class ArgoCDClient:
         """
         known: dict[str, bool] = {}
 
-        def ours(revision: str) -> bool:
+        async def ours(revision: str) -> bool:
             if not revision:
                 return False
             if revision == commit:
                 return True
             if revision not in known:
-                known[revision] = is_descendant(revision, commit)
+                # The check speaks git: keep it off the event loop.
+                known[revision] = await anyio.to_thread.run_sync(is_descendant, revision, commit)
             return known[revision]
 
         ends = time.monotonic() + deadline
@@ -311,7 +314,7 @@ class ArgoCDClient:
         while True:
             raw = await self.get(app)
             state = AppState.from_app(raw)
-            if ours(state.synced_revision):
+            if await ours(state.synced_revision):
                 await self._fail_fast(app, raw, state, commit)
                 if _done_and_good(state):
                     return state
@@ -475,7 +478,7 @@ async def argocd_sync_and_wait(
     async with await client_from_settings(retry=retry) as argo:
         current = await (argo.refresh(app) if automated else argo.get(app))
         synced_now = False
-        if is_done_and_good(current, commit, check):
+        if await anyio.to_thread.run_sync(is_done_and_good, current, commit, check):
             logger.info("%s already runs %s: no sync", app, commit[:12])
         elif current.get("operation"):
             logger.info("%s: an operation is already running; waiting for it", app)
