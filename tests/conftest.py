@@ -34,4 +34,5 @@ pytest_plugins = [
     "tests.fixtures_engine",
     "tests.fixtures_kube",
     "tests.fixtures_sandbox",
+    "tests.fixtures_runtime",
 ]

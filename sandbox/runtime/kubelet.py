@@ -3,12 +3,20 @@
 One worker per pod, as the real kubelet has: it pulls the images (with the sandbox
 registry's credentials), creates one container per container of the pod on the
 namespace's network with the pod's DNS aliases (pod name, hostname[.subdomain], the names of
-the Services selecting it), restarts exited containers per ``restartPolicy`` with
-exponential back-off, runs readiness and liveness probes through the ports published on
-127.0.0.1, and writes ``status`` (phase, conditions, containerStatuses) the way the kubelet
-does. A deleted pod's containers and emptyDir volumes are removed.
+the Services selecting it), runs init containers first (one at a time, to
+success), restarts exited containers per ``restartPolicy`` with exponential back-off, runs
+readiness and liveness probes (httpGet, tcpSocket, exec) through the ports published on
+127.0.0.1, and writes ``status`` (phase, conditions, containerStatuses,
+initContainerStatuses) the way the kubelet does. Volumes: emptyDir, configMap and secret
+(files copied in) are per-pod Docker volumes removed with the pod; a PVC is a Docker volume
+named after the claim, kept. Env: value, valueFrom (fieldRef, configMapKeyRef,
+secretKeyRef), envFrom, ``$(VAR)`` expansion.
 
-Probes run at ``min(periodSeconds, 2)``: faster than a real node, so tests wait less.
+Not modelled: a Service port different from its targetPort *inside* the cluster (names
+resolve straight to pod addresses, so in-cluster clients use the container port; the
+router does map Service ports), hostPath/projected/downwardAPI volumes, graceful
+termination (containers are killed), Events. Probes run at ``min(periodSeconds, 2)``:
+faster than a real node, so tests wait less.
 """
 
 from __future__ import annotations
