@@ -37,7 +37,6 @@ from prefect.client.schemas.filters import (
     LogFilter,
     LogFilterFlowRunId,
 )
-from prefect.deployments import run_deployment
 from prefect.logging.handlers import APILogHandler
 from prefect.states import Cancelling
 from prefect.variables import Variable
@@ -331,6 +330,25 @@ async def test_trainer_exit_1_fails_the_run_with_the_job_reason(
     assert "TrainingFailed" in message or "backoff" in message
 
 
+async def test_deadline_fails_the_run_and_stops_the_pods(
+    platform: TrainingPlatform, first_image: tuple[str, Any]
+):
+    params = TrainParams(
+        experiment="resnet-slow",
+        workers=0,
+        args=["--epochs", "120"],
+        deadline="4s",
+        cleanup="Running",
+        cpu="100m",
+        memory="64Mi",
+    )
+    state = await train(params=params, return_state=True)
+    assert state.is_failed()
+    assert "active longer than specified deadline" in (state.message or ""), state.message
+    name = job_name("resnet-slow", str(state.state_details.flow_run_id))
+    wait_until(lambda: not platform.pods(name), timeout=30, what="running pods deleted")
+
+
 @pytest.mark.parametrize(
     ("params", "field"),
     [
@@ -381,26 +399,69 @@ def served_train(platform: TrainingPlatform, prefect_server: Any) -> Iterator[No
         log.close()
 
 
+def robotics_cd(platform: TrainingPlatform, *args: str, timeout: float = 120) -> str:
+    """The ``robotics-cd`` command, as a person runs it (its own process)."""
+    done = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "robotics-cd"), *args],
+        env={**os.environ, **platform.env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+async def test_cli_starts_the_deployment_and_follows_it_to_the_end(
+    platform: TrainingPlatform, first_image: tuple[str, Any], served_train: None
+):
+    out = robotics_cd(
+        platform,
+        "train",
+        "--experiment",
+        "cli-run",
+        "--workers",
+        "1",
+        "--cpu",
+        "100m",
+        "--memory",
+        "64Mi",
+    )
+    assert "train run started: http" in out
+    assert "epoch 3/3" in out and "Succeeded" in out
+    assert "train run completed" in out
+
+
 async def test_cancelling_the_run_deletes_the_job_and_its_pods(
     platform: TrainingPlatform, first_image: tuple[str, Any], served_train: None
 ):
-    params = TrainParams(
-        experiment="resnet-cancel", workers=1, args=["--epochs", "120"], cpu="100m", memory="64Mi"
+    out = robotics_cd(
+        platform,
+        "train",
+        "--experiment",
+        "resnet-cancel",
+        "--workers",
+        "1",
+        "--arg=--epochs",
+        "--arg=120",
+        "--cpu",
+        "100m",
+        "--memory",
+        "64Mi",
+        "--detach",
     )
-    run = await run_deployment(
-        get_settings().train_deployment,
-        parameters={"params": params.model_dump(mode="json")},
-        timeout=0,
-        as_subflow=False,
-    )
-    name = job_name("resnet-cancel", str(run.id))
+    url = out.strip().splitlines()[-1]
+    assert "/runs/flow-run/" in url, out
+    run_id = UUID(url.rsplit("/", 1)[-1])
+    name = job_name("resnet-cancel", str(run_id))
     wait_until(
         lambda: len([p for p in platform.pods(name) if p["status"].get("phase") == "Running"]) == 2,
         timeout=90,
         what="the job's pods running",
     )
     async with get_client() as client:
-        await client.set_flow_run_state(run.id, Cancelling(), force=True)
+        await client.set_flow_run_state(run_id, Cancelling(), force=True)
 
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -410,5 +471,5 @@ async def test_cancelling_the_run_deletes_the_job_and_its_pods(
     assert name not in platform.jobs(), "the PyTorchJob outlived its cancelled run"
     assert not platform.pods(name)
     async with get_client() as client:
-        final = await client.read_flow_run(run.id)
+        final = await client.read_flow_run(run_id)
     assert final.state is not None and final.state.type.value in ("CANCELLED", "CANCELLING")
