@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import ipaddress
 import logging
 import tarfile
 import threading
@@ -21,10 +22,13 @@ from typing import Any
 
 import docker
 import docker.errors
+import docker.types
 
 log = logging.getLogger("sandbox.runtime.engine")
 
 SANDBOX_LABEL = "robotics-cd.sandbox"
+# Where namespace networks get their /24s (256 networks; Docker's defaults hold ~30).
+NETWORK_RANGE = ipaddress.IPv4Network("10.213.0.0/16")
 POD_NS_LABEL = "robotics-cd.pod-namespace"
 POD_NAME_LABEL = "robotics-cd.pod-name"
 POD_UID_LABEL = "robotics-cd.pod-uid"
@@ -163,10 +167,47 @@ class Engine:
                 with contextlib.suppress(docker.errors.APIError):
                     extra.remove()
             if not found:
-                self.client.networks.create(
-                    name, driver="bridge", labels=self.base_labels, check_duplicate=True
-                )
+                self._create_network(name)
         return name
+
+    def _create_network(self, name: str) -> None:
+        """A bridge network on a free /24 of ``NETWORK_RANGE``.
+
+        Docker's default pools hold about 30 networks on one engine; with one network per
+        namespace per sandbox, several engineers' test sessions would exhaust them. Another
+        sandbox may take the same /24 between our look and our create: then try the next.
+        """
+        for _ in range(8):
+            subnet = self._free_subnet()
+            if subnet is None:
+                break
+            gateway = str(next(subnet.hosts()))
+            ipam = docker.types.IPAMConfig(
+                pool_configs=[docker.types.IPAMPool(subnet=str(subnet), gateway=gateway)]
+            )
+            try:
+                self.client.networks.create(
+                    name, driver="bridge", labels=self.base_labels, ipam=ipam, check_duplicate=True
+                )
+                return
+            except docker.errors.APIError as exc:
+                if "overlap" not in str(exc.explanation).lower():
+                    raise
+        # No /24 left in our range: let Docker pick from its defaults.
+        self.client.networks.create(
+            name, driver="bridge", labels=self.base_labels, check_duplicate=True
+        )
+
+    def _free_subnet(self) -> ipaddress.IPv4Network | None:
+        used = []
+        for net in self.client.api.networks():
+            for pool in ((net.get("IPAM") or {}).get("Config")) or []:
+                with contextlib.suppress(ValueError, KeyError):
+                    used.append(ipaddress.ip_network(pool["Subnet"], strict=False))
+        for candidate in NETWORK_RANGE.subnets(new_prefix=24):
+            if not any(candidate.overlaps(u) for u in used):
+                return candidate
+        return None
 
     def ensure_volume(self, name: str, labels: dict[str, str]) -> str:
         try:
