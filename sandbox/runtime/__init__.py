@@ -176,11 +176,25 @@ class Runtime:
                 self.kubelet.namespace_changed(namespace)
             if namespace in self.routers:
                 self.routers[namespace].refresh()
+        elif kind == "Namespace" and type_ == "DELETED" and self.kubelet is not None:
+            self.ctx.spawn(self._drop_network(obj["metadata"]["name"]), "runtime:drop-network")
         elif kind == "Ingress":
             if type_ != "DELETED" and namespace not in self.routers:
                 await self.ensure_router(namespace)
             if namespace in self.routers:
                 self.refresh_namespace(namespace)
+
+    async def _drop_network(self, namespace: str, timeout: float = 60.0) -> None:
+        """Once a deleted namespace's pods are gone, remove its Docker network."""
+        if self.kubelet is None or self.engine is None:
+            return
+        deadline = asyncio.get_running_loop().time() + timeout
+        while any(ns == namespace for ns, _ in self.kubelet.workers):
+            if asyncio.get_running_loop().time() > deadline:
+                log.warning("namespace %s: pods still running; its network stays", namespace)
+                return
+            await asyncio.sleep(0.5)
+        await asyncio.to_thread(self.engine.remove_network, self.engine.network_name(namespace))
 
     def refresh_namespace(self, namespace: str) -> None:
         """Routes, Ingress status and load plans of one namespace, from the store."""

@@ -170,6 +170,16 @@ class Engine:
                 self._create_network(name)
         return name
 
+    def remove_network(self, name: str) -> None:
+        with self._network_lock:
+            for net in self.client.networks.list(names=[name]):
+                if net.name == name:
+                    try:
+                        net.remove()
+                    except docker.errors.APIError as exc:
+                        # Still has containers (404: gone already): leave it to cleanup().
+                        log.info("network %s kept: %s", name, exc.explanation)
+
     def _create_network(self, name: str) -> None:
         """A bridge network on a free /24 of ``NETWORK_RANGE``.
 

@@ -17,6 +17,7 @@ import pytest
 from sandbox.faults import FaultClient
 from sandbox.procs import free_port
 from sandbox.runtime import cleanup, state_label
+from sandbox.runtime.engine import network_name
 from tests.fixtures_kube import KUBECTL, start_kube_twin
 from tests.fixtures_runtime import (
     WEB_LOCAL,
@@ -537,6 +538,35 @@ def test_same_host_in_two_namespaces_does_not_collide(runtime_twin: RuntimeTwin)
                 f"{rt.router(ns)}/cgi-bin/status", headers={"Host": host}, timeout=10
             )
             assert answer.text.startswith(f"version={ns} "), answer.text
+
+
+def test_deleting_a_namespace_removes_its_containers_and_network(runtime_twin: RuntimeTwin) -> None:
+    rt = runtime_twin
+    rt.apply(
+        namespace("scratch"), _pod("temp", "scratch", rt.images.web_v1, ["sleep", "600"], "Always")
+    )
+    rt.wait_for(
+        "temp running",
+        lambda: rt.get("pod", "temp", "scratch")["status"].get("phase") == "Running",
+        timeout=30,
+    )
+    client = docker.from_env()
+    network = network_name(rt.label, "scratch")
+    try:
+        assert client.networks.list(names=[network])
+        rt.kube.kubectl("delete", "namespace", "scratch", timeout=60)
+        rt.wait_for(
+            "scratch's container and network gone",
+            lambda: (
+                not client.containers.list(
+                    all=True, sparse=True, filters={"name": rt.container("scratch", "temp")}
+                )
+                and not [n for n in client.networks.list(names=[network]) if n.name == network]
+            ),
+            timeout=30,
+        )
+    finally:
+        client.close()
 
 
 def test_cleanup_leaves_nothing(tmp_path: Path, runtime_twin: RuntimeTwin) -> None:
