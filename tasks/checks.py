@@ -147,6 +147,10 @@ def run_command_sync(
             log(f"timed out after {timeout:.0f}s; killing the container")
             container.kill()
         pump.join(timeout=10)
+    except docker.errors.APIError as exc:
+        raise ImageError(
+            f"could not run the {stage} container from {image}: {exc.explanation or exc}"
+        ) from exc
     finally:
         container.remove(force=True)
     return exit_code, "\n".join(tail)

@@ -17,6 +17,7 @@ sent; it is never a task parameter, never logged, and never in an exception mess
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import ipaddress
 import logging
@@ -190,7 +191,8 @@ class RegistryClient:
     async def _authorize(self, challenge: str) -> None:
         scheme, params = _parse_challenge(challenge)
         if scheme == "basic":
-            self._headers = {"Authorization": httpx.BasicAuth(*self._auth)._auth_header}
+            token = base64.b64encode(":".join(self._auth).encode()).decode()
+            self._headers = {"Authorization": f"Basic {token}"}
             return
         if scheme == "bearer" and "realm" in params:
             query = {k: v for k, v in params.items() if k in ("service", "scope")}

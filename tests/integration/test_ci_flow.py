@@ -376,3 +376,25 @@ async def test_missing_vuln_db_fails_the_scan_unless_allowed(
         )
     assert f"could not download it from {mirror}" in str(from_mirror.value)
     assert sample.registry.password not in str(from_mirror.value)
+
+
+async def test_a_check_over_its_timeout_is_killed_and_fails_its_stage(
+    base_images: list[str], engine_settings: None, tmp_path: Path
+) -> None:
+    (tmp_path / "README").write_text("x")
+    started = time.monotonic()
+    with pytest.raises(CheckFailed) as caught:
+        await run_check(
+            "integration",
+            ["echo started; sleep 60"],
+            str(tmp_path),
+            image="robotics-cd/check-runner:latest",
+            timeout=timedelta(seconds=2),
+        )
+    assert time.monotonic() - started < 20
+    assert caught.value.exit_code is None and "timed out" in str(caught.value)
+    assert "started" in caught.value.tail
+    leftovers = docker.from_env().containers.list(
+        all=True, filters={"label": "robotics-cd.stage=integration"}
+    )
+    assert not [c for c in leftovers if c.name.startswith("robotics-cd-check-")]
