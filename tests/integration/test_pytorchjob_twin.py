@@ -166,3 +166,35 @@ async def test_deleting_a_running_job_deletes_its_pods(
         "pods gone", lambda: not pods(runtime_twin, namespace, "stop"), timeout=30
     )
     assert not await delete_job(credentials, "stop", namespace)
+
+
+async def test_submit_adopts_its_own_job_and_refuses_another_runs(
+    runtime_twin: RuntimeTwin, namespace: str, prefect_server
+):
+    from prefect import flow
+
+    from core.errors import KubeError
+    from tasks.kube import submit_training_job
+
+    block = f"pj-twin-{uuid.uuid4().hex[:6]}"
+    await creds(runtime_twin).asave(block, overwrite=True)
+    params = TrainParams(
+        experiment="it", workers=0, args=["--epochs", "60"], cpu="100m", memory="64Mi"
+    )
+    mine = build_pytorchjob(params, "127.0.0.1:1/none/none:1", "twice", namespace, "run-a")
+    theirs = build_pytorchjob(params, "127.0.0.1:1/none/none:1", "twice", namespace, "run-b")
+
+    @flow
+    async def submit_twice() -> tuple[str, str, str]:
+        first = await submit_training_job(mine, credentials_block=block)
+        again = await submit_training_job(mine, credentials_block=block)
+        try:
+            await submit_training_job(theirs, credentials_block=block)
+        except KubeError as exc:
+            return first["metadata"]["uid"], again["metadata"]["uid"], str(exc)
+        return first["metadata"]["uid"], again["metadata"]["uid"], ""
+
+    first, again, refused = await submit_twice()
+    assert first == again
+    assert "belongs to flow run run-a" in refused
+    assert await delete_job(creds(runtime_twin), "twice", namespace)
