@@ -106,6 +106,9 @@ def render_summary(
         lines.append(
             f"- error: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         )
+        tail = getattr(error, "tail", "")  # a failed check's last output lines
+        if tail:
+            lines += ["", "```", tail.replace("```", "` ` `"), "```"]
     if result.image:
         how = (
             "already in the registry: nothing built or pushed"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from core.catalog import parse_catalog
+from core.errors import CheckFailed
 from flows.ci import CIResult, StageTiming, render_summary, ships
 from tasks.scan import (
     ScanReport,
@@ -62,6 +63,10 @@ def test_the_summary_names_commit_stages_image_and_scan_counts() -> None:
         result.model_copy(update={"image": None}), error=RuntimeError("boom\nmore")
     )
     assert "FAILED" in failed and "RuntimeError: boom" in failed and "more" not in failed
+    lint = CheckFailed("lint", "sh scripts/lint.sh", 1, "lint: config/fail_rate must be an integer")
+    failed_lint = render_summary(result.model_copy(update={"image": None}), error=lint)
+    assert "CheckFailed: lint failed (exit code 1)" in failed_lint
+    assert "```\nlint: config/fail_rate must be an integer\n```" in failed_lint
 
 
 def test_trivy_json_becomes_findings_without_secret_values() -> None:
