@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
 import tarfile
 import time
 from pathlib import Path
@@ -79,8 +80,6 @@ def _has_image(client: docker.DockerClient, name: str) -> bool:
 
 def _applets(busybox: Path) -> list[str]:
     """Install paths of every applet (``bin/sh``, ``usr/bin/wget``, ...)."""
-    import subprocess
-
     out = subprocess.run(
         [str(busybox), "--list-full"], check=True, capture_output=True, text=True
     ).stdout

@@ -95,7 +95,9 @@ def start_registry(home: Path, *, port: int | None = None, timeout: float = 30.0
     """Start (or reuse, if its pid file is alive) a registry whose state is in ``home``."""
     binary = shutil.which("docker-registry")
     if binary is None:
-        raise RegistryError("docker-registry is missing; install it: apt-get install docker-registry")
+        raise RegistryError(
+            "docker-registry is missing; install it: apt-get install docker-registry"
+        )
     home.mkdir(parents=True, exist_ok=True)
     pidfile, portfile = home / "registry.pid", home / "registry.port"
     password = _password(home)

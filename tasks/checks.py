@@ -74,6 +74,7 @@ def _tar_checkout(root: Path, out: IO[bytes]) -> None:
         return info
 
     with tarfile.open(fileobj=out, mode="w") as tar:
+        # Symlinks stay links (no dereference): a link to a worker file copies nothing of it.
         tar.add(str(root), arcname=WORKDIR.strip("/"), filter=owned)
     out.seek(0)
 
