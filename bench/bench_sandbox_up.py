@@ -5,7 +5,8 @@ seeded repos and images), then measures a second ``up`` on the same dir (everyth
 ``status`` and ``down --purge``. The Docker base images are kept between runs: they are
 made once per machine and other sandboxes on the engine share them.
 
-Target (issue 5): a cold ``up`` under 60 s. ``--write`` puts the table into
+Target (issue 5): a cold ``up`` under 60 s. A run that has to make the launcher's migrated
+Prefect database cache (once per machine and Prefect version) is marked as such. ``--write`` puts the table into
 ``docs/benchmarks.md``, section "Sandbox start-up".
 
 Run: ``.venv/bin/python -m bench.bench_sandbox_up [--runs 2] [--write]``
@@ -14,6 +15,7 @@ Run: ``.venv/bin/python -m bench.bench_sandbox_up [--runs 2] [--write]``
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import statistics
 import tempfile
@@ -29,8 +31,15 @@ SECTION = "## Sandbox start-up"
 TARGET_SECONDS = 60.0
 
 
+def _cache_exists() -> bool:
+    version = importlib.metadata.version("prefect")
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "robotics-cd"
+    return (cache / f"prefect-{version}.db").exists()
+
+
 def one_run(index: int) -> dict[str, float]:
     state = Path(tempfile.mkdtemp(prefix=f"bench-sandbox-{index}-"))
+    cached = _cache_exists()
     try:
         sb = launcher.up(state, echo=lambda _line: None)
         timings = dict(sb.timings)
@@ -47,13 +56,18 @@ def one_run(index: int) -> dict[str, float]:
         launcher.down(state, purge=True)
         down_seconds = round(time.monotonic() - t0, 2)
     timings["down --purge"] = down_seconds
+    timings["cached"] = 1.0 if cached else 0.0
     return timings
 
 
 def render(runs: list[dict[str, float]]) -> str:
-    keys = list(runs[0])
+    keys = [k for k in runs[0] if k != "cached"]
     load = os.getloadavg()[0]
-    header = "| step | " + " | ".join(f"run {i + 1} s" for i in range(len(runs))) + " |"
+    names = [
+        f"run {i + 1} s" + ("" if r["cached"] else " (made the DB cache)")
+        for i, r in enumerate(runs)
+    ]
+    header = "| step | " + " | ".join(names) + " |"
     lines = [
         f"Measured by `bench/bench_sandbox_up.py`, {len(runs)} cold run(s) from an empty state "
         f"dir (Docker base images already made), 2 CPUs shared with whatever else runs (1-min "
@@ -66,13 +80,17 @@ def render(runs: list[dict[str, float]]) -> str:
     ]
     for key in keys:
         lines.append(f"| {key} | " + " | ".join(f"{r.get(key, 0):.1f}" for r in runs) + " |")
-    totals = [r["total"] for r in runs]
-    verdict = "meets" if statistics.median(totals) <= TARGET_SECONDS else "misses"
+    usual = [r["total"] for r in runs if r["cached"]] or [r["total"] for r in runs]
+    median = statistics.median(usual)
+    verdict = "meets" if median <= TARGET_SECONDS else "misses"
     lines += [
         "",
-        f"Median cold `up`: {statistics.median(totals):.1f} s, which {verdict} the "
-        f"{TARGET_SECONDS:.0f} s target. The Prefect server (SQLite migrations on a fresh "
-        "database) is the long pole, and slows most under load. Pass `--prefect-api-url` to "
+        f"Median cold `up` once the machine has the migrated Prefect database cached: "
+        f"{median:.1f} s, which {verdict} the {TARGET_SECONDS:.0f} s target. The Prefect "
+        "server is the long pole: a fresh SQLite database spends most of its start in "
+        "migrations, so the launcher keeps one migrated empty database per Prefect version "
+        "under `~/.cache/robotics-cd/` (made by the first `up` on a machine, like the Docker "
+        "base images) and copies it into each new state dir. Pass `--prefect-api-url` to "
         "reuse a running server (the test fixture does).",
         "",
     ]
