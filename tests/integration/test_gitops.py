@@ -94,6 +94,17 @@ def manifests(tmp_path) -> str:
     return seed_manifests(tmp_path)
 
 
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    """Flow runs clone under this test's temp dir, not the default workspace."""
+    from core.settings import get_settings
+
+    monkeypatch.setenv("ROBOTICS_CD_WORKSPACE", str(tmp_path / "workspace"))
+    get_settings.cache_clear()
+    yield tmp_path / "workspace"
+    get_settings.cache_clear()
+
+
 def client(tmp_path: Path, url: str, name: str = "clone", **kwargs) -> ManifestsRepo:
     return ManifestsRepo(url=url, workdir=tmp_path / "work" / name, kubectl=KUBECTL, **kwargs)
 
@@ -359,7 +370,7 @@ def test_a_stale_compare_and_swap_loses(tmp_path, manifests):
     assert winner is not None and winner.holder == wins[0]
 
 
-def test_two_flow_runs_racing_for_one_lease(prefect_server, tmp_path, manifests):
+def test_two_flow_runs_racing_for_one_lease(prefect_server, workspace, tmp_path, manifests):
     @flow(name="lease-race")
     def race() -> str:
         try:
@@ -380,7 +391,7 @@ def test_two_flow_runs_racing_for_one_lease(prefect_server, tmp_path, manifests)
     assert current is not None and current.holder == holders[0]
 
 
-def test_bump_task_in_a_flow(prefect_server, tmp_path, manifests):
+def test_bump_task_in_a_flow(prefect_server, workspace, tmp_path, manifests):
     @flow(name="bump-once")
     def bump_flow(ref: str) -> tuple[str, bool]:
         result = gitops.bump_image(
@@ -405,6 +416,9 @@ def test_bump_task_in_a_flow(prefect_server, tmp_path, manifests):
         return gitops.remove_clone(repo_url=manifests, branch="main")
 
     assert cleanup() is True
+    # Each flow run cloned under the configured workspace (the cleanup run removed its own).
+    assert len([p for p in (workspace / "manifests").iterdir() if p.is_dir()]) == 2
+
     body = git(Path(manifests.removeprefix("file://")), "log", "-1", "--format=%B", "main")
     assert "Prefect-Flow-Run: " in body and f"Source-Commit: {'b' * 40}" in body
 
