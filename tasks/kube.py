@@ -285,7 +285,14 @@ async def watch_job(
     logger = _logger()
     async with credentials.get_client("custom_objects") as api:
         while True:
-            job = await read_job(credentials, name, namespace, kind)
+            try:
+                job = await read_job(credentials, name, namespace, kind)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                # The API server is away (restart, network): keep trying; the caller's
+                # deadline bounds how long.
+                logger.warning("cannot read %s (%s); retrying", name, exc)
+                await asyncio.sleep(RECONNECT_DELAY_SECONDS)
+                continue
             if job is None:
                 raise KubeError(f"{kind.kind} {namespace}/{name} was deleted while it ran")
             await on_change(job)
@@ -358,6 +365,8 @@ async def stream_pod_log(
                 if exc.status != 404:
                     raise _translate(exc, f"reading pod {namespace}/{pod}") from exc
                 obj = None
+            except (aiohttp.ClientError, TimeoutError):
+                obj = None  # the API server is away for a moment; look again
             instance = _container_instance(obj, container) if obj is not None else None
             if instance is None or not instance[1] or streamed.get(instance[0]) == -1:
                 if stop.is_set():
@@ -452,7 +461,11 @@ async def follow_training_job(
         if not done:
             logs.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await logs
+            try:
+                await logs
+            except KubeError as exc:
+                # Only the log copy failed: the job's outcome still stands; say what is missing.
+                logger.warning("the master's log could not be streamed: %s", exc)
     await progress.report()
     return FollowResult(
         job=progress.job,

@@ -198,3 +198,56 @@ async def test_submit_adopts_its_own_job_and_refuses_another_runs(
     assert first == again
     assert "belongs to flow run run-a" in refused
     assert await delete_job(creds(runtime_twin), "twice", namespace)
+
+
+async def test_watch_survives_an_api_server_restart(tmp_path: Path, prefect_server):
+    """The watch re-lists after its connection drops and sees the change made meanwhile."""
+    import json
+
+    from tests.fixtures_kube import start_kube_twin
+
+    with start_kube_twin(
+        tmp_path / "twin", components=["sandbox.kube.api", "sandbox.pytorchjob"]
+    ) as twin:
+        ns = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "train-restart"}}
+        body = build_pytorchjob(
+            TrainParams(experiment="it"), "127.0.0.1:1/x/y:1", "survive", "train-restart"
+        )
+        (tmp_path / "objs.json").write_text(json.dumps(ns) + "\n---\n" + json.dumps(body))
+        twin.kubectl("create", "-f", str(tmp_path / "objs.json"))
+        credentials = KubernetesCredentials(
+            cluster_config=KubernetesClusterConfig.from_file(twin.kubeconfig)
+        )
+        seen: list[str] = []
+        created = asyncio.Event()
+
+        async def on_change(job: dict[str, Any]) -> None:
+            seen.append(job_state(job).phase)
+            if job_state(job).phase == "Created":
+                created.set()
+
+        watching = asyncio.create_task(
+            watch_job(credentials, "survive", "train-restart", on_change)
+        )
+        await asyncio.wait_for(created.wait(), 15)
+        await asyncio.to_thread(twin.restart)
+        done = {
+            "conditions": [
+                {"type": "Created", "status": "True", "reason": "PyTorchJobCreated"},
+                {"type": "Succeeded", "status": "True", "reason": "PyTorchJobSucceeded"},
+            ]
+        }
+        twin.kubectl(
+            "patch",
+            "pytorchjob",
+            "survive",
+            "-n",
+            "train-restart",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            json.dumps({"status": done}),
+        )
+        final = await asyncio.wait_for(watching, 30)
+        assert job_state(final).phase == "Succeeded"
+        assert seen[0] in ("Pending", "Created") and seen[-1] == "Succeeded"
