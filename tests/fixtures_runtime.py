@@ -101,6 +101,15 @@ def runtime_images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime
         stop_registry(home)
 
 
+_PATHS = {
+    "pod": "/api/v1/namespaces/{ns}/pods",
+    "pvc": "/api/v1/namespaces/{ns}/persistentvolumeclaims",
+    "deployment": "/apis/apps/v1/namespaces/{ns}/deployments",
+    "job": "/apis/batch/v1/namespaces/{ns}/jobs",
+    "ingress": "/apis/networking.k8s.io/v1/namespaces/{ns}/ingresses",
+}
+
+
 @dataclass
 class RuntimeTwin:
     kube: KubeTwin
@@ -127,8 +136,20 @@ class RuntimeTwin:
             raise AssertionError(f"kubectl apply failed: {done.stderr}")
 
     def get(self, kind: str, name: str, namespace: str) -> dict[str, Any]:
-        out = self.kube.kubectl("get", kind, name, "-n", namespace, "-o", "json").stdout
-        return dict(json.loads(out))
+        """One object, over HTTPS for the common kinds (polling with kubectl costs a Go
+        process start each time), else with ``kubectl get``."""
+        path = _PATHS.get(kind)
+        if path is None:
+            out = self.kube.kubectl("get", kind, name, "-n", namespace, "-o", "json").stdout
+            return dict(json.loads(out))
+        response = httpx.get(
+            f"{self.kube.url}{path.format(ns=namespace)}/{name}",
+            headers={"Authorization": f"Bearer {self.kube.token}"},
+            verify=str(self.kube.ca_cert),
+            timeout=10,
+        )
+        response.raise_for_status()
+        return dict(response.json())
 
     def wait_for(
         self, what: str, check: Callable[[], Any], *, timeout: float = 60, interval: float = 0.5
