@@ -142,3 +142,50 @@ async def remove_checkout(path: str) -> None:
     except OSError as exc:
         # A leftover directory costs disk, not correctness: say so and go on.
         get_run_logger().warning("could not delete checkout %s: %s", target, exc)
+
+
+_TAG_SHA7 = re.compile(r"^\d{8}-([0-9a-f]{7})$")
+
+
+def is_superseded_sync(
+    repo_url: str, source_sha: str, running_tag: str, *, workspace: Path
+) -> bool:
+    """True when production's image (tag ``YYYYMMDD-sha7``) was built from ``source_sha``
+    or a descendant of it, so releasing ``source_sha`` would go backwards or do nothing."""
+    validate_sha(source_sha)
+    match = _TAG_SHA7.match(running_tag)
+    if match is None:  # not one of our tags (a seed or hand-made image): nothing to compare
+        return False
+    path = workspace / "history" / uuid.uuid4().hex[:12]
+    path.mkdir(parents=True)
+    try:
+        repo = git.Repo.init(path, bare=True)
+        with repo.git.custom_environment(**_GIT_ENV):
+            repo.git.fetch(
+                "--no-tags", "--filter=blob:none", repo_url, "+refs/heads/*:refs/heads/*"
+            )
+            try:
+                running = repo.git.rev_parse("--verify", "--quiet", f"{match.group(1)}^{{commit}}")
+            except git.GitCommandError:
+                return False  # built from a commit no branch holds any more
+            try:
+                repo.git.merge_base("--is-ancestor", source_sha, running)
+            except git.GitCommandError as exc:
+                if exc.status == 1:
+                    return False
+                raise SourceError(
+                    f"cannot compare {source_sha[:12]} with {running[:12]} in "
+                    f"{redact_url(repo_url)}: {exc.stderr.strip()}"
+                ) from exc
+            return True
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@task(name="is-superseded")
+async def is_superseded(repo_url: str, source_sha: str, running_tag: str) -> bool:
+    """Is production already running ``source_sha`` or something built after it?"""
+    workspace = get_settings().workspace
+    return await anyio.to_thread.run_sync(
+        lambda: is_superseded_sync(repo_url, source_sha, running_tag, workspace=workspace)
+    )
