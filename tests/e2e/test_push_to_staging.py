@@ -178,13 +178,35 @@ def test_git_push_to_robotics_api_reaches_staging(sandbox, triggers, tmp_path):
     release = _wait_run(
         "release/release",
         lambda r: r.parameters.get("source_sha") == sha,
-        lambda r: r.state is not None and r.state.type == StateType.PAUSED,
-        timeout=600,
-        what="release suspended for approval after staging",
+        lambda r: True,
+        timeout=120,
+        what="release started by the hand-off",
     )
     assert release.parent_task_run_id is None  # a top-level run, not CI's subflow
     assert release.parameters["service"] == "api-gateway"
-    assert sha[:7] in release.parameters["image"]
+    tag = release.parameters["image"].split("@")[0].rsplit(":", 1)[1]
+    assert sha[:7] in tag
+
+    # Staging runs the new image: Argo CD synced the release's commit and it is Healthy.
+    sandbox.wait_app(
+        "api-gateway-staging",
+        lambda app: (
+            any(tag in image for image in app["status"].get("summary", {}).get("images", []))
+            and app["status"].get("health", {}).get("status") == "Healthy"
+        ),
+        timeout=600,
+        what=f"staging running {tag}",
+    )
+    release = _wait_run(
+        "release/release",
+        lambda r: r.id == release.id,
+        lambda r: r.state is not None and (r.state.type == StateType.PAUSED or r.state.is_final()),
+        timeout=300,
+        what="release verified staging and suspended for approval",
+    )
+    assert release.state is not None and release.state.type == StateType.PAUSED, (
+        f"release did not wait for approval: {release.state and release.state.message}"
+    )
 
     statuses = [s for s in sandbox.recorded()["statuses"] if s["sha"] == sha]
     ci_statuses = [s for s in statuses if s["context"] == "robotics-cd/ci"]
