@@ -123,6 +123,15 @@ def _argo_message(response: httpx.Response) -> str:
     return str(body)[:500]
 
 
+class SyncOutcome(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    app: str
+    commit: str = Field(description="The commit we waited for.")
+    revision: str = Field(description="The revision Argo CD synced (ours or a descendant).")
+    synced_now: bool = Field(description="False when the app was already there (no new sync).")
+    health: str
+
+
 class ArgoCDClient:
     """A small async Argo CD client: applications get/sync/refresh/rollback/terminate."""
 
@@ -280,6 +289,79 @@ class ArgoCDClient:
             return None  # an older Argo CD or a twin without the endpoint: the health text stays
 
     # -- waiting
+
+    async def wait_operation_done(
+        self, app: str, *, deadline: float, poll_interval: float = 2.0
+    ) -> dict[str, Any]:
+        """Wait until ``app`` has no operation running; the app as it then is."""
+        ends = time.monotonic() + deadline
+        while True:
+            current = await self.get(app)
+            if not current.get("operation"):
+                return current
+            remaining = ends - time.monotonic()
+            if remaining <= 0:
+                raise SyncFailed(
+                    f"{app}: an operation is still running after {deadline:.0f}s: "
+                    f"{AppState.from_app(current).summary()}; terminate it or wait"
+                )
+            await asyncio.sleep(min(poll_interval, remaining))
+
+    async def sync_and_wait(
+        self,
+        app: str,
+        commit: str,
+        *,
+        automated: bool,
+        deadline: float,
+        is_descendant: IsDescendant | None = None,
+        branch: str = "main",
+        poll_interval: float = 2.0,
+        log: Callable[..., None] = lambda *args: None,
+    ) -> SyncOutcome:
+        """Sync ``app`` unless it already runs ``commit`` (or a descendant); wait until good.
+
+        An operation already running (the auto-sync of our commit, or an older one) is let
+        end first; then, unless the app is at our revision, a sync starts: without a revision
+        for an automated app (Argo CD refuses one), the branch head for a manual one.
+        """
+        check = is_descendant or (lambda revision, target: revision == target)
+        ends = time.monotonic() + deadline
+
+        def left() -> float:
+            return max(0.0, ends - time.monotonic())
+
+        current = await (self.refresh(app) if automated else self.get(app))
+        if current.get("operation"):
+            log("%s: an operation is already running; waiting for it to end", app)
+            current = await self.wait_operation_done(
+                app, deadline=left(), poll_interval=poll_interval
+            )
+        synced_now = False
+        revision = AppState.from_app(current).synced_revision
+        at_ours = bool(revision) and await anyio.to_thread.run_sync(check, revision, commit)
+        if await anyio.to_thread.run_sync(is_done_and_good, current, commit, check):
+            log("%s already runs %s: no sync", app, commit[:12])
+        elif not at_ours:
+            try:
+                await self.sync(app, revision=None if automated else branch)
+                synced_now = True
+            except ArgoCDRefused as exc:
+                if IN_PROGRESS not in str(exc):
+                    raise
+                # The auto-sync (or a person) started one meanwhile: wait for it instead.
+                log("%s: %s; waiting for that operation", app, IN_PROGRESS)
+        state = await self.wait_synced(
+            app, commit, is_descendant=check, deadline=left(), poll_interval=poll_interval
+        )
+        log("%s Synced and Healthy at %s", app, state.synced_revision[:12])
+        return SyncOutcome(
+            app=app,
+            commit=commit,
+            revision=state.synced_revision,
+            synced_now=synced_now,
+            health=state.health,
+        )
 
     async def wait_synced(
         self,
@@ -446,15 +528,6 @@ def _seconds(value: float | str) -> float:
 # --- Prefect tasks ------------------------------------------------------------------------
 
 
-class SyncOutcome(BaseModel):
-    model_config = ConfigDict(frozen=True)
-    app: str
-    commit: str = Field(description="The commit we waited for.")
-    revision: str = Field(description="The revision Argo CD synced (ours or a descendant).")
-    synced_now: bool = Field(description="False when the app was already there (no new sync).")
-    health: str
-
-
 @task(name="argocd-sync-and-wait")
 async def argocd_sync_and_wait(
     app: str,
@@ -473,39 +546,18 @@ async def argocd_sync_and_wait(
     auto-sync already runs, just wait for it. Manual app: sync the branch head. An app
     already done and good at our commit is left alone: a rerun makes no new sync.
     """
-    logger = get_run_logger()
-    check = is_descendant or (lambda revision, target: revision == target)
     async with await client_from_settings(retry=retry) as argo:
-        current = await (argo.refresh(app) if automated else argo.get(app))
-        synced_now = False
-        if await anyio.to_thread.run_sync(is_done_and_good, current, commit, check):
-            logger.info("%s already runs %s: no sync", app, commit[:12])
-        elif current.get("operation"):
-            logger.info("%s: an operation is already running; waiting for it", app)
-        else:
-            try:
-                await argo.sync(app, revision=None if automated else branch)
-                synced_now = True
-            except ArgoCDRefused as exc:
-                if IN_PROGRESS not in str(exc):
-                    raise
-                # The auto-sync (or a person) started one meanwhile: wait for it instead.
-                logger.info("%s: %s; waiting for that operation", app, IN_PROGRESS)
-        state = await argo.wait_synced(
+        outcome = await argo.sync_and_wait(
             app,
             commit,
-            is_descendant=check,
+            automated=automated,
             deadline=_seconds(deadline),
+            is_descendant=is_descendant,
+            branch=branch,
             poll_interval=poll_interval,
+            log=get_run_logger().info,
         )
-    logger.info("%s Synced and Healthy at %s", app, state.synced_revision[:12])
-    return SyncOutcome(
-        app=app,
-        commit=commit,
-        revision=state.synced_revision,
-        synced_now=synced_now,
-        health=state.health,
-    )
+    return outcome
 
 
 @task(name="argocd-get")

@@ -39,7 +39,8 @@ def answers(
 
 def client(transport: httpx.MockTransport, **kwargs: Any) -> ArgoCDClient:
     kwargs.setdefault("token", TOKEN)
-    return ArgoCDClient(base_url="https://argocd.test", transport=transport, retry=FAST, **kwargs)
+    kwargs.setdefault("retry", FAST)
+    return ArgoCDClient(base_url="https://argocd.test", transport=transport, **kwargs)
 
 
 def app_json(
@@ -354,3 +355,88 @@ def test_done_and_good_needs_every_condition():
     assert not is_done_and_good(
         app_json(reconciled="2026-11-27T09:00:00Z"), COMMIT, descendant_of_commit
     )
+
+
+class FakeArgo:
+    """Answers GETs from ``before`` (until a sync is posted) then from ``after``; records POSTs."""
+
+    def __init__(self, before, after=(), sync_answer=None):
+        self.before, self.after = list(before), list(after)
+        self.sync_answer = sync_answer
+        self.posts: list[httpx.Request] = []
+        self.gets: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            self.posts.append(request)
+            if self.sync_answer is not None:
+                return self.sync_answer
+            self.before = []
+            return ok(app_json(running=True))
+        self.gets.append(request)
+        states = self.before or self.after
+        return ok(states.pop(0) if len(states) > 1 else states[0])
+
+
+async def test_sync_and_wait_leaves_an_app_already_at_our_commit_alone():
+    fake = FakeArgo([app_json(revision=LATER)])
+    async with client(httpx.MockTransport(fake)) as argo:
+        outcome = await argo.sync_and_wait(
+            "api-gateway-production",
+            COMMIT,
+            automated=False,
+            deadline=5,
+            is_descendant=descendant_of_commit,
+        )
+    assert outcome.synced_now is False and outcome.revision == LATER
+    assert fake.posts == []
+
+
+async def test_sync_and_wait_lets_a_running_operation_end_then_syncs_the_branch():
+    fake = FakeArgo(
+        before=[app_json(revision=OLDER, running=True), app_json(revision=OLDER)],
+        after=[app_json(revision=COMMIT, running=True), app_json(revision=COMMIT)],
+    )
+    async with client(httpx.MockTransport(fake)) as argo:
+        outcome = await argo.sync_and_wait(
+            "api-gateway-production",
+            COMMIT,
+            automated=False,
+            deadline=5,
+            is_descendant=descendant_of_commit,
+            poll_interval=0.01,
+        )
+    assert outcome.synced_now is True and outcome.revision == COMMIT
+    assert [json.loads(p.content) for p in fake.posts] == [{"prune": False, "revision": "main"}]
+
+
+async def test_sync_and_wait_on_an_automated_app_refreshes_and_sends_no_revision():
+    fake = FakeArgo(before=[app_json(revision=OLDER)], after=[app_json(revision=COMMIT)])
+    async with client(httpx.MockTransport(fake)) as argo:
+        await argo.sync_and_wait(
+            "api-gateway-staging",
+            COMMIT,
+            automated=True,
+            deadline=5,
+            is_descendant=descendant_of_commit,
+            poll_interval=0.01,
+        )
+    assert fake.gets[0].url.params["refresh"] == "normal"
+    assert [json.loads(p.content) for p in fake.posts] == [{"prune": False}]
+
+
+async def test_sync_and_wait_waits_for_an_auto_sync_that_won_the_race():
+    busy = argo_error(400, "another operation is already in progress")
+    fake = FakeArgo(before=[app_json(revision=OLDER), app_json(revision=COMMIT)], sync_answer=busy)
+    async with client(
+        httpx.MockTransport(fake), retry=RetryPolicy(retries=1, base_delay=0.0)
+    ) as argo:
+        outcome = await argo.sync_and_wait(
+            "api-gateway-staging",
+            COMMIT,
+            automated=True,
+            deadline=5,
+            is_descendant=descendant_of_commit,
+            poll_interval=0.01,
+        )
+    assert outcome.synced_now is False and outcome.revision == COMMIT
