@@ -41,7 +41,7 @@ from core.release import ReleasePlan, ReleaseRecord, StepOutcome
 from core.settings import get_settings
 from tasks import argocd, gitops, lifecycle, metrics, notify, report, smoke, source
 from tasks import github as gh
-from tasks.approvals import approval_form, pending_commands, to_decision
+from tasks.approvals import approval_form, expire_overdue, pending_commands, to_decision
 from tasks.lifecycle import emit_release_event, start_rollback_for
 
 LOCK_WAIT = timedelta(hours=6)
@@ -442,3 +442,21 @@ def _finish(plan: ReleasePlan, record: ReleaseRecord, event: str, headline: str)
     notify.send_chat(
         headline, report.release_summary(record), link=report.flow_run_url(flow_run.id)
     )
+
+
+# --- approvals that waited too long --------------------------------------------------------
+
+
+@flow(
+    name="expire-approvals",
+    description="Resume releases whose approval waited longer than the catalog allows, with a "
+    "reject decision from system:timeout: each release then ends 'rejected: timed out'.",
+)
+async def expire_approvals() -> list[str]:
+    catalog = load_catalog(get_settings().catalog)
+    timeouts = {name: catalog.approval_policy(name).timeout for name in catalog.services}
+    deployment = get_settings().release_deployment.split("/")[-1]
+    expired: list[str] = await expire_overdue(
+        deployment, timeouts, catalog.defaults.approval.timeout
+    )
+    return expired
