@@ -300,7 +300,14 @@ def _duplicate_error(text: str, key: str, file: str) -> CatalogError:
 
 def _expand(value: Any, env: Mapping[str, str]) -> Any:
     if isinstance(value, str):
-        return _VAR.sub(lambda m: env.get(m.group(1), m.group(2) or ""), value)
+        expanded = _VAR.sub(lambda m: env.get(m.group(1), m.group(2) or ""), value)
+        if _VAR.fullmatch(value) and expanded.startswith("["):
+            # A whole value from the environment may be a YAML list: steps: ${STEPS:-[10, 50]}
+            try:
+                return yaml.safe_load(expanded)
+            except yaml.YAMLError:
+                return expanded
+        return expanded
     if isinstance(value, list):
         return [_expand(v, env) for v in value]
     if isinstance(value, dict):

@@ -137,3 +137,14 @@ def test_a_relative_path_may_not_leave_the_repository() -> None:
     with pytest.raises(CatalogError) as caught:
         parse(text)
     assert caught.value.field == "build.dockerfile"
+
+
+def test_a_whole_value_from_the_environment_may_be_a_list():
+    from core.catalog import parse_catalog
+
+    text = (
+        "defaults:\n  push_registry: r.example\n  pull_registry: r.example\n"
+        "  manifests_repo: x\n  canary:\n    steps: ${STEPS:-[10, 100]}\n"
+    )
+    assert parse_catalog(text, env={}).defaults.canary.steps == [10, 100]
+    assert parse_catalog(text, env={"STEPS": "[50, 100]"}).defaults.canary.steps == [50, 100]
