@@ -15,8 +15,9 @@ secretKeyRef), envFrom, ``$(VAR)`` expansion.
 Not modelled: a Service port different from its targetPort *inside* the cluster (names
 resolve straight to pod addresses, so in-cluster clients use the container port; the
 router does map Service ports), hostPath/projected/downwardAPI volumes, graceful
-termination (containers are killed), Events. Probes run at ``min(periodSeconds, 2)``:
-faster than a real node, so tests wait less.
+termination (containers are killed), Events. Probes run at ``min(periodSeconds, 2)``
+(faster than a real node, so tests wait less) with a timeout of at least 2 s (slower, so an
+overloaded machine does not flap healthy pods).
 """
 
 from __future__ import annotations
@@ -484,7 +485,9 @@ class PodWorker:
         return probe.ok
 
     async def _check(self, run: ContainerRun, spec: JSON, info: JSON) -> bool:
-        timeout = float(spec.get("timeoutSeconds", 1))
+        # At least 2 s: on a shared 2-core machine a busybox fork can take over a second,
+        # and a probe timing out there would flap pods that are fine.
+        timeout = max(float(spec.get("timeoutSeconds", 1)), 2.0)
         ports = host_ports(info)
         if "httpGet" in spec:
             action = spec["httpGet"]
