@@ -63,7 +63,6 @@ class Runtime:
         self.load = LoadGenerator(faults)
         self.routers: dict[str, NamespaceRouter] = {}
         self.router_ports: dict[str, int] = {}
-        self._starting: dict[str, asyncio.Task[None]] = {}
         self._dirty = asyncio.Event()
         self._ports_file = Path(ctx.state_dir) / "runtime" / "ingress-ports.json"
 
