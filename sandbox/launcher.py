@@ -57,8 +57,15 @@ BLOCK_DEFAULTS = {
     "webhook_secret_block": "robotics-cd-webhook-secret",
     "chat_webhooks_block": "robotics-cd-chat-webhooks",
 }
-APPS_TO_SYNC_AT_START = ("api-gateway-production",)
-APPS_HEALTHY_AT_START = ("api-gateway-staging", "api-gateway-production")
+# Manual apps synced once by `up`, as an operator installing the platform would: the
+# namespaces and network policies, the training PVCs, and production's first release.
+APPS_TO_SYNC_AT_START = ("platform-base", "training-storage", "api-gateway-production")
+APPS_HEALTHY_AT_START = (
+    "platform-base",
+    "training-storage",
+    "api-gateway-staging",
+    "api-gateway-production",
+)
 SEED_BUSYBOX = ("library/busybox", "seed")
 API_IMAGE = "robotics-serving/api-gateway"
 TRAINING_IMAGE = "robotics-training/vision-train"
@@ -548,7 +555,7 @@ def app_done(app: dict[str, Any]) -> bool:
 
 
 def bring_apps_up(sb: Sandbox, *, timeout: float) -> None:
-    """Sync production once (staging syncs itself) and wait until both are healthy."""
+    """Sync the manual apps once (staging syncs itself) and wait until all are healthy."""
     argo = ArgoClient(sb.argocd_url, sb.argocd_token)
     try:
         for name in APPS_TO_SYNC_AT_START:
@@ -565,9 +572,7 @@ def bring_apps_up(sb: Sandbox, *, timeout: float) -> None:
             return True
 
         try:
-            wait_until(
-                healthy, timeout=timeout, what="api-gateway staging and production", interval=0.5
-            )
+            wait_until(healthy, timeout=timeout, what="the Argo CD applications", interval=0.5)
         except TimeoutError as exc:
             detail = {
                 n: {
@@ -719,7 +724,7 @@ def up(
     blocks_future = pool.submit(prefect_then_blocks)
     try:
         if wait_healthy:
-            with timer.step("staging + production healthy"):
+            with timer.step("applications healthy"):
                 bring_apps_up(sb, timeout=120)
         with timer.step("prefect server + blocks"):
             blocks_future.result()
