@@ -30,8 +30,9 @@ RoboticsCDError                      root: everything we raise on purpose
 ├── Superseded                       production already runs a descendant of this commit
 ├── GitHubError                      GitHub REST calls
 ├── NotifyError                      chat webhooks
-└── TriggerError                     a run could not be started (webhook receiver, hand-off)
-    └── WebhookSecretMissing         no webhook secret in the Secret block nor the env
+├── TriggerError                     a run could not be started (webhook receiver, hand-off)
+│   └── WebhookSecretMissing         no webhook secret in the Secret block nor the env
+└── DemoFailed                       a step of `robotics-cd demo` did not end as expected
 """
 
 from __future__ import annotations
@@ -185,3 +186,7 @@ class TriggerError(RoboticsCDError):
 
 class WebhookSecretMissing(TriggerError):
     pass
+
+
+class DemoFailed(RoboticsCDError):
+    """A step of ``robotics-cd demo`` did not end as expected; the message says where to look."""
