@@ -485,10 +485,13 @@ class Controller:
 
     def _ensure_namespace(self, namespace: str) -> None:
         if self._live(ResourceKey("", "v1", "Namespace", "", namespace)) is None:
-            with contextlib.suppress(ApiError):
+            try:
                 self.store.create(
                     {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}
                 )
+            except ApiError as exc:
+                if exc.status != 409:  # created meanwhile: fine
+                    raise
 
     def _apply(self, name: str, desired: list[JSON], op: _Op, dry_run: bool) -> list[JSON]:
         applied: list[JSON] = []
@@ -532,10 +535,7 @@ class Controller:
                 result.update(status="PruneSkipped", message="ignored (requires pruning)")
             else:
                 if not dry_run:
-                    with contextlib.suppress(ApiError):
-                        self.store.delete(
-                            key.api_version, key.kind, key.namespace or None, key.name
-                        )
+                    self._delete_quietly(key)
                 result.update(status="Pruned", message="pruned" + (" (dry run)" if dry_run else ""))
             op.results.append(result)
 
@@ -649,7 +649,8 @@ class Controller:
             raise _SyncFailure(FAILED_TASKS, sha)
 
     def _delete_quietly(self, key: ResourceKey) -> None:
-        with contextlib.suppress(ApiError):
+        """Delete with what it owns; already gone is fine."""
+        try:
             self.store.delete(
                 key.api_version,
                 key.kind,
@@ -657,6 +658,9 @@ class Controller:
                 key.name,
                 propagation_policy="Background",
             )
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
 
     async def _finish(
         self, name: str, operation: JSON, phase: str, message: str, revision: str, op: _Op

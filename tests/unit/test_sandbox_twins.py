@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from typing import Any
 
 from sandbox.argocd import health as h
 from sandbox.argocd.resources import (
@@ -47,7 +48,7 @@ def test_deployment_health_follows_argo_cd() -> None:
 
 
 def test_ingress_is_healthy_only_with_a_load_balancer_address() -> None:
-    ingress = {"metadata": {"name": "api"}, "status": {}}
+    ingress: dict[str, Any] = {"metadata": {"name": "api"}, "status": {}}
     assert h.resource_health("networking.k8s.io", "Ingress", ingress) == h.Health(h.PROGRESSING)
     ingress["status"] = {"loadBalancer": {"ingress": [{"ip": "127.0.0.1"}]}}
     assert h.resource_health("networking.k8s.io", "Ingress", ingress) == h.Health(h.HEALTHY)
