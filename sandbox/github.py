@@ -648,11 +648,14 @@ class GitHubTwin:
 
     # -- chat sink ------------------------------------------------------------------------
 
-    def record_chat(self, channel: str, path: str, body: Any, content_type: str) -> JSON:
+    def record_chat(
+        self, channel: str, path: str, body: Any, content_type: str, query: str = ""
+    ) -> JSON:
         item = {
             "id": self.store.next_id(),
             "channel": channel,
             "path": path,
+            "query": query,
             "content_type": content_type,
             "body": body,
             "received_at": now(),
@@ -793,7 +796,7 @@ def build_app(twin: GitHubTwin) -> Starlette:
             body: Any = json.loads(raw) if raw else {}
         except ValueError:
             body = raw.decode(errors="replace")
-        twin.record_chat(channel, path, body, content_type)
+        twin.record_chat(channel, path, body, content_type, request.url.query)
         answer = _CHAT_ANSWERS.get(channel)
         return answer() if answer else JSONResponse({"ok": True})
 
