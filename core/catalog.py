@@ -315,6 +315,15 @@ def _expand(value: Any, env: Mapping[str, str]) -> Any:
     return value
 
 
+def _inherit_canary_defaults(raw: dict[str, Any]) -> None:
+    """A service's ``canary:`` overrides only the keys it names; the rest come from defaults."""
+    defaults = raw.get("defaults", {})
+    base = defaults.get("canary", {}) if isinstance(defaults, dict) else {}
+    for svc in (raw.get("services") or {}).values():
+        if isinstance(svc, dict) and isinstance(svc.get("canary"), dict) and isinstance(base, dict):
+            svc["canary"] = {**base, **svc["canary"]}
+
+
 def parse_catalog(
     text: str, *, file: str = "services.yaml", env: Mapping[str, str] | None = None
 ) -> Catalog:
@@ -327,6 +336,7 @@ def parse_catalog(
     if not isinstance(raw, dict):
         raise CatalogError("must be a mapping with 'defaults' and 'services'", file=file)
     raw = _expand(raw, os.environ if env is None else env)
+    _inherit_canary_defaults(raw)
     try:
         return Catalog.model_validate(raw)
     except ValidationError as exc:

@@ -148,3 +148,18 @@ def test_a_whole_value_from_the_environment_may_be_a_list():
     )
     assert parse_catalog(text, env={}).defaults.canary.steps == [10, 100]
     assert parse_catalog(text, env={"STEPS": "[50, 100]"}).defaults.canary.steps == [50, 100]
+
+
+def test_a_service_canary_overrides_only_the_keys_it_names():
+    from core.catalog import parse_catalog
+
+    text = (
+        "defaults:\n  push_registry: r.example\n  pull_registry: r.example\n"
+        "  manifests_repo: x\n  canary: {steps: [50, 100], interval: 7s}\n"
+        "services:\n  api:\n    repo: x\n    github: o/api\n    image: ns/api\n"
+        "    approvers: [alice]\n    canary: {canary_replicas: 2}\n"
+        "    environments:\n      staging: {path: a, argocd_app: a, namespace: s, host: h}\n"
+    )
+    policy = parse_catalog(text, env={}).canary_policy("api")
+    assert policy.canary_replicas == 2 and policy.steps == [50, 100]
+    assert policy.interval.total_seconds() == 7
