@@ -21,6 +21,7 @@ from core.settings import get_settings
 from core.training import TrainParams, epoch_progress, parse_train_params
 
 POLL_SECONDS = 2.0
+DRAIN_SECONDS = 10.0
 TERMINAL_OK = ("COMPLETED",)
 
 
@@ -76,6 +77,7 @@ async def follow_run(flow_run_id: UUID, *, echo: Any = typer.echo) -> str:
 
     last_state: str | None = ""
     since = None
+    drained_at: float | None = None
     async with get_client() as client:
         while True:
             run = await client.read_flow_run(flow_run_id)
@@ -87,9 +89,11 @@ async def follow_run(flow_run_id: UUID, *, echo: Any = typer.echo) -> str:
             log_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
             if since is not None:
                 log_filter.timestamp = LogFilterTimestamp(after_=since)
+            printed = 0
             for entry in await client.read_logs(log_filter, sort=LogSort.TIMESTAMP_ASC, limit=200):
                 if since is not None and entry.timestamp <= since:
                     continue
+                printed += 1
                 since = entry.timestamp
                 message = entry.message
                 epochs = epoch_progress(message)
@@ -100,9 +104,14 @@ async def follow_run(flow_run_id: UUID, *, echo: Any = typer.echo) -> str:
                         bar = f"[{'#' * done}{'.' * (20 - done)}] "
                     echo(f"  {bar}{message}")
             if state and state.is_final():
-                if not state.is_completed() and state.message:
-                    echo(state.message)
-                return name
+                if drained_at is None:
+                    # The run's last log lines reach the API after its final state: read
+                    # on until they stop coming (bounded), then report.
+                    drained_at = time.monotonic()
+                elif printed == 0 or time.monotonic() - drained_at > DRAIN_SECONDS:
+                    if not state.is_completed() and state.message:
+                        echo(state.message)
+                    return name
             await asyncio.sleep(POLL_SECONDS)
 
 
