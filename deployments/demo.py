@@ -1,0 +1,842 @@
+"""``robotics-cd demo``: the whole story on the local sandbox, told one step at a time.
+
+1. a commit to ``robotics-api`` → signed push webhook → CI → release → staging → verified →
+   waiting for approval → approved (by the demo, as ``robotics-cd approve`` does, or by the
+   person in the Prefect UI with ``--interactive``);
+2. its production canary 10 → 25 → 50 → 100 with an analysis at each step → promoted;
+3. a commit making ``/v1/status`` fail on ~30% of requests → canary → rolled back by the
+   release itself: the manifests repo gets a restoring commit, production runs release 1;
+4. a push to the training repo touching ``configs/`` → training image → a ``train`` run of
+   one master and two workers → succeeded.
+
+The demo holds no product logic. It starts the sandbox and the served deployments (the same
+``robotics-cd serve`` and ``robotics-cd webhook serve`` a person runs), pushes commits with
+git, approves through the function behind ``robotics-cd approve``, starts the training run
+through the function behind ``robotics-cd train``, and reads every outcome from the Prefect
+API and from the sandbox (the Kubernetes and Argo CD twins, the manifests repo, the
+production ingress). Every wait has a deadline; a step that does not end as expected stops
+the story with the step's name and where to look.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+from uuid import UUID
+
+import httpx
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
+from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.client.schemas.sorting import FlowRunSort
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from core.catalog import load_catalog
+from core.errors import DemoFailed, RoboticsCDError
+from core.settings import get_settings
+from core.training import TrainParams
+from deployments.cli_train import start_train_run
+from sandbox import launcher
+from sandbox.procs import http_ok, spawn, stop_pid, stop_pidfile
+from tasks.approvals import resume_with_decision
+
+T = TypeVar("T")
+
+SERVICE = "api-gateway"
+API_REPO = "robotics-api"
+TRAINING_REPO = "robotics-training"
+MANIFESTS_REPO = "robotics-k8s-manifests"
+TRAINING_IMAGE = "vision-train"
+APPROVER = "alice"
+BAD_FAIL_RATE = 30
+SERVED = ("ci", "release", "rollback", "training-image", "train")
+GIT_IDENTITY = {
+    "GIT_AUTHOR_NAME": "Demo Developer",
+    "GIT_AUTHOR_EMAIL": "demo@robotics.local",
+    "GIT_COMMITTER_NAME": "Demo Developer",
+    "GIT_COMMITTER_EMAIL": "demo@robotics.local",
+}
+
+# The canary windows (services.yaml reads them from the environment). The default keeps the
+# whole story under ten minutes on a two-core machine; --fast is for the CI replay. The
+# sandbox sends 20 requests/s per host, so a step at 10% sees ~2 canary requests/s:
+# min_requests stays well under that times the interval.
+DEMO_WINDOWS = {
+    "ROBOTICS_CD_CANARY_INTERVAL": "15s",
+    "ROBOTICS_CD_CANARY_ANALYSES": "2",
+    "ROBOTICS_CD_CANARY_MIN_REQUESTS": "15",
+    "ROBOTICS_CD_POST_RELEASE_WATCH": "30s",
+}
+FAST_WINDOWS = {
+    "ROBOTICS_CD_CANARY_INTERVAL": "5s",
+    "ROBOTICS_CD_CANARY_ANALYSES": "1",
+    "ROBOTICS_CD_CANARY_MIN_REQUESTS": "4",
+    "ROBOTICS_CD_POST_RELEASE_WATCH": "5s",
+}
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """Seconds each wait may take before the step is declared failed."""
+
+    sandbox_up: float = 420.0
+    triggers: float = 180.0
+    delivery: float = 60.0
+    ci: float = 900.0
+    release_start: float = 180.0
+    staging: float = 600.0
+    canary: float = 900.0
+    person: float = 3600.0
+    training_image: float = 900.0
+    train: float = 600.0
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    state: Path
+    fast: bool = False
+    interactive: bool = False
+    keep: bool = True
+    deadlines: Deadlines = field(default_factory=Deadlines)
+
+    def windows(self) -> dict[str, str]:
+        """Canary windows: the caller's environment wins over the demo's choice."""
+        chosen = FAST_WINDOWS if self.fast else DEMO_WINDOWS
+        return {key: os.environ.get(key, value) for key, value in chosen.items()}
+
+
+@dataclass
+class Row:
+    """One line of the final table: what was expected, what happened, where to look."""
+
+    what: str
+    expected: str
+    outcome: str = "not reached"
+    ok: bool = False
+    seconds: float | None = None
+    where: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Story:
+    """What the demo learned while it ran: the final table and the facts checked at the end."""
+
+    rows: list[Row] = field(default_factory=list)
+    release_1: FlowRun | None = None
+    release_2: FlowRun | None = None
+    failed: str | None = None
+
+    def row(self, what: str, expected: str) -> Row:
+        row = Row(what, expected)
+        self.rows.append(row)
+        return row
+
+
+# --- narration -------------------------------------------------------------------------------
+
+
+class Narrator:
+    """Chapters, lines and live waits on a rich console (plain lines when not a terminal)."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+
+    def chapter(self, number: int, title: str) -> None:
+        self.console.rule(f"[bold]{number}. {title}", align="left")
+
+    def say(self, text: str) -> None:
+        self.console.print(f"  {text}", highlight=False)
+
+    def done(self, text: str) -> None:
+        self.console.print(f"  [green]✓[/green] {text}", highlight=False)
+
+    def link(self, label: str, url: str | None) -> None:
+        if url:
+            self.console.print(f"  {label}: [link={url}]{url}[/link]", highlight=False)
+
+    def wait(
+        self,
+        what: str,
+        probe: Callable[[], tuple[T | None, str]],
+        *,
+        timeout: float,
+        where: str,
+        interval: float = 1.0,
+    ) -> T:
+        """Call ``probe`` until it returns a value; its text is shown live beside ``what``.
+
+        ``probe`` raises :class:`DemoFailed` for a terminal wrong outcome; at ``timeout``
+        the wait fails naming ``what``, the last thing seen and ``where`` to look.
+        """
+        deadline = time.monotonic() + timeout
+        detail = ""
+        started = time.monotonic()
+        with Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=True,
+        ) as progress:
+            task = progress.add_task(what)
+            while True:
+                try:
+                    value, detail = probe()
+                except httpx.HTTPError as exc:  # a busy API: ask again until the deadline
+                    value, detail = None, f"{type(exc).__name__}: {exc}"
+                if value is not None:
+                    break
+                if time.monotonic() >= deadline:
+                    raise DemoFailed(
+                        f"{what}: not reached within {timeout:.0f}s (last seen: "
+                        f"{detail or 'nothing'}); look at {where}"
+                    )
+                progress.update(task, description=f"{what} [dim]{detail}[/dim]")
+                time.sleep(interval)
+        self.done(f"{what} ({time.monotonic() - started:.0f}s){f': {detail}' if detail else ''}")
+        return value
+
+
+# --- the platform: sandbox and triggers --------------------------------------------------------
+
+
+def start_sandbox(options: DemoOptions, say: Callable[[str], None]) -> launcher.Sandbox:
+    """Reuse a sandbox that already runs in the state dir, or start one."""
+    if launcher.is_up(options.state):
+        sb = launcher.Sandbox.load(options.state.resolve())
+        say(f"reusing the sandbox already up in {sb.state_dir}")
+    else:
+        sb = launcher.up(options.state, echo=say)
+    if not sb.webhook_url or not sb.ports.get("webhook"):
+        raise DemoFailed(
+            f"the sandbox in {sb.state_dir} sends no webhooks (started with --webhook-url ''); "
+            "stop it (robotics-cd sandbox down) and run the demo again"
+        )
+    return sb
+
+
+@dataclass
+class Triggers:
+    """The served deployments and the webhook receiver, as subprocesses of the demo."""
+
+    serve: subprocess.Popen[bytes]
+    receiver: subprocess.Popen[bytes]
+    logs: Path
+
+    def stop(self) -> None:
+        for name, proc in (("webhook", self.receiver), ("serve", self.serve)):
+            stop_pid(proc.pid)
+            (self.logs / f"{name}.pid").unlink(missing_ok=True)
+
+
+def cli_executable() -> list[str]:
+    """How to run ``robotics-cd`` from this interpreter's environment."""
+    script = Path(sys.executable).parent / "robotics-cd"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "from deployments.cli import app; app()"]
+
+
+def stop_leftover_triggers(logs: Path) -> None:
+    """A demo killed before its cleanup left its runner and receiver: stop them first."""
+    for name in ("webhook", "serve"):
+        stop_pidfile(logs / f"{name}.pid")
+
+
+def start_triggers(sb: launcher.Sandbox, env: dict[str, str], logs: Path) -> Triggers:
+    """``robotics-cd serve --only ...`` and ``robotics-cd webhook serve --port ...``."""
+    stop_leftover_triggers(logs)
+    cli = cli_executable()
+    root = Path(__file__).resolve().parent.parent
+    only = [arg for name in SERVED for arg in ("--only", name)]
+    serve = spawn(
+        [*cli, "serve", *only],
+        log=logs / "serve.log",
+        env=env,
+        cwd=root,
+        pidfile=logs / "serve.pid",
+    )
+    receiver = spawn(
+        [*cli, "webhook", "serve", "--port", str(sb.ports["webhook"])],
+        log=logs / "webhook.log",
+        env=env,
+        cwd=root,
+        pidfile=logs / "webhook.pid",
+    )
+    return Triggers(serve, receiver, logs)
+
+
+def triggers_ready(
+    client: SyncPrefectClient, sb: launcher.Sandbox, triggers: Triggers
+) -> tuple[bool | None, str]:
+    for name, proc in (("serve", triggers.serve), ("webhook", triggers.receiver)):
+        if proc.poll() is not None:
+            raise DemoFailed(
+                f"robotics-cd {name} exited with {proc.returncode}; see {triggers.logs}/{name}.log"
+            )
+    if not http_ok(f"http://127.0.0.1:{sb.ports['webhook']}/healthz"):
+        return None, "webhook receiver starting"
+    missing = [name for name in SERVED if not _deployment_id(client, name)]
+    if missing:
+        return None, f"waiting for deployments {', '.join(missing)}"
+    return True, f"serving {', '.join(SERVED)}; webhooks on port {sb.ports['webhook']}"
+
+
+# --- Prefect reads ---------------------------------------------------------------------------
+
+_DEPLOYMENT_IDS: dict[str, UUID] = {}
+
+
+def _deployment_id(client: SyncPrefectClient, name: str) -> UUID | None:
+    """Id of the deployment ``name/name`` (deployment names equal flow names here)."""
+    if name not in _DEPLOYMENT_IDS:
+        try:
+            _DEPLOYMENT_IDS[name] = client.read_deployment_by_name(f"{name}/{name}").id
+        except Exception:  # not registered yet: the caller polls again
+            return None
+    return _DEPLOYMENT_IDS[name]
+
+
+def find_run(
+    client: SyncPrefectClient, deployment: str, match: Callable[[FlowRun], bool]
+) -> FlowRun | None:
+    """The newest run of ``deployment`` whose parameters ``match``."""
+    deployment_id = _deployment_id(client, deployment)
+    if deployment_id is None:
+        return None
+    runs = client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(
+            deployment_id=FlowRunFilterDeploymentId(any_=[deployment_id])
+        ),
+        sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+        limit=50,
+    )
+    return next((run for run in runs if match(run)), None)
+
+
+def state_text(run: FlowRun) -> str:
+    if run.state is None:
+        return "no state yet"
+    message = f": {run.state.message}" if run.state.message else ""
+    return f"{run.state.name}{message}"[:160]
+
+
+def run_seconds(run: FlowRun) -> float | None:
+    if run.start_time is None:
+        return None
+    end = run.end_time or datetime.now(UTC)
+    return (end - run.start_time).total_seconds()
+
+
+def is_type(run: FlowRun, *types: StateType) -> bool:
+    return run.state is not None and run.state.type in types
+
+
+# --- git -------------------------------------------------------------------------------------
+
+
+def git(*args: str, cwd: Path | None = None) -> str:
+    proc = subprocess.run(
+        ["git", *args],
+        cwd=cwd,
+        env={**os.environ, **GIT_IDENTITY},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise DemoFailed(f"git {' '.join(args)} failed: {proc.stderr.strip()}")
+    return proc.stdout.strip()
+
+
+def push_commit(sb: launcher.Sandbox, repo: str, files: dict[str, str], message: str) -> str:
+    """Clone ``repo``, write ``files``, commit, push to main (as a developer would); the sha."""
+    with tempfile.TemporaryDirectory(prefix=f"demo-{repo}-") as tmp:
+        work = Path(tmp) / repo
+        git("clone", "-q", "-b", "main", sb.repo_url(repo), str(work))
+        for rel, text in files.items():
+            path = work / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        git("add", "-A", cwd=work)
+        git("commit", "-q", "-m", message, cwd=work)
+        git("push", "-q", "origin", "HEAD:main", cwd=work)
+        return git("rev-parse", "HEAD", cwd=work)
+
+
+def manifests_log(sb: launcher.Sandbox, count: int = 12) -> list[str]:
+    bare = Path(sb.git_base) / f"{MANIFESTS_REPO}.git"
+    text = git("--git-dir", str(bare), "log", f"-{count}", "--format=%h %s", "main")
+    return text.splitlines()
+
+
+# --- sandbox reads ---------------------------------------------------------------------------
+
+
+@contextmanager
+def kube(sb: launcher.Sandbox) -> Iterator[httpx.Client]:
+    client = launcher.KubeClient(Path(sb.kubeconfig))
+    try:
+        yield client.client
+    finally:
+        client.close()
+
+
+def _get(client: httpx.Client, path: str) -> dict[str, Any] | None:
+    response = client.get(path)
+    if response.status_code == 404:
+        return None
+    response.raise_for_status()
+    return dict(response.json())
+
+
+def canary_weight(client: httpx.Client) -> str:
+    ingress = _get(
+        client, f"/apis/networking.k8s.io/v1/namespaces/production/ingresses/{SERVICE}-canary"
+    )
+    annotations = ((ingress or {}).get("metadata") or {}).get("annotations") or {}
+    return str(annotations.get("nginx.ingress.kubernetes.io/canary-weight", "?"))
+
+
+def production_image(client: httpx.Client) -> str:
+    deployment = _get(client, f"/apis/apps/v1/namespaces/production/deployments/{SERVICE}")
+    containers = (((deployment or {}).get("spec") or {}).get("template") or {}).get("spec") or {}
+    images = [c.get("image", "") for c in containers.get("containers", [])]
+    return images[0] if images else ""
+
+
+def production_answers(sb: launcher.Sandbox, tries: int = 20) -> tuple[int, int]:
+    """(2xx answers, tries) for ``/v1/status`` through the production ingress."""
+    good = 0
+    with httpx.Client(base_url=sb.ingress["production"], timeout=10) as client:
+        for _ in range(tries):
+            try:
+                response = client.get("/v1/status", headers={"Host": "api.robotics.local"})
+            except httpx.HTTPError:
+                continue  # counted as not answering
+            good += response.status_code < 300
+    return good, tries
+
+
+def digest_of(image: str) -> str:
+    return image.rsplit("@", 1)[1] if "@" in image else ""
+
+
+# --- the story -------------------------------------------------------------------------------
+
+
+@dataclass
+class Demo:
+    options: DemoOptions
+    sb: launcher.Sandbox
+    client: SyncPrefectClient
+    narrator: Narrator
+    story: Story = field(default_factory=Story)
+
+    @property
+    def d(self) -> Deadlines:
+        return self.options.deadlines
+
+    def url(self, run: FlowRun | UUID) -> str:
+        run_id = run.id if isinstance(run, FlowRun) else run
+        return f"{self.sb.prefect_ui_url}/runs/flow-run/{run_id}"
+
+    def artifact_url(self, key: str) -> str:
+        return f"{self.sb.prefect_ui_url}/artifacts/key/{key}"
+
+    # -- one service commit, from push to the release waiting for approval --
+
+    def push_and_reach_approval(self, files: dict[str, str], message: str, row: Row) -> FlowRun:
+        say = self.narrator.say
+        sha = push_commit(self.sb, API_REPO, files, message)
+        say(f"pushed {API_REPO}@{sha[:7]} “{message}” to main")
+        say("the GitHub twin's post-receive hook sends a signed push webhook to the receiver")
+        ci = self.narrator.wait(
+            "webhook → CI run created",
+            lambda: (find_run(self.client, "ci", lambda r: r.parameters.get("sha") == sha), ""),
+            timeout=self.d.delivery,
+            where=f"{self.sb.state_dir}/demo/webhook.log and the GitHub twin's deliveries "
+            f"({self.sb.github_url}/_twin/recorded)",
+        )
+        self.narrator.link("CI run", self.url(ci))
+        row.where.append(f"CI {self.url(ci)}")
+        ci = self.narrator.wait(
+            "CI: checkout · lint · test · build · scan · push",
+            lambda: self._final(ci.id, ok=(StateType.COMPLETED,), what="CI"),
+            timeout=self.d.ci,
+            where=self.url(ci),
+        )
+        release = self.narrator.wait(
+            "hand-off → release run",
+            lambda: (
+                find_run(self.client, "release", lambda r: r.parameters.get("source_sha") == sha),
+                "",
+            ),
+            timeout=self.d.release_start,
+            where=self.url(ci),
+        )
+        self.narrator.link("release run", self.url(release))
+        say(f"image {release.parameters.get('image')}")
+        release = self.narrator.wait(
+            "staging: GitOps commit → Argo CD sync → smoke tests → metrics → approval",
+            lambda: self._until_paused(release.id),
+            timeout=self.d.staging,
+            where=self.url(release),
+        )
+        return release
+
+    def _final(
+        self, run_id: UUID, *, ok: tuple[StateType, ...], what: str
+    ) -> tuple[FlowRun | None, str]:
+        run = self.client.read_flow_run(run_id)
+        if run.state is not None and run.state.is_final():
+            if run.state.type not in ok:
+                raise DemoFailed(f"{what} run {run.name} ended {state_text(run)}: {self.url(run)}")
+            return run, state_text(run)
+        return None, state_text(run)
+
+    def _until_paused(self, run_id: UUID) -> tuple[FlowRun | None, str]:
+        run = self.client.read_flow_run(run_id)
+        if is_type(run, StateType.PAUSED):
+            return run, "suspended, waiting for approval"
+        if run.state is not None and run.state.is_final():
+            raise DemoFailed(
+                f"release {run.name} ended before its approval: {state_text(run)}; "
+                f"see {self.url(run)}"
+            )
+        return None, state_text(run)
+
+    def approve(self, release: FlowRun, why: str) -> None:
+        say = self.narrator.say
+        url = self.url(release)
+        say("a person approves in the Prefect UI: open the run, press [bold]Resume[/bold], pick")
+        say(f"decision=approve and approver={APPROVER}, or types:")
+        say(f"  [cyan]robotics-cd approve {release.id} --approver {APPROVER}[/cyan]")
+        self.narrator.link("approval form", url)
+        if self.options.interactive:
+            self.narrator.wait(
+                "waiting for you to approve (or reject) in the UI",
+                lambda: self._left_pause(release.id),
+                timeout=self.d.person,
+                where=url,
+                interval=2.0,
+            )
+            return
+        approvers = load_catalog(get_settings().catalog).service(SERVICE).approvers
+        asyncio.run(
+            resume_with_decision(
+                release.id, "approve", APPROVER, f"robotics-cd demo: {why}", allowed=approvers
+            )
+        )
+        self.narrator.done(f"approved by {APPROVER} (what `robotics-cd approve` does)")
+
+    def _left_pause(self, run_id: UUID) -> tuple[FlowRun | None, str]:
+        run = self.client.read_flow_run(run_id)
+        return (None if is_type(run, StateType.PAUSED) else run), state_text(run)
+
+    def follow_canary(self, release: FlowRun, what: str) -> FlowRun:
+        """Until the release ends, showing its state and the canary's live weight."""
+
+        def probe() -> tuple[FlowRun | None, str]:
+            run = self.client.read_flow_run(release.id)
+            with kube(self.sb) as client:
+                weight = canary_weight(client)
+            text = f"canary weight {weight}% · {state_text(run)}"
+            return (run if run.state is not None and run.state.is_final() else None), text
+
+        return self.narrator.wait(what, probe, timeout=self.d.canary, where=self.url(release))
+
+    # -- the four chapters --
+
+    def good_release(self) -> None:
+        self.narrator.chapter(1, "a commit to robotics-api: CI, staging, approval")
+        row = self.story.row("release 1 (good commit)", "Completed: Promoted")
+        stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")
+        release = self.push_and_reach_approval(
+            {"www/index.html": _index_html(stamp)},
+            f"demo: front page says when it was released ({stamp})",
+            row,
+        )
+        row.where.insert(0, f"release {self.url(release)}")
+        self.approve(release, "staging verified")
+
+        self.narrator.chapter(2, "production canary 10 → 25 → 50 → 100, then promotion")
+        release = self.follow_canary(release, "canary steps with an analysis each")
+        self.story.release_1 = release
+        row.seconds, row.outcome = run_seconds(release), state_text(release)
+        promoted = release.state is not None and release.state.name == "Promoted"
+        if not (is_type(release, StateType.COMPLETED) and promoted):
+            raise DemoFailed(f"release 1 ended {state_text(release)}: see {self.url(release)}")
+        row.ok = True
+        with kube(self.sb) as client:
+            self.narrator.done(f"production runs {production_image(client)}")
+        row.where.append(f"record {self.artifact_url(f'release-{SERVICE}')}")
+
+    def bad_release(self) -> None:
+        self.narrator.chapter(3, f"a bad commit: /v1/status fails {BAD_FAIL_RATE}% → rollback")
+        row = self.story.row("release 2 (bad commit)", "Failed: rolled back")
+        release = self.push_and_reach_approval(
+            {"config/fail_rate": f"{BAD_FAIL_RATE}\n"},
+            f"demo: config/fail_rate {BAD_FAIL_RATE} (a regression)",
+            row,
+        )
+        row.where.insert(0, f"release {self.url(release)}")
+        self.approve(release, "looks fine in staging")
+        release = self.follow_canary(release, "canary judged on error ratio and latency")
+        self.story.release_2 = release
+        row.seconds, row.outcome = run_seconds(release), state_text(release)
+        message = (release.state.message or "") if release.state else ""
+        if not (is_type(release, StateType.FAILED) and "rolled back" in message):
+            raise DemoFailed(f"release 2 ended {state_text(release)}: see {self.url(release)}")
+        row.ok = True
+        row.where.append(f"analyses {self.artifact_url(f'canary-{SERVICE}-analyses')}")
+        self.check_production_restored(row)
+
+    def check_production_restored(self, row: Row) -> None:
+        """Production back on release 1's image, canary at 0, answering, git reverted."""
+        if self.story.release_1 is None:
+            raise DemoFailed("release 1 is unknown: cannot check what production returned to")
+        expected = digest_of(str(self.story.release_1.parameters.get("image", "")))
+        with kube(self.sb) as client:
+            image, weight = production_image(client), canary_weight(client)
+        good, tries = production_answers(self.sb)
+        rollback = [line for line in manifests_log(self.sb) if "rollback(production)" in line]
+        problems = [
+            f"production runs {image}, not release 1's {expected}" if expected not in image else "",
+            f"canary weight is {weight}, not 0" if weight != "0" else "",
+            f"only {good}/{tries} production requests answered 2xx" if good < tries else "",
+            "no rollback commit in the manifests repo" if not rollback else "",
+        ]
+        problems = [p for p in problems if p]
+        if problems:
+            row.ok = False
+            raise DemoFailed("after the rollback: " + "; ".join(problems) + f"; see {row.where[0]}")
+        self.narrator.done(f"manifests repo: {rollback[0]}")
+        self.narrator.done(f"production back on {image} (canary weight 0)")
+        self.narrator.done(f"{good}/{tries} production requests to /v1/status answered 2xx")
+
+    def training(self) -> None:
+        self.narrator.chapter(4, "a training-repo push: training image, then a distributed run")
+        image_row = self.story.row("training image", "Completed")
+        stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")
+        sha = push_commit(
+            self.sb,
+            TRAINING_REPO,
+            {"configs/demo.yaml": _training_config(stamp)},
+            f"demo: configs/demo.yaml ({stamp})",
+        )
+        self.narrator.say(f"pushed {TRAINING_REPO}@{sha[:7]} touching configs/")
+        run = self.narrator.wait(
+            "webhook → training-image run created",
+            lambda: (
+                find_run(self.client, "training-image", lambda r: r.parameters.get("sha") == sha),
+                "",
+            ),
+            timeout=self.d.delivery,
+            where=f"{self.sb.state_dir}/demo/webhook.log",
+        )
+        self.narrator.link("training-image run", self.url(run))
+        image_row.where.append(self.url(run))
+        run = self.narrator.wait(
+            "training image: checkout · build · scan · push · notify",
+            lambda: self._final(run.id, ok=(StateType.COMPLETED,), what="training-image"),
+            timeout=self.d.training_image,
+            where=self.url(run),
+        )
+        image_row.seconds, image_row.outcome, image_row.ok = run_seconds(run), state_text(run), True
+
+        train_row = self.story.row("train: 1 master + 2 workers", "Completed")
+        params = TrainParams(
+            experiment=f"demo-{sha[:7]}",
+            config="configs/demo.yaml",
+            workers=2,
+            cpu="100m",
+            memory="64Mi",
+            deadline="10m",
+        )
+        self.narrator.say(
+            f"robotics-cd train --experiment {params.experiment} --config {params.config} "
+            "--workers 2 --cpu 100m --memory 64Mi"
+        )
+        train_id = asyncio.run(start_train_run(params))
+        self.narrator.link("train run", self.url(train_id))
+        train_row.where.append(self.url(train_id))
+        train = self.narrator.wait(
+            "PyTorchJob: master + 2 workers train, logs stream into the run",
+            lambda: self._final(train_id, ok=(StateType.COMPLETED,), what="train"),
+            timeout=self.d.train,
+            where=self.url(train_id),
+        )
+        train_row.seconds, train_row.outcome, train_row.ok = (
+            run_seconds(train),
+            state_text(train),
+            True,
+        )
+        train_row.where.append(self.artifact_url(f"train-{params.experiment}-summary"))
+
+
+def _index_html(stamp: str) -> str:
+    return (
+        "<!doctype html><title>robotics-api</title><p>robotics-api: "
+        f'<a href="/v1/status">/v1/status</a><p>released by robotics-cd demo at {stamp}\n'
+    )
+
+
+def _training_config(stamp: str) -> str:
+    return (
+        f"# Pushed by robotics-cd demo at {stamp}\n"
+        "model: resnet18\nepochs: 3\nlearning_rate: 0.05\nepoch_seconds: 1\nfail_at_epoch: 0\n"
+    )
+
+
+# --- the end: table and instructions ---------------------------------------------------------
+
+
+def summary(story: Story, sb: launcher.Sandbox, console: Console) -> None:
+    table = Table(title="robotics-cd demo", show_lines=True)
+    table.add_column("step")
+    table.add_column("expected")
+    table.add_column("outcome")
+    table.add_column("time", justify="right")
+    table.add_column("where to look", overflow="fold")
+    for row in story.rows:
+        mark = "[green]✓[/green] " if row.ok else "[red]✗[/red] "
+        seconds = f"{row.seconds:.0f}s" if row.seconds is not None else "-"
+        table.add_row(row.what, row.expected, mark + row.outcome, seconds, "\n".join(row.where))
+    console.print(table)
+    bare = Path(sb.git_base) / f"{MANIFESTS_REPO}.git"
+    console.print(f"manifests repo: git --git-dir {bare} log --oneline", highlight=False)
+    try:
+        for line in manifests_log(sb, 8):
+            console.print(f"  {line}", highlight=False)
+    except DemoFailed as exc:
+        console.print(f"  ({exc})", highlight=False)
+
+
+def closing_words(options: DemoOptions, sb: launcher.Sandbox, console: Console) -> None:
+    state = options.state
+    if options.keep:
+        console.print(
+            f"\nThe sandbox keeps running. Prefect UI: [link={sb.prefect_ui_url}]"
+            f"{sb.prefect_ui_url}[/link]\n"
+            f"  point a shell at it:  source {state}/env\n"
+            "  run flows again:      robotics-cd serve & robotics-cd webhook serve "
+            f"--port {sb.ports.get('webhook')}\n"
+            f"  stop it:              robotics-cd sandbox down --state {state}",
+            highlight=False,
+        )
+    else:
+        console.print("\nstopping the sandbox (--no-keep)")
+
+
+def run_demo(options: DemoOptions, console: Console | None = None) -> int:
+    """Play the whole story; 0 when every step ended as expected, else 1."""
+    console = console or _console()
+    narrator = Narrator(console)
+    try:
+        which_git()
+    except DemoFailed as exc:
+        console.print(f"[red]{exc}[/red]", highlight=False)
+        return 2
+    narrator.chapter(0, "the sandbox and the served deployments")
+    try:
+        sb = start_sandbox(options, narrator.say)
+    except (launcher.SandboxError, TimeoutError, DemoFailed) as exc:
+        console.print(f"[red]the sandbox did not start:[/red] {exc}", highlight=False)
+        return 1
+    narrator.link("Prefect UI", sb.prefect_ui_url)
+    env = {**sb.env(), **options.windows(), "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    narrator.say(
+        "canary windows: "
+        + ", ".join(f"{k.removeprefix('ROBOTICS_CD_')}={v}" for k, v in options.windows().items())
+    )
+    logs = Path(sb.state_dir) / "demo"
+    story = Story()
+    triggers: Triggers | None = None
+    try:
+        with _pointed_at(sb, env):
+            triggers = start_triggers(sb, env, logs)
+            with get_client(sync_client=True) as client:
+                narrator.wait(
+                    "robotics-cd serve + robotics-cd webhook serve",
+                    lambda: triggers_ready(client, sb, triggers),  # type: ignore[arg-type]
+                    timeout=options.deadlines.triggers,
+                    where=f"{logs}/serve.log and {logs}/webhook.log",
+                )
+                demo = Demo(options, sb, client, narrator, story)
+                _play(demo)
+    except (DemoFailed, RoboticsCDError) as exc:
+        story.failed = str(exc)
+    except KeyboardInterrupt:
+        story.failed = "interrupted"
+    except Exception as exc:  # a defect, not an outcome: show it whole, then clean up
+        console.print_exception()
+        story.failed = f"unexpected {type(exc).__name__}: {exc}"
+    finally:
+        if triggers is not None:
+            triggers.stop()
+    summary(story, sb, console)
+    closing_words(options, sb, console)
+    if not options.keep:
+        for line in launcher.down(options.state):
+            console.print(f"  stopped {line}", highlight=False)
+    if story.failed:
+        console.print(f"\n[red]demo failed:[/red] {story.failed}", highlight=False)
+        console.print(f"logs of the served runs and the receiver: {logs}", highlight=False)
+        return 1
+    console.print("\n[green]demo: every step ended as expected[/green]")
+    return 0
+
+
+def _console() -> Console:
+    """A terminal gets rich's live display; a log file gets long lines, not wrapped ones."""
+    console = Console()
+    return console if console.is_terminal else Console(width=160, soft_wrap=True)
+
+
+def _play(demo: Demo) -> None:
+    demo.good_release()
+    demo.bad_release()
+    demo.training()
+
+
+@contextmanager
+def _pointed_at(sb: launcher.Sandbox, env: dict[str, str]) -> Iterator[None]:
+    """This process's Prefect client and product settings aimed at the sandbox."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
+
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    get_settings.cache_clear()
+    try:
+        with temporary_settings(
+            updates={PREFECT_API_URL: sb.prefect_api_url, PREFECT_UI_URL: sb.prefect_ui_url}
+        ):
+            yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        get_settings.cache_clear()
+
+
+def which_git() -> None:
+    """git must be on PATH before anything starts (the demo pushes with it)."""
+    if shutil.which("git") is None:
+        raise DemoFailed("git is not installed: apt-get install git, then run the demo again")
