@@ -25,7 +25,7 @@ from prefect.flow_runs import suspend_flow_run
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 
-from core.analysis import AnalysisRun, Decision, Verdict
+from core.analysis import AnalysisRun, Decision, TrackObservation, Verdict
 from core.approval import ApprovalDecision
 from core.catalog import CanaryPolicy, Catalog, Service, load_catalog
 from core.errors import (
@@ -211,6 +211,7 @@ async def run_canary(
     weight = policy.steps[0]
     await _set_canary_weight(plan, policy, weight, record)
     seen_commands: set[str] = set()
+    baseline: TrackObservation | None = None
     for _ in range(analysis.max_intervals):
         end = datetime.now(UTC) + policy.interval
         command = await _wait_interval_or_command(end, seen_commands)
@@ -225,7 +226,11 @@ async def run_canary(
             policy,
             end_time=end,
             window_seconds=policy.interval.total_seconds(),
+            unavailable_is_inconclusive=True,
+            stable_baseline=baseline,
         )
+        if (result.observation.stable.requests or 0.0) >= policy.min_requests:
+            baseline = result.observation.stable
         decision = analysis.record(result.analysis)
         record.analyses.append(result.analysis)
         progress.update(analysis)

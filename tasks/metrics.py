@@ -409,8 +409,13 @@ def analyse_interval(
     prometheus_url: str | None = None,
     scrape_lag_seconds: float = 2.0,
     unavailable_is_inconclusive: bool = False,
+    stable_baseline: TrackObservation | None = None,
 ) -> IntervalResult:
     """Judge one canary interval ``[end_time - window, end_time]`` against stable.
+
+    ``stable_baseline``: what stable did in an earlier interval, judged against when stable
+    itself serves too little now (at 100% every request goes to the canary, so relative
+    bounds compare with the stable as it was at the previous weight).
 
     Waits for ``end_time`` if it is still ahead. When Prometheus cannot answer it raises
     MetricsError (after the task's retries), or, with ``unavailable_is_inconclusive``,
@@ -440,6 +445,8 @@ def analyse_interval(
                 ),
                 queries=source.queries,
             )
+    if stable_baseline is not None and (observation.stable.requests or 0.0) < policy.min_requests:
+        observation = observation.model_copy(update={"stable": stable_baseline})
     verdict = judge_interval(observation, rules, policy)
     _logger().info(
         "%s/%s interval ending %s: %s (%s)",
