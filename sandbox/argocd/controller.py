@@ -214,14 +214,19 @@ class Controller:
             sha, desired, hooks, extras, resources, sync_status, h.Health(app_health, message)
         )
 
-    async def reconcile(self, name: str, *, fetch: bool) -> JSON:
-        """Compare the app with git and the cluster, write its status, maybe auto-sync."""
+    async def reconcile(self, name: str, *, fetch: bool, max_age: float = 0.0) -> JSON:
+        """Compare the app with git and the cluster, write its status, maybe auto-sync.
+
+        ``fetch``: read git again (a fetch younger than ``max_age`` seconds is reused).
+        """
         app = self.get_app(name)
         source = app["spec"]["source"]
         try:
             if fetch or name not in self._targets:
                 self._targets[name] = await self.repos.resolve(
-                    source["repoURL"], source.get("targetRevision") or "HEAD"
+                    source["repoURL"],
+                    source.get("targetRevision") or "HEAD",
+                    max_age=max_age if fetch else float("inf"),
                 )
             comparison = await self._compare(app, self._targets[name])
         except RepoError as exc:
@@ -728,7 +733,9 @@ class Controller:
                 name = app["metadata"]["name"]
                 async with self._lock(name):
                     try:
-                        await self.reconcile(name, fetch=True)
+                        await self.reconcile(
+                            name, fetch=True, max_age=self.settings.poll_seconds / 2
+                        )
                     except ArgoError:
                         continue
                     except Exception:

@@ -47,6 +47,9 @@ class RepoServer:
         self.kubectl = kubectl
         self._locks: dict[str, asyncio.Lock] = {}
         self._renders: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+        self._refs: dict[str, dict[str, str]] = {}
+        self._default_branch: dict[str, str] = {}
+        self._fetched: dict[str, float] = {}
 
     def forget_renders(self) -> None:
         """A hard refresh: render again even commits already rendered."""
@@ -58,10 +61,17 @@ class RepoServer:
     def _lock(self, repo_url: str) -> asyncio.Lock:
         return self._locks.setdefault(repo_url, asyncio.Lock())
 
-    async def fetch(self, repo_url: str) -> Path:
-        """Bring the mirror of ``repo_url`` up to date (every branch and tag)."""
+    async def fetch(self, repo_url: str, *, max_age: float = 0.0) -> Path:
+        """Bring the mirror of ``repo_url`` up to date (every branch and tag).
+
+        ``max_age``: skip the fetch when the last one started less than that many seconds
+        ago (the poll loop shares one fetch between the apps of a repo).
+        """
         mirror = self._mirror(repo_url)
         async with self._lock(repo_url):
+            started = asyncio.get_running_loop().time()
+            if max_age and started - self._fetched.get(repo_url, float("-inf")) < max_age:
+                return mirror
             if not (mirror / "HEAD").exists():
                 mirror.mkdir(parents=True, exist_ok=True)
                 await _run("git", "init", "--bare", "-q", str(mirror))
@@ -77,17 +87,36 @@ class RepoServer:
                 "+refs/heads/*:refs/heads/*",
                 "+refs/tags/*:refs/tags/*",
             )
+            listing = await _run(
+                "git",
+                "-C",
+                str(mirror),
+                "for-each-ref",
+                "--format=%(objectname) %(*objectname) %(refname)",
+            )
+            refs: dict[str, str] = {}
+            for line in listing.decode().splitlines():
+                obj, peeled, ref = line.split(" ", 2)
+                refs[ref] = peeled or obj  # an annotated tag names the commit it peels to
+            self._refs[repo_url] = refs
+            if repo_url not in self._default_branch:
+                # The remote's default branch: what HEAD of the origin points at.
+                out = await _run("git", "ls-remote", "--symref", repo_url, "HEAD")
+                match = re.search(r"^ref: refs/heads/(\S+)\s+HEAD", out.decode(), re.M)
+                self._default_branch[repo_url] = match.group(1) if match else "main"
+            self._fetched[repo_url] = started
         return mirror
 
-    async def resolve(self, repo_url: str, revision: str, *, fetch: bool = True) -> str:
+    async def resolve(self, repo_url: str, revision: str, *, max_age: float = 0.0) -> str:
         """The commit sha ``revision`` (HEAD, a branch, a tag or a sha) names in the repo."""
-        mirror = await self.fetch(repo_url) if fetch else self._mirror(repo_url)
+        mirror = await self.fetch(repo_url, max_age=max_age)
         rev = revision or "HEAD"
         if rev == "HEAD":
-            # The remote's default branch: what HEAD of the (bare) origin points at.
-            out = await _run("git", "ls-remote", "--symref", repo_url, "HEAD")
-            match = re.search(r"^ref: refs/heads/(\S+)\s+HEAD", out.decode(), re.M)
-            rev = match.group(1) if match else "main"
+            rev = self._default_branch.get(repo_url, "main")
+        refs = self._refs.get(repo_url, {})
+        for candidate in (rev, f"refs/heads/{rev}", f"refs/tags/{rev}"):
+            if candidate in refs:
+                return refs[candidate]
         try:
             out = await _run("git", "-C", str(mirror), "rev-parse", "--verify", f"{rev}^{{commit}}")
         except RepoError as exc:
