@@ -271,6 +271,35 @@ def test_failing_canary_is_rolled_back(sandbox, runner, env, build):
     assert rollback - first_canary <= 3 * INTERVAL + 90
 
 
+def test_a_slower_canary_is_rolled_back_on_p99(sandbox, runner, env, build):
+    before_tree = _overlay_tree(sandbox)
+    image, sha = build({"config/latency_ms": "300\n"}, "e2e: +300 ms on every request")
+    done = _release(image, sha, env)
+    assert done.state.type == StateType.FAILED, done.state
+    assert done.state.message.startswith("rolled back:") and "p99" in done.state.message
+    assert _overlay_tree(sandbox) == before_tree
+
+
+def test_no_traffic_is_never_promoted(sandbox, runner, env, build):
+    from sandbox.faults import FaultClient
+
+    before_tree = _overlay_tree(sandbox)
+    image, sha = build({"www/release-e2e.txt": "nobody calls\n"}, "e2e: no traffic")
+    run = _start(image, sha)
+    _wait(run, _paused, timeout=300, what="release waiting for approval")
+    faults = FaultClient(sandbox.control_url)
+    faults.stop_load(namespace="production")
+    try:
+        _cli("approve", str(run.id), "--approver", "alice", env=env)
+        done = _wait(run, _final, timeout=420, what="release finished")
+    finally:
+        faults.start_load(namespace="production")
+        faults.close()
+    assert done.state.type == StateType.FAILED, done.state
+    assert "inconclusive" in done.state.message, done.state.message
+    assert _overlay_tree(sandbox) == before_tree
+
+
 def test_reject_leaves_production_untouched(sandbox, runner, env, build):
     before_tree = _overlay_tree(sandbox)
     image, sha = build({"www/release-e2e.txt": "rejected\n"}, "e2e: to be rejected")
