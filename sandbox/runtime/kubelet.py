@@ -62,6 +62,9 @@ from sandbox.runtime.objects import (
 log = logging.getLogger("sandbox.runtime.kubelet")
 
 PodKey = tuple[str, str]  # namespace, name
+# At most how long a deleted ready pod keeps running after it left the router's endpoints
+# (its terminationGracePeriodSeconds if shorter).
+DRAIN_SECONDS = 5.0
 
 
 @dataclass
@@ -133,6 +136,7 @@ class PodWorker:
         self.volumes: list[str] = []
         self.prepared = False
         self.started_at: str | None = None
+        self.grace_seconds = float((pod.get("spec") or {}).get("terminationGracePeriodSeconds", 30))
         self.last_status: JSON | None = None
         self.http = kubelet.http
 
@@ -168,7 +172,11 @@ class PodWorker:
             self.kubelet.pod_changed(successor)
 
     async def teardown(self) -> None:
-        self.kubelet.endpoints.pop(self.key, None)
+        endpoint = self.kubelet.endpoints.pop(self.key, None)
+        if endpoint is not None and endpoint.ready:
+            # The router no longer picks this pod; let requests already sent to it finish
+            # (a real pod gets SIGTERM and its grace period) before the container goes.
+            await asyncio.sleep(min(self.grace_seconds, DRAIN_SECONDS))
         engine = self.kubelet.engine
         for run in self.runs + self.init_runs:
             await asyncio.to_thread(engine.remove, run.docker_name)
@@ -920,7 +928,8 @@ class Kubelet:
     async def resync(self) -> None:
         """Start workers for every pod, remove containers no pod owns."""
         pods = self.store.list("v1", "Pod")
-        uids = {p["metadata"]["uid"] for p in pods}
+        # A worker still tearing down (draining) owns its containers until it is done.
+        uids = {p["metadata"]["uid"] for p in pods} | {w.uid for w in self.workers.values()}
         for pod in pods:
             self.pod_changed(pod)
         containers = await asyncio.to_thread(self.engine.ours)

@@ -59,7 +59,16 @@ def test_deployment_available_routed_and_rolled(runtime_twin: RuntimeTwin) -> No
         namespace("staging"),
         web_deployment("web", "staging", images.web_v1, replicas=2),
         service("web", "staging", {"app": "web"}),
-        ingress("web", "staging", "web.example.test", "web"),
+        ingress(
+            "web",
+            "staging",
+            "web.example.test",
+            "web",
+            annotations={
+                "sandbox.robotics.dev/load": "20",
+                "sandbox.robotics.dev/load-paths": "/cgi-bin/status",
+            },
+        ),
     )
     rt.wait_for(
         "web Available with 2 replicas", lambda: _available(rt, "web", "staging", 2), timeout=60
@@ -95,8 +104,42 @@ def test_deployment_available_routed_and_rolled(runtime_twin: RuntimeTwin) -> No
     # A new image rolls the pods over; the rollout status is in the Deployment's status.
     # (replace: the API twin serves strategic merge patches as merge patches, which would
     # drop the container's other fields on a client-side apply.)
+    # Under the synthetic load, the rollout (surge 1, unavailable 0) drops no request.
+    served, failed = (
+        _requests(rt, 'namespace="staging"', 'ingress="web"'),
+        _requests(rt, 'namespace="staging"', 'ingress="web"', 'status="5'),
+    )
     rt.apply(web_deployment("web", "staging", images.web_v2, replicas=2), verb="replace")
     dep = rt.wait_for("web rolled to v2", lambda: _available(rt, "web", "staging", 2), timeout=90)
+    client = docker.from_env()
+    try:
+        rt.wait_for(
+            "old pods drained and their containers gone",
+            lambda: (
+                len(
+                    client.containers.list(
+                        all=True,
+                        sparse=True,
+                        filters={
+                            "name": "twin-staging-web-",
+                            "label": f"robotics-cd.sandbox={rt.label}",
+                        },
+                    )
+                )
+                == 2
+            ),
+            timeout=30,
+        )
+    finally:
+        client.close()
+    assert _requests(rt, 'namespace="staging"', 'ingress="web"') > served
+    errors = {
+        code: _requests(rt, 'namespace="staging"', 'ingress="web"', f'status="{code}"')
+        for code in (502, 503, 504)
+    }
+    assert _requests(rt, 'namespace="staging"', 'ingress="web"', 'status="5') == failed, errors
+    with FaultClient(rt.control_url) as faults:
+        faults.stop_load("staging", "web.example.test")
     assert dep["metadata"]["generation"] == 2
     rs = rt.kube.kubectl("get", "rs", "-n", "staging", "-o", "json").stdout
     assert '"deployment.kubernetes.io/revision": "2"' in rs
