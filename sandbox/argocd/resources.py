@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,6 +122,9 @@ def prepare(obj: JSON, *, app: str, namespace: str) -> JSON:
     """A rendered manifest as Argo CD applies it: in the app's namespace, tracked."""
     out = copy.deepcopy(obj)
     meta = out.setdefault("metadata", {})
+    if not meta.get("name") and meta.get("generateName"):
+        # A hook with generateName gets a fresh name per sync, as the API server would give.
+        meta["name"] = f"{meta.pop('generateName')}{secrets.token_hex(3)[:5]}"
     if out.get("kind") not in CLUSTER_SCOPED and not meta.get("namespace"):
         meta["namespace"] = namespace
     key = key_of(out)

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from sandbox import engine, launcher, registry
-from sandbox.procs import pid_alive
+from sandbox.procs import pid_alive, stop_pidfile
 from sandbox.runtime import state_label
 from tests.conftest import SESSION_DIR
 from tests.fixtures_sandbox import SandboxHandle
@@ -431,3 +431,18 @@ def test_production_rolls_back_to_a_history_entry(sandbox: SandboxHandle) -> Non
     main = sandbox.git("--git-dir", str(sandbox.git_base / f"{MANIFESTS}.git"), "rev-parse", "main")
     _sync(sandbox, "api-gateway-production", prune=True)
     sandbox.wait_synced("api-gateway-production", main)
+
+
+def test_an_operation_survives_a_twin_restart(sandbox: SandboxHandle) -> None:
+    main = sandbox.git("--git-dir", str(sandbox.git_base / f"{MANIFESTS}.git"), "rev-parse", "main")
+    sandbox.wait_operation_done("api-gateway-production")
+    assert _sync(sandbox, "api-gateway-production", prune=True).status_code == 200
+    config = json.loads((sandbox.state_dir / "twin-config.json").read_text())
+    old_pid = int((sandbox.state_dir / "twin.pid").read_text())
+
+    stop_pidfile(sandbox.state_dir / "twin.pid")
+    launcher.start_twin(sandbox.state_dir, config)
+
+    assert int((sandbox.state_dir / "twin.pid").read_text()) != old_pid
+    app = sandbox.wait_synced("api-gateway-production", main, timeout=90)
+    assert app["status"]["operationState"]["operation"]["initiatedBy"] == {"username": "admin"}
