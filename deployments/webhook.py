@@ -30,7 +30,7 @@ from urllib.parse import parse_qs
 
 import anyio
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
@@ -201,7 +201,11 @@ class WebhookReceiver:
         return b"".join(chunks)
 
     async def _handle(self, request: Request) -> JSONResponse:
-        body = await self._read_capped(request)
+        try:
+            body = await self._read_capped(request)
+        except ClientDisconnect:
+            log.warning("webhook: the client went away before sending its whole body")
+            return _answer(400, "incomplete body", close=True)
         if body is None:
             log.warning("webhook refused: body larger than %d bytes", self.max_body)
             return _answer(413, f"body larger than {self.max_body} bytes", close=True)
