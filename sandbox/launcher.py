@@ -721,6 +721,8 @@ def up(
         register_blocks(sb)
         timer.timings["prefect blocks (parallel)"] = round(time.monotonic() - t0, 2)
 
+    # Saved now too, so `status` and `down` can speak about a half-started sandbox.
+    sb.save()
     blocks_future = pool.submit(prefect_then_blocks)
     try:
         if wait_healthy:
