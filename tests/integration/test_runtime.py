@@ -340,31 +340,26 @@ def _pod(name: str, ns: str, image: str, command: list[str], restart: str) -> di
 
 def test_crashing_container_counts_restarts(runtime_twin: RuntimeTwin) -> None:
     rt = runtime_twin
-    rt.apply(
-        namespace("staging"),
-        _pod("crasher", "staging", rt.images.web_v1, ["sh", "-c", "sleep 0.5; exit 3"], "Always"),
+    serve = ["httpd", "-f", "-p", "8000", "-h", "/www"]
+    crasher = _pod(
+        "crasher", "staging", rt.images.web_v1, ["sh", "-c", "sleep 0.5; exit 3"], "Always"
     )
+    # A healthy pod, to be crash-looped by fault injection.
+    victim = _pod("victim", "staging", rt.images.web_v1, serve, "Always")
+    # A pod whose liveness probe fails.
+    dying = _pod("dying", "staging", rt.images.web_v1, serve, "Always")
+    dying["spec"]["containers"][0]["ports"] = [{"containerPort": 8000}]
+    dying["spec"]["containers"][0]["livenessProbe"] = {
+        "httpGet": {"path": "/missing", "port": 8000},
+        "periodSeconds": 1,
+        "failureThreshold": 2,
+    }
+    rt.apply(namespace("staging"), crasher, victim, dying)
 
-    def restarted() -> dict[str, Any] | None:
-        status = rt.get("pod", "crasher", "staging")["status"]["containerStatuses"][0]
-        return status if status["restartCount"] >= 2 else None
+    def restarts(pod: str) -> int:
+        status = rt.get("pod", pod, "staging").get("status") or {}
+        return int(((status.get("containerStatuses") or [{}])[0]).get("restartCount", 0))
 
-    status = rt.wait_for("crasher restarted twice", restarted, timeout=30)
-    assert status["lastState"]["terminated"]["exitCode"] == 3
-    assert status["lastState"]["terminated"]["reason"] == "Error"
-    metric = 'kube_pod_container_status_restarts_total{namespace="staging",pod="crasher",container="main"}'
-    rt.wait_for("restarts in Prometheus", lambda: rt.query(f"{metric} >= 2"), timeout=15)
-
-    # A healthy pod crash-looped by fault injection restarts too.
-    rt.apply(
-        _pod(
-            "victim",
-            "staging",
-            rt.images.web_v1,
-            ["httpd", "-f", "-p", "8000", "-h", "/www"],
-            "Always",
-        )
-    )
     rt.wait_for(
         "victim running",
         lambda: rt.get("pod", "victim", "staging")["status"].get("phase") == "Running",
@@ -373,31 +368,15 @@ def test_crashing_container_counts_restarts(runtime_twin: RuntimeTwin) -> None:
     with FaultClient(rt.control_url) as faults:
         faults.crash_pod("staging", "victim", count=2)
 
-    def victim_restarts() -> int:
-        return int(
-            rt.get("pod", "victim", "staging")["status"]["containerStatuses"][0]["restartCount"]
-        )
+    rt.wait_for("crasher restarted twice", lambda: restarts("crasher") >= 2, timeout=30)
+    status = rt.get("pod", "crasher", "staging")["status"]["containerStatuses"][0]
+    assert status["lastState"]["terminated"]["exitCode"] == 3
+    assert status["lastState"]["terminated"]["reason"] == "Error"
+    metric = 'kube_pod_container_status_restarts_total{namespace="staging",pod="crasher",container="main"}'
+    rt.wait_for("restarts in Prometheus", lambda: rt.query(f"{metric} >= 2"), timeout=15)
+    rt.wait_for("victim restarted by the fault", lambda: restarts("victim") >= 2, timeout=30)
+    rt.wait_for("dying restarted by its liveness probe", lambda: restarts("dying") >= 1, timeout=30)
 
-    rt.wait_for("victim restarted by the fault", lambda: victim_restarts() >= 2, timeout=30)
-
-    # A failing liveness probe restarts a running container.
-    dying = _pod(
-        "dying", "staging", rt.images.web_v1, ["httpd", "-f", "-p", "8000", "-h", "/www"], "Always"
-    )
-    dying["spec"]["containers"][0]["ports"] = [{"containerPort": 8000}]
-    dying["spec"]["containers"][0]["livenessProbe"] = {
-        "httpGet": {"path": "/missing", "port": 8000},
-        "periodSeconds": 1,
-        "failureThreshold": 2,
-    }
-    rt.apply(dying)
-    rt.wait_for(
-        "dying restarted by its liveness probe",
-        lambda: (
-            rt.get("pod", "dying", "staging")["status"]["containerStatuses"][0]["restartCount"] >= 1
-        ),
-        timeout=30,
-    )
     rt.kube.kubectl("delete", "pod", "crasher", "victim", "dying", "-n", "staging")
     client = docker.from_env()
     try:
