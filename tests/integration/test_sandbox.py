@@ -74,6 +74,8 @@ def test_up_status_down_leaves_nothing_behind() -> None:
     finally:
         launcher.down(state)
     assert not any(pid_alive(pid) for pid in pids)
+    down_parts = {p.part for p in launcher.status(state) if not p.ok}
+    assert down_parts >= {"prefect server", "registry", "twin process", "argo cd", "prometheus"}
     ports = [*sb.ports.values(), int(sb.registry.rsplit(":", 1)[1])]
     ports.append(int(sb.prometheus_url.rsplit(":", 1)[1]))
     ports.append(int(sb.prefect_api_url.rsplit(":", 1)[1].split("/")[0]))
