@@ -36,7 +36,9 @@ def register(app: typer.Typer) -> None:
             3.0, "--argocd-poll", help="Seconds between Argo CD's polls of the manifests repo."
         ),
         wait: bool = typer.Option(
-            True, "--wait/--no-wait", help="Wait until staging and production are healthy."
+            True,
+            "--wait/--no-wait",
+            help="Wait until the Argo CD applications are Synced and Healthy.",
         ),
     ) -> None:
         """Start the sandbox (idempotent: what runs already is reused)."""
