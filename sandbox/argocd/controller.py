@@ -395,7 +395,12 @@ class Controller:
         op = self._ops[name]
         phase, message = "Error", ""
         revision = ""
-        app = self.get_app(name)
+        try:
+            app = self.get_app(name)
+        except ArgoError:
+            self._ops.pop(name, None)
+            log.warning("application %s was deleted before its operation started", name)
+            return
         operation = app.get("operation") or {}
         retry = operation.get("retry") or {}
         limit = int(retry.get("limit", 0) or 0)
