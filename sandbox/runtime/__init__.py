@@ -34,7 +34,7 @@ from starlette.routing import Route
 from sandbox.faults import FAULTS, FaultRegistry, admin_routes
 from sandbox.procs import free_port
 from sandbox.runtime.config import RuntimeConfig
-from sandbox.runtime.engine import Engine, cleanup, state_label
+from sandbox.runtime.engine import Engine, cleanup, in_thread, state_label
 from sandbox.runtime.kubelet import Kubelet
 from sandbox.runtime.load import LoadGenerator, plans_for
 from sandbox.runtime.metrics import ContainerStats, RequestMetrics, restart_metrics
@@ -71,7 +71,7 @@ class Runtime:
     async def start(self) -> None:
         try:
             engine = Engine(self.label, self.config.registry)
-            await asyncio.to_thread(engine.client.ping)
+            await in_thread(engine.client.ping)
             self.engine = engine
         except Exception as exc:  # no dockerd: the API and controllers still work
             log.warning("no Docker Engine (%s): pods will stay Pending", exc)
@@ -193,7 +193,7 @@ class Runtime:
                 log.warning("namespace %s: pods still running; its network stays", namespace)
                 return
             await asyncio.sleep(0.5)
-        await asyncio.to_thread(self.engine.remove_network, self.engine.network_name(namespace))
+        await in_thread(self.engine.remove_network, self.engine.network_name(namespace))
 
     def refresh_namespace(self, namespace: str) -> None:
         """Routes, Ingress status and load plans of one namespace, from the store."""

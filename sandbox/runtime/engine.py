@@ -1,30 +1,35 @@
 """The runtime's side of Docker: networks, images, containers, volumes, stats and logs.
 
-Everything here is synchronous docker-py; the controllers call it through
-``asyncio.to_thread``. Every object created carries the label ``robotics-cd.sandbox=<id of
+Everything here is synchronous docker-py; the controllers call it through ``in_thread``,
+on the runtime's own thread pool: the default one has cpu+4 threads, is shared with the
+rest of the twin, and a slow image pull or a followed log stream would hold one of them. Every object created carries the label ``robotics-cd.sandbox=<id of
 the state dir>`` so ``cleanup`` removes exactly what one sandbox made and nothing else on
 the shared engine.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import hashlib
 import io
 import ipaddress
 import logging
 import tarfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import docker
 import docker.errors
 import docker.types
 
 log = logging.getLogger("sandbox.runtime.engine")
+T = TypeVar("T")
 
 SANDBOX_LABEL = "robotics-cd.sandbox"
 # Where namespace networks get their /24s (256 networks; Docker's defaults hold ~30).
@@ -33,6 +38,14 @@ POD_NS_LABEL = "robotics-cd.pod-namespace"
 POD_NAME_LABEL = "robotics-cd.pod-name"
 POD_UID_LABEL = "robotics-cd.pod-uid"
 CONTAINER_LABEL = "robotics-cd.container"
+
+
+_POOL = ThreadPoolExecutor(max_workers=32, thread_name_prefix="runtime-docker")
+
+
+async def in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Run a blocking (docker-py) call on the runtime's thread pool."""
+    return await asyncio.get_running_loop().run_in_executor(_POOL, functools.partial(fn, *args))
 
 
 def state_label(state_dir: Path) -> str:

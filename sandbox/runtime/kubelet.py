@@ -45,6 +45,7 @@ from sandbox.runtime.engine import (
     Engine,
     PullFailed,
     host_ports,
+    in_thread,
     network_aliases,
     network_ip,
 )
@@ -179,9 +180,9 @@ class PodWorker:
             await asyncio.sleep(min(self.grace_seconds, DRAIN_SECONDS))
         engine = self.kubelet.engine
         for run in self.runs + self.init_runs:
-            await asyncio.to_thread(engine.remove, run.docker_name)
+            await in_thread(engine.remove, run.docker_name)
         for volume in self.volumes:
-            await asyncio.to_thread(engine.remove_volume, volume)
+            await in_thread(engine.remove_volume, volume)
         log.info("pod %s/%s removed", self.namespace, self.name)
 
     # -- one pass --------------------------------------------------------------------------
@@ -237,10 +238,8 @@ class PodWorker:
     async def prepare(self, pod: JSON) -> None:
         spec = pod.get("spec") or {}
         engine = self.kubelet.engine
-        await asyncio.to_thread(
-            engine.ensure_network, self.kubelet.engine.network_name(self.namespace)
-        )
-        self.volumes = await asyncio.to_thread(self._ensure_volumes, spec)
+        await in_thread(engine.ensure_network, self.kubelet.engine.network_name(self.namespace))
+        self.volumes = await in_thread(self._ensure_volumes, spec)
         old = {c.get("name"): c for c in (pod.get("status") or {}).get("containerStatuses") or []}
         self.runs = []
         for index, container in enumerate(spec.get("containers") or []):
@@ -268,7 +267,7 @@ class PodWorker:
             for container in spec.get("initContainers") or []
         ]
         # After a twin restart: app containers that exist mean init already finished.
-        existing = [await asyncio.to_thread(engine.inspect, r.docker_name) for r in self.runs]
+        existing = [await in_thread(engine.inspect, r.docker_name) for r in self.runs]
         self.initialized = not self.init_runs or any(info is not None for info in existing)
         self.started_at = (pod.get("status") or {}).get("startTime") or now_iso()
         self.prepared = True
@@ -341,10 +340,10 @@ class PodWorker:
         self, pod: JSON, run: ContainerRun, policy: str, aliases: list[str]
     ) -> None:
         engine = self.kubelet.engine
-        info = await asyncio.to_thread(engine.inspect, run.docker_name)
+        info = await in_thread(engine.inspect, run.docker_name)
         if info is not None and (info["Config"].get("Labels") or {}).get(POD_UID_LABEL) != self.uid:
             # A container of an earlier pod of the same name: not ours to keep.
-            await asyncio.to_thread(engine.remove, run.docker_name)
+            await in_thread(engine.remove, run.docker_name)
             info = None
         run.info = info
         if info is None:
@@ -356,7 +355,7 @@ class PodWorker:
             run.waiting = None
             if self.kubelet.faults.take_crash(self.namespace, self.name):
                 log.info("fault: killing %s", run.docker_name)
-                await asyncio.to_thread(engine.kill, run.docker_name)
+                await in_thread(engine.kill, run.docker_name)
                 return
             await self.ensure_aliases(run, info, aliases)
             await self.probe(run, info)
@@ -400,10 +399,8 @@ class PodWorker:
             container.get("image", "")
         )
         try:
-            run.image_ref = await asyncio.to_thread(
-                engine.ensure_image, container.get("image", ""), policy
-            )
-            run.image_id = await asyncio.to_thread(engine.image_id, run.image_ref)
+            run.image_ref = await in_thread(engine.ensure_image, container.get("image", ""), policy)
+            run.image_id = await in_thread(engine.image_id, run.image_ref)
         except PullFailed as exc:
             first = run.waiting is None or run.waiting[0] not in (
                 "ErrImagePull",
@@ -415,28 +412,28 @@ class PodWorker:
             return
         try:
             spec = self.container_spec(pod, run, aliases)
-            await asyncio.to_thread(engine.create, spec)
-            await asyncio.to_thread(self._project_files, pod, run)
-            await asyncio.to_thread(engine.start, run.docker_name)
+            await in_thread(engine.create, spec)
+            await in_thread(self._project_files, pod, run)
+            await in_thread(engine.start, run.docker_name)
         except (ContainerFailed, ValueError) as exc:
-            await asyncio.to_thread(engine.remove, run.docker_name)
+            await in_thread(engine.remove, run.docker_name)
             run.backoff = self.kubelet.config.next_backoff(run.backoff, 0)
             run.next_start = time.monotonic() + run.backoff
             run.waiting = ("CreateContainerError", str(exc))
             return
         run.waiting = None
-        run.info = await asyncio.to_thread(engine.inspect, run.docker_name)
+        run.info = await in_thread(engine.inspect, run.docker_name)
 
     async def start_existing(self, run: ContainerRun) -> None:
         try:
-            await asyncio.to_thread(self.kubelet.engine.start, run.docker_name)
+            await in_thread(self.kubelet.engine.start, run.docker_name)
         except ContainerFailed as exc:
             run.waiting = ("RunContainerError", str(exc))
             run.backoff = self.kubelet.config.next_backoff(run.backoff, 0)
             run.next_start = time.monotonic() + run.backoff
             return
         run.waiting = None
-        run.info = await asyncio.to_thread(self.kubelet.engine.inspect, run.docker_name)
+        run.info = await in_thread(self.kubelet.engine.inspect, run.docker_name)
 
     async def ensure_aliases(self, run: ContainerRun, info: JSON, aliases: list[str]) -> None:
         network = self.kubelet.engine.network_name(self.namespace)
@@ -444,8 +441,8 @@ class PodWorker:
         if set(aliases) <= current:
             return
         log.info("pod %s/%s: aliases now %s", self.namespace, self.name, aliases)
-        await asyncio.to_thread(self.kubelet.engine.set_aliases, run.docker_name, network, aliases)
-        run.info = await asyncio.to_thread(self.kubelet.engine.inspect, run.docker_name)
+        await in_thread(self.kubelet.engine.set_aliases, run.docker_name, network, aliases)
+        run.info = await in_thread(self.kubelet.engine.inspect, run.docker_name)
 
     def _project_files(self, pod: JSON, run: ContainerRun) -> None:
         """Write configMap/secret volume contents through the created container's mounts."""
@@ -469,7 +466,7 @@ class PodWorker:
             alive = await self._probe_once(run, run.liveness, info, age, readiness=False)
             if not alive:
                 log.info("liveness probe failed: killing %s", run.docker_name)
-                await asyncio.to_thread(self.kubelet.engine.kill, run.docker_name)
+                await in_thread(self.kubelet.engine.kill, run.docker_name)
 
     async def _probe_once(
         self, run: ContainerRun, probe: Probe, info: JSON, age: float, *, readiness: bool
@@ -525,7 +522,7 @@ class PodWorker:
             return True
         if "exec" in spec:
             command = spec["exec"].get("command") or []
-            code = await asyncio.to_thread(self._exec, run.docker_name, command)
+            code = await in_thread(self._exec, run.docker_name, command)
             return code == 0
         return True
 
@@ -932,12 +929,12 @@ class Kubelet:
         uids = {p["metadata"]["uid"] for p in pods} | {w.uid for w in self.workers.values()}
         for pod in pods:
             self.pod_changed(pod)
-        containers = await asyncio.to_thread(self.engine.ours)
+        containers = await in_thread(self.engine.ours)
         for container in containers:
             uid = container.labels.get(POD_UID_LABEL)
             if uid and uid not in uids:
                 log.info("removing orphan container %s", container.name)
-                await asyncio.to_thread(self.engine.remove, container.name)
+                await in_thread(self.engine.remove, container.name)
 
     async def logs(
         self, namespace: str, pod: str, container: str | None, tail: int | None, follow: bool
@@ -969,7 +966,7 @@ class Kubelet:
             finally:
                 asyncio.run_coroutine_threadsafe(queue.put(None), loop)
 
-        pump_task = asyncio.create_task(asyncio.to_thread(pump))
+        pump_task = asyncio.create_task(in_thread(pump))
         try:
             while (chunk := await queue.get()) is not None:
                 yield chunk

@@ -22,7 +22,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sandbox.runtime.engine import CONTAINER_LABEL, POD_NAME_LABEL, POD_NS_LABEL, Engine
+from sandbox.runtime.engine import (
+    CONTAINER_LABEL,
+    POD_NAME_LABEL,
+    POD_NS_LABEL,
+    Engine,
+    in_thread,
+)
 
 log = logging.getLogger("sandbox.runtime.metrics")
 
@@ -146,7 +152,7 @@ class ContainerStats:
     async def run(self, interval: float = 2.0) -> None:
         while True:
             try:
-                self.values = await asyncio.to_thread(self._collect)
+                self.values = await in_thread(self._collect)
             except Exception as exc:  # dockerd hiccup: keep the last values, try again
                 log.warning("docker stats failed: %s", exc)
             await asyncio.sleep(interval)
