@@ -4,6 +4,7 @@ scrapes the metrics. Driven through the twin's Kubernetes API with kubectl."""
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import time
@@ -249,7 +250,9 @@ def test_canary_weight_header_and_5xx_in_prometheus(runtime_twin: RuntimeTwin) -
     rt.apply(*_canary_setup(rt, 20))
     for name in ("shop", "shop-canary"):
         rt.wait_for(
-            f"{name} Available", lambda n=name: _available(rt, n, "production", 1), timeout=60
+            f"{name} Available",
+            functools.partial(_available, rt, name, "production", 1),
+            timeout=60,
         )
     url = f"{rt.router('production')}/cgi-bin/status"
     host = {"Host": "shop.example.test"}
@@ -556,7 +559,7 @@ def test_same_host_in_two_namespaces_does_not_collide(runtime_twin: RuntimeTwin)
         )
     for ns in ("staging", "production"):
         rt.wait_for(
-            f"same Available in {ns}", lambda n=ns: _available(rt, "same", n, 1), timeout=60
+            f"same Available in {ns}", functools.partial(_available, rt, "same", ns, 1), timeout=60
         )
     for ns in ("staging", "production"):
         for _ in range(5):
