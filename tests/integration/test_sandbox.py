@@ -448,3 +448,22 @@ def test_an_operation_survives_a_twin_restart(sandbox: SandboxHandle) -> None:
     assert int((sandbox.state_dir / "twin.pid").read_text()) != old_pid
     app = sandbox.wait_synced("api-gateway-production", main, timeout=90)
     assert app["status"]["operationState"]["operation"]["initiatedBy"] == {"username": "admin"}
+
+
+def test_the_catalog_resolves_to_the_sandbox(sandbox_env: dict[str, str]) -> None:
+    from core.catalog import load_catalog
+    from core.settings import get_settings
+
+    catalog = load_catalog(None)
+    settings = get_settings()
+    service = catalog.services["api-gateway"]
+    assert service.repo == f"{sandbox_env['ROBOTICS_CD_GIT_BASE']}/robotics-api.git"
+    assert catalog.defaults.push_registry == sandbox_env["ROBOTICS_CD_PUSH_REGISTRY"]
+    assert service.environments["staging"].endpoint == sandbox_env["ROBOTICS_CD_INGRESS_STAGING"]
+    assert settings.argocd_url == sandbox_env["ROBOTICS_CD_ARGOCD_URL"]
+    assert settings.github_api_url == sandbox_env["ROBOTICS_CD_GITHUB_API_URL"]
+    for url in (service.repo, catalog.defaults.manifests_repo):
+        heads = subprocess.run(
+            ["git", "ls-remote", url, "refs/heads/main"], capture_output=True, text=True, check=True
+        ).stdout
+        assert re.match(r"^[0-9a-f]{40}\trefs/heads/main$", heads.strip())
