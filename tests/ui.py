@@ -1,0 +1,266 @@
+"""Drive the Prefect UI in headless Chromium, as a person would.
+
+Debian's ``chromium`` (``/usr/bin/chromium``) through the Python ``playwright`` package; no
+browser is downloaded. The approval path is the one a release's approver takes: open the
+suspended run's page, press Resume, fill the ``RunInput`` form Prefect renders from the
+schema (decision and approver are selects, the comment a textarea), submit.
+
+Selectors (Prefect 3.9's Vue UI, prefect-design components), found by dumping the DOM:
+
+- the run page: ``<ui>/runs/flow-run/<id>``; its ``Resume`` button (role button);
+- the dialog: role ``dialog`` titled "Resume Flow Run"; each field is a
+  ``.schema-form-property`` whose ``.schema-form-property__label`` starts with the field's
+  title ("Decision", "Approver", "Comment (Optional)");
+- a select: ``button.p-select-button__control``; it opens on ArrowDown (a mouse click on it
+  toggles twice in headless Chromium and stays closed), then a ``listbox`` of ``option`` roles;
+- the comment: the field's ``textarea``; ``Submit`` (role button) in the dialog;
+- success: the dialog closes and a toast says "Flow run resumed".
+
+Every step waits with a deadline. On failure a screenshot and the page's HTML are saved and
+the error names them.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from playwright.sync_api import Browser, Locator, Page, sync_playwright
+from playwright.sync_api import Error as PlaywrightError
+
+from core.errors import InvalidInput, RoboticsCDError
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",  # runs as root in CI containers
+    "--disable-gpu",
+    "--disable-background-networking",  # no calls home: this machine has no internet
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+VIEWPORT = {"width": 1400, "height": 1000}
+DECISIONS = ("approve", "reject")
+RESUMED_TOAST = "Flow run resumed"
+
+log = logging.getLogger(__name__)
+
+
+class PrefectUIError(RoboticsCDError):
+    """The Prefect UI did not let us do what a person would do; see the saved page."""
+
+
+@contextmanager
+def chromium(*, timeout: float = 30.0) -> Iterator[Page]:
+    """A fresh headless Chromium page; every Playwright wait on it defaults to ``timeout``."""
+    if not Path(CHROMIUM).exists():
+        raise PrefectUIError(
+            f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium)"
+        )
+    with sync_playwright() as pw:
+        browser: Browser = pw.chromium.launch(
+            executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=timeout * 1000
+        )
+        try:
+            page = browser.new_page(viewport=VIEWPORT)  # type: ignore[arg-type]
+            page.set_default_timeout(timeout * 1000)
+            page.set_default_navigation_timeout(timeout * 1000)
+            yield page
+        finally:
+            browser.close()
+
+
+def flow_run_url(ui_url: str, flow_run_id: str) -> str:
+    return f"{ui_url.rstrip('/')}/runs/flow-run/{flow_run_id}"
+
+
+def open_resume_dialog(
+    page: Page, ui_url: str, flow_run_id: str, *, load_timeout: float = 90.0
+) -> Locator:
+    """Open the run's page and its Resume dialog; return the dialog.
+
+    ``load_timeout`` bounds the first render: the UI is one large script bundle, and on a
+    loaded two-core machine Chromium takes tens of seconds to boot it.
+    """
+    page.goto(flow_run_url(ui_url, flow_run_id), wait_until="domcontentloaded")
+    resume = page.get_by_role("button", name="Resume", exact=True)
+    try:
+        resume.wait_for(state="visible", timeout=load_timeout * 1000)
+    except PlaywrightError as exc:
+        raise PrefectUIError(
+            f"flow run {flow_run_id} shows no Resume button: is it suspended (Paused)? "
+            f"Its page says: {_state_badge(page)!r}"
+        ) from exc
+    resume.click()
+    dialog = page.get_by_role("dialog").filter(has_text="Resume Flow Run")
+    dialog.wait_for(state="visible")
+    return dialog
+
+
+def fill_approval_form(
+    page: Page, dialog: Locator, *, decision: str, approver: str, comment: str
+) -> None:
+    """Choose the decision and the approver, type the comment; check what the form shows."""
+    _choose(page, _field(dialog, "Decision"), decision)
+    _choose(page, _field(dialog, "Approver"), approver)
+    _field(dialog, "Comment").locator("textarea").fill(comment)
+    shown = {
+        "decision": _select_value(_field(dialog, "Decision")),
+        "approver": _select_value(_field(dialog, "Approver")),
+        "comment": _field(dialog, "Comment").locator("textarea").input_value(),
+    }
+    wanted = {"decision": decision, "approver": approver, "comment": comment}
+    if shown != wanted:
+        raise PrefectUIError(f"the form shows {shown}, not {wanted}")
+
+
+def submit_resume(page: Page, dialog: Locator) -> None:
+    """Submit the dialog; wait until it closes and the UI confirms the resume."""
+    dialog.get_by_role("button", name="Submit", exact=True).click()
+    try:
+        dialog.wait_for(state="hidden")
+        page.get_by_text(RESUMED_TOAST).first.wait_for(state="visible")
+    except PlaywrightError as exc:
+        raise PrefectUIError(
+            f"the UI did not confirm the resume ({RESUMED_TOAST!r}); it shows: "
+            f"{_visible_messages(page) or 'no error message'}"
+        ) from exc
+
+
+def approve_in_ui(
+    ui_url: str,
+    flow_run_id: str,
+    *,
+    decision: str,
+    approver: str,
+    comment: str,
+    screenshot: Path | None = None,
+    debug_dir: Path | None = None,
+    timeout: float = 30.0,
+    load_timeout: float = 90.0,
+) -> None:
+    """Resume a suspended run through the Prefect UI's form, as an approver would.
+
+    ``screenshot``: where to save the filled form, just before submitting. ``debug_dir``:
+    where a failure leaves a screenshot and the page HTML (a new temp dir if not given).
+    """
+    if decision not in DECISIONS:
+        raise InvalidInput(f"decision must be one of {DECISIONS}, not {decision!r}")
+    if not approver:
+        raise InvalidInput("approver is empty: pass one of the service's approvers")
+    started = time.monotonic()
+    with chromium(timeout=timeout) as page:
+        script_errors = watch_script_errors(page)
+        try:
+            dialog = open_resume_dialog(page, ui_url, flow_run_id, load_timeout=load_timeout)
+            log.info("resume dialog open after %.1fs", time.monotonic() - started)
+            fill_approval_form(page, dialog, decision=decision, approver=approver, comment=comment)
+            if screenshot is not None:
+                screenshot.parent.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(screenshot))
+            submit_resume(page, dialog)
+            log.info(
+                "flow run %s resumed in the UI after %.1fs", flow_run_id, time.monotonic() - started
+            )
+        except (PrefectUIError, PlaywrightError) as exc:
+            saved = save_page(page, debug_dir, f"resume-{flow_run_id}")
+            errors = f"; script errors: {script_errors[:3]}" if script_errors else ""
+            raise PrefectUIError(
+                f"could not {decision} flow run {flow_run_id} in the Prefect UI at {ui_url} "
+                f"after {time.monotonic() - started:.0f}s: {_first_line(exc)}{errors} "
+                f"(page saved: {', '.join(str(p) for p in saved)})"
+            ) from exc
+
+
+def watch_script_errors(page: Page) -> list[str]:
+    """Collect the page's uncaught errors and console errors (they explain a blank page)."""
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    return errors
+
+
+def save_page(page: Page, directory: Path | None, stem: str) -> list[Path]:
+    """Save a screenshot and the HTML of ``page`` for a post-mortem; never raises."""
+    directory = directory or Path(tempfile.mkdtemp(prefix="prefect-ui-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%H%M%S")
+    png, html = directory / f"{stem}-{stamp}.png", directory / f"{stem}-{stamp}.html"
+    saved: list[Path] = []
+    try:
+        page.screenshot(path=str(png), full_page=True)
+        saved.append(png)
+    except PlaywrightError:
+        pass  # a crashed page has no picture; the HTML below may still tell why
+    try:
+        html.write_text(page.content())
+        saved.append(html)
+    except PlaywrightError:
+        pass  # same: keep whatever could be saved, the caller raises anyway
+    return saved
+
+
+# --- the form's pieces ---------------------------------------------------------------------
+
+
+def _field(dialog: Locator, title: str) -> Locator:
+    label = dialog.page.locator(".schema-form-property__label", has_text=re.compile(f"^{title}"))
+    return dialog.locator(".schema-form-property").filter(has=label)
+
+
+def _choose(page: Page, field: Locator, value: str) -> None:
+    """Open a prefect-design select with the keyboard and click the option ``value``."""
+    control = field.locator("button.p-select-button__control")
+    listbox = _open_select(page, control)
+    options = listbox.get_by_role("option")
+    choices = [text.strip() for text in options.all_inner_texts()]
+    if value not in choices:
+        control.press("Escape")
+        raise PrefectUIError(f"{value!r} is not a choice of the form; it offers {choices}")
+    listbox.get_by_role("option", name=value, exact=True).click()
+    listbox.wait_for(state="hidden")
+
+
+def offered_choices(page: Page, dialog: Locator, title: str) -> list[str]:
+    """The options a select field of the form offers (the select is closed again)."""
+    control = _field(dialog, title).locator("button.p-select-button__control")
+    listbox = _open_select(page, control)
+    choices = [text.strip() for text in listbox.get_by_role("option").all_inner_texts()]
+    control.press("Escape")
+    listbox.wait_for(state="hidden")
+    return choices
+
+
+def _open_select(page: Page, control: Locator) -> Locator:
+    control.focus()
+    control.press("ArrowDown")
+    listbox = page.get_by_role("listbox")
+    listbox.wait_for(state="visible")
+    return listbox
+
+
+def _select_value(field: Locator) -> str:
+    return field.locator(".p-select-button__value").inner_text().strip()
+
+
+def _state_badge(page: Page) -> str:
+    badge = page.locator(".state-badge").first
+    try:
+        return badge.inner_text(timeout=2000).strip()
+    except PlaywrightError:
+        return "no state badge (is the flow run id right?)"
+
+
+def _visible_messages(page: Page) -> str:
+    texts = page.locator(".p-toast__message, .p-message, .p-label__message").all_inner_texts()
+    return "; ".join(t.strip() for t in texts if t.strip())
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
