@@ -252,7 +252,7 @@ def test_good_image_is_promoted(sandbox, runner, env, build):
 def test_failing_canary_is_rolled_back(sandbox, runner, env, build):
     before_tree = _overlay_tree(sandbox)
     stable_before = _production_images(sandbox)["api-gateway"][0]
-    image, sha = build({"config/fail_rate": "30\n"}, "e2e: /v1/status fails 30%")
+    image, sha = build({"config/fail_rate.production": "30\n"}, "e2e: /v1/status fails 30% in production")
     run = _start(image, sha)
     _approve(run, env)
     done = _wait(run, _final, timeout=420, what="release finished")
@@ -274,7 +274,7 @@ def test_failing_canary_is_rolled_back(sandbox, runner, env, build):
 
 def test_a_slower_canary_is_rolled_back_on_p99(sandbox, runner, env, build):
     before_tree = _overlay_tree(sandbox)
-    image, sha = build({"config/latency_ms": "300\n"}, "e2e: +300 ms on every request")
+    image, sha = build({"config/latency_ms.production": "300\n"}, "e2e: +300 ms per request in production")
     done = _release(image, sha, env)
     assert done.state.type == StateType.FAILED, done.state
     assert done.state.message.startswith("rolled back:") and "p99" in done.state.message
