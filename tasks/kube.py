@@ -53,6 +53,8 @@ LogSink = Callable[[str], None]
 # A watch request lasts at most this long before it is re-listed (the API server's own
 # minimum is 5 minutes; shorter here so a silently dead connection is noticed soon).
 WATCH_WINDOW_SECONDS = 60
+# Any single request (get, create, delete, read a pod) gives up after this long.
+REQUEST_TIMEOUT_SECONDS = 30
 RECONNECT_DELAY_SECONDS = 1.0
 # After the job ends, how long the master's log may take to reach its end.
 LOG_DRAIN_SECONDS = 10.0
@@ -109,15 +111,12 @@ def _translate(exc: ApiException, what: str) -> KubeError:
     return KubeError(f"{what}: HTTP {exc.status} {exc.reason}: {hint}")
 
 
-def _retry_unless_ours(task: Any, task_run: Any, state: Any) -> bool:
+async def _retry_unless_ours(task: Any, task_run: Any, state: Any) -> bool:
     """Retry transport trouble and 5xx; a KubeError (4xx, refusal) will not get better."""
-    try:
-        state.result()
-    except KubeError as exc:
-        return "HTTP 5" in str(exc)
-    except Exception:
-        return True
-    return False
+    error = await state.aresult(raise_on_failure=False)
+    if isinstance(error, KubeError):
+        return "HTTP 5" in str(error)
+    return isinstance(error, Exception)
 
 
 # --- plain helpers (credentials in, data out) --------------------------------------------------
@@ -128,7 +127,13 @@ async def read_job(
 ) -> JSON | None:
     try:
         result = await get_namespaced_custom_object(
-            credentials, kind.group, kind.version, kind.plural, name, namespace=namespace
+            credentials,
+            kind.group,
+            kind.version,
+            kind.plural,
+            name,
+            namespace=namespace,
+            _request_timeout=REQUEST_TIMEOUT_SECONDS,
         )
     except ApiException as exc:
         if exc.status == 404:
@@ -150,6 +155,7 @@ async def delete_job(
             name,
             namespace=namespace,
             propagation_policy="Foreground",
+            _request_timeout=REQUEST_TIMEOUT_SECONDS,
         )
     except ApiException as exc:
         if exc.status == 404:
@@ -185,7 +191,13 @@ async def submit_training_job(body: JSON, *, credentials_block: str | None = Non
     logger = _logger()
     try:
         created = await create_namespaced_custom_object(
-            credentials, kind.group, kind.version, kind.plural, body, namespace=namespace
+            credentials,
+            kind.group,
+            kind.version,
+            kind.plural,
+            body,
+            namespace=namespace,
+            _request_timeout=REQUEST_TIMEOUT_SECONDS,
         )
     except ApiException as exc:
         if exc.status != 409:
@@ -360,7 +372,9 @@ async def stream_pod_log(
     async with credentials.get_client("core") as core:
         while True:
             try:
-                obj = await core.read_namespaced_pod(pod, namespace)
+                obj = await core.read_namespaced_pod(
+                    pod, namespace, _request_timeout=REQUEST_TIMEOUT_SECONDS
+                )
             except ApiException as exc:
                 if exc.status != 404:
                     raise _translate(exc, f"reading pod {namespace}/{pod}") from exc
