@@ -313,7 +313,9 @@ def render(deliveries: list[Delivery], levels: list[Level], args: argparse.Names
         "",
         "The 202 comes back once the run exists in Prefect (well inside GitHub's 10 s). "
         "Running follows when the runner polls (on average half the poll interval) and its "
-        "flow-run process has started; with a work pool and a worker the poll is the worker's."
+        "flow-run process has started (a new Python process importing Prefect: seconds of CPU "
+        "on a loaded 2-core machine); with a work pool and a worker the poll is the worker's. "
+        "Each delivery is sent once the previous run is Running."
         + (f" {missing} runs were not Running within {args.deadline:g} s." if missing else ""),
         "",
         f"### Signed requests per second ({args.seconds:g} s per level, at most "
