@@ -73,7 +73,7 @@ def render(runs: list[dict[str, float]]) -> str:
         f"dir (Docker base images already made), 2 CPUs shared with whatever else runs (1-min "
         f"load {load:.1f} at the end), {datetime.now(UTC):%Y-%m-%d %H:%M} UTC. Steps marked "
         "(parallel) run in a thread beside the others: the Prefect server starts at once and "
-        "its blocks are registered while Argo CD brings staging and production up.",
+        "its blocks are registered while Argo CD brings the applications up.",
         "",
         header,
         "|---|" + "---:|" * len(runs),
