@@ -77,6 +77,7 @@ class Runtime:
             log.warning("no Docker Engine (%s): pods will stay Pending", exc)
         if self.engine is not None:
             self.kubelet = Kubelet(self.store, self.engine, self.config, self.faults)
+            self.kubelet.start_events()
             self.stats = ContainerStats(self.engine)
             self.store.log_source = self.kubelet.logs
             self.ctx.spawn(self.stats.run(), "runtime:stats")

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import docker
 import docker.errors
@@ -90,6 +90,22 @@ class RegistryAuth:
     @property
     def host(self) -> str:
         return self.url.split("://", 1)[-1].rstrip("/")
+
+
+class LogStream(Protocol):
+    """docker-py's CancellableStream of log chunks."""
+
+    def __iter__(self) -> Iterator[bytes]: ...
+
+    def close(self) -> None: ...
+
+
+class EventStream(Protocol):
+    """docker-py's CancellableStream of decoded events."""
+
+    def __iter__(self) -> Iterator[dict[str, Any]]: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -402,17 +418,29 @@ class Engine:
         except docker.errors.NotFound:
             return None
 
-    def logs(self, name: str, *, tail: int | None, follow: bool) -> Iterator[bytes]:
-        return iter(
-            self.client.api.logs(
-                name,
-                stdout=True,
-                stderr=True,
-                stream=True,
-                follow=follow,
-                tail="all" if tail is None else tail,
-            )
+    def container_events(self) -> EventStream:
+        """This sandbox's container starts, deaths and removals, as they happen."""
+        stream: EventStream = self.client.api.events(
+            decode=True,
+            filters={
+                "type": "container",
+                "label": f"{SANDBOX_LABEL}={self.label}",
+                "event": ["start", "die", "oom", "destroy"],
+            },
         )
+        return stream
+
+    def logs(self, name: str, *, tail: int | None, follow: bool) -> LogStream:
+        """The container's output as a stream of chunks; ``close()`` ends it early."""
+        stream: LogStream = self.client.api.logs(
+            name,
+            stdout=True,
+            stderr=True,
+            stream=True,
+            follow=follow,
+            tail="all" if tail is None else tail,
+        )
+        return stream
 
 
 def host_ports(info: dict[str, Any]) -> dict[int, int]:

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -43,6 +45,8 @@ from sandbox.runtime.engine import (
     ContainerFailed,
     ContainerSpec,
     Engine,
+    EventStream,
+    LogStream,
     PullFailed,
     host_ports,
     in_thread,
@@ -63,6 +67,8 @@ from sandbox.runtime.objects import (
 log = logging.getLogger("sandbox.runtime.kubelet")
 
 PodKey = tuple[str, str]  # namespace, name
+# How often a pod whose containers all run and are ready is re-checked (probes).
+STEADY_SECONDS = 2.0
 # At most how long a deleted ready pod keeps running after it left the router's endpoints
 # (its terminationGracePeriodSeconds if shorter).
 DRAIN_SECONDS = 5.0
@@ -204,8 +210,14 @@ class PodWorker:
                 await self.sync_container(pod, run, policy, aliases)
         self.publish_endpoint(pod)
         await self.write_status(pod, policy)
+        # Docker's events wake the worker when a container stops or starts, so a steady
+        # pod is looked at only for its probes.
+        steady = self.initialized and all(
+            r.ready and r.waiting is None and r.info is not None and r.info["State"].get("Running")
+            for r in self.runs
+        )
         soonest = min(
-            [1.0]
+            [STEADY_SECONDS if steady else 1.0]
             + [
                 max(0.05, r.next_start - time.monotonic())
                 for r in self.runs + self.init_runs
@@ -780,6 +792,8 @@ class Kubelet:
         self.endpoints: dict[PodKey, PodEndpoint] = {}
         self.stopping = False
         self.http = httpx.AsyncClient()
+        self.log_streams: set[LogStream] = set()
+        self._events: EventStream | None = None
 
     # -- store access (the store is synchronous and fast) --------------------------------
 
@@ -917,6 +931,31 @@ class Kubelet:
             if ns == namespace:
                 worker.wake.set()
 
+    def start_events(self) -> None:
+        """Follow Docker's container events in a daemon thread; wake the pod's worker."""
+        loop = asyncio.get_running_loop()
+
+        def wake(namespace: str, pod: str) -> None:
+            worker = self.workers.get((namespace, pod))
+            if worker is not None:
+                worker.wake.set()
+
+        def follow() -> None:
+            while not self.stopping:
+                try:
+                    self._events = self.engine.container_events()
+                    for event in self._events:
+                        attrs = (event.get("Actor") or {}).get("Attributes") or {}
+                        namespace, pod = attrs.get(POD_NS_LABEL), attrs.get(POD_NAME_LABEL)
+                        if namespace and pod:
+                            loop.call_soon_threadsafe(wake, namespace, pod)
+                except Exception as exc:  # dockerd restarted, or we are closing: retry
+                    log.debug("docker events ended: %s", exc)
+                if not self.stopping:
+                    time.sleep(1.0)
+
+        threading.Thread(target=follow, name="runtime-docker-events", daemon=True).start()
+
     def forget(self, worker: PodWorker) -> None:
         if self.workers.get(worker.key) is worker:
             del self.workers[worker.key]
@@ -951,31 +990,40 @@ class Kubelet:
         docker_name = self.engine.container_name(
             namespace, pod, index, names[index] if names else ""
         )
-        queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=256)
+        # The docker stream blocks a thread; closing it (reader gone, twin stopping) ends
+        # that thread's read, so a followed log never holds a thread after its reader.
+        stream = await in_thread(
+            functools.partial(self.engine.logs, docker_name, tail=tail, follow=follow)
+        )
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        stop = False
 
         def pump() -> None:
             try:
-                for chunk in self.engine.logs(docker_name, tail=tail, follow=follow):
-                    if stop:
-                        break
-                    asyncio.run_coroutine_threadsafe(queue.put(chunk), loop).result()
-            except Exception as exc:  # the container went away: end the stream
+                for chunk in stream:
+                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
+            except Exception as exc:  # closed, or the container went away: end the stream
                 log.debug("log stream of %s ended: %s", docker_name, exc)
             finally:
-                asyncio.run_coroutine_threadsafe(queue.put(None), loop)
+                with contextlib.suppress(RuntimeError):  # the loop is closed
+                    loop.call_soon_threadsafe(queue.put_nowait, None)
 
         pump_task = asyncio.create_task(in_thread(pump))
+        self.log_streams.add(stream)
         try:
             while (chunk := await queue.get()) is not None:
                 yield chunk
         finally:
-            stop = True
+            self.log_streams.discard(stream)
+            stream.close()
             pump_task.cancel()
 
     async def close(self) -> None:
         self.stopping = True
+        if self._events is not None:
+            self._events.close()
+        for stream in list(self.log_streams):
+            stream.close()
         for task in list(self.tasks.values()):
             task.cancel()
         for task in list(self.tasks.values()):

@@ -512,6 +512,9 @@ def test_volumes_env_sources_and_logs(
     (pod,) = _pods(rt, "staging", "job-name=reader")
     logs = rt.kube.kubectl("logs", "-n", "staging", pod["metadata"]["name"]).stdout
     assert logs.strip() == "read: kept hello t0ken"
+    # Following the log of a finished container ends with it.
+    followed = rt.kube.kubectl("logs", "-f", "-n", "staging", pod["metadata"]["name"], timeout=20)
+    assert followed.stdout == logs
 
 
 def test_init_containers_run_first_and_a_failed_one_fails_the_pod(
