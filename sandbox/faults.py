@@ -150,6 +150,16 @@ class FaultRegistry:
                     return True
         return False
 
+    def stop_crash(self, namespace: str, pod: str) -> None:
+        with self._lock:
+            self.crashes = [
+                c for c in self.crashes if not (c.namespace == namespace and c.pod == pod)
+            ]
+
+    def clear_latencies(self) -> None:
+        with self._lock:
+            self.latencies.clear()
+
     def add_latency(self, latency: Latency) -> Latency:
         if latency.seconds < 0:
             raise FaultError("latency seconds must be >= 0")
@@ -322,12 +332,7 @@ def admin_routes(registry: FaultRegistry | None = None) -> list[Route]:
     async def crash(request: Request) -> Response:
         data = await _json(request)
         if request.method == "DELETE":
-            with reg._lock:
-                reg.crashes = [
-                    c
-                    for c in reg.crashes
-                    if not (c.namespace == data.get("namespace") and c.pod == data.get("pod"))
-                ]
+            reg.stop_crash(_required(data, "namespace"), _required(data, "pod"))
             return JSONResponse({})
         item = reg.add_crash(
             PodCrash(
@@ -341,8 +346,7 @@ def admin_routes(registry: FaultRegistry | None = None) -> list[Route]:
     @_handles_errors
     async def latency(request: Request) -> Response:
         if request.method == "DELETE":
-            with reg._lock:
-                reg.latencies.clear()
+            reg.clear_latencies()
             return JSONResponse({})
         data = await _json(request)
         item = reg.add_latency(
