@@ -137,6 +137,10 @@ def build_app(controller: Controller, sessions: Sessions) -> Starlette:
         body = await _body(request)
         return JSONResponse(controller.request_rollback(name, body, user))
 
+    async def resource(request: Request, user: str) -> Response:
+        live = controller.live_resource(request.path_params["name"], dict(request.query_params))
+        return JSONResponse({"manifest": json.dumps(live)})
+
     async def terminate(request: Request, user: str) -> Response:
         controller.terminate(request.path_params["name"])
         return JSONResponse({})
@@ -149,6 +153,7 @@ def build_app(controller: Controller, sessions: Sessions) -> Starlette:
             Route("/api/v1/session/userinfo", guarded(userinfo)),
             Route("/api/v1/applications", guarded(list_apps)),
             Route("/api/v1/applications/{name}", guarded(get_app)),
+            Route("/api/v1/applications/{name}/resource", guarded(resource)),
             Route("/api/v1/applications/{name}/sync", guarded(sync), methods=["POST"]),
             Route("/api/v1/applications/{name}/rollback", guarded(rollback), methods=["POST"]),
             Route("/api/v1/applications/{name}/operation", guarded(terminate), methods=["DELETE"]),

@@ -133,6 +133,31 @@ class Controller:
     def list_apps(self) -> list[JSON]:
         return self.store.list(APP_API_VERSION, APP_KIND, self.settings.namespace)
 
+    def live_resource(self, name: str, query: dict[str, str]) -> JSON:
+        """A live object of the app's resource tree (``GET .../resource``), as Argo CD gives it:
+        managed by the app, or owned by something in its destination namespace."""
+        app = self.get_app(name)
+        group, version, kind = query.get("group", ""), query.get("version", ""), query.get("kind")
+        namespace = query.get("namespace") or ""
+        resource_name = query.get("resourceName") or ""
+        if not kind or not resource_name or not version:
+            raise ArgoError(INVALID_ARGUMENT, "kind, version and resourceName are required")
+        key = ResourceKey(group, version, kind, namespace, resource_name)
+        try:
+            live = self._live(key)
+        except ApiError as exc:
+            raise ArgoError(INVALID_ARGUMENT, exc.message) from exc
+        destination = (app["spec"].get("destination") or {}).get("namespace", "")
+        meta = (live or {}).get("metadata", {})
+        managed = (meta.get("labels") or {}).get(INSTANCE_LABEL) == name
+        child = bool(meta.get("ownerReferences")) and meta.get("namespace") == destination
+        if live is None or not (managed or child):
+            raise ArgoError(
+                NOT_FOUND,
+                f"{group or 'v1'} {kind} {resource_name} not found as part of application {name}",
+            )
+        return live
+
     def _write_status(self, name: str, update: Callable[[JSON], None]) -> JSON:
         """Read, modify and write an app's status in one synchronous step."""
         app = self.get_app(name)

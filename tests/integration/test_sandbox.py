@@ -467,3 +467,21 @@ def test_the_catalog_resolves_to_the_sandbox(sandbox_env: dict[str, str]) -> Non
             ["git", "ls-remote", url, "refs/heads/main"], capture_output=True, text=True, check=True
         ).stdout
         assert re.match(r"^[0-9a-f]{40}\trefs/heads/main$", heads.strip())
+
+
+def test_live_resource_of_an_app(sandbox: SandboxHandle) -> None:
+    query = {
+        "namespace": "staging",
+        "resourceName": "api-gateway",
+        "version": "v1",
+        "kind": "Deployment",
+        "group": "apps",
+    }
+    with sandbox.argocd() as client:
+        found = client.get("/api/v1/applications/api-gateway-staging/resource", params=query)
+        foreign = client.get("/api/v1/applications/api-gateway-production/resource", params=query)
+    assert found.status_code == 200
+    manifest = json.loads(found.json()["manifest"])
+    assert (manifest["kind"], manifest["metadata"]["namespace"]) == ("Deployment", "staging")
+    assert "status" in manifest
+    assert foreign.status_code == 404
