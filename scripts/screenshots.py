@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                 saved.append(shoot_artifact(page, args.ui, artifact_path, args.out))
         except (RoboticsCDError, PlaywrightError) as exc:
             debug = save_page(page, None, "screenshots")
-            print(f"screenshots failed: {exc}\n(page saved: {debug})", file=sys.stderr)
+            saved_to = ", ".join(str(p) for p in debug)
+            print(f"screenshots failed: {exc}\n(page saved: {saved_to})", file=sys.stderr)
             return 1
     for path in saved:
         print(path)

@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from weakref import WeakKeyDictionary
 
 from playwright.sync_api import Browser, Locator, Page, sync_playwright
 from playwright.sync_api import Error as PlaywrightError
@@ -48,6 +49,7 @@ CHROMIUM_ARGS = [
 VIEWPORT = {"width": 1400, "height": 1000}
 DECISIONS = ("approve", "reject")
 RESUMED_TOAST = "Flow run resumed"
+PAUSED_STATES = ("Suspended", "Paused")  # the run page's state badge while a form waits
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +91,21 @@ def open_resume_dialog(
     loaded two-core machine Chromium takes tens of seconds to boot it.
     """
     page.goto(flow_run_url(ui_url, flow_run_id), wait_until="domcontentloaded")
+    try:
+        _heading_badge(page).wait_for(state="visible", timeout=load_timeout * 1000)
+    except PlaywrightError as exc:
+        raise PrefectUIError(
+            f"the page of flow run {flow_run_id} did not render within {load_timeout:.0f}s: "
+            "is the id right and the server up?"
+        ) from exc
+    state = _state_badge(page)
+    if state not in PAUSED_STATES:
+        raise PrefectUIError(
+            f"flow run {flow_run_id} is {state!r}, not waiting for input: nothing to resume"
+        )
     resume = page.get_by_role("button", name="Resume", exact=True)
     try:
-        resume.wait_for(state="visible", timeout=load_timeout * 1000)
+        resume.wait_for(state="visible")
     except PlaywrightError as exc:
         raise PrefectUIError(
             f"flow run {flow_run_id} shows no Resume button: is it suspended (Paused)? "
@@ -144,46 +158,93 @@ def approve_in_ui(
     debug_dir: Path | None = None,
     timeout: float = 30.0,
     load_timeout: float = 90.0,
+    page: Page | None = None,
 ) -> None:
     """Resume a suspended run through the Prefect UI's form, as an approver would.
 
     ``screenshot``: where to save the filled form, just before submitting. ``debug_dir``:
     where a failure leaves a screenshot and the page HTML (a new temp dir if not given).
+    ``page``: a page of :func:`chromium` to reuse (its cache makes the UI boot faster);
+    by default a browser is started for this call only.
     """
     if decision not in DECISIONS:
         raise InvalidInput(f"decision must be one of {DECISIONS}, not {decision!r}")
     if not approver:
         raise InvalidInput("approver is empty: pass one of the service's approvers")
+    if page is not None:
+        _resume(
+            page,
+            ui_url,
+            flow_run_id,
+            decision,
+            approver,
+            comment,
+            screenshot,
+            debug_dir,
+            load_timeout,
+        )
+        return
+    with chromium(timeout=timeout) as own:
+        _resume(
+            own,
+            ui_url,
+            flow_run_id,
+            decision,
+            approver,
+            comment,
+            screenshot,
+            debug_dir,
+            load_timeout,
+        )
+
+
+def _resume(
+    page: Page,
+    ui_url: str,
+    flow_run_id: str,
+    decision: str,
+    approver: str,
+    comment: str,
+    screenshot: Path | None,
+    debug_dir: Path | None,
+    load_timeout: float,
+) -> None:
     started = time.monotonic()
-    with chromium(timeout=timeout) as page:
-        script_errors = watch_script_errors(page)
-        try:
-            dialog = open_resume_dialog(page, ui_url, flow_run_id, load_timeout=load_timeout)
-            log.info("resume dialog open after %.1fs", time.monotonic() - started)
-            fill_approval_form(page, dialog, decision=decision, approver=approver, comment=comment)
-            if screenshot is not None:
-                screenshot.parent.mkdir(parents=True, exist_ok=True)
-                page.screenshot(path=str(screenshot))
-            submit_resume(page, dialog)
-            log.info(
-                "flow run %s resumed in the UI after %.1fs", flow_run_id, time.monotonic() - started
-            )
-        except (PrefectUIError, PlaywrightError) as exc:
-            saved = save_page(page, debug_dir, f"resume-{flow_run_id}")
-            errors = f"; script errors: {script_errors[:3]}" if script_errors else ""
-            raise PrefectUIError(
-                f"could not {decision} flow run {flow_run_id} in the Prefect UI at {ui_url} "
-                f"after {time.monotonic() - started:.0f}s: {_first_line(exc)}{errors} "
-                f"(page saved: {', '.join(str(p) for p in saved)})"
-            ) from exc
+    errors = script_errors(page)
+    seen = len(errors)
+    try:
+        dialog = open_resume_dialog(page, ui_url, flow_run_id, load_timeout=load_timeout)
+        log.info("resume dialog of %s open after %.1fs", flow_run_id, time.monotonic() - started)
+        fill_approval_form(page, dialog, decision=decision, approver=approver, comment=comment)
+        if screenshot is not None:
+            screenshot.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(screenshot))
+        submit_resume(page, dialog)
+        log.info(
+            "flow run %s resumed in the UI after %.1fs", flow_run_id, time.monotonic() - started
+        )
+    except (PrefectUIError, PlaywrightError) as exc:
+        saved = save_page(page, debug_dir, f"resume-{flow_run_id}")
+        new_errors = errors[seen:]
+        scripts = f"; script errors: {new_errors[:3]}" if new_errors else ""
+        raise PrefectUIError(
+            f"could not {decision} flow run {flow_run_id} in the Prefect UI at {ui_url} "
+            f"after {time.monotonic() - started:.0f}s: {_first_line(exc)}{scripts} "
+            f"(page saved: {', '.join(str(p) for p in saved)})"
+        ) from exc
 
 
-def watch_script_errors(page: Page) -> list[str]:
-    """Collect the page's uncaught errors and console errors (they explain a blank page)."""
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
-    return errors
+_SCRIPT_ERRORS: WeakKeyDictionary[Page, list[str]] = WeakKeyDictionary()
+
+
+def script_errors(page: Page) -> list[str]:
+    """The page's uncaught errors and console errors so far (they explain a blank page)."""
+    if page not in _SCRIPT_ERRORS:
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+        _SCRIPT_ERRORS[page] = errors
+    return _SCRIPT_ERRORS[page]
 
 
 def save_page(page: Page, directory: Path | None, stem: str) -> list[Path]:
@@ -249,12 +310,15 @@ def _select_value(field: Locator) -> str:
     return field.locator(".p-select-button__value").inner_text().strip()
 
 
+def _heading_badge(page: Page) -> Locator:
+    return page.locator(".page-heading-flow-run__meta .state-badge").first
+
+
 def _state_badge(page: Page) -> str:
-    badge = page.locator(".state-badge").first
     try:
-        return badge.inner_text(timeout=2000).strip()
+        return _heading_badge(page).inner_text(timeout=2000).strip()
     except PlaywrightError:
-        return "no state badge (is the flow run id right?)"
+        return "no state badge"
 
 
 def _visible_messages(page: Page) -> str:

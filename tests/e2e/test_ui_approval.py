@@ -17,14 +17,24 @@ from typing import Any
 from uuid import UUID
 
 import pytest
+from playwright.sync_api import Page
 from prefect import State, flow, get_client, suspend_flow_run
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.states import Completed
 
 from core.approval import ApprovalDecision
+from core.errors import InvalidInput
 from sandbox.procs import spawn, stop_pid, wait_until
 from tasks.approvals import approval_form, to_decision
-from tests.ui import approve_in_ui
+from tests.ui import (
+    PrefectUIError,
+    approve_in_ui,
+    chromium,
+    fill_approval_form,
+    offered_choices,
+    open_resume_dialog,
+    submit_resume,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -96,6 +106,13 @@ def suspended(
         stop_pid(served.pid)
 
 
+@pytest.fixture(scope="module")
+def ui_page() -> Iterator[Page]:
+    """One headless Chromium for the module: its cache spares a second boot of the UI."""
+    with chromium() as page:
+        yield page
+
+
 def _final_state(run_id: UUID) -> State[Any]:
     """Wait (bounded) until the resumed run has ended, and return how it ended."""
     wait_until(
@@ -123,7 +140,7 @@ def _deployed() -> bool:
 
 
 def test_approving_in_the_ui_resumes_the_run_with_the_form(
-    prefect_server: Any, suspended: list[UUID], tmp_path: Path
+    prefect_server: Any, suspended: list[UUID], ui_page: Page, tmp_path: Path
 ) -> None:
     run_id = suspended[0]
     comment = "staging looks right; go ahead"
@@ -135,11 +152,13 @@ def test_approving_in_the_ui_resumes_the_run_with_the_form(
         approver="bob",
         comment=comment,
         debug_dir=tmp_path,
+        page=ui_page,
     )
 
     state = _final_state(run_id)
     assert state.type == StateType.COMPLETED, state
-    assert state.result() == {
+    # _sync: the module's Playwright page keeps an event loop in this thread
+    assert state.result(_sync=True) == {  # type: ignore[call-overload]
         "decision": "approve",
         "approver": "bob",
         "comment": comment,
@@ -148,20 +167,31 @@ def test_approving_in_the_ui_resumes_the_run_with_the_form(
 
 
 def test_rejecting_in_the_ui_ends_the_run_rejected(
-    prefect_server: Any, suspended: list[UUID], tmp_path: Path
+    prefect_server: Any, suspended: list[UUID], ui_page: Page
 ) -> None:
+    """Step by step, looking at the form on the way: the release's description is above it
+    and the approver is a choice of the service's approvers (and the expiry's)."""
     run_id = suspended[1]
 
-    approve_in_ui(
-        prefect_server.ui_url,
-        str(run_id),
-        decision="reject",
-        approver="alice",
-        comment="digest differs from staging",
-        debug_dir=tmp_path,
+    dialog = open_resume_dialog(ui_page, prefect_server.ui_url, str(run_id))
+    assert dialog.get_by_role("heading", name="Approve robotics-api:1.4.2").is_visible()
+    assert offered_choices(ui_page, dialog, "Decision") == ["approve", "reject"]
+    assert offered_choices(ui_page, dialog, "Approver") == ["alice", "bob", "system:timeout"]
+    with pytest.raises(PrefectUIError, match="'mallory' is not a choice of the form"):
+        fill_approval_form(ui_page, dialog, decision="reject", approver="mallory", comment="")
+    fill_approval_form(
+        ui_page, dialog, decision="reject", approver="alice", comment="digest differs from staging"
     )
+    submit_resume(ui_page, dialog)
 
     state = _final_state(run_id)
     assert state.type == StateType.COMPLETED, state
     assert state.name == "Rejected"
     assert state.message == "rejected by alice: digest differs from staging"
+
+
+def test_a_bad_decision_is_refused_before_a_browser_starts() -> None:
+    with pytest.raises(InvalidInput, match="decision must be one of"):
+        approve_in_ui(
+            "http://127.0.0.1:9", str(UUID(int=0)), decision="maybe", approver="bob", comment=""
+        )
