@@ -7,7 +7,9 @@ schema (decision and approver are selects, the comment a textarea), submit.
 
 Selectors (Prefect 3.9's Vue UI, prefect-design components), found by dumping the DOM:
 
-- the run page: ``<ui>/runs/flow-run/<id>``; its ``Resume`` button (role button);
+- the run page: ``<ui>/runs/flow-run/<id>``; its state badge
+  ``.page-heading-flow-run__meta .state-badge`` ("Suspended" while the form waits; its first
+  render is the sign the UI has booted) and its ``Resume`` button (role button);
 - the dialog: role ``dialog`` titled "Resume Flow Run"; each field is a
   ``.schema-form-property`` whose ``.schema-form-property__label`` starts with the field's
   title ("Decision", "Approver", "Comment (Optional)");
@@ -27,7 +29,7 @@ import re
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from weakref import WeakKeyDictionary
 
@@ -98,7 +100,7 @@ def open_resume_dialog(
             f"the page of flow run {flow_run_id} did not render within {load_timeout:.0f}s: "
             "is the id right and the server up?"
         ) from exc
-    state = _state_badge(page)
+    state = _state_badge(page, timeout=None)  # the badge may re-render while the page loads
     if state not in PAUSED_STATES:
         raise PrefectUIError(
             f"flow run {flow_run_id} is {state!r}, not waiting for input: nothing to resume"
@@ -164,29 +166,20 @@ def approve_in_ui(
 
     ``screenshot``: where to save the filled form, just before submitting. ``debug_dir``:
     where a failure leaves a screenshot and the page HTML (a new temp dir if not given).
-    ``page``: a page of :func:`chromium` to reuse (its cache makes the UI boot faster);
-    by default a browser is started for this call only.
+    ``page``: a page of :func:`chromium` to reuse (its cache makes the UI boot faster; its
+    own default timeout then applies); by default a browser is started for this call only.
     """
     if decision not in DECISIONS:
         raise InvalidInput(f"decision must be one of {DECISIONS}, not {decision!r}")
     if not approver:
         raise InvalidInput("approver is empty: pass one of the service's approvers")
-    if page is not None:
+    # A page handed in stays open for the caller; otherwise a browser lives for this call.
+    session: AbstractContextManager[Page] = (
+        nullcontext(page) if page is not None else chromium(timeout=timeout)
+    )
+    with session as current:
         _resume(
-            page,
-            ui_url,
-            flow_run_id,
-            decision,
-            approver,
-            comment,
-            screenshot,
-            debug_dir,
-            load_timeout,
-        )
-        return
-    with chromium(timeout=timeout) as own:
-        _resume(
-            own,
+            current,
             ui_url,
             flow_run_id,
             decision,
@@ -271,7 +264,9 @@ def save_page(page: Page, directory: Path | None, stem: str) -> list[Path]:
 
 
 def _field(dialog: Locator, title: str) -> Locator:
-    label = dialog.page.locator(".schema-form-property__label", has_text=re.compile(f"^{title}"))
+    label = dialog.page.locator(
+        ".schema-form-property__label", has_text=re.compile(f"^{re.escape(title)}")
+    )
     return dialog.locator(".schema-form-property").filter(has=label)
 
 
@@ -283,6 +278,7 @@ def _choose(page: Page, field: Locator, value: str) -> None:
     choices = [text.strip() for text in options.all_inner_texts()]
     if value not in choices:
         control.press("Escape")
+        listbox.wait_for(state="hidden")
         raise PrefectUIError(f"{value!r} is not a choice of the form; it offers {choices}")
     listbox.get_by_role("option", name=value, exact=True).click()
     listbox.wait_for(state="hidden")
@@ -314,9 +310,10 @@ def _heading_badge(page: Page) -> Locator:
     return page.locator(".page-heading-flow-run__meta .state-badge").first
 
 
-def _state_badge(page: Page) -> str:
+def _state_badge(page: Page, timeout: float | None = 2.0) -> str:
+    """The run page's state (``None``: the page's default timeout)."""
     try:
-        return _heading_badge(page).inner_text(timeout=2000).strip()
+        return _heading_badge(page).inner_text(timeout=timeout and timeout * 1000).strip()
     except PlaywrightError:
         return "no state badge"
 
