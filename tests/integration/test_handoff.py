@@ -174,14 +174,20 @@ async def test_hand_off_starts_a_top_level_release_that_suspends_and_can_be_appr
     assert done.state.type == StateType.COMPLETED
 
 
-async def test_same_ci_run_hands_off_once(served_probe_release, github_settings):
-    ci_run = uuid.uuid4()
+@flow(name="handoff-test-retried-ci")
+async def retried_ci_stand_in(ci_run: str) -> tuple[Handoff, Handoff]:
+    """A CI run whose hand-off step runs twice (a retry, a resume): same CI run id."""
     first = await hand_off(
         service="api-gateway", image=IMAGE, source_sha=SHA, ci_run_id=ci_run, deployment=DEPLOYMENT
     )
     again = await hand_off(
         service="api-gateway", image=IMAGE, source_sha=SHA, ci_run_id=ci_run, deployment=DEPLOYMENT
     )
+    return first, again
+
+
+async def test_same_ci_run_hands_off_once(served_probe_release, github_settings):
+    first, again = await retried_ci_stand_in(str(uuid.uuid4()))
     assert first.started and again.started
     assert first.flow_run_id == again.flow_run_id
     async with get_client() as client:
