@@ -35,6 +35,7 @@ from core.errors import (
     LeaseHeld,
     RoboticsCDError,
     Superseded,
+    VerificationFailed,
 )
 from core.images import parse_reference, validate_sha
 from core.release import ReleasePlan, ReleaseRecord, StepOutcome
@@ -109,7 +110,7 @@ async def deploy_staging(plan: ReleasePlan, svc: Service, record: ReleaseRecord)
         )
         record.staging_metrics = check.analysis
         if check.verdict == Verdict.FAIL:
-            raise CanaryFailed(f"staging metrics: {check.analysis.reason}")
+            raise VerificationFailed(f"staging metrics: {check.analysis.reason}")
     except RoboticsCDError as exc:
         gh.set_deployment_status(
             plan.github, deployment_id, "failure", log_url=run_url, description=str(exc)[:140]
@@ -159,27 +160,34 @@ async def await_approval(
 
 async def take_production_lock(plan: ReleasePlan, policy: CanaryPolicy) -> None:
     """Wait (bounded) for the production lease; the run's state says who holds it."""
+    me = str(flow_run.id)
     deadline = datetime.now(UTC) + LOCK_WAIT
     waiting_on: str | None = None
     while True:
-        try:
-            gitops.take_lease.with_options(cache_policy=NO_CACHE)(
-                plan.service, "production", ttl=_lease_ttl(policy).total_seconds()
-            )
-        except LeaseHeld as held:
-            if datetime.now(UTC) >= deadline:
-                raise
-            if held.holder != waiting_on:
-                waiting_on = held.holder
-                await lifecycle.mark_waiting(
-                    f"waiting for the production lock of {plan.service}, "
-                    f"held by release {held.holder} until {held.expires}"
+        lease = gitops.lease_holder.with_options(cache_policy=NO_CACHE)(plan.service, "production")
+        free = lease is None or lease.holder == me or lease.expired(datetime.now(UTC))
+        if free:
+            try:
+                gitops.take_lease.with_options(cache_policy=NO_CACHE)(
+                    plan.service, "production", ttl=_lease_ttl(policy).total_seconds()
                 )
-            await anyio.sleep(LOCK_POLL_SECONDS)
-            continue
-        if waiting_on:
-            await lifecycle.mark_waiting(None)
-        return
+                break
+            except LeaseHeld:  # another release won the race for the free lease
+                lease = gitops.lease_holder.with_options(cache_policy=NO_CACHE)(
+                    plan.service, "production"
+                )
+        if datetime.now(UTC) >= deadline:
+            holder = lease.holder if lease else "?"
+            raise LeaseHeld(f"{plan.service}-production", holder, "after waiting " + str(LOCK_WAIT))
+        if lease is not None and lease.holder != waiting_on:
+            waiting_on = lease.holder
+            await lifecycle.mark_waiting(
+                f"waiting for the production lock of {plan.service}, held by release "
+                f"{lease.holder} until {lease.expires_at:%Y-%m-%d %H:%M:%S} UTC"
+            )
+        await anyio.sleep(LOCK_POLL_SECONDS)
+    if waiting_on:
+        await lifecycle.mark_waiting(None)
 
 
 def _lease_ttl(policy: CanaryPolicy) -> timedelta:
