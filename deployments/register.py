@@ -203,7 +203,12 @@ async def ensure_concurrency_limits(catalog: Catalog, client: Any) -> list[str]:
 # --- automations ---------------------------------------------------------------------------
 
 
-def zombie_automation(name: str = ZOMBIE_AUTOMATION) -> Any:
+def zombie_automation(
+    name: str = ZOMBIE_AUTOMATION,
+    *,
+    after: timedelta = ZOMBIE_AFTER,
+    flow_runs: str = "prefect.flow-run.*",
+) -> Any:
     """Prefect's zombie-run pattern: a running flow run whose heartbeats stop is Crashed."""
     from prefect.automations import AutomationCore, ChangeFlowRunState, EventTrigger
     from prefect.client.schemas.objects import StateType
@@ -211,10 +216,10 @@ def zombie_automation(name: str = ZOMBIE_AUTOMATION) -> Any:
     return AutomationCore(
         name=name,
         description="A flow run that sent a heartbeat then went silent for "
-        f"{int(ZOMBIE_AFTER.total_seconds())} s is marked Crashed (needs "
+        f"{int(after.total_seconds())} s is marked Crashed (needs "
         "PREFECT_FLOWS_HEARTBEAT_FREQUENCY on the runners/workers).",
         trigger=EventTrigger(
-            match={"prefect.resource.id": "prefect.flow-run.*"},
+            match={"prefect.resource.id": flow_runs},
             after={"prefect.flow-run.heartbeat"},
             expect={
                 "prefect.flow-run.heartbeat",
@@ -228,13 +233,13 @@ def zombie_automation(name: str = ZOMBIE_AUTOMATION) -> Any:
             for_each={"prefect.resource.id"},
             posture="Proactive",
             threshold=1,
-            within=ZOMBIE_AFTER,
+            within=after,
         ),
         actions=[
             ChangeFlowRunState(
                 state=StateType.CRASHED,
                 message="Flow run marked Crashed: no heartbeat for "
-                f"{int(ZOMBIE_AFTER.total_seconds())} s (its process or pod died).",
+                f"{int(after.total_seconds())} s (its process or pod died).",
             )
         ],
     )

@@ -207,3 +207,45 @@ def _catalog() -> Any:
     from core.catalog import load_catalog
 
     return load_catalog()
+
+
+async def test_zombie_automation_marks_a_silent_running_run_crashed(prefect_server):
+    """The automation `deploy` creates, scoped to one run and a 10 s window so the test is
+    quick and cannot touch other tests' runs: heartbeat, then silence → Crashed."""
+    from datetime import timedelta
+
+    from prefect import flow
+    from prefect.events import emit_event
+    from prefect.states import Running
+
+    @flow(name="zombie-probe")
+    def zombie_probe() -> None:
+        """Never executed: its run is driven by hand."""
+
+    async with get_client() as client:
+        flow_id = await client.create_flow_from_name("zombie-probe")
+        run = await client.create_flow_run(zombie_probe, state=Running())
+        assert run.flow_id == flow_id
+        automation = reg.zombie_automation(
+            f"zombie-test-{run.id}",
+            after=timedelta(seconds=10),
+            flow_runs=f"prefect.flow-run.{run.id}",
+        )
+        automation_id = await reg.upsert_automation(client, automation)
+        try:
+            await anyio.sleep(2)  # the triggers service loads the new automation
+            emit_event(
+                event="prefect.flow-run.heartbeat",
+                resource={"prefect.resource.id": f"prefect.flow-run.{run.id}"},
+            )
+            deadline = time.monotonic() + 60
+            state = None
+            while time.monotonic() < deadline:
+                state = (await client.read_flow_run(run.id)).state
+                if state is not None and state.type.value == "CRASHED":
+                    break
+                await anyio.sleep(1)
+            assert state is not None and state.type.value == "CRASHED", state
+            assert "no heartbeat" in (state.message or "")
+        finally:
+            await client.delete_automation(automation_id)
