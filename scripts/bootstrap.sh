@@ -18,10 +18,8 @@ if ((${#need[@]})); then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
-# The Debian units must not hold the ports and state our sandbox manages itself.
-for unit in prometheus docker-registry; do
-  pkill -f "^/usr/bin/${unit}( |$)" 2>/dev/null || true
-done
+# Debian's own prometheus/docker-registry services, if the package started them, are left
+# alone: the sandbox runs its own instances on free ports with their own state.
 
 if [ ! -x "$root/.venv/bin/python" ]; then
   python3 -m venv "$root/.venv"
