@@ -532,8 +532,9 @@ class Demo:
     def approve(self, release: FlowRun, why: str) -> None:
         say = self.narrator.say
         url = self.url(release)
-        say("a person approves in the Prefect UI: open the run, press [bold]Resume[/bold], pick")
-        say(f"decision=approve and approver={APPROVER}, or types:")
+        who = "your turn" if self.options.interactive else "what a person does"
+        say(f"{who}: open the run in the Prefect UI, press [bold]Resume[/bold], choose")
+        say(f"decision=approve and an approver (e.g. {APPROVER}); or in a shell:")
         say(f"  [cyan]robotics-cd approve {release.id} --approver {APPROVER}[/cyan]")
         self.narrator.link("approval form", url)
         if self.options.interactive:
