@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import typer
 
 from core.catalog import load_catalog
@@ -113,8 +114,25 @@ def serve_all(*, only: set[str] | None = None, limit: int | None = None) -> None
     if not deployments:
         raise RoboticsCDError("no flow module is present: nothing to serve")
     names = ", ".join(f"{d.flow_name}/{d.name}" for d in deployments)
+    made = anyio.run(_serve_automations, deployments)
+    if made:
+        typer.echo(f"automations: {', '.join(sorted(made))}")
     typer.echo(f"serving {len(deployments)} deployments: {names}")
     serve(*deployments, limit=limit, print_starting_message=False)
+
+
+async def _serve_automations(deployments: list[Any]) -> dict[str, str]:
+    """A served embedded default gets the same safety net as ``deploy``: silent runs are
+    marked Crashed and a crashed or cancelled release is rolled back without a human."""
+    from prefect import get_client
+
+    names = {f"{d.flow_name}/{d.name}" for d in deployments}
+    settings = get_settings()
+    if not {settings.release_deployment, settings.rollback_deployment} <= names:
+        return {}
+    async with get_client() as client:
+        applied = {f"{d.flow_name}/{d.name}": str(await d.aapply()) for d in deployments}
+        return await _ensure_automations(client, applied)
 
 
 def register(app: typer.Typer) -> None:

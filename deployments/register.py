@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -26,7 +27,7 @@ DEFAULT_POOL = {"process": "robotics-cd-process", "kubernetes": "robotics-cd-kub
 ZOMBIE_AUTOMATION = "robotics-cd: mark silent flow runs crashed"
 ROLLBACK_AUTOMATION = "robotics-cd: roll back crashed or cancelled releases"
 # Three missed heartbeats (PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30 in the sandbox) = dead.
-ZOMBIE_AFTER = timedelta(seconds=90)
+ZOMBIE_AFTER = timedelta(seconds=float(os.environ.get("ROBOTICS_CD_ZOMBIE_AFTER_SECONDS", "90")))
 
 
 @dataclass(frozen=True)

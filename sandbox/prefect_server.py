@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from sandbox.procs import free_port, http_ok, spawn, stop_pidfile, wait_until
+from sandbox.procs import free_port, http_ok, remembered_port, spawn, stop_pidfile, wait_until
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def start_prefect_server(
         old = int(portfile.read_text())
         if http_ok(f"http://127.0.0.1:{old}/api/health"):
             return PrefectServer(f"http://127.0.0.1:{old}/api", f"http://127.0.0.1:{old}", home)
-    port = port or free_port()
+    port = port or remembered_port(portfile) or free_port()
     prefect = shutil.which("prefect", path=str(Path(sys.executable).parent)) or "prefect"
     spawn(
         [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],

@@ -21,6 +21,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def remembered_port(portfile: Path) -> int | None:
+    """The port a restarted service had before, if recorded and still free: clients,
+    manifests and env files that name it keep working."""
+    try:
+        port = int(portfile.read_text())
+    except (OSError, ValueError):
+        return None
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return None
+    return port
+
+
 def wait_until(
     check: Callable[[], bool], *, timeout: float, what: str, interval: float = 0.2
 ) -> None:

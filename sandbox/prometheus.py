@@ -9,7 +9,15 @@ from pathlib import Path
 import httpx
 import yaml
 
-from sandbox.procs import free_port, http_ok, pid_alive, spawn, stop_pidfile, wait_until
+from sandbox.procs import (
+    free_port,
+    http_ok,
+    pid_alive,
+    remembered_port,
+    spawn,
+    stop_pidfile,
+    wait_until,
+)
 
 
 @dataclass(frozen=True)
@@ -43,7 +51,7 @@ def start_prometheus(
         # Pick up changed targets without a restart.
         httpx.post(f"{url}/-/reload", timeout=5)
         return PrometheusServer(url, home)
-    port = port or free_port()
+    port = port or remembered_port(portfile) or free_port()
     spawn(
         [
             "prometheus",

@@ -19,7 +19,7 @@ import docker.errors
 import httpx
 import yaml
 
-from sandbox.procs import free_port, pid_alive, spawn, stop_pidfile, wait_until
+from sandbox.procs import free_port, pid_alive, remembered_port, spawn, stop_pidfile, wait_until
 
 USERNAME = "robotics-cd"
 
@@ -105,7 +105,7 @@ def start_registry(home: Path, *, port: int | None = None, timeout: float = 30.0
         host = f"127.0.0.1:{int(portfile.read_text())}"
         if _answers(host):
             return Registry(host, USERNAME, password, home)
-    port = port or free_port()
+    port = port or remembered_port(portfile) or free_port()
     _write_htpasswd(home, USERNAME, password)
     config = _write_config(home, port)
     spawn([binary, "serve", str(config)], log=home / "registry.log", pidfile=pidfile)

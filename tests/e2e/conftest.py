@@ -1,0 +1,114 @@
+"""Shared by the release e2e modules: the sandbox env with the compact canary policy, and
+images built from real commits of the sandbox's robotics-api repo."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from core.images import release_tag
+from tests.e2e.releases import FAST
+
+
+@pytest.fixture(scope="module")
+def env(sandbox: Any) -> Iterator[dict[str, str]]:
+    """The sandbox's env with the compact canary policy, in this process too."""
+    from core.settings import get_settings
+
+    values = {**sandbox.env, **FAST}
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    get_settings.cache_clear()
+    try:
+        yield values
+    finally:
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+        get_settings.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def docker_login(sandbox: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    config = tmp_path_factory.mktemp("docker-config")
+    user, password = sandbox.registry_auth
+    subprocess.run(
+        [
+            "docker",
+            "--config",
+            str(config),
+            "login",
+            "-u",
+            user,
+            "--password-stdin",
+            sandbox.registry,
+        ],
+        input=password,
+        text=True,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return {"DOCKER_CONFIG": str(config)}
+
+
+@pytest.fixture(scope="module")
+def build(
+    sandbox: Any, docker_login: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Callable[..., tuple[str, str]]:
+    """Commit files to robotics-api, build and push its image; return (image@digest, sha)."""
+    work_root = tmp_path_factory.mktemp("builds")
+
+    def make(files: dict[str, str], message: str) -> tuple[str, str]:
+        work = work_root / uuid.uuid4().hex[:8]
+        sandbox.clone("robotics-api", work)
+        for leftover in (work / "config").glob("*.production"):  # earlier scenarios' faults
+            leftover.unlink()
+        unique = {"www/e2e-build.txt": f"{uuid.uuid4()}\n", **files}  # never an empty commit
+        sha = sandbox.commit_and_push(work, message, unique)
+        date = datetime.fromtimestamp(
+            int(sandbox.git("log", "-1", "--format=%ct", sha, cwd=work)), UTC
+        )
+        image = f"{sandbox.registry}/robotics-serving/api-gateway:{release_tag(date, sha)}"
+        docker_env = {**os.environ, **docker_login}
+        for argv in (
+            [
+                "docker",
+                "build",
+                "-q",
+                "--rm",
+                "--force-rm",
+                "-t",
+                image,
+                "--build-arg",
+                f"GIT_SHA={sha}",
+                str(work),
+            ],
+            ["docker", "push", image],
+        ):
+            subprocess.run(argv, env=docker_env, check=True, capture_output=True, timeout=300)
+        digest = (
+            subprocess.run(
+                ["docker", "inspect", "--format", "{{index .RepoDigests 0}}", image],
+                env=docker_env,
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            .stdout.strip()
+            .split("@", 1)[1]
+        )
+        shutil.rmtree(work, ignore_errors=True)
+        return f"{image}@{digest}", sha
+
+    return make

@@ -1,0 +1,156 @@
+"""Helpers of the release e2e modules: start, wait, approve, read git and the cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from prefect import get_client
+from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.deployments.flow_runs import arun_deployment
+
+ROOT = Path(__file__).resolve().parents[2]
+CLI = str(Path(sys.executable).parent / "robotics-cd")
+SERVICE = "api-gateway"
+OVERLAY = "serving/api-gateway/overlays/production"
+INTERVAL = 6
+FAST = {
+    "ROBOTICS_CD_CANARY_STEPS": "[50, 100]",
+    "ROBOTICS_CD_CANARY_INTERVAL": f"{INTERVAL}s",
+    "ROBOTICS_CD_CANARY_ANALYSES": "1",
+    "ROBOTICS_CD_CANARY_MIN_REQUESTS": "10",
+    "ROBOTICS_CD_POST_RELEASE_WATCH": f"{INTERVAL}s",
+    "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+}
+
+
+def _deployed(*names: str) -> bool:
+    async def read() -> bool:
+        async with get_client() as client:
+            for name in names:
+                await client.read_deployment_by_name(name)
+        return True
+
+    try:
+        return anyio.run(read)
+    except Exception:
+        return False
+
+
+def _start(image: str, sha: str) -> FlowRun:
+    async def go() -> FlowRun:
+        run: FlowRun = await arun_deployment(
+            "release/release",
+            parameters={"service": SERVICE, "image": image, "source_sha": sha},
+            timeout=0,
+            as_subflow=False,
+        )
+        return run
+
+    return anyio.run(go)
+
+
+def _read(run_id: Any) -> FlowRun:
+    async def go() -> FlowRun:
+        async with get_client() as client:
+            return await client.read_flow_run(run_id)
+
+    return anyio.run(go)
+
+
+def _wait(run: FlowRun, done: Callable[[FlowRun], bool], *, timeout: float, what: str) -> FlowRun:
+    deadline = time.monotonic() + timeout
+    current = _read(run.id)
+    while not done(current):
+        state = current.state
+        if state is not None and state.is_final() and not done(current):
+            pytest.fail(f"{what}: release ended {state.name}: {state.message}")
+        if time.monotonic() > deadline:
+            pytest.fail(
+                f"{what} not reached in {timeout:.0f}s (state: "
+                f"{state.name if state else None}: {state.message if state else ''})"
+            )
+        time.sleep(1)
+        current = _read(run.id)
+    return current
+
+
+def _paused(run: FlowRun) -> bool:
+    return run.state is not None and run.state.type == StateType.PAUSED
+
+
+def _final(run: FlowRun) -> bool:
+    return run.state is not None and run.state.is_final()
+
+
+def _cli(*args: str, env: dict[str, str]) -> str:
+    proc = subprocess.run(
+        [CLI, *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, f"robotics-cd {' '.join(args)}: {proc.stdout}{proc.stderr}"
+    return proc.stdout
+
+
+def _manifests(sandbox: Any, *args: str) -> str:
+    return str(
+        sandbox.git("--git-dir", str(sandbox.git_base / "robotics-k8s-manifests.git"), *args)
+    )
+
+
+def _overlay_tree(sandbox: Any) -> str:
+    return _manifests(sandbox, "rev-parse", f"main:{OVERLAY}")
+
+
+def _production_images(sandbox: Any) -> dict[str, Any]:
+    out = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "kubectl"),
+            "--kubeconfig",
+            str(sandbox.kubeconfig),
+            "get",
+            "deploy",
+            "-n",
+            "production",
+            "-o",
+            "json",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    return {
+        d["metadata"]["name"]: (
+            d["spec"]["template"]["spec"]["containers"][0]["image"],
+            d["spec"].get("replicas"),
+        )
+        for d in json.loads(out)["items"]
+    }
+
+
+def _approve(run: FlowRun, env: dict[str, str]) -> None:
+    _wait(run, _paused, timeout=300, what="release waiting for approval after staging")
+    _cli("approve", str(run.id), "--approver", "alice", "--comment", "e2e", env=env)
+
+
+def _release(image: str, sha: str, env: dict[str, str]) -> FlowRun:
+    run = _start(image, sha)
+    _approve(run, env)
+    return _wait(run, _final, timeout=420, what="release finished")
+
+
+def _digest(image: str) -> str:
+    return image.split("@", 1)[1]
