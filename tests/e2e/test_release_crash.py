@@ -4,7 +4,7 @@ starts the ``rollback`` deployment (served by another runner), and production en
 old image with git saying so.
 
 Own runners (not test_release.py's): one serving ``release`` that gets killed, one serving
-``rollback``; fast heartbeats and a 20 s silence limit keep it short.
+``rollback``; heartbeats every 30 s (Prefect's minimum) and a 50 s silence limit.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ from tests.e2e.releases import (
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 CRASH = {
-    "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "5",
-    "ROBOTICS_CD_ZOMBIE_AFTER_SECONDS": "20",
+    "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",  # Prefect's minimum
+    "ROBOTICS_CD_ZOMBIE_AFTER_SECONDS": "50",
     # A canary long enough for the kill to land in it.
     "ROBOTICS_CD_CANARY_STEPS": "[10, 25, 50, 100]",
     "ROBOTICS_CD_CANARY_ANALYSES": "3",
