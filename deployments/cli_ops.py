@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,6 +115,11 @@ def serve_all(*, only: set[str] | None = None, limit: int | None = None) -> None
     if not deployments:
         raise RoboticsCDError("no flow module is present: nothing to serve")
     names = ", ".join(f"{d.flow_name}/{d.name}" for d in deployments)
+    # The zombie automation expects a heartbeat every 30 s; Prefect's default is 180 s, so
+    # without this every served run longer than the automation's window is marked Crashed.
+    # The runner's flow-run processes inherit this environment.
+    for key, value in reg.HEARTBEAT_ENV.items():
+        os.environ.setdefault(key, value)
     made = anyio.run(_serve_automations, deployments)
     if made:
         typer.echo(f"automations: {', '.join(sorted(made))}")
