@@ -61,7 +61,6 @@ SERVICE = "api-gateway"
 API_REPO = "robotics-api"
 TRAINING_REPO = "robotics-training"
 MANIFESTS_REPO = "robotics-k8s-manifests"
-TRAINING_IMAGE = "vision-train"
 APPROVER = "alice"
 BAD_FAIL_RATE = 30
 SERVED = ("ci", "release", "rollback", "training-image", "train")
@@ -94,7 +93,6 @@ FAST_WINDOWS = {
 class Deadlines:
     """Seconds each wait may take before the step is declared failed."""
 
-    sandbox_up: float = 420.0
     triggers: float = 180.0
     delivery: float = 60.0
     ci: float = 900.0
