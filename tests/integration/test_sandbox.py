@@ -122,6 +122,7 @@ def _set_image_tag(kustomization: Path, name: str, tag: str) -> str:
     for image in doc["images"]:
         if image["name"] == name:
             image["newTag"] = tag
+            image.pop("digest", None)  # an earlier release may have pinned one
     return yaml.safe_dump(doc, sort_keys=False)
 
 
