@@ -13,7 +13,7 @@ from typing import Any, Literal
 from uuid import UUID, uuid4
 
 import pydantic
-from prefect import get_client, task
+from prefect import get_client, get_run_logger, task
 from prefect.client.schemas.filters import (
     DeploymentFilter,
     DeploymentFilterName,
@@ -64,8 +64,8 @@ def approval_form(approvers: list[str], description: str) -> type[ApprovalForm]:
 def to_decision(form: ApprovalForm) -> ApprovalDecision:
     return ApprovalDecision(
         decision=form.decision,
-        approver=str(getattr(form, "approver")),
-        comment=form.comment,  # noqa: B009
+        approver=str(getattr(form, "approver")),  # noqa: B009 - a field added per service
+        comment=form.comment,
     )
 
 
@@ -118,14 +118,19 @@ async def expire_overdue(
     deployment_name: str, timeouts: dict[str, timedelta], default_timeout: timedelta
 ) -> list[str]:
     """Resume overdue approvals with a reject decision from ``system:timeout``."""
+    logger = get_run_logger()
     now = datetime.now(UTC)
     expired: list[str] = []
-    for run in await paused_release_runs(deployment_name):
+    waiting = await paused_release_runs(deployment_name)
+    logger.info("%d release(s) of %r wait for approval", len(waiting), deployment_name)
+    for run in waiting:
         if run.state is None or run.state.timestamp is None:
             continue
         service = str(run.parameters.get("service", ""))
         limit = timeouts.get(service, default_timeout)
-        if now - run.state.timestamp < limit:
+        waited = now - run.state.timestamp
+        if waited < limit:
+            logger.info("release %s (%s) waited %s of %s", run.id, service, waited, limit)
             continue
         await resume_with_decision(
             run.id, "reject", TIMEOUT_APPROVER, f"no decision within {limit}"
