@@ -9,6 +9,7 @@ handed to the ``release`` deployment as CI would. The canary policy is compact (
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -164,6 +165,7 @@ def test_expired_approval_ends_rejected_timed_out(sandbox, runner, env, build, m
     _wait(run, _paused, timeout=300, what="release waiting for approval")
     monkeypatch.setenv("ROBOTICS_CD_APPROVAL_TIMEOUT", "1s")
     get_settings.cache_clear()
+    time.sleep(1.5)  # older than the 1 s limit, whatever the clocks' rounding
     expired = anyio.run(expire_approvals)
     assert str(run.id) in expired
     done = _wait(run, _final, timeout=120, what="release finished")
