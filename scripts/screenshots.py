@@ -124,7 +124,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Take the README's Prefect UI screenshots in headless Chromium."
     )
     parser.add_argument("--ui", required=True, help="Prefect UI URL, e.g. http://127.0.0.1:4200")
-    parser.add_argument("--suspended", required=True, help="flow run id of a suspended release")
+    parser.add_argument("--suspended", help="flow run id of a suspended release")
     record = parser.add_mutually_exclusive_group()
     record.add_argument("--record-artifact-key", help="key of the release record artifact")
     record.add_argument("--finished", help="flow run id of a finished release")
@@ -141,6 +141,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 UUID(value)
             except ValueError:
                 parser.error(f"--{flag} must be a flow run id (a UUID), not {value!r}")
+    if not (args.suspended or args.finished or args.record_artifact_key):
+        parser.error("give --suspended, --finished or --record-artifact-key")
     if not args.ui.startswith(("http://", "https://")):
         parser.error(f"--ui must be an http(s) URL, not {args.ui!r}")
     return args
@@ -151,16 +153,18 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with chromium() as page:
         try:
-            saved = [
-                shoot_approval_form(
-                    page,
-                    args.ui,
-                    args.suspended,
-                    args.out,
-                    approver=args.approver,
-                    comment=args.comment,
+            saved = []
+            if args.suspended:
+                saved.append(
+                    shoot_approval_form(
+                        page,
+                        args.ui,
+                        args.suspended,
+                        args.out,
+                        approver=args.approver,
+                        comment=args.comment,
+                    )
                 )
-            ]
             artifact_path = None
             if args.record_artifact_key:
                 artifact_path = f"key/{args.record_artifact_key}"
