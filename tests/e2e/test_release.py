@@ -206,3 +206,53 @@ def test_a_second_release_waits_for_the_lock(sandbox, runner, env, build):
         gitops.release_lease.fn(SERVICE, "production", holder=holder)
     done = _wait(run, _final, timeout=420, what="release finished after the lock")
     assert done.state.name == "Promoted", done.state
+
+
+def test_operators_can_promote_now_or_abort(sandbox, runner, env, build):
+    """`robotics-cd promote RUN --now` skips the remaining steps (reason recorded);
+    `robotics-cd abort RUN` rolls back at its next check. Both reach the run as flow run
+    inputs; the compact canary leaves about 25 s between the first canary commit and the end."""
+    image, sha = build({"www/release-e2e.txt": "promote now\n"}, "e2e: promoted by hand")
+    run = _start(image, sha)
+    _approve(run, env)
+    _wait_canary_commit(sandbox, str(run.id))
+    _cli("promote", str(run.id), "--now", "--reason", "hotfix, metrics look fine", env=env)
+    done = _wait(run, _final, timeout=300, what="release promoted by hand")
+    assert done.state.name == "Promoted", done.state
+    subject = _manifests(sandbox, "log", "-1", "--format=%s", "--", OVERLAY)
+    assert subject.startswith("promote(production)")
+    assert "hotfix, metrics look fine" in _latest_release_record()
+
+    before_tree = _overlay_tree(sandbox)
+    image, sha = build({"www/release-e2e.txt": "abort\n"}, "e2e: aborted by hand")
+    run = _start(image, sha)
+    _approve(run, env)
+    _wait_canary_commit(sandbox, str(run.id))
+    _cli("abort", str(run.id), "--reason", "wrong build", env=env)
+    done = _wait(run, _final, timeout=300, what="release aborted")
+    assert done.state.type == StateType.FAILED and "aborted by" in done.state.message
+    assert "wrong build" in done.state.message
+    assert _overlay_tree(sandbox) == before_tree
+
+
+def _latest_release_record() -> str:
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async def read() -> str:
+        async with get_client() as client:
+            found = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"release-{SERVICE}"]))
+            )
+        latest = max(found, key=lambda a: a.created)
+        return str(latest.data)
+
+    return anyio.run(read)
+
+
+def _wait_canary_commit(sandbox, run_id: str) -> None:
+    wait_until(
+        lambda: run_id in _manifests(sandbox, "log", "-3", "--format=%b", "--", OVERLAY),
+        timeout=300,
+        what="the release's first canary commit",
+    )
