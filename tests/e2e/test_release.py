@@ -116,7 +116,7 @@ def test_failing_canary_is_rolled_back(sandbox, runner, env, build):
 def test_a_slower_canary_is_rolled_back_on_p99(sandbox, runner, env, build):
     before_tree = _overlay_tree(sandbox)
     image, sha = build(
-        {"config/latency_ms.production": "300\n"}, "e2e: +300 ms per request in production"
+        {"config/status_delay_ms.production": "300\n"}, "e2e: +300 ms per request in production"
     )
     done = _release(image, sha, env)
     assert done.state.type == StateType.FAILED, done.state
