@@ -334,6 +334,7 @@ def _build_from_repo(bare: Path, sha: str, tag: str) -> None:
                 path=tmp,
                 tag=tag,
                 rm=True,
+                forcerm=True,
                 buildargs={
                     "GIT_SHA": sha,
                     "BUILD_DATE": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
