@@ -21,6 +21,7 @@ import anyio
 from prefect import flow, get_run_logger
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State
+from prefect.context import TaskRunContext
 from prefect.flow_runs import suspend_flow_run
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
@@ -76,7 +77,15 @@ def plan_release(catalog: Catalog, service: str, image: str, source_sha: str) ->
 # --- staging ------------------------------------------------------------------------------
 
 
-async def deploy_staging(plan: ReleasePlan, svc: Service, record: ReleaseRecord) -> None:
+def once_per_run(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """Cache key of a task whose inputs hold the clock (a window ending 'now + interval'): a
+    resumed run gets the first answer instead of measuring again."""
+    return f"{context.task.name}-{context.task_run.flow_run_id}"
+
+
+async def deploy_staging(
+    plan: ReleasePlan, svc: Service, policy: CanaryPolicy, record: ReleaseRecord
+) -> None:
     target = svc.environments["staging"]
     run_url = report.flow_run_url(flow_run.id)
     deployment_id = gh.create_deployment(
@@ -100,12 +109,15 @@ async def deploy_staging(plan: ReleasePlan, svc: Service, record: ReleaseRecord)
     record.staging_revision = synced.revision
     try:
         record.smoke = [r.model_dump() for r in smoke.smoke_test(target, svc.smoke)]
-        check = metrics.staging_check(
+        # One canary interval of traffic on the new pods only: the window starts now.
+        window = policy.interval.total_seconds()
+        check = metrics.staging_check.with_options(cache_key_fn=once_per_run)(
             plan.service,
             target.namespace,
             svc.metrics,
             min_requests=1,
-            window_seconds=_staging_window(svc),
+            end_time=datetime.now(UTC) + policy.interval,
+            window_seconds=window,
             track="stable",
         )
         record.staging_metrics = check.analysis
@@ -124,11 +136,6 @@ async def deploy_staging(plan: ReleasePlan, svc: Service, record: ReleaseRecord)
         environment_url=target.base_url,
         description="verified",
     )
-
-
-def _staging_window(svc: Service) -> float:
-    # One canary interval of staging traffic: the same window the canary is judged on.
-    return 30.0 if svc.canary is None else svc.canary.interval.total_seconds()
 
 
 # --- approval -----------------------------------------------------------------------------
@@ -314,7 +321,7 @@ async def promote_and_watch(
     while datetime.now(UTC) < watch_end:
         end = min(watch_end, datetime.now(UTC) + policy.interval)
         window = max(1.0, (end - datetime.now(UTC)).total_seconds())
-        check = metrics.staging_check(
+        check = metrics.staging_check.with_options(cache_key_fn=once_per_run)(
             plan.service,
             target.namespace,
             svc.metrics,
@@ -365,7 +372,7 @@ async def release(service: str, image: str, source_sha: str) -> State[Any]:
     record = ReleaseRecord.start(plan, str(flow_run.id))
     emit_release_event("started", plan)
 
-    await deploy_staging(plan, svc, record)
+    await deploy_staging(plan, svc, policy, record)
     decision = await await_approval(plan, svc, record)
     record.decision = decision
     if not decision.approved:

@@ -155,6 +155,29 @@ def test_reject_leaves_production_untouched(sandbox, runner, env, build):
     assert _overlay_tree(sandbox) == before_tree
 
 
+def test_a_rerun_makes_no_new_commit_and_no_new_sync(sandbox, runner, env, build):
+    image, sha = build({"www/release-e2e.txt": "rerun\n"}, "e2e: released twice")
+    first = _start(image, sha)
+    _wait(first, _paused, timeout=300, what="first release waiting for approval")
+    _cli("reject", str(first.id), "--approver", "bob", env=env)
+    _wait(first, _final, timeout=120, what="first release finished")
+    head = _manifests(sandbox, "rev-parse", "main")
+    last_sync = _last_sync(sandbox)
+
+    again = _start(image, sha)  # the same parameters, a new run from the top
+    _wait(again, _paused, timeout=300, what="second release waiting for approval")
+    assert _manifests(sandbox, "rev-parse", "main") == head  # no new commit
+    assert _last_sync(sandbox) == last_sync  # no new sync
+    _cli("reject", str(again.id), "--approver", "bob", env=env)
+    _wait(again, _final, timeout=120, what="second release finished")
+
+
+def _last_sync(sandbox) -> tuple[object, object]:
+    status = sandbox.app("api-gateway-staging")["status"]
+    history = status.get("history") or [{}]
+    return history[-1].get("id"), (status.get("operationState") or {}).get("startedAt")
+
+
 def test_expired_approval_ends_rejected_timed_out(sandbox, runner, env, build, monkeypatch):
     from core.settings import get_settings
     from flows.release import expire_approvals
