@@ -234,7 +234,7 @@ async def run_canary(
             outcome = _apply_command(command, record)
             if outcome is not None:
                 return outcome
-        result = metrics.analyse_interval(
+        result = metrics.analyse_interval.with_options(cache_policy=NO_CACHE)(
             plan.service,
             target.namespace,
             svc.metrics,
@@ -321,7 +321,7 @@ async def promote_and_watch(
     while datetime.now(UTC) < watch_end:
         end = min(watch_end, datetime.now(UTC) + policy.interval)
         window = max(1.0, (end - datetime.now(UTC)).total_seconds())
-        check = metrics.staging_check.with_options(cache_key_fn=once_per_run)(
+        check = metrics.staging_check.with_options(cache_policy=NO_CACHE)(
             plan.service,
             target.namespace,
             svc.metrics,
