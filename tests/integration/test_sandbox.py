@@ -52,7 +52,12 @@ def test_up_status_down_leaves_nothing_behind() -> None:
     lines: list[str] = []
     try:
         sb = launcher.up(state, argocd_poll_seconds=1.0, echo=lines.append)
+        # Prometheus reports its target up only after the first scrape (1 s): poll, bounded.
+        deadline = time.monotonic() + 30
         parts = launcher.status(state)
+        while [p for p in parts if not p.ok] and time.monotonic() < deadline:
+            time.sleep(1)
+            parts = launcher.status(state)
         assert [p for p in parts if not p.ok] == [], parts
         assert {p.part for p in parts} >= {"prefect server", "argo cd", "app api-gateway-staging"}
         env_file = (state / "env").read_text()
