@@ -28,6 +28,7 @@ from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterNam
 from prefect.client.schemas.objects import FlowRun, StateType
 
 from sandbox.procs import http_ok, spawn, stop_pid, wait_until
+from tests.e2e.releases import _deployed
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 
@@ -72,21 +73,6 @@ def triggers(sandbox: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     finally:
         stop_pid(receiver.pid)
         stop_pid(served.pid)
-
-
-def _deployed(*names: str) -> bool:
-    async def read() -> bool:
-        async with get_client() as client:
-            for name in names:
-                await client.read_deployment_by_name(name)
-        return True
-
-    import anyio
-
-    try:
-        return anyio.run(read)
-    except Exception:
-        return False
 
 
 def _runs(deployment: str, match: Callable[[FlowRun], bool]) -> list[FlowRun]:
