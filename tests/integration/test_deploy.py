@@ -18,8 +18,8 @@ import pytest
 import yaml
 from prefect import get_client
 
+from cli.ops import deploy_all
 from deployments import register as reg
-from deployments.cli_ops import deploy_all
 
 pytestmark = pytest.mark.integration
 

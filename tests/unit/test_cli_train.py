@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from deployments import cli_train
-from deployments.cli import app
+from cli import train as cli_train
+from cli.app import app
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from deployments.demo import DEMO_WINDOWS, FAST_WINDOWS, DemoOptions, _non_root, digest_of
+from cli.demo_story import DEMO_WINDOWS, FAST_WINDOWS, DemoOptions, _non_root, digest_of
 
 SEED = Path(__file__).resolve().parents[2] / "sandbox/seed/robotics-training/Dockerfile"
 

@@ -1,4 +1,4 @@
-"""``robotics-cd demo``: the whole release story on the local sandbox (see deployments/demo.py)."""
+"""``robotics-cd demo``: the whole release story on the local sandbox (see cli/demo_story.py)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
         """Start the sandbox and play the story: a good release promoted through its canary,
         a bad one rolled back by itself, a training image and a distributed training run.
         Exits 1 when a step did not end as expected."""
-        from deployments.demo import DemoOptions, run_demo
+        from cli.demo_story import DemoOptions, run_demo
 
         code = run_demo(DemoOptions(state=state, fast=fast, interactive=interactive, keep=keep))
         if code:

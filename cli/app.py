@@ -25,12 +25,12 @@ def main() -> None:
 
 
 _COMMAND_MODULES = (
-    "deployments.cli_catalog",
-    "deployments.cli_sandbox",
-    "deployments.cli_release",
-    "deployments.cli_ops",
-    "deployments.cli_train",
-    "deployments.cli_demo",
+    "cli.catalog",
+    "cli.sandbox",
+    "cli.release",
+    "cli.ops",
+    "cli.train",
+    "cli.demo",
 )
 
 for _module in _COMMAND_MODULES:

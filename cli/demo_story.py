@@ -46,11 +46,11 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from cli.train import start_train_run
 from core.catalog import load_catalog
 from core.errors import DemoFailed, RoboticsCDError
 from core.settings import get_settings
 from core.training import TrainParams
-from deployments.cli_train import start_train_run
 from sandbox import launcher
 from sandbox.procs import http_ok, spawn, stop_pid, stop_pidfile
 from tasks.approvals import resume_with_decision
@@ -248,7 +248,7 @@ def cli_executable() -> list[str]:
     script = Path(sys.executable).parent / "robotics-cd"
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-c", "from deployments.cli import app; app()"]
+    return [sys.executable, "-c", "from cli.app import app; app()"]
 
 
 def stop_leftover_triggers(logs: Path) -> None:
