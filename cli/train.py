@@ -46,14 +46,38 @@ def _split_volume(text: str) -> dict[str, Any]:
     return volume
 
 
-def _split_env(pairs: list[str]) -> dict[str, str]:
-    env: dict[str, str] = {}
+def _split_env(pairs: list[str], secrets: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
+    """``NAME=VALUE`` pairs and ``NAME=SECRET:KEY`` Secret references → the env mapping."""
+    env: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
             raise InvalidInput(f"env: {pair!r}: write NAME=VALUE")
         env[key] = value
+    for pair in secrets:
+        key, sep, ref = pair.partition("=")
+        secret, colon, secret_key = ref.partition(":")
+        if not sep or not colon or not secret or not secret_key:
+            raise InvalidInput(f"env: {pair!r}: write NAME=SECRET:KEY (a Secret in the namespace)")
+        if key in env:
+            raise InvalidInput(f"env: {key} is given both as a value and as a Secret")
+        env[key] = {"secret": secret, "key": secret_key}
     return env
+
+
+def check_run(params: TrainParams) -> TrainParams:
+    """What the flow checks first that needs the catalog: the api's rules and the limits."""
+    from core.catalog import load_catalog
+    from core.training import check_limits
+
+    catalog = load_catalog()
+    entry = catalog.training_image(params.training_image)
+    update: dict[str, Any] = {"api": params.api or entry.api}
+    if update["api"] == "trainjob":
+        update["runtime"] = params.runtime or entry.runtime
+    checked = parse_train_params({**params.model_dump(mode="json"), **update})
+    check_limits(checked, catalog.limits.get(entry.namespace), entry.namespace)
+    return checked
 
 
 async def start_train_run(params: TrainParams) -> UUID:
@@ -97,7 +121,13 @@ async def follow_run(flow_run_id: UUID, *, echo: Any = typer.echo) -> str:
                 since = entry.timestamp
                 message = entry.message
                 epochs = epoch_progress(message)
-                if epochs or "PyTorchJob" in message or entry.level >= 30:
+                if (
+                    epochs
+                    or "PyTorchJob" in message
+                    or "TrainJob" in message
+                    or "resum" in message
+                    or entry.level >= 30
+                ):
                     bar = ""
                     if epochs:
                         done = round(20 * epochs[0] / epochs[1])
@@ -123,6 +153,14 @@ def register(app: typer.Typer) -> None:
             None, help="Training image tag; default: the latest one the training-image flow pushed."
         ),
         training_image: str = typer.Option("vision-train", help="Training image of the catalog."),
+        api: str | None = typer.Option(
+            None,
+            help="pytorchjob (Training Operator v1) or trainjob (Kubeflow Trainer v2); "
+            "default: the training image's api in the catalog.",
+        ),
+        runtime: str | None = typer.Option(
+            None, help="TrainJob: the ClusterTrainingRuntime (default: the catalog's)."
+        ),
         config: str = typer.Option("configs/default.yaml", help="Config path inside the image."),
         workers: int = typer.Option(1, help="Worker nodes besides the master."),
         gpus: int = typer.Option(0, help="GPUs per node."),
@@ -133,6 +171,12 @@ def register(app: typer.Typer) -> None:
             [], help="PVC to mount: CLAIM[:MOUNT_PATH[:ro|rw]] (repeatable)."
         ),
         env: list[str] = typer.Option([], help="NAME=VALUE for the trainer (repeatable)."),
+        env_secret: list[str] = typer.Option(
+            [], help="NAME=SECRET:KEY: env read from a Secret in the namespace (repeatable)."
+        ),
+        allow_plain_env: list[str] = typer.Option(
+            [], help="NAME whose plain value only looks like a credential (repeatable)."
+        ),
         command: list[str] = typer.Option([], help="Entrypoint override (repeatable, in order)."),
         arg: list[str] = typer.Option([], help="Trainer argument (repeatable, in order)."),
         checkpoint_dir: str = typer.Option("/checkpoints", help="Where checkpoints are written."),
@@ -144,13 +188,15 @@ def register(app: typer.Typer) -> None:
         elastic_max: int | None = typer.Option(None, help="Elastic: most worker nodes."),
         detach: bool = typer.Option(False, "--detach", help="Print the run URL and return."),
     ) -> None:
-        """Start the train deployment (a Kubeflow PyTorchJob) and follow it to its end."""
+        """Start the train deployment (a PyTorchJob or a TrainJob) and follow it to its end."""
         try:
             params = parse_train_params(
                 {
                     "experiment": experiment,
                     "image_tag": image_tag,
                     "training_image": training_image,
+                    "api": api,
+                    "runtime": runtime,
                     "config": config,
                     "workers": workers,
                     "gpus_per_node": gpus,
@@ -158,7 +204,8 @@ def register(app: typer.Typer) -> None:
                     "cpu": cpu,
                     "memory": memory,
                     "volumes": [_split_volume(v) for v in volume],
-                    "env": _split_env(env),
+                    "env": _split_env(env, env_secret),
+                    "allow_plain_env": allow_plain_env,
                     "command": command,
                     "args": arg,
                     "checkpoint_dir": checkpoint_dir,
@@ -170,6 +217,8 @@ def register(app: typer.Typer) -> None:
                     "elastic_max": elastic_max,
                 }
             )
+            # The catalog's api and limits, checked here too: a refusal before any run exists.
+            check_run(params)
         except InvalidInput as exc:
             typer.secho(str(exc), fg="red", err=True)
             raise typer.Exit(2) from None

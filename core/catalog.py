@@ -20,6 +20,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from core.durations import Duration
 from core.errors import CatalogError, InvalidInput
 from core.images import validate_registry, validate_repository
+from core.training import DEFAULT_RUNTIME, Api, NamespaceLimits
 
 Severity = Literal["UNKNOWN", "LOW", "MEDIUM", "HIGH", "CRITICAL"]
 Environment = Literal["staging", "production"]
@@ -183,6 +184,15 @@ class TrainingImage(Strict):
     namespace: Name = "training"
     notify: list[str] = []
     scan: ScanPolicy | None = None
+    api: Api = Field(
+        default="pytorchjob",
+        description="Job API of a train run: pytorchjob (Training Operator v1) or trainjob "
+        "(Kubeflow Trainer v2); a run may choose the other.",
+    )
+    runtime: Name = Field(
+        default=DEFAULT_RUNTIME,
+        description="ClusterTrainingRuntime of a TrainJob (api trainjob).",
+    )
 
 
 class Defaults(Strict):
@@ -200,6 +210,10 @@ class Catalog(Strict):
     defaults: Defaults
     services: dict[Name, Service] = {}
     training: dict[Name, TrainingImage] = {}
+    limits: dict[Name, NamespaceLimits] = Field(
+        default_factory=dict,
+        description="Per-namespace limits of a training run (key: the namespace).",
+    )
 
     def service(self, name: str) -> Service:
         try:

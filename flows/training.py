@@ -6,23 +6,36 @@
 the image in the registry and builds, pushes and notifies nothing twice.
 
 ``train``: what an ML engineer starts from the Prefect UI or ``robotics-cd train``: validate
-the parameters → resolve the image (it must be in the registry) → submit a PyTorchJob named
-after the flow run (a rerun of the run adopts its job instead of submitting another) →
-watch it to Succeeded or Failed while the master's log streams into the run's log → a
-progress artifact and a summary artifact. A failed job fails the run with the job's reason
-and the last log lines; a cancelled run, or one whose deadline passes, deletes the job.
+the parameters (shape, the namespace's limits, no plain credentials in env) → resolve the
+image (it must be in the registry) → submit a PyTorchJob or a Trainer v2 TrainJob (the
+training image's ``api``, or the run's) named after the flow run (a rerun of the run adopts
+its job; a retry after a failure deletes the failed job and resumes from the last checkpoint
+the earlier attempt logged) → watch it to its end while the master's / node 0's log streams
+into the run's log → a progress artifact (epoch, step, ETA), the node-0 log as an artifact,
+and a summary artifact. A failed job fails the run with the job's reason and the last log
+lines; a cancelled run deletes the job and reports what ran; a run whose deadline passes
+deletes the job.
 
 This module only orders tasks; every outside system is reached in ``tasks/``.
 """
 
 # No ``from __future__ import annotations`` here: Prefect validates the flows' parameters
 # from their real annotations, also when it loads this file by path (a served deployment).
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from uuid import UUID
 
-from prefect import flow, get_run_logger, runtime
+from prefect import flow, get_client, get_run_logger, runtime
 from prefect.artifacts import acreate_markdown_artifact, acreate_progress_artifact
+from prefect.client.schemas.actions import ArtifactCreate
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    ArtifactFilterKey,
+)
 from prefect.client.schemas.objects import FlowRun, State
+from prefect.client.schemas.sorting import ArtifactSort
 from prefect.logging.loggers import flow_run_logger
 from prefect.variables import Variable
 from pydantic import BaseModel, Field
@@ -31,8 +44,17 @@ from core.catalog import Catalog, TrainingImage, load_catalog
 from core.errors import InvalidInput, TrainingFailed
 from core.images import ImageRef, release_tag, validate_sha
 from core.training import (
+    ANNOTATION_RESUMED_FROM,
+    BUILDERS,
+    KINDS,
+    PYTORCHJOB,
+    TRAINJOB,
+    Api,
+    JobKind,
+    TrainingProgress,
     TrainParams,
-    build_pytorchjob,
+    check_limits,
+    checkpoint_location,
     job_duration_seconds,
     job_name,
     job_state,
@@ -44,7 +66,10 @@ from tasks.kube import (
     delete_job,
     delete_training_job,
     follow_training_job,
+    get_training_job,
     load_credentials,
+    read_job,
+    read_node0_log,
     submit_training_job,
 )
 from tasks.notify import send_chat
@@ -75,13 +100,17 @@ class TrainingImageRecord(BaseModel):
 
 
 class TrainResult(BaseModel):
-    job: str = Field(description="namespace/name of the PyTorchJob.")
+    job: str = Field(description="namespace/name of the training job.")
+    kind: str = Field(default="PyTorchJob", description="PyTorchJob or TrainJob.")
     phase: str
     condition: str
     image: str
     image_digest: str | None = None
     duration_seconds: float | None = None
     checkpoint: str | None = None
+    resumed_from: str | None = Field(
+        default=None, description="Checkpoint of an earlier attempt this one resumed from."
+    )
 
 
 # --- training-image ----------------------------------------------------------------------------
@@ -218,30 +247,183 @@ async def _resolve_image(
     return ref.tagged, found.digest
 
 
-def _job_for(params: TrainParams, flow_run_id: str) -> tuple[str, str]:
-    """(name, namespace) of the job of this flow run: the same on every rerun of it."""
-    entry = load_catalog().training_image(params.training_image)
-    return job_name(params.experiment, flow_run_id), entry.namespace
+@dataclass(frozen=True)
+class JobTarget:
+    """Where this flow run's job lives and which API it speaks."""
+
+    name: str
+    namespace: str
+    api: Api
+    kind: JobKind
+    runtime: str
+
+
+def _with_catalog(params: TrainParams, catalog: Catalog) -> tuple[TrainParams, JobTarget]:
+    """The parameters with the catalog's ``api``/``runtime`` filled in (and validated for
+    that API), checked against the namespace's limits."""
+    entry = catalog.training_image(params.training_image)
+    api: Api = params.api or entry.api
+    update: dict[str, Any] = {"api": api}
+    if api == "trainjob":
+        update["runtime"] = params.runtime or entry.runtime
+    params = parse_train_params({**params.model_dump(mode="json"), **update})
+    check_limits(params, catalog.limits.get(entry.namespace), entry.namespace)
+    return params, JobTarget(
+        name="",
+        namespace=entry.namespace,
+        api=api,
+        kind=KINDS[api],
+        runtime=params.runtime or entry.runtime,
+    )
+
+
+def _target(params: TrainParams, flow_run_id: str) -> tuple[TrainParams, JobTarget]:
+    """(validated parameters, job of this flow run): the same on every rerun of the run."""
+    params, target = _with_catalog(params, load_catalog())
+    name = job_name(params.experiment, flow_run_id)
+    return params, JobTarget(name, target.namespace, target.api, target.kind, target.runtime)
+
+
+def log_artifact_key(experiment: str) -> str:
+    return f"train-{experiment}-log"
+
+
+def log_markdown(target: JobTarget, lines: list[str], note: str = "") -> str:
+    """The node-0 log as a markdown artifact (kept after the pods are gone)."""
+    who = "master" if target.kind == PYTORCHJOB else "node 0"
+    head = f"# {target.kind.kind} {target.namespace}/{target.name}: {who} log\n\n"
+    if note:
+        head += note + "\n\n"
+    body = "\n".join(line.replace("```", "`\u200b``") for line in lines) or "(no log lines)"
+    return head + "```\n" + body + "\n```\n"
+
+
+async def _last_checkpoint_of_run(flow_run_id: str, experiment: str) -> str | None:
+    """The last checkpoint an earlier attempt of this run logged, from its kept log
+    artifacts (the newest attempt first)."""
+    async with get_client() as client:
+        found = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(flow_run_id)]),
+                key=ArtifactFilterKey(any_=[log_artifact_key(experiment)]),
+            ),
+            sort=ArtifactSort.CREATED_DESC,
+        )
+    for artifact in found:
+        checkpoint = None
+        for line in str(artifact.data or "").splitlines():
+            checkpoint = checkpoint_location(line) or checkpoint
+        if checkpoint:
+            return checkpoint
+    return None
+
+
+async def _prepare_attempt(target: JobTarget, params: TrainParams, flow_run_id: str) -> str | None:
+    """Before submitting: a retried run whose earlier attempt's job failed (or is gone)
+    deletes that job and resumes from the last checkpoint it logged; a job that still runs
+    or has completed is adopted by the submit. The checkpoint to resume from, or None."""
+    logger = get_run_logger()
+    previous = await get_training_job(target.name, target.namespace, target.kind)
+    if previous is not None:
+        state = job_state(previous)
+        if not state.finished or state.succeeded:
+            return (previous["metadata"].get("annotations") or {}).get(ANNOTATION_RESUMED_FROM)
+    attempt = runtime.flow_run.run_count
+    checkpoint = await _last_checkpoint_of_run(flow_run_id, params.experiment)
+    if previous is not None:
+        logger.info(
+            "attempt %d: the earlier attempt's %s %s/%s ended %s; deleting it to start again",
+            attempt,
+            target.kind.kind,
+            target.namespace,
+            target.name,
+            job_state(previous).condition,
+        )
+        await delete_training_job(target.name, target.namespace, target.kind, wait=True)
+    if checkpoint and not params.kept(checkpoint):
+        logger.warning(
+            "attempt %d: the last checkpoint %s is not on a writable volume (it went with the "
+            "pods); starting from scratch",
+            attempt,
+            checkpoint,
+        )
+        checkpoint = None
+    if checkpoint:
+        logger.info("attempt %d resumes from checkpoint %s", attempt, checkpoint)
+    elif previous is not None:
+        logger.info("attempt %d: no checkpoint was logged before; starting from scratch", attempt)
+    return checkpoint
 
 
 async def delete_job_of_run(flow: Any, flow_run: FlowRun, state: State) -> None:
-    """``on_cancellation`` hook: the run is going away, so its job (and pods) must too."""
+    """``on_cancellation`` hook: the run is going away, so its job (and pods) must too.
+
+    Before deleting, the node-0 log is read and kept as the run's log artifact, and a
+    "cancelled" artifact reports what ran: the epochs reached and the last checkpoint.
+    """
     logger = flow_run_logger(flow_run, flow)
     try:
-        params = parse_train_params((flow_run.parameters or {}).get("params") or {})
-        name, namespace = _job_for(params, str(flow_run.id))
-        deleted = await delete_job(await load_credentials(), name, namespace)
+        raw = parse_train_params((flow_run.parameters or {}).get("params") or {})
+        _, target = _target(raw, str(flow_run.id))
+        credentials = await load_credentials()
+        job = await read_job(credentials, target.name, target.namespace, target.kind)
+        lines = await read_node0_log(credentials, target.name, target.namespace, target.kind)
+        deleted = await delete_job(credentials, target.name, target.namespace, target.kind)
     except Exception:
         # A hook's failure is only logged by Prefect; say which job may be left behind.
-        logger.exception("cancelled run %s: could not delete its PyTorchJob", flow_run.id)
+        logger.exception("cancelled run %s: could not delete its training job", flow_run.id)
         raise
+    what = f"{target.kind.kind} {target.namespace}/{target.name}"
+    report = cancel_report(target, raw, job, lines, deleted)
+    async with get_client() as client:
+        for key, markdown, description in (
+            (
+                log_artifact_key(raw.experiment),
+                log_markdown(target, lines, "The run was cancelled; the job was deleted."),
+                f"{what}: node-0 log (cancelled)",
+            ),
+            (f"train-{raw.experiment}-cancelled", report, f"{what}: cancelled"),
+        ):
+            await client.create_artifact(
+                ArtifactCreate(
+                    key=key,
+                    type="markdown",
+                    data=markdown,
+                    description=description,
+                    flow_run_id=flow_run.id,
+                )
+            )
     logger.info(
-        "cancelled run %s: PyTorchJob %s/%s %s",
-        flow_run.id,
-        namespace,
-        name,
-        "deleted" if deleted else "was not there",
+        "cancelled run %s: %s %s", flow_run.id, what, "deleted" if deleted else "was not there"
     )
+
+
+def cancel_report(
+    target: JobTarget,
+    params: TrainParams,
+    job: dict[str, Any] | None,
+    lines: list[str],
+    deleted: bool,
+) -> str:
+    """What a cancelled run had done: phase, epochs and steps reached, last checkpoint."""
+    progress = TrainingProgress()
+    checkpoint = None
+    for line in lines:
+        progress.feed(line, 0.0)
+        checkpoint = checkpoint_location(line) or checkpoint
+    rows = [
+        (target.kind.kind, f"`{target.namespace}/{target.name}`"),
+        ("experiment", params.experiment),
+        ("phase when cancelled", job_state(job).condition if job else "not submitted"),
+        ("progress", progress.describe() or "no epoch finished"),
+        ("last checkpoint", f"`{checkpoint}`" if checkpoint else "none"),
+        ("job", "deleted, with its pods" if deleted else "was not there"),
+    ]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    text = f"# Training {params.experiment}: cancelled\n\n| | |\n|---|---|\n{table}\n"
+    if lines:
+        text += "\n## Last log lines (node 0)\n\n```\n" + "\n".join(lines[-20:]) + "\n```\n"
+    return text
 
 
 @flow(
@@ -250,34 +432,53 @@ async def delete_job_of_run(flow: Any, flow_run: FlowRun, state: State) -> None:
     on_cancellation=[delete_job_of_run],
 )
 async def train(params: TrainParams) -> TrainResult:
-    """Run a distributed PyTorch training job (Kubeflow PyTorchJob) to its end."""
+    """Run a distributed training job (Kubeflow PyTorchJob or Trainer v2 TrainJob) to its end.
+
+    Retried after a failure (Prefect's Retry, or ``retries`` on the deployment), it resumes
+    from the last checkpoint the earlier attempt logged.
+    """
     logger = get_run_logger()
-    params = parse_train_params(params)
+    flow_run_id = str(runtime.flow_run.id)
+    params, target = _target(parse_train_params(params), flow_run_id)
     catalog = load_catalog()
     entry = catalog.training_image(params.training_image)
-    flow_run_id = str(runtime.flow_run.id)
-    name, namespace = _job_for(params, flow_run_id)
+    name, namespace, kind = target.name, target.namespace, target.kind
+    what = f"{kind.kind} {namespace}/{name}"
     image_ref, digest = await _resolve_image(params, catalog, entry)
-    body = build_pytorchjob(params, image_ref, name, namespace, flow_run_id)
-    logger.info(
-        "PyTorchJob %s/%s: %s, 1 master + %d worker(s), image %s",
-        namespace,
-        name,
-        params.experiment,
-        params.workers,
+    resume_from = await _prepare_attempt(target, params, flow_run_id)
+    _, build = BUILDERS[target.api]
+    body = build(
+        params,
         image_ref,
+        name,
+        namespace,
+        flow_run_id,
+        resume_from=resume_from,
+        runtime=target.runtime,
     )
+    shape = (
+        f"{params.nodes} node(s) on {target.runtime}"
+        if kind == TRAINJOB
+        else f"1 master + {params.workers} worker(s)"
+    )
+    logger.info("%s: %s, %s, image %s", what, params.experiment, shape, image_ref)
     await submit_training_job(body)
     progress = await acreate_progress_artifact(
-        0.0, key=f"train-{params.experiment}", description=f"PyTorchJob {namespace}/{name}"
+        0.0, key=f"train-{params.experiment}", description=what
     )
     followed = await follow_training_job(
         name,
         namespace,
+        kind,
         timeout_seconds=params.deadline_seconds + DEADLINE_GRACE_SECONDS,
         progress_artifact_id=progress,
     )
     state = job_state(followed.job)
+    await acreate_markdown_artifact(
+        key=log_artifact_key(params.experiment),
+        markdown=log_markdown(target, followed.log),
+        description=f"{what}: node-0 log ({state.phase})",
+    )
     await acreate_markdown_artifact(
         key=f"train-{params.experiment}-summary",
         markdown=summary_markdown(
@@ -288,29 +489,42 @@ async def train(params: TrainParams) -> TrainResult:
             image_digest=digest,
             state=state,
             checkpoint=followed.checkpoint,
-            last_lines=followed.last_lines if state.phase != "Succeeded" else (),
+            last_lines=followed.last_lines if not state.succeeded else (),
+            kind=kind.kind,
+            resumed_from=resume_from,
+            runtime=target.runtime if kind == TRAINJOB else None,
         ),
-        description=f"PyTorchJob {namespace}/{name}: {state.phase}",
+        description=f"{what}: {state.phase}",
     )
     tail = "\n".join(followed.last_lines[-10:]) or "(no log lines)"
     if followed.timed_out:
-        await delete_training_job(name, namespace)
+        await delete_training_job(name, namespace, kind)
         raise TrainingFailed(
-            f"PyTorchJob {namespace}/{name} did not finish within its deadline "
-            f"({params.deadline}); it was deleted. Last log lines of the master:\n{tail}"
+            f"{what} did not finish within its deadline ({params.deadline}); it was deleted. "
+            f"Last log lines of node 0:\n{tail}"
         )
     if state.phase == "Failed":
+        resume = ""
+        if followed.checkpoint and params.kept(followed.checkpoint):
+            resume = f" A retry of this run resumes from {followed.checkpoint}."
+        elif followed.checkpoint:
+            resume = (
+                f" Its last checkpoint {followed.checkpoint} is not on a writable volume: a "
+                "retry starts from scratch."
+            )
         raise TrainingFailed(
-            f"PyTorchJob {namespace}/{name} failed: {state.reason}: {state.message}\n"
-            f"Last log lines of the master:\n{tail}"
+            f"{what} failed: {state.reason}: {state.message}.{resume}\n"
+            f"Last log lines of node 0:\n{tail}"
         )
-    logger.info("PyTorchJob %s/%s: %s", namespace, name, state.condition)
+    logger.info("%s: %s", what, state.condition)
     return TrainResult(
         job=f"{namespace}/{name}",
+        kind=kind.kind,
         phase=state.phase,
         condition=state.condition,
         image=image_ref,
         image_digest=digest,
         duration_seconds=job_duration_seconds(state),
         checkpoint=followed.checkpoint,
+        resumed_from=resume_from,
     )

@@ -346,8 +346,11 @@ class PyTorchJobController:
                     self._mark_all()
                     last_resync = time.monotonic()
                 else:
+                    # asyncio.timeout, not wait_for: 3.11's wait_for can lose a cancellation
+                    # that arrives as the event is set, and the controller would never stop.
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), timeout=self.resync)
+                        async with asyncio.timeout(self.resync):
+                            await self._wake.wait()
                 self._wake.clear()
                 dirty, self._dirty = self._dirty, set()
                 for namespace, name in sorted(dirty):
@@ -355,8 +358,8 @@ class PyTorchJobController:
         finally:
             pump.cancel()
             subscription.close()
-            with contextlib.suppress(asyncio.CancelledError, ApiError):
-                await pump
+            # Collect the pump's own end; a cancellation of this task still propagates.
+            await asyncio.gather(pump, return_exceptions=True)
 
     async def _pump(self, subscription: Any) -> None:
         async for event in subscription:

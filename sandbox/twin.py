@@ -38,6 +38,7 @@ COMPONENTS: tuple[str, ...] = (
     "sandbox.argocd",  # Argo CD REST (issue 5)
     "sandbox.github",  # GitHub REST + chat sink (issue 5)
     "sandbox.pytorchjob",  # PyTorchJob controller (issue 9)
+    "sandbox.trainjob",  # Kubeflow Trainer v2 TrainJob controller (+ JobSet) (issue 23)
 )
 
 

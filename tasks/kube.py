@@ -1,4 +1,4 @@
-"""Kubernetes: training jobs (PyTorchJob), their pods and their logs.
+"""Kubernetes: training jobs (PyTorchJob, Trainer v2 TrainJob), their pods and their logs.
 
 Every call goes through the Kubernetes API with the ``KubernetesCredentials`` block named
 ``settings.kubernetes_block`` (prefect-kubernetes; without a saved block, in-cluster config
@@ -6,7 +6,9 @@ or ``~/.kube/config`` as kubectl would). Job objects are created, read and delet
 prefect-kubernetes' ``custom_objects`` tasks (async: awaited). Following a job uses
 kubernetes_asyncio directly: a watch on the one object (re-listed on disconnect and on
 410 Gone), and ``GET .../pods/<master>/log?follow=true`` streamed line by line into the
-Prefect log, both under one deadline.
+Prefect log, both under one deadline. A TrainJob's node-0 pod has a JobSet-generated name,
+so it is found by its labels (``jobset.sigs.k8s.io/jobset-name``,
+``batch.kubernetes.io/job-completion-index=0``), again after each replacement.
 
 Plain ``async def`` helpers take a credentials object, so the flow's cancellation hook (which
 runs outside any task) can delete a job with the same code the tasks use.
@@ -34,16 +36,19 @@ from prefect_kubernetes import custom_objects
 from prefect_kubernetes.credentials import KubernetesCredentials
 from pydantic import BaseModel, Field
 
-from core.errors import KubeError
+from core.errors import InvalidInput, KubeError
 from core.settings import get_settings
 from core.training import (
     ANNOTATION_FLOW_RUN,
     CONTAINER_NAME,
     PYTORCHJOB,
+    TRAINJOB,
+    TRAINJOB_NODE,
     JobKind,
+    TrainingProgress,
     checkpoint_location,
-    epoch_progress,
     job_state,
+    kind_of,
     progress_percent,
 )
 
@@ -59,6 +64,13 @@ RECONNECT_DELAY_SECONDS = 1.0
 # After the job ends, how long the master's log may take to reach its end.
 LOG_DRAIN_SECONDS = 10.0
 LAST_LINES = 20
+# The node-0 log kept for the log artifact (the newest lines, if a run says more).
+KEPT_LINES = 5000
+# After a delete, how long the job may take to be gone (its pods' finalizers, GC).
+DELETE_WAIT_SECONDS = 60.0
+# TrainJob pods: the JobSet's and the Indexed Job's labels.
+LABEL_JOBSET = "jobset.sigs.k8s.io/jobset-name"
+LABEL_COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 
 
 # Every call reads or changes live state: a result cached from an earlier identical call in
@@ -95,9 +107,17 @@ async def load_credentials(block_name: str | None = None) -> KubernetesCredentia
 
 
 def _kind_of(body: JSON) -> JobKind:
-    if body.get("apiVersion") == PYTORCHJOB.api_version and body.get("kind") == PYTORCHJOB.kind:
-        return PYTORCHJOB
-    raise KubeError(f"unsupported training job kind {body.get('apiVersion')}/{body.get('kind')}")
+    try:
+        return kind_of(body)
+    except InvalidInput as exc:
+        raise KubeError(str(exc)) from None
+
+
+def node0_pod(kind: JobKind, name: str) -> tuple[str | None, str | None, str]:
+    """(pod name, label selector, container) of the job's master / node-0 pod."""
+    if kind == TRAINJOB:
+        return None, f"{LABEL_JOBSET}={name},{LABEL_COMPLETION_INDEX}=0", TRAINJOB_NODE
+    return f"{name}-master-0", None, CONTAINER_NAME
 
 
 def _translate(exc: ApiException, what: str) -> KubeError:
@@ -224,9 +244,13 @@ async def submit_training_job(body: JSON, *, credentials_block: str | None = Non
 
 @task(name="get-training-job", cache_policy=NO_CACHE, task_run_name="get {name}")
 async def get_training_job(
-    name: str, namespace: str, *, credentials_block: str | None = None
+    name: str,
+    namespace: str,
+    kind: JobKind = PYTORCHJOB,
+    *,
+    credentials_block: str | None = None,
 ) -> JSON | None:
-    return await read_job(await load_credentials(credentials_block), name, namespace)
+    return await read_job(await load_credentials(credentials_block), name, namespace, kind)
 
 
 @task(
@@ -237,14 +261,31 @@ async def get_training_job(
     retry_delay_seconds=3,
 )
 async def delete_training_job(
-    name: str, namespace: str, *, credentials_block: str | None = None
+    name: str,
+    namespace: str,
+    kind: JobKind = PYTORCHJOB,
+    *,
+    wait: bool = False,
+    credentials_block: str | None = None,
 ) -> bool:
-    deleted = await delete_job(await load_credentials(credentials_block), name, namespace)
+    """Delete the job (its pods go with it); with ``wait``, until the API no longer has it."""
+    credentials = await load_credentials(credentials_block)
+    deleted = await delete_job(credentials, name, namespace, kind)
     _logger().info(
-        "deleted PyTorchJob %s/%s and its pods" if deleted else "PyTorchJob %s/%s was already gone",
+        "deleted %s %s/%s and its pods" if deleted else "%s %s/%s was already gone",
+        kind.kind,
         namespace,
         name,
     )
+    if deleted and wait:
+        deadline = time.monotonic() + DELETE_WAIT_SECONDS
+        while await read_job(credentials, name, namespace, kind) is not None:
+            if time.monotonic() > deadline:
+                raise KubeError(
+                    f"{kind.kind} {namespace}/{name} was still there {DELETE_WAIT_SECONDS:.0f}s "
+                    "after its deletion; look for a stuck finalizer"
+                )
+            await asyncio.sleep(RECONNECT_DELAY_SECONDS)
     return deleted
 
 
@@ -253,32 +294,64 @@ class FollowResult(BaseModel):
 
     job: JSON = Field(description="The job as last seen.")
     timed_out: bool = Field(default=False, description="The deadline passed first.")
-    last_lines: list[str] = Field(default_factory=list, description="Tail of the master log.")
+    last_lines: list[str] = Field(default_factory=list, description="Tail of the node-0 log.")
+    log: list[str] = Field(
+        default_factory=list, description=f"The node-0 log (its last {KEPT_LINES} lines)."
+    )
     checkpoint: str | None = Field(default=None, description="Last checkpoint the log named.")
     epochs: tuple[int, int] | None = Field(default=None, description="Last 'epoch n/m' seen.")
+    progress: str = Field(default="", description="Epoch, step and ETA, as last reported.")
 
 
 class _Progress:
     """What the log and the watch have shown so far (shared by the two streams)."""
 
-    def __init__(self, artifact_id: UUID | None) -> None:
+    def __init__(self, artifact_id: UUID | None, what: str = "") -> None:
         self.artifact_id = artifact_id
+        self.what = what
         self.job: JSON = {}
         self.last_lines: deque[str] = deque(maxlen=LAST_LINES)
+        self.log: deque[str] = deque(maxlen=KEPT_LINES)
         self.checkpoint: str | None = None
-        self.epochs: tuple[int, int] | None = None
-        self._reported = -1.0
+        self.training = TrainingProgress()
+        self._reported: tuple[float, str] = (-1.0, "")
+        self._pending = False
+
+    @property
+    def epochs(self) -> tuple[int, int] | None:
+        return self.training.epochs
 
     def line(self, text: str) -> None:
         self.last_lines.append(text)
-        self.epochs = epoch_progress(text) or self.epochs
+        self.log.append(text)
+        if self.training.feed(text, time.monotonic()):
+            self._pending = True
         self.checkpoint = checkpoint_location(text) or self.checkpoint
 
+    def description(self) -> str:
+        """``TrainJob training/x — Running, epoch 2/3, step 1/4, ETA 12s``."""
+        parts: list[str] = [job_state(self.job).phase] if self.job else []
+        detail = self.training.describe()
+        if detail:
+            parts.append(detail)
+        return f"{self.what} — {', '.join(parts)}" if parts else self.what
+
     async def report(self) -> None:
-        percent = progress_percent(job_state(self.job), self.epochs)
-        if self.artifact_id is not None and percent != self._reported:
-            self._reported = percent
-            await aupdate_progress_artifact(self.artifact_id, percent)
+        percent = progress_percent(job_state(self.job), self.training)
+        text = self.description()
+        self._pending = False
+        if self.artifact_id is not None and (percent, text) != self._reported:
+            self._reported = (percent, text)
+            await aupdate_progress_artifact(self.artifact_id, percent, description=text)
+
+    async def report_lines(self, stop: asyncio.Event, every: float = 1.0) -> None:
+        """Report what the log lines changed, at most once per ``every`` seconds."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(every):
+                    await stop.wait()
+            if self._pending:
+                await self.report()
 
 
 async def watch_job(
@@ -351,15 +424,31 @@ def _container_instance(pod: Any, container: str) -> tuple[int, bool] | None:
     return None
 
 
+async def _find_pod(core: Any, pod: str | None, selector: str | None, namespace: str) -> Any:
+    """The pod by name, or the newest pod matching ``selector``; None if there is none."""
+    if pod is not None:
+        return await core.read_namespaced_pod(
+            pod, namespace, _request_timeout=REQUEST_TIMEOUT_SECONDS
+        )
+    found = await core.list_namespaced_pod(
+        namespace, label_selector=selector, _request_timeout=REQUEST_TIMEOUT_SECONDS
+    )
+    items = [p for p in found.items if not p.metadata.deletion_timestamp]
+    if not items:
+        return None
+    return max(items, key=lambda p: (p.metadata.creation_timestamp, p.metadata.name))
+
+
 async def stream_pod_log(
     credentials: KubernetesCredentials,
-    pod: str,
+    pod: str | None,
     namespace: str,
     sink: LogSink,
     stop: asyncio.Event,
     *,
     container: str = CONTAINER_NAME,
     poll: float = 0.5,
+    selector: str | None = None,
 ) -> None:
     """Copy the container's log, line by line, to ``sink`` until ``stop`` is set.
 
@@ -368,32 +457,33 @@ async def stream_pod_log(
     ``stop`` is set, an instance that has started but was not read to its end yet is still
     read (the job's last words are usually the ones that matter).
     """
-    streamed: dict[int, int] = {}  # restartCount -> lines copied (-1: read to the end)
+    # (pod name, restartCount) -> lines copied (-1: read to the end); a TrainJob's replaced
+    # node-0 pod has a new name and is read from its start.
+    streamed: dict[tuple[str, int], int] = {}
     async with credentials.get_client("core") as core:
         while True:
             try:
-                obj = await core.read_namespaced_pod(
-                    pod, namespace, _request_timeout=REQUEST_TIMEOUT_SECONDS
-                )
+                obj = await _find_pod(core, pod, selector, namespace)
             except ApiException as exc:
                 if exc.status != 404:
-                    raise _translate(exc, f"reading pod {namespace}/{pod}") from exc
+                    raise _translate(exc, f"reading pod {namespace}/{pod or selector}") from exc
                 obj = None
             except (aiohttp.ClientError, TimeoutError):
                 obj = None  # the API server is away for a moment; look again
             instance = _container_instance(obj, container) if obj is not None else None
-            if instance is None or not instance[1] or streamed.get(instance[0]) == -1:
+            pod_name = str(obj.metadata.name) if obj is not None else ""
+            key = (pod_name, instance[0] if instance else 0)
+            if instance is None or not instance[1] or streamed.get(key) == -1:
                 if stop.is_set():
                     return
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=poll)
                 continue
-            restarts = instance[0]
-            skip = streamed.get(restarts, 0)
+            skip = streamed.get(key, 0)
             copied = 0
             try:
                 response = await core.read_namespaced_pod_log(
-                    pod, namespace, container=container, follow=True, _preload_content=False
+                    pod_name, namespace, container=container, follow=True, _preload_content=False
                 )
                 try:
                     while True:
@@ -405,14 +495,14 @@ async def stream_pod_log(
                             sink(raw.decode("utf-8", "replace").rstrip("\n"))
                 finally:
                     response.release()
-                streamed[restarts] = -1  # reached the end of this instance's log
+                streamed[key] = -1  # reached the end of this instance's log
             except ApiException as exc:
                 # 400: the container is not running yet / already gone; look again soon.
                 if exc.status not in (400, 404):
-                    raise _translate(exc, f"reading the log of {namespace}/{pod}") from exc
-                streamed[restarts] = max(skip, copied)
+                    raise _translate(exc, f"reading the log of {namespace}/{pod_name}") from exc
+                streamed[key] = max(skip, copied)
             except (aiohttp.ClientError, TimeoutError):
-                streamed[restarts] = max(skip, copied)
+                streamed[key] = max(skip, copied)
             if copied == 0:
                 if stop.is_set():
                     return
@@ -424,21 +514,27 @@ async def stream_pod_log(
 async def follow_training_job(
     name: str,
     namespace: str,
+    kind: JobKind = PYTORCHJOB,
     *,
     timeout_seconds: float,
     progress_artifact_id: UUID | None = None,
     credentials_block: str | None = None,
 ) -> FollowResult:
-    """Watch the job to its end while streaming its master's log into the Prefect log.
+    """Watch the job to its end while streaming its master's (node 0's) log into the
+    Prefect log.
 
-    Returns when the job is Succeeded or Failed, or when ``timeout_seconds`` pass
-    (``timed_out``); the caller decides what a timeout means (the train flow deletes the
-    job). The progress artifact follows the phase and the ``epoch n/m`` lines of the log.
+    Returns when the job is finished (Succeeded/Complete or Failed), or when
+    ``timeout_seconds`` pass (``timed_out``); the caller decides what a timeout means (the
+    train flow deletes the job). The progress artifact follows the phase and the epoch/step
+    lines of the log, with an ETA in its description; the whole node-0 log (its last
+    ``KEPT_LINES`` lines) comes back in ``log``, for an artifact that outlives the pods.
     """
     logger = _logger()
     credentials = await load_credentials(credentials_block)
-    progress = _Progress(progress_artifact_id)
+    progress = _Progress(progress_artifact_id, f"{kind.kind} {namespace}/{name}")
     last_phase = ""
+    pod, selector, container = node0_pod(kind, name)
+    label = pod or f"{name}-node-0"
 
     async def on_change(job: JSON) -> None:
         nonlocal last_phase
@@ -446,27 +542,30 @@ async def follow_training_job(
         state = job_state(job)
         if state.phase != last_phase:
             last_phase = state.phase
-            logger.info("PyTorchJob %s: %s", name, state.condition)
+            logger.info("%s %s: %s", kind.kind, name, state.condition)
         await progress.report()
 
     def on_line(text: str) -> None:
-        logger.info("[%s-master-0] %s", name, text)
+        logger.info("[%s] %s", label, text)
         progress.line(text)
 
     stop = asyncio.Event()
     logs = asyncio.create_task(
-        stream_pod_log(credentials, f"{name}-master-0", namespace, on_line, stop),
+        stream_pod_log(
+            credentials, pod, namespace, on_line, stop, container=container, selector=selector
+        ),
         name=f"log:{name}",
     )
+    reporter = asyncio.create_task(progress.report_lines(stop), name=f"progress:{name}")
     timed_out = False
     started = time.monotonic()
     try:
         async with asyncio.timeout(timeout_seconds):
-            await watch_job(credentials, name, namespace, on_change)
+            await watch_job(credentials, name, namespace, on_change, kind)
     except TimeoutError:
         timed_out = True
         logger.warning(
-            "PyTorchJob %s did not finish within %.0fs", name, time.monotonic() - started
+            "%s %s did not finish within %.0fs", kind.kind, name, time.monotonic() - started
         )
     finally:
         stop.set()
@@ -479,12 +578,38 @@ async def follow_training_job(
                 await logs
             except KubeError as exc:
                 # Only the log copy failed: the job's outcome still stands; say what is missing.
-                logger.warning("the master's log could not be streamed: %s", exc)
+                logger.warning("the node-0 log could not be streamed: %s", exc)
+        await asyncio.gather(reporter, return_exceptions=True)
     await progress.report()
     return FollowResult(
         job=progress.job,
         timed_out=timed_out,
         last_lines=list(progress.last_lines),
+        log=list(progress.log),
         checkpoint=progress.checkpoint,
         epochs=progress.epochs,
+        progress=progress.training.describe(),
     )
+
+
+async def read_node0_log(
+    credentials: KubernetesCredentials, name: str, namespace: str, kind: JobKind = PYTORCHJOB
+) -> list[str]:
+    """The node-0 log as it is now (no follow): what a cancelled run had done so far."""
+    pod, selector, container = node0_pod(kind, name)
+    async with credentials.get_client("core") as core:
+        try:
+            obj = await _find_pod(core, pod, selector, namespace)
+            if obj is None:
+                return []
+            text = await core.read_namespaced_pod_log(
+                obj.metadata.name,
+                namespace,
+                container=container,
+                _request_timeout=REQUEST_TIMEOUT_SECONDS,
+            )
+        except ApiException as exc:
+            if exc.status in (400, 404):
+                return []
+            raise _translate(exc, f"reading the node-0 log of {namespace}/{name}") from exc
+    return str(text).splitlines()[-KEPT_LINES:]

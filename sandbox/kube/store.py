@@ -192,6 +192,17 @@ RESOURCE_TYPES: list[ResourceType] = [
     ),
     _rt("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets", short=("pdb",)),
     _rt("kubeflow.org/v1", "PyTorchJob", "pytorchjobs"),
+    # Kubeflow Trainer v2 (v2.3.0) and the JobSet a TrainJob runs as (sandbox/trainjob.py).
+    _rt("trainer.kubeflow.org/v1alpha1", "TrainJob", "trainjobs"),
+    _rt("trainer.kubeflow.org/v1alpha1", "TrainingRuntime", "trainingruntimes", sub=()),
+    _rt(
+        "trainer.kubeflow.org/v1alpha1",
+        "ClusterTrainingRuntime",
+        "clustertrainingruntimes",
+        namespaced=False,
+        sub=(),
+    ),
+    _rt("jobset.x-k8s.io/v1alpha2", "JobSet", "jobsets"),
     _rt("argoproj.io/v1alpha1", "Application", "applications", short=("app", "apps")),
     _rt("argoproj.io/v1alpha1", "AppProject", "appprojects", short=("appproj",)),
     _rt("rbac.authorization.k8s.io/v1", "Role", "roles", sub=()),

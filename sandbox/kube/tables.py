@@ -176,6 +176,8 @@ _COLUMNS: dict[tuple[str, str], list[Column]] = {
         _AGE,
     ],
     ("kubeflow.org", "PyTorchJob"): [_NAME, ("State", "string", 0, _last_condition), _AGE],
+    # The TrainJob CRD's printer columns (Trainer v2.3.0): .status.conditions[-1:].type, age.
+    ("trainer.kubeflow.org", "TrainJob"): [_NAME, ("State", "string", 0, _last_condition), _AGE],
     ("argoproj.io", "Application"): [
         _NAME,
         ("Sync Status", "string", 0, lambda o: _get(o, "status", "sync", "status")),

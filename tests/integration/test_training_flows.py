@@ -32,11 +32,13 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
     ArtifactFilterFlowRunId,
+    ArtifactFilterKey,
     DeploymentFilter,
     DeploymentFilterName,
     LogFilter,
     LogFilterFlowRunId,
 )
+from prefect.client.schemas.sorting import ArtifactSort
 from prefect.logging.handlers import APILogHandler
 from prefect.states import Cancelling
 from prefect.variables import Variable
@@ -61,6 +63,7 @@ SEED = ROOT / "sandbox" / "seed" / "robotics-training"
 COMMIT_DATE = "2026-11-21T09:00:00+00:00"
 NAMESPACE = "training"
 LABEL_JOB = "training.kubeflow.org/job-name"
+LABEL_JOBSET = "jobset.sigs.k8s.io/jobset-name"
 
 
 @dataclass
@@ -75,12 +78,12 @@ class TrainingPlatform:
     def kubectl_json(self, *args: str) -> dict[str, Any]:
         return dict(json.loads(self.twin.kubectl(*args, "-o", "json").stdout))
 
-    def pods(self, job: str) -> list[dict[str, Any]]:
-        items = self.kubectl_json("get", "pods", "-n", NAMESPACE, "-l", f"{LABEL_JOB}={job}")
+    def pods(self, job: str, label: str = LABEL_JOB) -> list[dict[str, Any]]:
+        items = self.kubectl_json("get", "pods", "-n", NAMESPACE, "-l", f"{label}={job}")
         return list(items["items"])
 
-    def jobs(self) -> list[str]:
-        items = self.kubectl_json("get", "pytorchjobs", "-n", NAMESPACE)["items"]
+    def jobs(self, plural: str = "pytorchjobs") -> list[str]:
+        items = self.kubectl_json("get", plural, "-n", NAMESPACE)["items"]
         return [i["metadata"]["name"] for i in items]
 
     def chat(self, channel: str) -> list[dict[str, Any]]:
@@ -349,6 +352,131 @@ async def test_deadline_fails_the_run_and_stops_the_pods(
     wait_until(lambda: not platform.pods(name), timeout=30, what="running pods deleted")
 
 
+# --- Kubeflow Trainer v2 TrainJob (issue 23) ----------------------------------------------------
+
+
+async def test_trainjob_of_three_nodes_succeeds_with_torchrun_env_and_its_log_kept(
+    platform: TrainingPlatform, first_image: tuple[str, Any]
+):
+    params = TrainParams(experiment="tj-ok", api="trainjob", workers=2, cpu="100m", memory="64Mi")
+    state = await train(params=params, return_state=True)
+    run_id = state.state_details.flow_run_id
+    logs = await logs_of(run_id)
+    assert state.is_completed(), f"{state.message}\n{logs[-3000:]}"
+    result = await state.result()
+    name = job_name("tj-ok", str(run_id))
+    assert (result.kind, result.phase, result.job) == (
+        "TrainJob",
+        "Complete",
+        f"{NAMESPACE}/{name}",
+    )
+    assert "AllJobsCompleted" in result.condition
+    assert result.checkpoint == "/checkpoints/tj-ok/epoch-3.ckpt"
+    # Three JobSet-named pods met at node 0 through torchrun's env.
+    assert "rendezvous: " in logs and "(3/3)" in logs, logs[-3000:]
+    pods = sorted(platform.pods(name, LABEL_JOBSET), key=lambda p: p["spec"]["hostname"])
+    assert [p["spec"]["hostname"] for p in pods] == [f"{name}-node-0-{i}" for i in range(3)]
+    for index, pod in enumerate(pods):
+        assert pod["metadata"]["name"].startswith(f"{name}-node-0-{index}-")
+        env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+        assert env["PET_NNODES"]["value"] == "3"
+        assert env["PET_MASTER_ADDR"]["value"] == f"{name}-node-0-0.{name}"
+        assert env["PET_MASTER_PORT"]["value"] == "29500"
+        assert "fieldRef" in env["PET_NODE_RANK"]["valueFrom"]
+    # kubectl get trainjobs -A, answered by the twin with the CRD's columns.
+    table = platform.twin.kubectl("get", "trainjobs", "-A").stdout
+    assert "STATE" in table and name in table and "Complete" in table, table
+    artifacts = await artifacts_of(run_id)
+    assert artifacts["train-tj-ok"].data == 100.0
+    assert "epoch 3/3 done" in (artifacts["train-tj-ok"].description or "")
+    assert "3 node(s)" in artifacts["train-tj-ok-summary"].data
+    # The node-0 log outlives the pods.
+    platform.twin.kubectl("delete", "trainjob", name, "-n", NAMESPACE)
+    wait_until(lambda: not platform.pods(name, LABEL_JOBSET), timeout=30, what="pods deleted")
+    kept = (await artifacts_of(run_id))["train-tj-ok-log"].data
+    assert "training finished: 3 epochs" in kept and "rank=0 world_size=3" in kept
+
+
+async def test_failing_trainjob_fails_the_run_and_keeps_its_log(
+    platform: TrainingPlatform, first_image: tuple[str, Any]
+):
+    params = TrainParams(
+        experiment="tj-nan",
+        api="trainjob",
+        workers=0,
+        config="configs/fail.yaml",
+        cpu="100m",
+        memory="64Mi",
+    )
+    state = await train(params=params, return_state=True)
+    assert state.is_failed()
+    run_id = state.state_details.flow_run_id
+    with pytest.raises(Exception) as raised:
+        await state.result()
+    text = str(raised.value)
+    assert type(raised.value).__name__ == "TrainingFailed", text
+    assert "FailedJobs" in text and "loss=nan" in text, text
+    assert "/checkpoints/tj-nan/epoch-1.ckpt is not on a writable volume" in text
+    name = job_name("tj-nan", str(run_id))
+    assert name in platform.jobs("trainjobs")
+    platform.twin.kubectl("delete", "trainjob", name, "-n", NAMESPACE)
+    wait_until(lambda: not platform.pods(name, LABEL_JOBSET), timeout=30, what="pods deleted")
+    artifacts = await artifacts_of(run_id)
+    kept = artifacts["train-tj-nan-log"].data
+    assert "epoch 2/3 loss=nan" in kept and "loss diverged" in kept, kept
+    assert "Failed" in artifacts["train-tj-nan-summary"].data
+
+
+@pytest.mark.parametrize("api", ["trainjob", "pytorchjob"])
+async def test_a_retried_train_resumes_from_its_last_checkpoint(
+    platform: TrainingPlatform, first_image: tuple[str, Any], api: str
+):
+    """Node 0 is lost at epoch 2 (exit 137) once; the retry of the same flow run deletes the
+    failed job and starts a new one that resumes from the epoch-1 checkpoint on the PVC."""
+    experiment = f"resume-{api[:5]}-{uuid.uuid4().hex[:4]}"
+    fail_fast: dict[str, Any] = (
+        {} if api == "trainjob" else {"restart_policy": "Never", "backoff_limit": 0}
+    )
+    params = TrainParams(
+        experiment=experiment,
+        api=api,  # type: ignore[arg-type]
+        workers=0,
+        config="configs/preempt.yaml",
+        volumes=[
+            {"claim": "training-checkpoints", "mount_path": "/checkpoints", "read_only": False}
+        ],
+        cpu="100m",
+        memory="64Mi",
+        **fail_fast,
+    )
+    retried = train.with_options(retries=1, retry_delay_seconds=0)
+    state = await retried(params=params, return_state=True)
+    run_id = state.state_details.flow_run_id
+    logs = await logs_of(run_id)
+    assert state.is_completed(), f"{state.message}\n{logs[-3000:]}"
+    result = await state.result()
+    checkpoint = f"/checkpoints/{experiment}/epoch-1.ckpt"
+    assert result.resumed_from == checkpoint
+    assert "simulated preemption at epoch 2/3" in logs, logs[-3000:]
+    assert f"attempt 2 resumes from checkpoint {checkpoint}" in logs
+    assert f"resuming from checkpoint {checkpoint} (epoch 1)" in logs
+    assert result.checkpoint == f"/checkpoints/{experiment}/epoch-3.ckpt"
+    # The second attempt did not train epoch 1 again.
+    async with get_client() as client:
+        found = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]),
+                key=ArtifactFilterKey(any_=[f"train-{experiment}-log"]),
+            ),
+            sort=ArtifactSort.CREATED_DESC,
+        )
+    assert len(found) == 2, [a.data for a in found]
+    assert "epoch 1/3 loss" not in str(found[0].data) and "epoch 3/3 loss" in str(found[0].data)
+    assert "epoch 1/3 loss" in str(found[1].data)
+    plural = "trainjobs" if api == "trainjob" else "pytorchjobs"
+    assert platform.jobs(plural).count(job_name(experiment, str(run_id))) == 1
+
+
 @pytest.mark.parametrize(
     ("params", "field"),
     [
@@ -413,14 +541,21 @@ def robotics_cd(platform: TrainingPlatform, *args: str, timeout: float = 120) ->
     return done.stdout
 
 
+@pytest.mark.parametrize(("api", "ended"), [("pytorchjob", "Succeeded"), ("trainjob", "Complete")])
 async def test_cli_starts_the_deployment_and_follows_it_to_the_end(
-    platform: TrainingPlatform, first_image: tuple[str, Any], served_train: None
+    platform: TrainingPlatform,
+    first_image: tuple[str, Any],
+    served_train: None,
+    api: str,
+    ended: str,
 ):
     out = robotics_cd(
         platform,
         "train",
+        "--api",
+        api,
         "--experiment",
-        "cli-run",
+        f"cli-{api}",
         "--workers",
         "1",
         "--cpu",
@@ -429,7 +564,7 @@ async def test_cli_starts_the_deployment_and_follows_it_to_the_end(
         "64Mi",
     )
     assert "train run started: http" in out
-    assert "epoch 3/3" in out and "Succeeded" in out
+    assert "epoch 3/3" in out and ended in out
     assert "train run completed" in out
 
 
@@ -470,6 +605,16 @@ async def test_cancelling_the_run_deletes_the_job_and_its_pods(
         await asyncio.sleep(0.5)
     assert name not in platform.jobs(), "the PyTorchJob outlived its cancelled run"
     assert not platform.pods(name)
+    # What ran is reported, and the master's log is kept.
+    artifacts: dict[str, Any] = {}
+    for _ in range(20):
+        artifacts = await artifacts_of(run_id)
+        if "train-resnet-cancel-cancelled" in artifacts:
+            break
+        await asyncio.sleep(0.5)
+    report = artifacts["train-resnet-cancel-cancelled"].data
+    assert "deleted, with its pods" in report and name in report, report
+    assert "vision-train: rank=0" in artifacts["train-resnet-cancel-log"].data
     async with get_client() as client:
         final = await client.read_flow_run(run_id)
     assert final.state is not None and final.state.type.value in ("CANCELLED", "CANCELLING")

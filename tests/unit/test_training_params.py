@@ -11,12 +11,19 @@ import yaml
 from core.errors import InvalidInput
 from core.training import (
     PYTORCHJOB,
+    NamespaceLimits,
+    TrainingProgress,
     TrainParams,
     build_pytorchjob,
+    build_trainjob,
+    check_limits,
     checkpoint_location,
+    cpu_millis,
     epoch_progress,
+    job_duration_seconds,
     job_name,
     job_state,
+    memory_bytes,
     parse_train_params,
     progress_percent,
     summary_markdown,
@@ -209,3 +216,253 @@ def test_summary_names_duration_replicas_condition_digest_and_checkpoint():
         "/checkpoints/exp/final.pt",
     ):
         assert expected in text
+
+
+# --- Kubeflow Trainer v2 TrainJob (issue 23) ----------------------------------------------------
+
+
+def test_trainjob_three_nodes_golden():
+    params = TrainParams(
+        experiment="resnet50-baseline",
+        api="trainjob",
+        workers=2,
+        cpu="1",
+        memory="512Mi",
+        args=["--epochs", "3"],
+        env={"WANDB_API_KEY": {"secret": "wandb", "key": "api-key"}, "WANDB_MODE": "offline"},
+    )
+    name = job_name(params.experiment, RUN_ID)
+    job = build_trainjob(params, IMAGE, name, "training", flow_run_id=RUN_ID)
+    check_golden("trainjob-basic.yaml", job)
+    assert job["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and job["kind"] == "TrainJob"
+    assert job["spec"]["runtimeRef"] == {
+        "name": "torch-distributed",
+        "apiGroup": "trainer.kubeflow.org",
+        "kind": "ClusterTrainingRuntime",
+    }
+    assert job["spec"]["trainer"]["numNodes"] == 3
+    env = {e["name"]: e for e in job["spec"]["trainer"]["env"]}
+    assert env["WANDB_API_KEY"] == {
+        "name": "WANDB_API_KEY",
+        "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "api-key"}},
+    }
+
+
+def test_trainjob_gpus_volumes_resume_golden():
+    params = TrainParams(
+        experiment="vit-large",
+        api="trainjob",
+        runtime="torch-distributed-gpu",
+        workers=3,
+        gpus_per_node=8,
+        nproc_per_node="8",
+        cpu="32",
+        memory="256Gi",
+        volumes=[
+            {"claim": "cpfs-datasets", "mount_path": "/data"},
+            {"claim": "oss-checkpoints", "mount_path": "/checkpoints", "read_only": False},
+        ],
+        deadline="12h",
+    )
+    job = build_trainjob(
+        params,
+        IMAGE,
+        "vit-large-0f1e2d3c",
+        "training",
+        flow_run_id=RUN_ID,
+        resume_from="/checkpoints/vit-large/epoch-7.ckpt",
+        runtime="torch-distributed-gpu",
+    )
+    check_golden("trainjob-gpu-volumes-resume.yaml", job)
+    assert job["spec"]["trainer"]["numProcPerNode"] == 8
+    assert job["spec"]["activeDeadlineSeconds"] == 12 * 3600
+    env = {e["name"]: e.get("value") for e in job["spec"]["trainer"]["env"]}
+    assert env["RESUME_FROM"] == "/checkpoints/vit-large/epoch-7.ckpt"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"workers": 2, "elastic_min": 1, "elastic_max": 4}, "elastic_min/elastic_max"),
+        ({"nproc_per_node": "gpu", "gpus_per_node": 1}, "nproc_per_node"),
+        ({"backoff_limit": 0}, "backoff_limit"),
+        ({"restart_policy": "Never"}, "restart_policy"),
+        ({"cleanup": "All"}, "cleanup"),
+        ({"env": {"PET_NNODES": "4"}}, "PET_NNODES"),
+        ({"env": {"RESUME_FROM": "/x"}}, "RESUME_FROM"),
+    ],
+)
+def test_trainjob_refuses_what_it_cannot_express(overrides, field):
+    with pytest.raises(InvalidInput) as raised:
+        parse_train_params({"experiment": "x", "api": "trainjob", **overrides})
+    assert field in str(raised.value)
+
+
+def test_runtime_is_only_for_a_trainjob():
+    with pytest.raises(InvalidInput, match="runtime"):
+        parse_train_params({"experiment": "x", "api": "pytorchjob", "runtime": "torch-distributed"})
+
+
+def test_trainjob_state_reads_trainer_v2_conditions():
+    job = {
+        "kind": "TrainJob",
+        "metadata": {"creationTimestamp": "2026-12-07T03:00:00Z"},
+        "status": {"jobsStatus": [{"name": "node", "active": 1, "ready": 0, "succeeded": 0}]},
+    }
+    assert job_state(job).phase == "Running"
+    job["status"]["conditions"] = [
+        {
+            "type": "Suspended",
+            "status": "False",
+            "reason": "Resumed",
+            "message": "TrainJob is resumed",
+        },
+        {
+            "type": "Failed",
+            "status": "True",
+            "reason": "FailedJobs",
+            "message": "jobset failed due to one or more job failures",
+            "lastTransitionTime": "2026-12-07T03:00:42Z",
+        },
+    ]
+    state = job_state(job)
+    assert (state.phase, state.reason, state.finished, state.succeeded) == (
+        "Failed",
+        "FailedJobs",
+        True,
+        False,
+    )
+    assert job_duration_seconds(state) == 42.0
+    job["status"]["conditions"] = [
+        {"type": "Complete", "status": "True", "reason": "AllJobsCompleted", "message": "ok"}
+    ]
+    assert job_state(job).succeeded
+
+
+# --- progress: epoch, step, ETA ------------------------------------------------------------------
+
+
+def test_progress_reads_epochs_and_steps_and_estimates_the_time_left():
+    progress = TrainingProgress()
+    assert not progress.feed("vision-train: rank=0 world_size=3", 0.0)
+    assert progress.feed("epoch 1/4 step 1/2 rank=0", 10.0)
+    assert progress.fraction == pytest.approx(1 / 8)
+    assert progress.eta_seconds() is None  # one point gives no speed yet
+    progress.feed("epoch 1/4 loss=0.5 rank=0", 20.0)
+    assert progress.fraction == pytest.approx(1 / 4)
+    # 1/8 of the work in 10 s: 3/4 left takes 60 s.
+    assert progress.eta_seconds() == pytest.approx(60.0)
+    assert progress.describe() == "epoch 1/4 done, ETA 1m00s"
+    progress.feed("epoch 2/4 step 1/2 rank=0", 30.0)
+    assert progress.describe().startswith("epoch 2/4, step 1/2, ETA ")
+
+
+def test_progress_after_a_resume_measures_only_this_attempt():
+    progress = TrainingProgress()
+    progress.feed("resuming from checkpoint /checkpoints/x/epoch-2.ckpt (epoch 2)", 0.0)
+    progress.feed("epoch 3/4 loss=0.25", 100.0)
+    progress.feed("epoch 4/4 step 1/2", 110.0)
+    assert progress.resumed_epoch == 2
+    # From 3/4 to 7/8 in 10 s: the last 1/8 takes 10 s more (not 110 s).
+    assert progress.eta_seconds() == pytest.approx(10.0)
+    assert "resumed after epoch 2" in progress.describe()
+    assert progress_percent(job_state({"status": {}}), progress) == round(10 + 85 * 7 / 8, 1)
+
+
+# --- secrets in env (issue 24 item 6) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "why"),
+    [
+        ("WANDB_API_KEY", "0123456789abcdef", "name contains API_KEY"),
+        ("HF_TOKEN", "whatever", "name contains TOKEN"),
+        ("DB_PASSWORD", "hunter2", "name contains PASSWORD"),
+        ("S3_KEY_ID", "AKIAIOSFODNN7EXAMPLE", "an AWS access key"),
+        ("OSS_ID", "LTAI5tQ8pXo3mZz9aBcDeFgH", "an Alibaba Cloud AccessKey"),
+        ("REPO", "ghp_0123456789abcdefghijABCDEFGHIJ012345", "a GitHub token"),
+        ("DATA_URL", "https://ml:s3cr3t@data.example.com/imagenet", "a URL with a password"),
+        ("KEY", "-----BEGIN OPENSSH PRIVATE KEY-----\nabc", "a private key"),
+    ],
+)
+def test_plain_values_that_look_like_credentials_are_refused(name, value, why):
+    with pytest.raises(InvalidInput) as raised:
+        parse_train_params({"experiment": "x", "env": {name: value}})
+    text = str(raised.value)
+    assert f"env.{name}" in text and why in text and "--env-secret" in text
+    assert value not in text  # the refusal never repeats the credential
+
+
+def test_a_secret_reference_or_an_explicit_allowance_is_accepted():
+    params = parse_train_params(
+        {
+            "experiment": "x",
+            "env": {
+                "WANDB_API_KEY": {"secret": "wandb", "key": "api-key"},
+                "TOKENIZER": "bpe-32k",
+            },
+            "allow_plain_env": ["TOKENIZER"],
+        }
+    )
+    env = {
+        e["name"]: e
+        for e in build_pytorchjob(params, IMAGE, "x-1", "training")["spec"]["pytorchReplicaSpecs"][
+            "Master"
+        ]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env["WANDB_API_KEY"]["valueFrom"] == {
+        "secretKeyRef": {"name": "wandb", "key": "api-key"}
+    }
+    assert "value" not in env["WANDB_API_KEY"]
+    assert env["TOKENIZER"]["value"] == "bpe-32k"
+    # Ordinary values pass without any allowance.
+    parse_train_params({"experiment": "x", "env": {"WANDB_MODE": "offline", "LR": "0.1"}})
+
+
+def test_a_secret_reference_needs_a_valid_secret_name():
+    with pytest.raises(InvalidInput, match="Secret name"):
+        parse_train_params({"experiment": "x", "env": {"K": {"secret": "Bad/Name", "key": "k"}}})
+
+
+# --- per-namespace limits (issue 24 item 2) -------------------------------------------------------
+
+LIMITS = NamespaceLimits(
+    max_gpus_total=64, max_cpu_per_replica="32", max_memory_per_replica="256Gi", max_replicas=16
+)
+
+
+def test_runs_at_the_limits_are_accepted():
+    at_limit = TrainParams(experiment="x", workers=7, gpus_per_node=8, cpu="32", memory="256Gi")
+    check_limits(at_limit, LIMITS, "training")  # 8 nodes x 8 GPUs = 64, 32 CPU, 256Gi
+    check_limits(TrainParams(experiment="x", workers=15), LIMITS, "training")  # 16 replicas
+    check_limits(TrainParams(experiment="x", workers=256, gpus_per_node=16), None, "training")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        # The issue's example: 257 nodes x 16 GPUs = 4,112 GPUs.
+        ({"workers": 256, "gpus_per_node": 16}, "limits.training.max_gpus_total = 64"),
+        ({"workers": 256, "gpus_per_node": 16}, "limits.training.max_replicas = 16"),
+        ({"workers": 7, "gpus_per_node": 8, "nproc_per_node": "8", "cpu": "4"}, None),
+        ({"workers": 8, "gpus_per_node": 8}, "72 GPUs in total"),
+        ({"workers": 16}, "17 nodes exceed limits.training.max_replicas = 16"),
+        ({"cpu": "32001m"}, "limits.training.max_cpu_per_replica = 32"),
+        ({"memory": "257Gi"}, "limits.training.max_memory_per_replica = 256Gi"),
+        ({"memory": "300G"}, "max_memory_per_replica"),
+        ({"workers": 10, "elastic_min": 8, "elastic_max": 20}, "21 nodes exceed"),
+    ],
+)
+def test_runs_over_a_limit_are_refused_naming_it(overrides, named):
+    params = TrainParams(experiment="x", **overrides)
+    if named is None:
+        check_limits(params, LIMITS, "training")
+        return
+    with pytest.raises(InvalidInput) as raised:
+        check_limits(params, LIMITS, "training")
+    assert named in str(raised.value)
+
+
+def test_quantities():
+    assert memory_bytes("256Gi") == 256 * 2**30 and memory_bytes("300G") == 300 * 10**9
+    assert cpu_millis("500m") == 500 and cpu_millis("2.5") == 2500

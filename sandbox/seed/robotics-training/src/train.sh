@@ -2,11 +2,16 @@
 # A stand-in for a distributed PyTorch trainer, on busybox sh only.
 #
 # Reads:  TRAIN_CONFIG (flat "key: value" YAML, relative to /app or absolute), CHECKPOINT_DIR,
-#         EXPERIMENT, RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT (or torchrun's PET_*).
+#         EXPERIMENT, RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT (or torchrun's PET_*:
+#         PET_NODE_RANK, PET_NNODES, PET_MASTER_ADDR, PET_MASTER_PORT of a Trainer v2 TrainJob),
+#         RESUME_FROM (a checkpoint of an earlier attempt: start after its epoch).
 # Args:   --config PATH  --epochs N  --checkpoint-dir DIR  --fail-at-epoch N
-# Prints: "epoch 2/3 loss=0.4123 rank=0 world_size=2" per epoch and
+# Prints: "epoch 2/3 loss=0.4123 rank=0 world_size=2" per epoch, "step 3/4" lines inside an
+#         epoch when the config has steps_per_epoch > 1, and
 #         "checkpoint saved to /checkpoints/<experiment>/epoch-2.ckpt" (rank 0 only).
-# Exits:  1 when the config's fail_at_epoch is reached, or peers never meet.
+# Exits:  1 when the config's fail_at_epoch is reached, or peers never meet; 137 (as if the
+#         node were lost) at preempt_at_epoch, once per experiment (a marker in the
+#         checkpoint directory remembers), so a retry that resumes gets past it.
 set -eu
 cd /app 2>/dev/null || true
 
@@ -35,12 +40,16 @@ conf() {  # conf KEY DEFAULT: the value of "KEY: value" in the config
 epochs="${epochs:-$(conf epochs 3)}"
 fail_at="${fail_at:-${FAIL_AT_EPOCH:-$(conf fail_at_epoch 0)}}"
 epoch_seconds="$(conf epoch_seconds 1)"
+steps_per_epoch="$(conf steps_per_epoch 1)"
+preempt_at="${PREEMPT_AT_EPOCH:-$(conf preempt_at_epoch 0)}"
 lr="$(conf learning_rate 0.1)"
 model="$(conf model resnet18)"
 experiment="${EXPERIMENT:-vision-train}"
 loss=""
 
 rank="${RANK:-${PET_NODE_RANK:-0}}"
+# WORLD_SIZE (PyTorchJob) counts processes; a TrainJob gives nodes (PET_NNODES): one
+# process per node here, so both are the number of peers to meet.
 world_size="${WORLD_SIZE:-${PET_NNODES:-1}}"
 master_addr="${MASTER_ADDR:-${PET_MASTER_ADDR:-localhost}}"
 master_port="${MASTER_PORT:-${PET_MASTER_PORT:-23456}}"
@@ -78,10 +87,38 @@ if [ "$world_size" -gt 1 ]; then
   fi
 fi
 
-# Loss falls as 1/(epoch+1), scaled per rank a little, as a real run's would wobble.
+# Resume: the checkpoint file says which epoch it holds ("... epoch=N ...").
 epoch=1
+if [ -n "${RESUME_FROM:-}" ]; then
+  if [ ! -f "$RESUME_FROM" ]; then
+    echo "train.sh: checkpoint $RESUME_FROM to resume from is missing (is $checkpoint_dir a persistent volume?)" >&2
+    exit 1
+  fi
+  saved="$(sed -n 's/.*epoch=\([0-9]*\).*/\1/p' "$RESUME_FROM" | head -n 1)"
+  echo "resuming from checkpoint $RESUME_FROM (epoch ${saved:-0})"
+  epoch=$(( ${saved:-0} + 1 ))
+fi
+
+# Loss falls as 1/(epoch+1), scaled per rank a little, as a real run's would wobble.
 while [ "$epoch" -le "$epochs" ]; do
-  sleep "$epoch_seconds"
+  if [ "$steps_per_epoch" -gt 1 ]; then
+    step=1
+    while [ "$step" -le "$steps_per_epoch" ]; do
+      sleep "$epoch_seconds"
+      echo "epoch $epoch/$epochs step $step/$steps_per_epoch rank=$rank"
+      step=$(( step + 1 ))
+    done
+  else
+    sleep "$epoch_seconds"
+  fi
+  if [ "$preempt_at" -gt 0 ] && [ "$epoch" -eq "$preempt_at" ] && [ "$rank" -eq 0 ]; then
+    marker="$checkpoint_dir/$experiment/.preempted-at-$epoch"
+    if [ ! -f "$marker" ]; then
+      mkdir -p "$checkpoint_dir/$experiment" && : > "$marker"
+      echo "node lost: simulated preemption at epoch $epoch/$epochs (rank $rank)" >&2
+      exit 137
+    fi
+  fi
   if [ "$fail_at" -gt 0 ] && [ "$epoch" -ge "$fail_at" ]; then
     echo "epoch $epoch/$epochs loss=nan rank=$rank world_size=$world_size"
     echo "training failed: loss diverged (nan) at epoch $epoch (config $config)" >&2
