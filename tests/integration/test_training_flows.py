@@ -147,6 +147,7 @@ async def platform(registry: Any, prefect_server: Any) -> Any:
                 "notify": ["feishu", "dingtalk"],
             }
         },
+        "limits": {NAMESPACE: {"max_gpus_total": 64, "max_replicas": 16}},
     }
     (root / "services.yaml").write_text(yaml.safe_dump(catalog, sort_keys=False))
     github_port = free_port()
@@ -484,6 +485,10 @@ async def test_a_retried_train_resumes_from_its_last_checkpoint(
         ({"experiment": "bad", "gpus_per_node": -1}, "gpus_per_node"),
         ({"experiment": "bad", "volumes": [{"claim": "datasets/imagenet"}]}, "claim"),
         ({"experiment": "bad", "image_tag": "19990101-0000000"}, "image_tag"),
+        # Issue 24: the namespace's limits, and a credential in plain env.
+        ({"experiment": "bad", "workers": 256, "gpus_per_node": 16}, "max_gpus_total = 64"),
+        ({"experiment": "bad", "api": "trainjob", "workers": 16}, "max_replicas = 16"),
+        ({"experiment": "bad", "env": {"HF_TOKEN": "hf_x"}}, "env.HF_TOKEN"),
     ],
 )
 async def test_invalid_parameters_are_refused_before_submission(
