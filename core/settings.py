@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     argocd_verify_tls: bool = True
     github_api_url: str = "https://api.github.com"
     github_token_block: str = "robotics-cd-github-token"
+    # The token of HTTP(S) git remotes (GitHub takes the same token for REST and git).
+    git_token_block: str = "robotics-cd-github-token"
+    git_timeout: float = Field(
+        default=60.0, gt=0, description="Seconds any one git command may take (clone, push...)."
+    )
     webhook_secret_block: str = "robotics-cd-webhook-secret"
     prometheus_url: str = "http://prometheus.monitoring:9090"
     chat_webhooks_block: str = "robotics-cd-chat-webhooks"

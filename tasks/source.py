@@ -1,8 +1,12 @@
-"""Git (GitPython): check out one exact commit of a service repo into a fresh directory.
+"""Git: check out one exact commit of a service repo into a fresh directory.
 
 A local bare repo is a remote like any other. Each checkout gets its own directory under
-``settings.workspace/checkouts`` so concurrent runs never share a tree; the remote is
-removed afterwards so a URL carrying a token does not linger in ``.git/config``.
+``settings.workspace/checkouts`` so concurrent runs never share a tree. No remote is
+configured in it: the commit is fetched by URL, the URL without credentials, and a token
+(from the URL or the Prefect Secret ``settings.git_token_block``) reaches git only through
+``GIT_ASKPASS`` (``tasks.gitcmd``), so it is in no process's argv and no file. Every git
+call has a deadline (``settings.git_timeout``); a call that passes it is a ``SourceError``
+naming the remote and the operation.
 """
 
 from __future__ import annotations
@@ -14,20 +18,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio.to_thread
-import git
 from prefect import get_run_logger, task
 from pydantic import BaseModel, Field
 
 from core.errors import SourceError
 from core.images import validate_sha
 from core.settings import get_settings
-
-_GIT_ENV = {
-    "GIT_TERMINAL_PROMPT": "0",
-    "GIT_ASKPASS": "true",
-    "GIT_SSH_COMMAND": "ssh -oBatchMode=yes",
-}
-_USERINFO = re.compile(r"(?<=://)[^/@]+@")
+from tasks.gitcmd import DEFAULT_TIMEOUT, git_token, redact, run_git, split_credentials
 
 
 class Checkout(BaseModel):
@@ -41,7 +38,7 @@ class Checkout(BaseModel):
 
 def redact_url(url: str) -> str:
     """The remote URL without user/password (``https://token@host`` → ``https://***@host``)."""
-    return _USERINFO.sub("***@", url)
+    return redact(url)
 
 
 def _fresh_dir(workspace: Path, label: str, sha: str) -> Path:
@@ -50,45 +47,81 @@ def _fresh_dir(workspace: Path, label: str, sha: str) -> Path:
     return path
 
 
-def _fetch(repo: git.Repo, sha: str) -> None:
+class _Git:
+    """git in one directory, against one remote, with a deadline and askpass credentials."""
+
+    def __init__(self, path: Path, repo_url: str, timeout: float, token: str | None) -> None:
+        self.path = path
+        self.url, self.credentials = split_credentials(repo_url, token)
+        self.timeout = timeout
+
+    def status(self, *args: str) -> tuple[int, str, str]:
+        result = run_git(
+            list(args),
+            cwd=self.path,
+            remote=self.url,
+            timeout=self.timeout,
+            credentials=self.credentials,
+            error=SourceError,
+        )
+        return result.code, result.stdout, redact(result.stderr)
+
+    def __call__(self, *args: str) -> str:
+        code, out, err = self.status(*args)
+        if code != 0:
+            detail = (err or out).strip()
+            lines = detail.splitlines() or [f"exit code {code}"]
+            first = next((ln for ln in lines if ln.startswith(("fatal:", "error:"))), lines[-1])
+            raise SourceError(f"git {args[0]} failed for {self.url}: {first}")
+        return out
+
+
+def _fetch(g: _Git, sha: str) -> None:
     """Fetch just ``sha``; fall back to all branches and PR heads when the server refuses."""
-    try:
-        repo.git.fetch("--no-tags", "--depth=1", "origin", sha)
-    except git.GitCommandError:
-        repo.git.fetch(
+    code, _, _ = g.status("fetch", "-q", "--no-tags", "--depth=1", "--", g.url, sha)
+    if code != 0:
+        g(
+            "fetch",
+            "-q",
             "--no-tags",
-            "origin",
+            "--",
+            g.url,
             "+refs/heads/*:refs/remotes/origin/*",
             "+refs/pull/*/head:refs/remotes/origin/pr/*",
         )
 
 
-def checkout_sync(repo_url: str, sha: str, *, workspace: Path, label: str = "") -> Checkout:
-    """The blocking work of :func:`checkout` (GitPython), for worker threads."""
+def checkout_sync(
+    repo_url: str,
+    sha: str,
+    *,
+    workspace: Path,
+    label: str = "",
+    timeout: float = DEFAULT_TIMEOUT,
+    token: str | None = None,
+) -> Checkout:
+    """The blocking work of :func:`checkout`, for worker threads."""
     validate_sha(sha)
     path = _fresh_dir(workspace, label, sha)
+    g = _Git(path, repo_url, timeout, token)
     try:
-        repo = git.Repo.init(path)
-        with repo.git.custom_environment(**_GIT_ENV):
-            repo.create_remote("origin", repo_url)
-            _fetch(repo, sha)
-            repo.git.checkout("--detach", "--quiet", sha)
-            repo.delete_remote(repo.remote("origin"))
-        commit = repo.head.commit
-    except (git.GitCommandError, ValueError) as exc:
+        g("init", "-q")
+        _fetch(g, sha)
+        g("checkout", "--detach", "--quiet", sha)
+        head, stamp, subject = g("log", "-1", "--format=%H%x00%ct%x00%s", "HEAD").split("\0", 2)
+    except SourceError as exc:
         shutil.rmtree(path, ignore_errors=True)
-        detail = redact_url(str(getattr(exc, "stderr", "") or exc)).strip()
         raise SourceError(
-            f"cannot check out {sha} from {redact_url(repo_url)}: {detail.splitlines()[-1] if detail else exc}; "
+            f"cannot check out {sha} from {g.url}: {exc}; "
             "check the repo in services.yaml and that the commit was pushed"
         ) from exc
-    if commit.hexsha != sha:
-        raise SourceError(f"checked out {commit.hexsha} but {sha} was asked for")
+    if head != sha:
+        raise SourceError(f"checked out {head} but {sha} was asked for")
     return Checkout(
-        sha=commit.hexsha,
-        committed_at=commit.committed_datetime.astimezone(UTC),
+        sha=head,
+        committed_at=datetime.fromtimestamp(int(stamp), UTC),
         path=str(path),
-        subject=str(commit.summary),
+        subject=subject.strip(),
     )
 
 
@@ -116,9 +149,17 @@ async def checkout(repo_url: str, sha: str, *, label: str = "") -> Checkout:
         SourceError: the remote or the commit cannot be fetched.
     """
     validate_sha(sha)
-    workspace = get_settings().workspace
+    settings = get_settings()
+    token = git_token(repo_url)
     result = await anyio.to_thread.run_sync(
-        lambda: checkout_sync(repo_url, sha, workspace=workspace, label=label)
+        lambda: checkout_sync(
+            repo_url,
+            sha,
+            workspace=settings.workspace,
+            label=label,
+            timeout=settings.git_timeout,
+            token=token,
+        )
     )
     get_run_logger().info(
         "checked out %s (%s, committed %s) into %s",
@@ -148,7 +189,13 @@ _TAG_SHA7 = re.compile(r"^\d{8}-([0-9a-f]{7})$")
 
 
 def is_superseded_sync(
-    repo_url: str, source_sha: str, running_tag: str, *, workspace: Path
+    repo_url: str,
+    source_sha: str,
+    running_tag: str,
+    *,
+    workspace: Path,
+    timeout: float = DEFAULT_TIMEOUT,
+    token: str | None = None,
 ) -> bool:
     """True when production's image (tag ``YYYYMMDD-sha7``) was built from ``source_sha``
     or a descendant of it, so releasing ``source_sha`` would go backwards or do nothing."""
@@ -158,26 +205,31 @@ def is_superseded_sync(
         return False
     path = workspace / "history" / uuid.uuid4().hex[:12]
     path.mkdir(parents=True)
+    g = _Git(path, repo_url, timeout, token)
     try:
-        repo = git.Repo.init(path, bare=True)
-        with repo.git.custom_environment(**_GIT_ENV):
-            repo.git.fetch(
-                "--no-tags", "--filter=blob:none", repo_url, "+refs/heads/*:refs/heads/*"
+        g("init", "-q", "--bare")
+        g(
+            "fetch",
+            "-q",
+            "--no-tags",
+            "--filter=blob:none",
+            "--",
+            g.url,
+            "+refs/heads/*:refs/heads/*",
+        )
+        code, out, _ = g.status("rev-parse", "--verify", "--quiet", f"{match.group(1)}^{{commit}}")
+        if code != 0:
+            return False  # built from a commit no branch holds any more
+        running = out.strip()
+        code, out, err = g.status("merge-base", "--is-ancestor", source_sha, running)
+        if code == 1:
+            return False
+        if code != 0:
+            raise SourceError(
+                f"cannot compare {source_sha[:12]} with {running[:12]} in {g.url}: "
+                f"{(err or out).strip()}"
             )
-            try:
-                running = repo.git.rev_parse("--verify", "--quiet", f"{match.group(1)}^{{commit}}")
-            except git.GitCommandError:
-                return False  # built from a commit no branch holds any more
-            try:
-                repo.git.merge_base("--is-ancestor", source_sha, running)
-            except git.GitCommandError as exc:
-                if exc.status == 1:
-                    return False
-                raise SourceError(
-                    f"cannot compare {source_sha[:12]} with {running[:12]} in "
-                    f"{redact_url(repo_url)}: {exc.stderr.strip()}"
-                ) from exc
-            return True
+        return True
     finally:
         shutil.rmtree(path, ignore_errors=True)
 
@@ -185,7 +237,15 @@ def is_superseded_sync(
 @task(name="is-superseded")
 async def is_superseded(repo_url: str, source_sha: str, running_tag: str) -> bool:
     """Is production already running ``source_sha`` or something built after it?"""
-    workspace = get_settings().workspace
+    settings = get_settings()
+    token = git_token(repo_url)
     return await anyio.to_thread.run_sync(
-        lambda: is_superseded_sync(repo_url, source_sha, running_tag, workspace=workspace)
+        lambda: is_superseded_sync(
+            repo_url,
+            source_sha,
+            running_tag,
+            workspace=settings.workspace,
+            timeout=settings.git_timeout,
+            token=token,
+        )
     )

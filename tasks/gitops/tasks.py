@@ -1,0 +1,410 @@
+"""Prefect tasks over the manifests repo, and the factory of each run's clone.
+
+The factory (:func:`manifests_repo`) resolves the URL, branch and credentials; a token
+comes from the URL or the Prefect Secret named by ``settings.git_token_block``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from datetime import timedelta
+
+from prefect import task
+from prefect.logging import get_run_logger
+
+from core.catalog import load_catalog
+from core.durations import parse_duration
+from core.errors import InvalidInput
+from core.images import validate_sha
+from core.kustomize import CanarySettings, ImageEntry
+from core.settings import get_settings
+from tasks.gitcmd import git_token
+from tasks.gitops.lease import Lease
+from tasks.gitops.overlay import ManifestsRepo
+from tasks.gitops.repo import (
+    CommitInfo,
+    CommitResult,
+    Environment,
+    _as_image,
+    _check_name,
+    _check_relpath,
+    _digest_required,
+)
+
+# --- resolving catalog names --------------------------------------------------------------
+
+
+def lease_name(service: str, env: str) -> str:
+    return f"{_check_name(service, 'service')}-{_check_name(env, 'environment')}"
+
+
+def overlay_path(service: str, env: str) -> str:
+    """The overlay folder of a service and environment, from the catalog."""
+    target = load_catalog().service(service).environments.get(env)  # type: ignore[call-overload]
+    if target is None:
+        raise InvalidInput(f"service {service!r} has no {env!r} environment in the catalog")
+    return str(target.path)
+
+
+def _current_run_id() -> str | None:
+    from prefect.runtime import flow_run
+
+    run_id = flow_run.id
+    return str(run_id) if run_id else None
+
+
+def manifests_repo(
+    *,
+    url: str | None = None,
+    branch: str | None = None,
+    run_id: str | None = None,
+    token: str | None = None,
+) -> ManifestsRepo:
+    """The clone of this flow run (shared by its tasks), configured from settings and catalog."""
+    settings = get_settings()
+    if url is None or branch is None:
+        defaults = load_catalog().defaults
+        url = url or defaults.manifests_repo
+        branch = branch or defaults.manifests_branch
+    # Outside a flow run, one clone per process (reused by its calls).
+    run = run_id or _current_run_id() or f"adhoc-{os.getpid()}"
+    key = hashlib.sha256(url.encode()).hexdigest()[:10]
+    return ManifestsRepo(
+        url=url,
+        branch=branch,
+        workdir=settings.workspace / "manifests" / f"{key}-{run}",
+        kubectl=settings.kubectl,
+        git_timeout=settings.git_timeout,
+        token=token if token is not None else git_token(url),
+    )
+
+
+def _overlay(service: str, env: str, overlay: str | None) -> str:
+    return _check_relpath(overlay) if overlay else overlay_path(service, env)
+
+
+def _ttl(ttl: str | float | timedelta) -> timedelta:
+    if isinstance(ttl, timedelta):
+        return ttl
+    if isinstance(ttl, int | float):
+        return timedelta(seconds=ttl)
+    return parse_duration(ttl)
+
+
+# --- Prefect tasks ------------------------------------------------------------------------
+
+
+@task(name="gitops-bump-image")
+def bump_image(
+    env: Environment,
+    service: str,
+    image: str,
+    flow_run_id: str | None = None,
+    source_sha: str | None = None,
+    message: str = "",
+    *,
+    overlay: str | None = None,
+    repo_url: str | None = None,
+    branch: str | None = None,
+) -> CommitResult:
+    """Pin ``image`` (name:tag@digest) in the service's overlay: ``deploy(<env>): <svc>:<tag>``."""
+    _check_name(service, "service")
+    ref = _digest_required(_as_image(image))
+    if source_sha is not None:
+        validate_sha(source_sha)
+    path = _overlay(service, env, overlay)
+    run_id = flow_run_id or _current_run_id()
+    repo = manifests_repo(url=repo_url, branch=branch, run_id=run_id)
+    result = repo.set_image(
+        overlay=path,
+        image_name=service,
+        image=ref,
+        subject=f"deploy({env}): {service}:{ref.tag}",
+        body=message,
+        flow_run_id=run_id,
+        source_sha=source_sha,
+    )
+    _log(result)
+    return result
+
+
+@task(name="gitops-set-canary")
+def set_canary(
+    service: str,
+    image: str,
+    replicas: int,
+    weight: int,
+    flow_run_id: str | None = None,
+    source_sha: str | None = None,
+    message: str = "",
+    *,
+    overlay: str | None = None,
+    repo_url: str | None = None,
+    branch: str | None = None,
+) -> CommitResult:
+    """Canary step: the canary image, its replicas and its traffic weight, in one commit."""
+    _check_name(service, "service")
+    ref = _digest_required(_as_image(image))
+    settings = CanarySettings(replicas=replicas, weight=weight)
+    run_id = flow_run_id or _current_run_id()
+    repo = manifests_repo(url=repo_url, branch=branch, run_id=run_id)
+    result = repo.set_canary(
+        overlay=_overlay(service, "production", overlay),
+        service=service,
+        image=ref,
+        settings=settings,
+        subject=f"canary(production): {service}:{ref.tag} weight={weight} replicas={replicas}",
+        body=message,
+        flow_run_id=run_id,
+        source_sha=source_sha,
+    )
+    _log(result)
+    return result
+
+
+@task(name="gitops-promote")
+def promote(
+    service: str,
+    image: str,
+    flow_run_id: str | None = None,
+    source_sha: str | None = None,
+    message: str = "",
+    *,
+    overlay: str | None = None,
+    repo_url: str | None = None,
+    branch: str | None = None,
+) -> CommitResult:
+    """Stable image := ``image``; canary back to replicas 0 and weight "0"; one commit."""
+    _check_name(service, "service")
+    ref = _digest_required(_as_image(image))
+    run_id = flow_run_id or _current_run_id()
+    repo = manifests_repo(url=repo_url, branch=branch, run_id=run_id)
+    result = repo.set_canary(
+        overlay=_overlay(service, "production", overlay),
+        service=service,
+        image=None,
+        stable_image=ref,
+        settings=CanarySettings(replicas=0, weight=0),
+        subject=f"promote(production): {service}:{ref.tag}",
+        body=message,
+        flow_run_id=run_id,
+        source_sha=source_sha,
+    )
+    _log(result)
+    return result
+
+
+@task(name="gitops-restore-overlay")
+def restore_overlay(
+    service: str,
+    env: Environment,
+    before: str,
+    reason: str,
+    undone_commits: list[str],
+    flow_run_id: str | None = None,
+    *,
+    overlay: str | None = None,
+    repo_url: str | None = None,
+    branch: str | None = None,
+) -> CommitResult:
+    """One commit restoring the overlay folder to its tree in ``before``, naming what it undoes."""
+    _check_name(service, "service")
+    for sha in undone_commits:
+        validate_sha(sha)
+    path = _overlay(service, env, overlay)
+    run_id = flow_run_id or _current_run_id()
+    repo = manifests_repo(url=repo_url, branch=branch, run_id=run_id)
+    undone = "\n".join(f"Undoes: {sha}" for sha in undone_commits)
+    result = repo.restore(
+        overlay=path,
+        before=before,
+        subject=f"rollback({env}): {service} to {path} at {before[:12]}",
+        body=f"{reason.strip()}\n\n{undone}" if undone else reason,
+        flow_run_id=run_id,
+    )
+    _log(result)
+    return result
+
+
+@task(name="gitops-remove-clone")
+def remove_clone(
+    flow_run_id: str | None = None, *, repo_url: str | None = None, branch: str | None = None
+) -> bool:
+    """Delete this run's clone of the manifests repo (call it when the run ends)."""
+    run_id = flow_run_id or _current_run_id()
+    if not run_id:
+        raise InvalidInput("remove_clone needs a flow run id (none in this context)")
+    return manifests_repo(url=repo_url, branch=branch, run_id=run_id).remove_clone()
+
+
+@task(name="gitops-preview-production-change")
+def preview_production_change(
+    service: str,
+    image: str,
+    *,
+    overlay: str | None = None,
+    repo_url: str | None = None,
+    branch: str | None = None,
+) -> str:
+    """The diff a promotion of ``image`` would make to the production overlay (for approvers)."""
+    _check_name(service, "service")
+    ref = _digest_required(_as_image(image))
+    repo = manifests_repo(url=repo_url, branch=branch)
+    return repo.preview_image_change(_overlay(service, "production", overlay), service, ref)
+
+
+@task(name="gitops-release-commits")
+def release_commits(
+    service: str,
+    env: Environment,
+    release_run_id: str,
+    *,
+    overlay: str | None = None,
+    repo_url: str | None = None,
+    branch: str | None = None,
+) -> list[str]:
+    """The commits a release (flow run) made to the service's overlay, oldest first."""
+    _check_name(service, "service")
+    repo = manifests_repo(url=repo_url, branch=branch)
+    return repo.commits_of_run(_overlay(service, env, overlay), release_run_id)
+
+
+@task(name="gitops-previous-image")
+def previous_image(
+    service: str,
+    env: Environment,
+    *,
+    overlay: str | None = None,
+    repo_url: str | None = None,
+    branch: str | None = None,
+) -> str | None:
+    """The image the overlay pinned before the current one (``name:tag@digest``), if any."""
+    _check_name(service, "service")
+    repo = manifests_repo(url=repo_url, branch=branch)
+    history = repo.image_history(_overlay(service, env, overlay), service)
+    if not history:
+        return None
+    current = history[0][1].reference
+    return next((e.reference for _, e in history if e.reference != current), None)
+
+
+@task(name="gitops-head-commit")
+def head_commit(*, repo_url: str | None = None, branch: str | None = None) -> str:
+    return manifests_repo(url=repo_url, branch=branch).head_commit()
+
+
+@task(name="gitops-is-ancestor")
+def is_ancestor(a: str, b: str, *, repo_url: str | None = None, branch: str | None = None) -> bool:
+    return manifests_repo(url=repo_url, branch=branch).is_ancestor(a, b)
+
+
+@task(name="gitops-commits-touching")
+def commits_touching(
+    path: str, since: str | None = None, *, repo_url: str | None = None, branch: str | None = None
+) -> list[CommitInfo]:
+    return manifests_repo(url=repo_url, branch=branch).commits_touching(path, since)
+
+
+@task(name="gitops-current-image")
+def current_image(
+    service: str,
+    env: Environment,
+    *,
+    overlay: str | None = None,
+    repo_url: str | None = None,
+    branch: str | None = None,
+) -> ImageEntry | None:
+    repo = manifests_repo(url=repo_url, branch=branch)
+    return repo.current_image(_overlay(service, env, overlay), service)
+
+
+@task(name="lease-take")
+def take_lease(
+    service: str,
+    env: Environment,
+    holder: str | None = None,
+    ttl: str | float = "2h",
+    *,
+    repo_url: str | None = None,
+    branch: str | None = None,
+) -> Lease:
+    """Take the release lock of ``service`` in ``env`` for ``holder`` (default: this flow run)."""
+    who = holder or _current_run_id()
+    if not who:
+        raise InvalidInput("take_lease needs a holder (no flow run id in this context)")
+    repo = manifests_repo(url=repo_url, branch=branch, run_id=who)
+    return repo.take_lease(lease_name(service, env), who, _ttl(ttl))
+
+
+@task(name="lease-renew")
+def renew_lease(
+    service: str,
+    env: Environment,
+    holder: str | None = None,
+    ttl: str | float = "2h",
+    *,
+    repo_url: str | None = None,
+    branch: str | None = None,
+) -> Lease:
+    who = holder or _current_run_id()
+    if not who:
+        raise InvalidInput("renew_lease needs a holder (no flow run id in this context)")
+    repo = manifests_repo(url=repo_url, branch=branch, run_id=who)
+    return repo.renew_lease(lease_name(service, env), who, _ttl(ttl))
+
+
+@task(name="lease-release")
+def release_lease(
+    service: str,
+    env: Environment,
+    holder: str | None = None,
+    *,
+    repo_url: str | None = None,
+    branch: str | None = None,
+) -> bool:
+    who = holder or _current_run_id()
+    if not who:
+        raise InvalidInput("release_lease needs a holder (no flow run id in this context)")
+    repo = manifests_repo(url=repo_url, branch=branch, run_id=who)
+    return repo.release_lease(lease_name(service, env), who)
+
+
+@task(name="lease-holder")
+def lease_holder(
+    service: str, env: Environment, *, repo_url: str | None = None, branch: str | None = None
+) -> Lease | None:
+    """Who holds the lock (the record may be expired: check ``Lease.expired``)."""
+    return manifests_repo(url=repo_url, branch=branch).read_lease(lease_name(service, env))
+
+
+def _log(result: CommitResult) -> None:
+    logger = get_run_logger()
+    if result.changed:
+        logger.info("pushed %s %s", result.sha[:12], result.message)
+    else:
+        logger.info("already there: %s %s (no new commit)", result.sha[:12], result.message)
+
+
+def descendant_check(
+    *, repo_url: str | None = None, branch: str | None = None, run_id: str | None = None
+) -> Callable[[str, str], bool]:
+    """``check(revision, commit)``: is ``revision`` our ``commit`` or a later one on the branch?
+
+    Hand it to ``tasks.argocd`` waits, which must not speak git themselves.
+    """
+    repo = manifests_repo(url=repo_url, branch=branch, run_id=run_id)
+
+    def check(revision: str, commit: str) -> bool:
+        return revision == commit or repo.is_ancestor(commit, revision)
+
+    return check
+
+
+def descends(revision: str, commit: str) -> bool:
+    """``revision`` is ``commit`` or a later commit of the manifests branch (this run's clone).
+
+    The ``is_descendant`` the Argo CD waits take; configured from the catalog.
+    """
+    return revision == commit or manifests_repo().is_ancestor(commit, revision)
