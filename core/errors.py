@@ -16,7 +16,8 @@ RoboticsCDError                      root: everything we raise on purpose
 ├── GitOpsError
 │   ├── OverlayRefused               an overlay edit does not render or changes more than asked
 │   ├── PushConflict                 still rejected after the bounded rebase-and-retry
-│   └── LeaseHeld                    the release lock belongs to another run
+│   ├── LeaseHeld                    the release lock belongs to another run
+│   │   └── LeaseLost                this run's lease was taken over: its writes are refused
 ├── ArgoCDError
 │   ├── ArgoCDUnavailable            5xx / connection trouble that outlived the retries
 │   ├── ArgoCDRefused                4xx (e.g. auto-sync forbids an explicit revision)
@@ -126,6 +127,18 @@ class LeaseHeld(GitOpsError):
     def __init__(self, lease: str, holder: str, expires: str):
         super().__init__(f"lease {lease} is held by {holder} until {expires}")
         self.lease, self.holder, self.expires = lease, holder, expires
+
+
+class LeaseLost(LeaseHeld):
+    """This run held the lease once but no longer does; the remote refuses its writes."""
+
+    def __init__(self, lease: str, me: str, holder: str):
+        GitOpsError.__init__(
+            self,
+            f"run {me} no longer holds lease {lease} (held by {holder} now): nothing was "
+            "written; the holder answers for production",
+        )
+        self.lease, self.holder, self.expires, self.me = lease, holder, "", me
 
 
 class ArgoCDError(RoboticsCDError):

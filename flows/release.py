@@ -2,20 +2,27 @@
 
     staging:   commit overlay → Argo CD sync → wait synced at our commit → smoke → metrics
     approval:  notify → suspend with the approval form (no process held) → decision
-    production (under the service's lease):
+    production (under the service's lease, every write one atomic push with the lease):
                superseded? → canary commit → sync → analyse each interval → next weight …
                → promote commit → sync → post-release watch
-    on any failure after production changed: one restoring commit → sync → verify
+    on any failure after production changed: one commit reverting the release's own
+               commits (as its lease records them) → sync → verify
+
+The flow keeps only the order of steps; the decisions are pure functions in
+``core.release``. The catalog and settings are read once, at the start, and passed down.
 
 A resumed run re-executes from the top; every task before the approval comes back
 ``Cached`` (persisted results, run-scoped cache) and every commit is checked against the
-repo's state, so nothing is repeated.
+repo's state, so nothing is repeated. A run re-executed after it took the production lease
+(a retry from the UI, a rescheduled Kubernetes Job) finds its lease: it carries on at the
+step the lease records, with the ``before`` and the commits recorded there.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 from prefect import flow, get_run_logger
@@ -32,15 +39,29 @@ from core.catalog import CanaryPolicy, Catalog, Service, load_catalog
 from core.errors import (
     ApprovalRejected,
     CanaryFailed,
-    InvalidInput,
     LeaseHeld,
+    LeaseLost,
     RoboticsCDError,
     Superseded,
     VerificationFailed,
 )
-from core.images import parse_reference, validate_sha
-from core.release import ReleasePlan, ReleaseRecord, StepOutcome
-from core.settings import get_settings
+from core.release import (
+    CommandAction,
+    EndingKind,
+    ReleasePlan,
+    ReleaseRecord,
+    Resume,
+    ResumePoint,
+    StepOutcome,
+    commits_to_revert,
+    ending,
+    lease_is_free,
+    lease_ttl,
+    plan_release,
+    read_command,
+    resume_point,
+)
+from core.settings import Settings, get_settings
 from tasks import argocd, gitops, lifecycle, metrics, notify, report, smoke, source
 from tasks import github as gh
 from tasks.approvals import approval_form, expire_overdue, pending_commands, to_decision
@@ -50,28 +71,28 @@ LOCK_WAIT = timedelta(hours=6)
 LOCK_POLL_SECONDS = 5.0
 
 
-def plan_release(catalog: Catalog, service: str, image: str, source_sha: str) -> ReleasePlan:
-    """Check the parameters before any side effect."""
-    svc = catalog.service(service)
-    ref = parse_reference(image)
-    if not ref.tag or not ref.digest:
-        raise InvalidInput(f"image {image!r} must carry a tag and a digest (name:tag@sha256:...)")
-    if ref.repository != svc.image:
-        raise InvalidInput(f"image {ref.repository!r} is not {service}'s repository {svc.image!r}")
-    validate_sha(source_sha)
-    for env in ("staging", "production"):
-        if env not in svc.environments:
-            raise InvalidInput(f"service {service!r} has no {env} environment in the catalog")
-    pull = ref.with_registry(catalog.defaults.pull_registry)
-    return ReleasePlan(
-        service=service,
-        image=str(ref),
-        pull_image=str(pull),
-        tag=ref.tag,
-        digest=ref.digest,
-        source_sha=source_sha,
-        github=svc.github,
-    )
+@dataclass(frozen=True)
+class Config:
+    """The configuration of one release, resolved once at its start and passed down."""
+
+    catalog: Catalog
+    settings: Settings
+    svc: Service
+    policy: CanaryPolicy
+
+    def git(self, env: Literal["staging", "production"]) -> dict[str, str]:
+        """Where the gitops tasks write for ``env``: overlay, repo URL, branch (no lookups)."""
+        return {
+            "overlay": str(self.svc.environments[env].path),
+            "repo_url": self.catalog.defaults.manifests_repo,
+            "branch": self.catalog.defaults.manifests_branch,
+        }
+
+    def repo(self) -> dict[str, str]:
+        return {
+            "repo_url": self.catalog.defaults.manifests_repo,
+            "branch": self.catalog.defaults.manifests_branch,
+        }
 
 
 # --- staging ------------------------------------------------------------------------------
@@ -83,9 +104,8 @@ def once_per_run(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     return f"{context.task.name}-{context.task_run.flow_run_id}"
 
 
-async def deploy_staging(
-    plan: ReleasePlan, svc: Service, policy: CanaryPolicy, record: ReleaseRecord
-) -> None:
+async def deploy_staging(plan: ReleasePlan, cfg: Config, record: ReleaseRecord) -> None:
+    svc, policy = cfg.svc, cfg.policy
     target = svc.environments["staging"]
     run_url = report.flow_run_url(flow_run.id)
     deployment_id = gh.create_deployment(
@@ -103,9 +123,15 @@ async def deploy_staging(
         environment_url=target.base_url,
         description="deploying",
     )
-    commit = gitops.bump_image("staging", plan.service, plan.pull_image, source_sha=plan.source_sha)
+    commit = gitops.bump_image(
+        "staging",
+        plan.service,
+        plan.pull_image,
+        source_sha=plan.source_sha,
+        **cfg.git("staging"),
+    )
     record.staging_commit = commit.sha
-    synced = await sync_and_wait(target.argocd_app, commit.sha, automated=True)
+    synced = await sync_and_wait(cfg, target.argocd_app, commit.sha, automated=True)
     record.staging_revision = synced.revision
     try:
         record.smoke = [r.model_dump() for r in smoke.smoke_test(target, svc.smoke)]
@@ -141,12 +167,11 @@ async def deploy_staging(
 # --- approval -----------------------------------------------------------------------------
 
 
-async def await_approval(
-    plan: ReleasePlan, svc: Service, record: ReleaseRecord
-) -> ApprovalDecision:
+async def await_approval(plan: ReleasePlan, cfg: Config, record: ReleaseRecord) -> ApprovalDecision:
+    svc = cfg.svc
     run_url = report.flow_run_url(flow_run.id)
     diff = gitops.preview_production_change.with_options(cache_policy=NO_CACHE)(
-        plan.service, plan.pull_image
+        plan.service, plan.pull_image, **cfg.git("production")
     )
     description = report.approval_description(record, diff)
     notify.send_chat(
@@ -165,23 +190,28 @@ async def await_approval(
 # --- production ---------------------------------------------------------------------------
 
 
-async def take_production_lock(plan: ReleasePlan, policy: CanaryPolicy) -> None:
-    """Wait (bounded) for the production lease; the run's state says who holds it."""
+async def take_production_lock(plan: ReleasePlan, cfg: Config) -> gitops.Lease:
+    """Wait (bounded) for the production lease; the run's state says who holds it.
+
+    A re-executed run finds the lease it holds already and gets it back with its record.
+    """
     me = str(flow_run.id)
+    ttl = lease_ttl(cfg.policy).total_seconds()
     deadline = datetime.now(UTC) + LOCK_WAIT
     waiting_on: str | None = None
     while True:
-        lease = gitops.lease_holder.with_options(cache_policy=NO_CACHE)(plan.service, "production")
-        free = lease is None or lease.holder == me or lease.expired(datetime.now(UTC))
-        if free:
+        lease = gitops.lease_holder.with_options(cache_policy=NO_CACHE)(
+            plan.service, "production", **cfg.repo()
+        )
+        if lease_is_free(lease.record if lease else None, me, datetime.now(UTC)):
             try:
-                gitops.take_lease.with_options(cache_policy=NO_CACHE)(
-                    plan.service, "production", ttl=_lease_ttl(policy).total_seconds()
+                taken: gitops.Lease = gitops.take_lease.with_options(cache_policy=NO_CACHE)(
+                    plan.service, "production", ttl=ttl, **cfg.repo()
                 )
                 break
             except LeaseHeld:  # another release won the race for the free lease
                 lease = gitops.lease_holder.with_options(cache_policy=NO_CACHE)(
-                    plan.service, "production"
+                    plan.service, "production", **cfg.repo()
                 )
         if datetime.now(UTC) >= deadline:
             holder = lease.holder if lease else "?"
@@ -195,19 +225,17 @@ async def take_production_lock(plan: ReleasePlan, policy: CanaryPolicy) -> None:
         await anyio.sleep(LOCK_POLL_SECONDS)
     if waiting_on:
         await lifecycle.mark_waiting(None)
+    return taken
 
 
-def _lease_ttl(policy: CanaryPolicy) -> timedelta:
-    canary = policy.interval * (len(policy.steps) * (policy.analyses_per_step + 1) + 4)
-    return canary + policy.post_release_watch + timedelta(minutes=30)
-
-
-async def refuse_if_superseded(plan: ReleasePlan, svc: Service) -> None:
-    running = gitops.current_image.with_options(cache_policy=NO_CACHE)(plan.service, "production")
+async def refuse_if_superseded(plan: ReleasePlan, cfg: Config) -> None:
+    running = gitops.current_image.with_options(cache_policy=NO_CACHE)(
+        plan.service, "production", **cfg.git("production")
+    )
     if running is None or not running.new_tag:
         return
     if await source.is_superseded.with_options(cache_policy=NO_CACHE)(
-        svc.repo, plan.source_sha, running.new_tag
+        cfg.svc.repo, plan.source_sha, running.new_tag
     ):
         raise Superseded(
             f"production already runs {plan.service}:{running.new_tag}, which contains "
@@ -216,24 +244,31 @@ async def refuse_if_superseded(plan: ReleasePlan, svc: Service) -> None:
 
 
 async def run_canary(
-    plan: ReleasePlan, svc: Service, policy: CanaryPolicy, record: ReleaseRecord
+    plan: ReleasePlan, cfg: Config, record: ReleaseRecord, resume: ResumePoint
 ) -> StepOutcome:
-    """Weight steps by commits, each judged on metrics; ends promote-ready or raises."""
+    """Weight steps by commits, each judged on metrics; ends promote-ready or raises.
+
+    A re-executed run starts at the step its lease records (``resume``), never below it.
+    """
     log = get_run_logger()
+    svc, policy = cfg.svc, cfg.policy
     target = svc.environments["production"]
     progress = report.CanaryProgress.start(plan, policy)
-    analysis = AnalysisRun.start(policy)
-    weight = policy.steps[0]
-    await _set_canary_weight(plan, policy, weight, record)
+    analysis = AnalysisRun.start(policy).model_copy(update={"step_index": resume.step_index})
+    weight = analysis.weight
+    await _set_canary_weight(plan, cfg, weight, record)
     seen_commands: set[str] = set()
     baseline: TrackObservation | None = None
     for _ in range(analysis.max_intervals):
         end = datetime.now(UTC) + policy.interval
-        command = await _wait_interval_or_command(end, seen_commands)
-        if command is not None:
-            outcome = _apply_command(command, record)
-            if outcome is not None:
-                return outcome
+        raw = await _wait_interval_or_command(end, seen_commands)
+        if raw is not None:
+            command = read_command(raw)
+            if command.action == CommandAction.ABORT:
+                raise CanaryFailed(command.reason)
+            if command.action == CommandAction.PROMOTE:
+                record.notes.append(command.reason)
+                return StepOutcome(promoted=True, reason=command.reason)
         result = metrics.analyse_interval.with_options(cache_policy=NO_CACHE)(
             plan.service,
             target.namespace,
@@ -251,7 +286,7 @@ async def run_canary(
         progress.update(analysis)
         log.info("canary at %s%%: %s (%s)", weight, result.verdict, analysis.reason)
         gitops.renew_lease.with_options(cache_policy=NO_CACHE)(
-            plan.service, "production", ttl=_lease_ttl(policy).total_seconds()
+            plan.service, "production", ttl=lease_ttl(policy).total_seconds(), **cfg.repo()
         )
         if decision == Decision.ROLLBACK:
             raise CanaryFailed(analysis.reason)
@@ -259,33 +294,36 @@ async def run_canary(
             return StepOutcome(promoted=True, reason=analysis.reason)
         if decision == Decision.NEXT_STEP:
             weight = analysis.weight
-            await _set_canary_weight(plan, policy, weight, record)
+            await _set_canary_weight(plan, cfg, weight, record)
     raise CanaryFailed(f"analysis did not decide within {analysis.max_intervals} intervals")
 
 
 async def _set_canary_weight(
-    plan: ReleasePlan, policy: CanaryPolicy, weight: int, record: ReleaseRecord
+    plan: ReleasePlan, cfg: Config, weight: int, record: ReleaseRecord
 ) -> None:
     commit = gitops.set_canary(
-        plan.service, plan.pull_image, policy.canary_replicas, weight, source_sha=plan.source_sha
+        plan.service,
+        plan.pull_image,
+        cfg.policy.canary_replicas,
+        weight,
+        source_sha=plan.source_sha,
+        **cfg.git("production"),
     )
-    record.production_commits.append(commit.sha)
+    if commit.sha not in record.production_commits:
+        record.production_commits.append(commit.sha)
     record.steps.append((weight, datetime.now(UTC)))
-    synced = await sync_and_wait(_prod_app(plan), commit.sha, automated=False)
+    synced = await sync_and_wait(
+        cfg, cfg.svc.environments["production"].argocd_app, commit.sha, automated=False
+    )
     record.production_revisions.append(synced.revision)
 
 
-async def sync_and_wait(app: str, commit: str, *, automated: bool) -> argocd.SyncOutcome:
+async def sync_and_wait(
+    cfg: Config, app: str, commit: str, *, automated: bool
+) -> argocd.SyncOutcome:
     """Sync and wait until the app runs our commit or a descendant of it."""
-    return await argocd.argocd_sync_and_wait(app, commit, automated, is_descendant=gitops.descends)
-
-
-def _prod_app(plan: ReleasePlan) -> str:
-    return (
-        load_catalog(get_settings().catalog)
-        .service(plan.service)
-        .environments["production"]
-        .argocd_app
+    return await argocd.argocd_sync_and_wait(
+        app, commit, automated, is_descendant=gitops.descendant_check(**cfg.repo())
     )
 
 
@@ -299,23 +337,15 @@ async def _wait_interval_or_command(end: datetime, seen: set[str]) -> dict[str, 
     return None
 
 
-def _apply_command(command: dict[str, Any], record: ReleaseRecord) -> StepOutcome | None:
-    who, why = command.get("sender", "?"), command.get("reason", "")
-    if command.get("command") == "abort":
-        raise CanaryFailed(f"aborted by {who}: {why}")
-    if command.get("command") == "promote":
-        record.notes.append(f"promoted now by {who}: {why}")
-        return StepOutcome(promoted=True, reason=f"promoted now by {who}: {why}")
-    return None
-
-
-async def promote_and_watch(
-    plan: ReleasePlan, svc: Service, policy: CanaryPolicy, record: ReleaseRecord
-) -> None:
+async def promote_and_watch(plan: ReleasePlan, cfg: Config, record: ReleaseRecord) -> None:
+    svc, policy = cfg.svc, cfg.policy
     target = svc.environments["production"]
-    commit = gitops.promote(plan.service, plan.pull_image, source_sha=plan.source_sha)
-    record.production_commits.append(commit.sha)
-    synced = await sync_and_wait(target.argocd_app, commit.sha, automated=False)
+    commit = gitops.promote(
+        plan.service, plan.pull_image, source_sha=plan.source_sha, **cfg.git("production")
+    )
+    if commit.sha not in record.production_commits:
+        record.production_commits.append(commit.sha)
+    synced = await sync_and_wait(cfg, target.argocd_app, commit.sha, automated=False)
     record.production_revisions.append(synced.revision)
     watch_end = datetime.now(UTC) + policy.post_release_watch
     while datetime.now(UTC) < watch_end:
@@ -335,22 +365,28 @@ async def promote_and_watch(
             raise CanaryFailed(f"post-release watch: {check.analysis.reason}")
 
 
-async def roll_back(
-    plan: ReleasePlan, svc: Service, before: str, reason: str, record: ReleaseRecord
-) -> None:
-    """Compensation: one commit restoring the production overlay, sync, verify."""
-    target = svc.environments["production"]
-    commit = gitops.restore_overlay(
+async def roll_back(plan: ReleasePlan, cfg: Config, reason: str, record: ReleaseRecord) -> None:
+    """Compensation: one commit reverting the release's own commits (as its lease records
+    them), written under the lease; sync; verify."""
+    target = cfg.svc.environments["production"]
+    lease = gitops.lease_holder.with_options(cache_policy=NO_CACHE)(
+        plan.service, "production", **cfg.repo()
+    )
+    recorded = lease.commits if lease is not None and lease.holder == str(flow_run.id) else []
+    revert = commits_to_revert(recorded or record.production_commits, set())
+    commit = gitops.revert_release(
         plan.service,
         "production",
-        before,
+        revert,
         f"rolled back: {reason}",
-        undone_commits=list(dict.fromkeys(record.production_commits)),
+        release_run_id=str(flow_run.id),
+        source_sha=plan.source_sha,
+        **cfg.git("production"),
     )
     record.rollback_commit = commit.sha
-    synced = await sync_and_wait(target.argocd_app, commit.sha, automated=False)
+    synced = await sync_and_wait(cfg, target.argocd_app, commit.sha, automated=False)
     record.production_revisions.append(synced.revision)
-    record.rollback_verification = [r.model_dump() for r in smoke.smoke_test(target, svc.smoke)]
+    record.rollback_verification = [r.model_dump() for r in smoke.smoke_test(target, cfg.svc.smoke)]
 
 
 # --- the flow -----------------------------------------------------------------------------
@@ -366,53 +402,82 @@ async def roll_back(
 )
 async def release(service: str, image: str, source_sha: str) -> State[Any]:
     """Release ``image`` (registry/repo:tag@digest, built from ``source_sha``) of ``service``."""
-    catalog = load_catalog(get_settings().catalog)
+    settings = get_settings()
+    catalog = load_catalog(settings.catalog)
     plan = plan_release(catalog, service, image, source_sha)
-    svc, policy = catalog.service(service), catalog.canary_policy(service)
+    cfg = Config(
+        catalog=catalog,
+        settings=settings,
+        svc=catalog.service(service),
+        policy=catalog.canary_policy(service),
+    )
     record = ReleaseRecord.start(plan, str(flow_run.id))
     emit_release_event("started", plan)
 
-    await deploy_staging(plan, svc, policy, record)
-    decision = await await_approval(plan, svc, record)
+    await deploy_staging(plan, cfg, record)
+    decision = await await_approval(plan, cfg, record)
     record.decision = decision
     if not decision.approved:
-        return end_rejected(plan, record, decision)
+        return end(EndingKind.REJECTED, plan, cfg, record, decision=decision)
 
-    await take_production_lock(plan, policy)
-    before: str | None = None
+    lease = await take_production_lock(plan, cfg)
+    resume = resume_point(lease.record, cfg.policy)
+    record.production_commits = list(resume.commits)
+    if resume.resumed:
+        get_run_logger().warning(
+            "re-executed: lease %s records %d production commit(s), before=%s; carrying on "
+            "at %s (step %d)",
+            lease.name,
+            len(resume.commits),
+            (lease.before or "?")[:12],
+            resume.at.value,
+            resume.step_index,
+        )
+        record.notes.append(f"re-executed: carried on at {resume.at.value} from its lease")
+    holds_lease = True
     try:
-        await refuse_if_superseded(plan, svc)
-        before = gitops.head_commit.with_options(cache_policy=NO_CACHE)()
-        outcome = await run_canary(plan, svc, policy, record)
-        record.notes.append(outcome.reason)
-        await promote_and_watch(plan, svc, policy, record)
+        if resume.at == Resume.ROLLED_BACK:
+            why = "rolled back before this re-execution (the lease records the rollback)"
+            await roll_back(plan, cfg, why, record)
+            return end(EndingKind.ROLLED_BACK, plan, cfg, record, why=why)
+        if resume.at == Resume.START:
+            await refuse_if_superseded(plan, cfg)
+        if resume.at in (Resume.START, Resume.CANARY):
+            outcome = await run_canary(plan, cfg, record, resume)
+            record.notes.append(outcome.reason)
+        await promote_and_watch(plan, cfg, record)
     except Superseded as exc:
-        return end_refused(plan, record, str(exc))
+        return end(EndingKind.SUPERSEDED, plan, cfg, record, why=str(exc))
+    except LeaseLost as exc:
+        # Another run owns production now: this run may write nothing more, not even a
+        # rollback (the new holder, or the reconciler, answers for production).
+        holds_lease = False
+        record.notes.append(str(exc))
+        raise
     except RoboticsCDError as exc:
-        if before is None:
-            raise
-        await roll_back(plan, svc, before, str(exc), record)
-        return end_rolled_back(plan, record, str(exc))
+        if not record.production_commits:
+            raise  # production never changed: nothing to roll back
+        await roll_back(plan, cfg, str(exc), record)
+        return end(EndingKind.ROLLED_BACK, plan, cfg, record, why=str(exc))
     finally:
-        gitops.release_lease.with_options(cache_policy=NO_CACHE)(plan.service, "production")
-    return end_promoted(plan, record)
+        if holds_lease:
+            gitops.release_lease.with_options(cache_policy=NO_CACHE)(
+                plan.service, "production", **cfg.repo()
+            )
+        gitops.remove_clone.with_options(cache_policy=NO_CACHE)(**cfg.repo())
+    return end(EndingKind.PROMOTED, plan, cfg, record)
 
 
-def publish_canary_evidence(plan: ReleasePlan, record: ReleaseRecord) -> None:
+def publish_canary_evidence(plan: ReleasePlan, cfg: Config, record: ReleaseRecord) -> None:
     """The analysis table and the canary chart (error ratio and P99 over time, steps marked)."""
-    namespace = (
-        load_catalog(get_settings().catalog)
-        .service(plan.service)
-        .environments["production"]
-        .namespace
-    )
+    namespace = cfg.svc.environments["production"].namespace
     key = f"canary-{plan.service}"
     report.publish_analysis_table(f"{key}-analyses", record.analyses, steps=record.steps)
-    start, end = record.steps[0][1], datetime.now(UTC)
-    if end - start < timedelta(seconds=10):
+    start, end_at = record.steps[0][1], datetime.now(UTC)
+    if end_at - start < timedelta(seconds=10):
         return
     try:
-        window = metrics.canary_window(plan.service, namespace, start=start, end=end)
+        window = metrics.canary_window(plan.service, namespace, start=start, end=end_at)
     except RoboticsCDError as exc:
         get_run_logger().warning("no canary chart: %s", exc)
         return
@@ -428,40 +493,33 @@ def publish_canary_evidence(plan: ReleasePlan, record: ReleaseRecord) -> None:
 # --- endings: one record, one event, one message each --------------------------------------
 
 
-def end_promoted(plan: ReleasePlan, record: ReleaseRecord) -> State[Any]:
-    record.outcome = "promoted"
-    _finish(plan, record, "promoted", f"{plan.service}:{plan.tag} promoted to production")
-    return Completed(message=f"promoted {plan.service}:{plan.tag}", name="Promoted")
-
-
-def end_rejected(
-    plan: ReleasePlan, record: ReleaseRecord, decision: ApprovalDecision
+def end(
+    kind: EndingKind,
+    plan: ReleasePlan,
+    cfg: Config,
+    record: ReleaseRecord,
+    *,
+    why: str = "",
+    decision: ApprovalDecision | None = None,
 ) -> State[Any]:
-    record.outcome = decision.outcome()
-    _finish(plan, record, "rejected", f"{plan.service}:{plan.tag} {decision.outcome()}")
-    return Completed(message=decision.outcome(), name="Rejected")
-
-
-def end_refused(plan: ReleasePlan, record: ReleaseRecord, why: str) -> State[Any]:
-    record.outcome = f"superseded: {why}"
-    _finish(plan, record, "rejected", f"{plan.service}:{plan.tag} superseded: {why}")
-    return Failed(message=f"superseded: {why}", name="Superseded", data=ApprovalRejected(why))
-
-
-def end_rolled_back(plan: ReleasePlan, record: ReleaseRecord, why: str) -> State[Any]:
-    record.outcome = f"rolled back: {why}"
-    _finish(plan, record, "rolled-back", f"{plan.service}:{plan.tag} rolled back: {why}")
-    return Failed(message=f"rolled back: {why}", data=CanaryFailed(why))
-
-
-def _finish(plan: ReleasePlan, record: ReleaseRecord, event: str, headline: str) -> None:
+    """Record, publish and announce how the release ended (``core.release.ending`` decides)."""
+    result = ending(kind, plan, why=why, decision=decision)
+    record.outcome = result.outcome
     if record.steps:
-        publish_canary_evidence(plan, record)
+        publish_canary_evidence(plan, cfg, record)
     report.publish_release_record(record)
-    emit_release_event(event, plan, {"outcome": record.outcome})
+    emit_release_event(result.event, plan, {"outcome": record.outcome})
     notify.send_chat(
-        headline, report.release_summary(record), link=report.flow_run_url(flow_run.id)
+        result.headline, report.release_summary(record), link=report.flow_run_url(flow_run.id)
     )
+    if result.state == "completed":
+        return Completed(message=result.message, name=result.state_name)
+    data: RoboticsCDError = (
+        ApprovalRejected(why) if kind == EndingKind.SUPERSEDED else CanaryFailed(why)
+    )
+    if result.state_name:
+        return Failed(message=result.message, name=result.state_name, data=data)
+    return Failed(message=result.message, data=data)
 
 
 # --- approvals that waited too long --------------------------------------------------------

@@ -1,35 +1,43 @@
 """The ``rollback`` flow: put an environment back by the same GitOps path.
 
     release rollback (a crashed or cancelled release, started by its hook or automation):
-        the release's commits → one commit restoring the overlay to its tree before them
-        → sync → wait healthy → smoke → the release's lease let go
+        take the release's lease over (its record says which commits are the release's)
+        → may it? (``core.release.rollback_plan``: not when a newer release owns production)
+        → one commit reverting exactly the release's own commits, pushed atomically with
+          the lease → sync → wait healthy → smoke → the lease let go
     manual rollback (``robotics-cd rollback SERVICE``):
-        stable image := the previously deployed one (or a given one), canary to 0
-        → sync → wait healthy → smoke
+        stable image := the previously deployed one (or a given one), canary to 0, under the
+        production lease → sync → wait healthy → smoke
 
-Idempotent: a second run for the same release finds the overlay already restored and
-commits nothing.
+Idempotent: a second run for the same release finds the commits already reverted and
+commits nothing. Edits others made to the overlay in the meantime survive: only the
+release's own commits are reverted.
 """
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State
+from prefect.runtime import flow_run
 from prefect.states import Completed
 
 from core.catalog import load_catalog
 from core.errors import InvalidInput
 from core.images import parse_reference
+from core.release import rollback_plan
 from core.settings import get_settings
 from tasks import argocd, gitops, smoke
+
+ROLLBACK_LEASE_TTL = timedelta(hours=1)
 
 
 @flow(
     name="rollback",
-    description="Roll a service's environment back by a restoring commit and an Argo CD sync.",
+    description="Roll a service's environment back by a reverting commit and an Argo CD sync.",
     persist_result=True,
 )
 async def rollback(
@@ -47,44 +55,72 @@ async def rollback(
         raise InvalidInput(f"service {service!r} has no {environment!r} environment")
     if release_run_id and image:
         raise InvalidInput("give either release_run_id or image, not both")
+    me = str(flow_run.id)
+    repo = {
+        "repo_url": catalog.defaults.manifests_repo,
+        "branch": catalog.defaults.manifests_branch,
+    }
+    where = {"overlay": str(target.path), **repo}
+    ttl = ROLLBACK_LEASE_TTL.total_seconds()
 
     if release_run_id:
-        commits = gitops.release_commits.with_options(cache_policy=NO_CACHE)(
-            service, environment, release_run_id
+        lease = gitops.take_over_lease.with_options(cache_policy=NO_CACHE)(
+            service, environment, release_run_id, ttl=ttl, **repo
         )
-        if not commits:
-            gitops.release_lease.with_options(cache_policy=NO_CACHE)(
-                service, environment, holder=release_run_id
+        facts = gitops.rollback_facts.with_options(cache_policy=NO_CACHE)(
+            service, environment, release_run_id, **where
+        )
+        recorded = lease.commits if lease.record.owner == release_run_id else []
+        plan = rollback_plan(
+            release_run_id,
+            me=me,
+            holder=lease.holder,
+            holder_expired=False,
+            recorded=recorded or facts.commits,
+            already_reverted=facts.undone,
+            later_releases=facts.later_runs,
+        )
+        if not plan.revert:
+            gitops.release_lease.with_options(cache_policy=NO_CACHE)(service, environment, **repo)
+            message = (
+                plan.refused or f"release {release_run_id} left nothing to revert in {environment}"
             )
-            return Completed(
-                message=f"release {release_run_id} never changed {environment}",
-                name="NothingToRollBack",
-            )
-        commit = gitops.restore_overlay(
+            log.info(message)
+            return Completed(message=message, name="NothingToRollBack")
+        commit = gitops.revert_release(
             service,
             environment,
-            f"{commits[0]}^",
+            plan.revert,
             f"rolled back release {release_run_id}: {reason}",
-            undone_commits=commits,
+            release_run_id=release_run_id,
+            **where,
         )
     else:
-        wanted = image or _previous_image(service, environment)
+        wanted = image or _previous_image(service, environment, where)
         ref = parse_reference(wanted)
         if ref.repository != svc.image or not ref.digest:
             raise InvalidInput(f"image {wanted!r} is not a pinned image of {svc.image!r}")
         if environment == "staging":
-            commit = gitops.bump_image("staging", service, str(ref), message=f"rollback: {reason}")
+            commit = gitops.bump_image(
+                "staging", service, str(ref), message=f"rollback: {reason}", **where
+            )
         else:
-            commit = gitops.promote(service, str(ref), message=f"rollback: {reason}")
+            gitops.take_lease.with_options(cache_policy=NO_CACHE)(
+                service, environment, ttl=ttl, **repo
+            )
+            commit = gitops.promote(service, str(ref), message=f"rollback: {reason}", **where)
 
     synced = await argocd.argocd_sync_and_wait(
-        target.argocd_app, commit.sha, environment == "staging", is_descendant=gitops.descends
+        target.argocd_app,
+        commit.sha,
+        environment == "staging",
+        is_descendant=gitops.descendant_check(**repo),
     )
     smoke.smoke_test(target, svc.smoke)
-    if release_run_id:
-        gitops.release_lease.with_options(cache_policy=NO_CACHE)(
-            service, environment, holder=release_run_id
-        )
+    # Verified: let the lease go. A restore that cannot be verified keeps it (and says so).
+    if release_run_id or environment == "production":
+        gitops.release_lease.with_options(cache_policy=NO_CACHE)(service, environment, **repo)
+    gitops.remove_clone.with_options(cache_policy=NO_CACHE)(**repo)
     log.info(
         "%s %s back at %s (revision %s)",
         service,
@@ -95,10 +131,13 @@ async def rollback(
     return Completed(message=f"rolled back {service} {environment} to {commit.sha[:12]}")
 
 
-def _previous_image(service: str, environment: Literal["staging", "production"]) -> str:
+def _previous_image(
+    service: str, environment: Literal["staging", "production"], where: dict[str, str]
+) -> str:
     previous: str | None = gitops.previous_image.with_options(cache_policy=NO_CACHE)(
         service,
         environment,  # type: ignore[arg-type]
+        **where,
     )
     if previous is None:
         raise InvalidInput(f"no earlier {service} image in {environment}'s history; pass --image")

@@ -15,6 +15,16 @@ builds GitHub's ``push`` payload from the repo and delivers it, signed
 (``X-Hub-Signature-256``), to the configured receiver (``github.webhook_url``, an
 organisation-wide hook) and to every repository hook.
 
+Git over HTTP (smart protocol, as ``https://github.com/<owner>/<repo>.git``): clone, fetch
+and push at ``/<owner>/<repo>.git`` with basic auth (any user name, the token as password,
+as GitHub takes a token). Behind it is ``git http-backend`` (CGI), so receive-pack runs the
+bare repo's hooks and the push webhooks follow as with a local push. An unauthenticated
+request gets ``401`` with ``WWW-Authenticate: Basic``, which is when git asks its
+``GIT_ASKPASS``. Faults: the git routes have their own fault target ``git``
+(``FaultClient.http_fault("git", path_prefix="/robotics/robotics-k8s-manifests.git",
+hang_seconds=...)``: hang, refuse with a status, or answer slowly), apart from the REST
+routes' ``github``.
+
 Chat sink: any JSON ``POST /chat/<channel>/...`` is recorded and answered the way Feishu,
 DingTalk or Slack answer. Everything recorded is readable at ``GET /_twin/recorded`` (no
 auth: loopback only, for tests and the demo's summary).
@@ -26,11 +36,13 @@ Config (``twin-config.json``): ``github_port``, ``git_base``, ``github``: ``{"to
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import itertools
 import json
 import logging
+import os
 import re
 import secrets
 import subprocess
@@ -830,6 +842,130 @@ def build_app(twin: GitHubTwin) -> Starlette:
     )
 
 
+# --- git over HTTP ---------------------------------------------------------------------------
+
+_GIT_PATH = re.compile(r"^/([A-Za-z0-9._-]+)/([A-Za-z0-9._-]+?)(?:\.git)?(/.*)$")
+_GIT_SERVICES = ("/info/refs", "/git-upload-pack", "/git-receive-pack", "/HEAD", "/objects/")
+GIT_BACKEND_TIMEOUT = 120.0
+
+
+def git_path(path: str) -> tuple[str, str, str] | None:
+    """(owner, repo, rest) of a smart-HTTP git path, or None for anything else."""
+    match = _GIT_PATH.match(path)
+    if match is None or not match.group(3).startswith(_GIT_SERVICES):
+        return None
+    return match.group(1), match.group(2), match.group(3)
+
+
+def _basic_password(header: str) -> str | None:
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode()
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return decoded.partition(":")[2]
+
+
+def _git_denied(status: int, message: str) -> Response:
+    headers = {"WWW-Authenticate": 'Basic realm="GitHub"'} if status == 401 else {}
+    return PlainTextResponse(message + "\n", status_code=status, headers=headers)
+
+
+async def serve_git(twin: GitHubTwin, request: Request) -> Response:
+    """One smart-HTTP request, authenticated by the token, answered by ``git http-backend``."""
+    parts = git_path(request.url.path)
+    if parts is None:
+        return PlainTextResponse("Not Found\n", status_code=404)
+    owner, repo, rest = parts
+    password = _basic_password(request.headers.get("authorization", ""))
+    if password is None:
+        return _git_denied(401, "Authentication required")
+    if not hmac.compare_digest(password, twin.token):
+        return _git_denied(401, "Invalid username or token")
+    try:
+        twin.bare(owner, repo)
+    except GitHubError:
+        return _git_denied(404, "Repository not found.")
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": os.environ.get("HOME", "/tmp"),
+        "GIT_PROJECT_ROOT": str(twin.git_base.resolve()),
+        "GIT_HTTP_EXPORT_ALL": "1",
+        "GIT_HTTP_MAX_REQUEST_BUFFER": "100M",
+        "PATH_INFO": f"/{repo}.git{rest}",
+        "REQUEST_METHOD": request.method,
+        "QUERY_STRING": request.url.query,
+        "CONTENT_TYPE": request.headers.get("content-type", ""),
+        "REMOTE_USER": "robotics-cd",  # http-backend allows receive-pack to a known user
+        "REMOTE_ADDR": request.client.host if request.client else "127.0.0.1",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "GATEWAY_INTERFACE": "CGI/1.1",
+    }
+    for header, var in (
+        ("content-encoding", "HTTP_CONTENT_ENCODING"),
+        ("git-protocol", "GIT_PROTOCOL"),
+        ("content-length", "CONTENT_LENGTH"),
+    ):
+        if header in request.headers:
+            env[var] = request.headers[header]
+    body = await request.body()
+    if "CONTENT_LENGTH" in env:
+        env["CONTENT_LENGTH"] = str(len(body))
+    proc = await asyncio.create_subprocess_exec(
+        "git",
+        "http-backend",
+        env=env,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(body), GIT_BACKEND_TIMEOUT)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return PlainTextResponse("git http-backend timed out\n", status_code=504)
+    head, sep, payload = out.partition(b"\r\n\r\n")
+    if not sep:
+        head, sep, payload = out.partition(b"\n\n")
+    status = 200
+    headers: dict[str, str] = {}
+    for line in head.decode("latin-1").splitlines():
+        name, _, value = line.partition(":")
+        if name.lower() == "status":
+            status = int(value.strip().split()[0])
+        elif name:
+            headers[name.strip()] = value.strip()
+    if proc.returncode != 0 and status == 200 and not payload:
+        log.warning("git http-backend failed for %s: %s", request.url.path, err.decode()[-400:])
+        return PlainTextResponse("git http-backend failed\n", status_code=500)
+    headers.pop("Content-Length", None)
+    return Response(payload, status_code=status, headers=headers)
+
+
+def build_server(twin: GitHubTwin, registry: Any = None) -> Any:
+    """The twin's whole ASGI app: git over HTTP (fault target ``git``) beside the REST API
+    and the chat sink (fault target ``github``)."""
+    from sandbox.faults import FaultInjector
+
+    async def git_app(scope: Any, receive: Any, send: Any) -> None:
+        response = await serve_git(twin, Request(scope, receive))
+        await response(scope, receive, send)
+
+    git = FaultInjector(git_app, target="git", registry=registry)
+    rest = FaultInjector(build_app(twin), target="github", registry=registry)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and git_path(scope["path"]) is not None:
+            await git(scope, receive, send)
+        else:
+            await rest(scope, receive, send)
+
+    return app
+
+
 def _int(value: str) -> int:
     try:
         return int(value)
@@ -838,8 +974,6 @@ def _int(value: str) -> int:
 
 
 async def start(ctx: Any) -> None:
-    from sandbox.faults import FaultInjector
-
     conf: JSON = ctx.config.get("github", {})
     port = int(ctx.config["github_port"])
     twin = GitHubTwin(
@@ -851,4 +985,4 @@ async def start(ctx: Any) -> None:
         webhook_secret=conf.get("webhook_secret", ""),
         store=Store(ctx.state_dir / "github" / "recorded.json"),
     )
-    await ctx.serve(FaultInjector(build_app(twin), target="github"), port, "github")
+    await ctx.serve(build_server(twin), port, "github")

@@ -10,10 +10,18 @@ A package along its seams; every public name stays importable as ``tasks.gitops.
   run's clone.
 """
 
-from tasks.gitops.lease import EMPTY_TREE, Lease, Leases
-from tasks.gitops.overlay import ManifestsRepo
-from tasks.gitops.repo import IDENTITY, CommitInfo, CommitResult, Environment, Repository
+from tasks.gitops.lease import EMPTY_TREE, LEASE_REFS, Lease, Leases, lease_ref
+from tasks.gitops.overlay import Fence, ManifestsRepo
+from tasks.gitops.repo import (
+    IDENTITY,
+    CommitInfo,
+    CommitResult,
+    Environment,
+    Repository,
+    RollbackFacts,
+)
 from tasks.gitops.tasks import (
+    Descends,
     bump_image,
     commits_touching,
     current_image,
@@ -27,26 +35,34 @@ from tasks.gitops.tasks import (
     overlay_path,
     preview_production_change,
     previous_image,
+    production_fence,
     promote,
     release_commits,
     release_lease,
     remove_clone,
     renew_lease,
     restore_overlay,
+    revert_release,
+    rollback_facts,
     set_canary,
     take_lease,
+    take_over_lease,
 )
 
 __all__ = [
     "EMPTY_TREE",
     "IDENTITY",
+    "LEASE_REFS",
     "CommitInfo",
     "CommitResult",
+    "Descends",
     "Environment",
+    "Fence",
     "Lease",
     "Leases",
     "ManifestsRepo",
     "Repository",
+    "RollbackFacts",
     "bump_image",
     "commits_touching",
     "current_image",
@@ -56,16 +72,21 @@ __all__ = [
     "is_ancestor",
     "lease_holder",
     "lease_name",
+    "lease_ref",
     "manifests_repo",
     "overlay_path",
     "preview_production_change",
     "previous_image",
+    "production_fence",
     "promote",
     "release_commits",
     "release_lease",
     "remove_clone",
     "renew_lease",
     "restore_overlay",
+    "revert_release",
+    "rollback_facts",
     "set_canary",
     "take_lease",
+    "take_over_lease",
 ]

@@ -13,11 +13,12 @@ import difflib
 import random
 import re
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.errors import GitOpsError, InvalidInput, OverlayRefused, PushConflict
+from core.errors import GitOpsError, InvalidInput, LeaseLost, OverlayRefused, PushConflict
 from core.images import ImageRef
 from core.kustomize import (
     CanarySettings,
@@ -33,7 +34,8 @@ from core.kustomize import (
     set_image,
     unexpected_changes,
 )
-from tasks.gitops.lease import Leases
+from core.release import LeaseStep
+from tasks.gitops.lease import Lease, Leases, lease_ref
 from tasks.gitops.repo import (
     REJECTED_HINTS,
     CommitResult,
@@ -43,6 +45,21 @@ from tasks.gitops.repo import (
 )
 
 _BEFORE_RE = re.compile(r"^[0-9a-f]{40}(\^|~[0-9]{1,4})?$")
+
+
+@dataclass(frozen=True)
+class Fence:
+    """A production write under a lease: one atomic push moves the branch and the lease.
+
+    ``holder`` must hold lease ``lease``; ``step`` says what the new commit is (recorded in
+    the lease with it). ``expected`` is the writer's own idea of the lease (tests and callers
+    that carry it); None reads it from the remote first. Either way the remote checks it.
+    """
+
+    lease: str
+    holder: str
+    step: Callable[[str], LeaseStep]
+    expected: Lease | None = None
 
 
 @dataclass(frozen=True)
@@ -89,14 +106,24 @@ class ManifestsRepo(Leases):
     def _subject_of(self, sha: str) -> str:
         return self._git("log", "-1", "--format=%s", sha).strip()
 
-    def _commit(self, edit: _Edit) -> CommitResult:
-        """Apply, check, commit and push ``edit``; on a rejected push start over on the new head."""
+    def _commit(self, edit: _Edit, fence: Fence | None = None) -> CommitResult:
+        """Apply, check, commit and push ``edit``; on a rejected push start over on the new head.
+
+        With a ``fence`` the push is atomic with the lease (see :class:`Fence`): a lease that
+        is no longer the holder's raises LeaseLost and nothing lands.
+        """
         last_reason = ""
         for attempt in range(self.max_push_attempts):
             self._update()
+            lease = self._fence_lease(fence) if fence else None
             if not self._apply(edit):
                 sha = edit.existing() or self._git("rev-parse", "HEAD").strip()
-                return CommitResult(sha=sha, changed=False, message=self._subject_of(sha))
+                return CommitResult(
+                    sha=sha,
+                    changed=False,
+                    message=self._subject_of(sha),
+                    lease_sha=lease.sha if lease else None,
+                )
             # Render the head as it is, then our edit on top of it (applying is idempotent).
             self._git("reset", "-q", "--hard", "HEAD")
             before = parse_rendered(self._render_at_head(edit.overlay))
@@ -105,15 +132,34 @@ class ManifestsRepo(Leases):
             self._git("add", "-A", "--", edit.overlay)
             self._git("commit", "-q", "-m", _message(edit.subject, edit.body, edit.trailers))
             sha = self._git("rev-parse", "HEAD").strip()
-            code, out = self._git_status(
-                "push", "--porcelain", "origin", f"HEAD:refs/heads/{self.branch}"
-            )
+            new_lease: str | None = None
+            if fence is None or lease is None:
+                code, out = self._git_status(
+                    "push", "--porcelain", "origin", f"HEAD:refs/heads/{self.branch}"
+                )
+            else:
+                record = lease.record.with_step(fence.step(sha), uuid.uuid4().hex)
+                new_lease = self._lease_commit(fence.lease, record, lease.sha)
+                ref = lease_ref(fence.lease)
+                code, out = self._git_status(
+                    "push",
+                    "--porcelain",
+                    "--atomic",
+                    f"--force-with-lease={ref}:{lease.sha}",
+                    "origin",
+                    f"HEAD:refs/heads/{self.branch}",
+                    f"{new_lease}:{ref}",
+                )
             if code == 0:
-                return CommitResult(sha=sha, changed=True, message=edit.subject)
+                return CommitResult(
+                    sha=sha, changed=True, message=edit.subject, lease_sha=new_lease
+                )
             if not any(hint in out for hint in REJECTED_HINTS):
                 self._git("reset", "-q", "--hard", f"origin/{self.branch}")
-                raise GitOpsError(f"push to the manifests repo failed: {out.strip()}")
+                raise GitOpsError(f"push to the manifests repo {self.url} failed: {out.strip()}")
             last_reason = out.strip()
+            if fence is not None and lease is not None:
+                self._check_still_held(fence, lease)
             # Someone else pushed first: back off with jitter so racers spread out.
             delay = min(2.0, self.retry_base_delay * (2 ** min(attempt, 4)))
             time.sleep(delay * random.uniform(0.5, 1.5))
@@ -122,6 +168,25 @@ class ManifestsRepo(Leases):
             f"{edit.subject}: push still rejected after {self.max_push_attempts} attempts "
             f"({last_reason}); the manifests branch is busy, run the step again"
         )
+
+    def _fence_lease(self, fence: Fence) -> Lease:
+        """The lease a fenced write builds on: the writer's own idea of it, or the remote's."""
+        lease = fence.expected or self._read_lease(fence.lease)
+        if lease is None:
+            raise LeaseLost(fence.lease, fence.holder, "nobody")
+        if lease.holder != fence.holder:
+            raise LeaseLost(fence.lease, fence.holder, lease.holder)
+        return lease
+
+    def _check_still_held(self, fence: Fence, lease: Lease) -> None:
+        """After a refused atomic push: was it the lease (LeaseLost) or only the branch?"""
+        now = self._read_lease(fence.lease)
+        if now is None:
+            self._git("reset", "-q", "--hard", f"origin/{self.branch}")
+            raise LeaseLost(fence.lease, fence.holder, "nobody")
+        if now.sha != lease.sha and (fence.expected is not None or now.holder != fence.holder):
+            self._git("reset", "-q", "--hard", f"origin/{self.branch}")
+            raise LeaseLost(fence.lease, fence.holder, now.holder)
 
     def _apply(self, edit: _Edit) -> bool:
         """Write the edit into the work tree; False when the overlay already says that."""
@@ -181,6 +246,7 @@ class ManifestsRepo(Leases):
         source_sha: str | None = None,
         extra: Callable[[Path], None] | None = None,
         extra_allowed: list[FieldPattern] | None = None,
+        fence: Fence | None = None,
     ) -> CommitResult:
         """Point ``images[name=image_name]`` of ``overlay`` at ``image`` (plus ``extra`` edits)."""
         overlay = _check_relpath(overlay)
@@ -211,7 +277,7 @@ class ManifestsRepo(Leases):
             existing=existing,
         )
         with self._session():
-            return self._commit(edit)
+            return self._commit(edit, fence)
 
     def set_canary(
         self,
@@ -225,6 +291,7 @@ class ManifestsRepo(Leases):
         flow_run_id: str | None = None,
         source_sha: str | None = None,
         stable_image: ImageRef | None = None,
+        fence: Fence | None = None,
     ) -> CommitResult:
         """Write canary replicas/weight (and the canary image, and for a promotion the stable one)."""
         overlay = _check_relpath(overlay)
@@ -273,7 +340,7 @@ class ManifestsRepo(Leases):
             existing=existing,
         )
         with self._session():
-            return self._commit(edit)
+            return self._commit(edit, fence)
 
     def restore(
         self,
@@ -283,6 +350,7 @@ class ManifestsRepo(Leases):
         subject: str,
         body: str,
         flow_run_id: str | None = None,
+        fence: Fence | None = None,
     ) -> CommitResult:
         """Restore ``overlay`` to its tree in ``before`` (a commit, or a root tree), one commit."""
         overlay = _check_relpath(overlay)
@@ -314,4 +382,80 @@ class ManifestsRepo(Leases):
             existing=existing,
         )
         with self._session():
-            return self._commit(edit)
+            return self._commit(edit, fence)
+
+    def revert(
+        self,
+        *,
+        overlay: str,
+        commits: list[str],
+        subject: str,
+        body: str,
+        flow_run_id: str | None = None,
+        source_sha: str | None = None,
+        fence: Fence | None = None,
+    ) -> CommitResult:
+        """One commit reverting exactly ``commits`` (newest first), nothing else.
+
+        Edits others made to the overlay in the meantime stay. A revert that does not apply
+        cleanly (someone changed the same lines since) is refused, nothing committed. The
+        commit's body names each reverted commit (``Undoes: <sha>``); a second call finds
+        that commit and commits nothing.
+        """
+        overlay = _check_relpath(overlay)
+        if not commits:
+            raise InvalidInput("nothing to revert: no commits given")
+        for sha in commits:
+            if not re.fullmatch(r"[0-9a-f]{40}", sha):
+                raise InvalidInput(f"{sha!r} is not a 40-hex commit id")
+
+        def apply(root: Path) -> None:
+            self._full_history()
+            for sha in commits:
+                code, _ = self._git_status("cat-file", "-e", f"{sha}^{{commit}}")
+                if code != 0:
+                    raise GitOpsError(
+                        f"{sha} is not on the manifests branch {self.branch}; cannot revert it"
+                    )
+            code, out = self._git_status("revert", "--no-commit", "--no-edit", *commits)
+            if code != 0:
+                conflicts = self._git_status("diff", "--name-only", "--diff-filter=U")[1]
+                self._git_status("revert", "--abort")
+                self._git("reset", "-q", "--hard", "HEAD")
+                raise OverlayRefused(
+                    f"the release's commits do not revert cleanly on {self.branch} (someone "
+                    f"changed the same lines since: {' '.join(conflicts.split()) or out.strip()})"
+                    "; nothing committed, restore those fields by hand"
+                )
+            self._git_status("revert", "--quit")
+
+        def existing() -> str | None:
+            self._full_history()
+            out = self._git(
+                "log",
+                "-1",
+                "--format=%H",
+                "--fixed-strings",
+                f"--grep=Undoes: {commits[0]}",
+                "HEAD",
+                "--",
+                overlay,
+            ).strip()
+            return out or None
+
+        undone = "\n".join(f"Undoes: {sha}" for sha in commits)
+        edit = _Edit(
+            overlay=overlay,
+            apply=apply,
+            allowed=[],
+            subject=subject,
+            body=f"{body.strip()}\n\n{undone}",
+            trailers=_trailers(flow_run_id, source_sha, None),
+            existing=existing,
+        )
+        with self._session():
+            self._update()
+            done = existing()
+            if done is not None:
+                return CommitResult(sha=done, changed=False, message=self._subject_of(done))
+            return self._commit(edit, fence)

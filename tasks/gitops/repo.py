@@ -52,6 +52,25 @@ class CommitResult(BaseModel):
     sha: str = Field(description="The commit on the branch that holds the requested state.")
     changed: bool = Field(description="True when this call pushed a new commit.")
     message: str = Field(description="Subject of the commit (ours, or the existing one).")
+    lease_sha: str | None = Field(
+        default=None,
+        description="For a fenced write: the lease commit pushed with it (None: unfenced).",
+    )
+
+
+class RollbackFacts(BaseModel):
+    """What the manifests branch says about one release's commits to an overlay."""
+
+    model_config = ConfigDict(frozen=True)
+    commits: list[str] = Field(
+        description="The release's own forward commits (by its Prefect-Flow-Run trailer, "
+        "reverting commits excluded), oldest first."
+    )
+    undone: set[str] = Field(description="Commits any reverting commit names (Undoes: <sha>).")
+    later_runs: list[str] = Field(
+        description="Flow runs whose forward commits changed the overlay after the release's "
+        "last commit, oldest first."
+    )
 
 
 class CommitInfo(BaseModel):
@@ -346,6 +365,36 @@ class Repository:
                 overlay,
             )
             return out.split()
+
+    def rollback_facts(self, overlay: str, flow_run_id: str) -> RollbackFacts:
+        """One read of the overlay's history for the rollback of release ``flow_run_id``."""
+        overlay = _check_relpath(overlay)
+        if not _RUN_ID_RE.match(flow_run_id):
+            raise InvalidInput(f"invalid flow run id {flow_run_id!r}")
+        with self._session():
+            self._update()
+            self._full_history()
+            out = self._git("log", "--reverse", "--format=%H%x00%B%x1e", "HEAD", "--", overlay)
+        commits: list[str] = []
+        undone: set[str] = set()
+        runs: list[tuple[str, str]] = []  # (sha, run) of forward commits, oldest first
+        for entry in out.split("\x1e"):
+            sha, _, body = entry.strip().partition("\x00")
+            if not sha:
+                continue
+            named = set(re.findall(r"^Undoes: ([0-9a-f]{40})$", body, re.MULTILINE))
+            undone |= named
+            if named:
+                continue  # a reverting commit is nobody's forward change
+            run = re.search(r"^Prefect-Flow-Run: (\S+)$", body, re.MULTILINE)
+            runs.append((sha, run.group(1) if run else ""))
+            if run and run.group(1) == flow_run_id:
+                commits.append(sha)
+        later: list[str] = []
+        if commits:
+            after = [r for _, r in runs[[s for s, _ in runs].index(commits[-1]) + 1 :]]
+            later = [r for r in dict.fromkeys(after) if r and r != flow_run_id]
+        return RollbackFacts(commits=commits, undone=undone, later_runs=later)
 
     def image_history(self, overlay: str, image_name: str) -> list[tuple[str, ImageEntry]]:
         """(commit, entry) for each commit that changed ``overlay``'s kustomization, newest first."""

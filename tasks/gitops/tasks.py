@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 
 from prefect import task
@@ -19,14 +20,16 @@ from core.durations import parse_duration
 from core.errors import InvalidInput
 from core.images import validate_sha
 from core.kustomize import CanarySettings, ImageEntry
+from core.release import LeaseStep, StepKind
 from core.settings import get_settings
 from tasks.gitcmd import git_token
 from tasks.gitops.lease import Lease
-from tasks.gitops.overlay import ManifestsRepo
+from tasks.gitops.overlay import Fence, ManifestsRepo
 from tasks.gitops.repo import (
     CommitInfo,
     CommitResult,
     Environment,
+    RollbackFacts,
     _as_image,
     _check_name,
     _check_relpath,
@@ -81,6 +84,21 @@ def manifests_repo(
     )
 
 
+def production_fence(
+    service: str, env: str, holder: str | None, kind: StepKind, weight: int | None = None
+) -> Fence:
+    """The fence of a write to ``env`` by ``holder`` (the flow run holding its lease)."""
+    if not holder:
+        raise InvalidInput(
+            f"a write to {service}'s {env} overlay must hold its lease: no flow run id here"
+        )
+
+    def step(sha: str) -> LeaseStep:
+        return LeaseStep(kind=kind, weight=weight, commit=sha)
+
+    return Fence(lease=lease_name(service, env), holder=holder, step=step)
+
+
 def _overlay(service: str, env: str, overlay: str | None) -> str:
     return _check_relpath(overlay) if overlay else overlay_path(service, env)
 
@@ -117,6 +135,9 @@ def bump_image(
     path = _overlay(service, env, overlay)
     run_id = flow_run_id or _current_run_id()
     repo = manifests_repo(url=repo_url, branch=branch, run_id=run_id)
+    fence = (
+        production_fence(service, env, run_id, StepKind.PROMOTE) if env == "production" else None
+    )
     result = repo.set_image(
         overlay=path,
         image_name=service,
@@ -125,6 +146,7 @@ def bump_image(
         body=message,
         flow_run_id=run_id,
         source_sha=source_sha,
+        fence=fence,
     )
     _log(result)
     return result
@@ -144,7 +166,8 @@ def set_canary(
     repo_url: str | None = None,
     branch: str | None = None,
 ) -> CommitResult:
-    """Canary step: the canary image, its replicas and its traffic weight, in one commit."""
+    """Canary step: the canary image, its replicas and its traffic weight, in one commit,
+    pushed atomically with the production lease this flow run must hold."""
     _check_name(service, "service")
     ref = _digest_required(_as_image(image))
     settings = CanarySettings(replicas=replicas, weight=weight)
@@ -159,6 +182,7 @@ def set_canary(
         body=message,
         flow_run_id=run_id,
         source_sha=source_sha,
+        fence=production_fence(service, "production", run_id, StepKind.CANARY, weight),
     )
     _log(result)
     return result
@@ -191,6 +215,7 @@ def promote(
         body=message,
         flow_run_id=run_id,
         source_sha=source_sha,
+        fence=production_fence(service, "production", run_id, StepKind.PROMOTE),
     )
     _log(result)
     return result
@@ -209,7 +234,11 @@ def restore_overlay(
     repo_url: str | None = None,
     branch: str | None = None,
 ) -> CommitResult:
-    """One commit restoring the overlay folder to its tree in ``before``, naming what it undoes."""
+    """One commit restoring the overlay folder to its tree in ``before``, naming what it undoes.
+
+    It resets everything in the folder, others' edits included: a release's rollback uses
+    :func:`revert_release` instead. Production writes are fenced by the lease.
+    """
     _check_name(service, "service")
     for sha in undone_commits:
         validate_sha(sha)
@@ -223,9 +252,66 @@ def restore_overlay(
         subject=f"rollback({env}): {service} to {path} at {before[:12]}",
         body=f"{reason.strip()}\n\n{undone}" if undone else reason,
         flow_run_id=run_id,
+        fence=production_fence(service, env, run_id, StepKind.ROLLBACK)
+        if env == "production"
+        else None,
     )
     _log(result)
     return result
+
+
+@task(name="gitops-revert-release")
+def revert_release(
+    service: str,
+    env: Environment,
+    commits: list[str],
+    reason: str,
+    release_run_id: str,
+    source_sha: str | None = None,
+    holder: str | None = None,
+    *,
+    overlay: str | None = None,
+    repo_url: str | None = None,
+    branch: str | None = None,
+) -> CommitResult:
+    """One commit reverting exactly ``commits`` (a release's own, newest first), pushed
+    atomically with the lease ``holder`` (default: this flow run) holds; the lease records
+    it as the rollback step. A second call finds it and commits nothing."""
+    _check_name(service, "service")
+    for sha in commits:
+        validate_sha(sha)
+    path = _overlay(service, env, overlay)
+    who = holder or _current_run_id()
+    repo = manifests_repo(url=repo_url, branch=branch, run_id=who)
+    n = len(commits)
+    result = repo.revert(
+        overlay=path,
+        commits=commits,
+        subject=f"rollback({env}): {service}, reverting {n} commit{'s' * (n != 1)} of release "
+        f"{release_run_id}",
+        body=reason,
+        flow_run_id=who,
+        source_sha=source_sha,
+        fence=production_fence(service, env, who, StepKind.ROLLBACK),
+    )
+    _log(result)
+    return result
+
+
+@task(name="gitops-rollback-facts")
+def rollback_facts(
+    service: str,
+    env: Environment,
+    release_run_id: str,
+    *,
+    overlay: str | None = None,
+    repo_url: str | None = None,
+    branch: str | None = None,
+) -> RollbackFacts:
+    """A release's own commits to the overlay, what is already undone, who wrote after it."""
+    _check_name(service, "service")
+    repo = manifests_repo(url=repo_url, branch=branch)
+    return repo.rollback_facts(_overlay(service, env, overlay), release_run_id)
 
 
 @task(name="gitops-remove-clone")
@@ -338,6 +424,26 @@ def take_lease(
     return repo.take_lease(lease_name(service, env), who, _ttl(ttl))
 
 
+@task(name="lease-take-over")
+def take_over_lease(
+    service: str,
+    env: Environment,
+    release_run_id: str,
+    holder: str | None = None,
+    ttl: str | float = "1h",
+    *,
+    repo_url: str | None = None,
+    branch: str | None = None,
+) -> Lease:
+    """``holder`` (default: this flow run) takes the lease of release ``release_run_id`` over,
+    keeping its record (LeaseHeld when another live run holds it)."""
+    who = holder or _current_run_id()
+    if not who:
+        raise InvalidInput("take_over_lease needs a holder (no flow run id in this context)")
+    repo = manifests_repo(url=repo_url, branch=branch, run_id=who)
+    return repo.take_over_lease(lease_name(service, env), who, release_run_id, _ttl(ttl))
+
+
 @task(name="lease-renew")
 def renew_lease(
     service: str,
@@ -387,24 +493,35 @@ def _log(result: CommitResult) -> None:
         logger.info("already there: %s %s (no new commit)", result.sha[:12], result.message)
 
 
+@dataclass(frozen=True)
+class Descends:
+    """``check(revision, commit)``: is ``revision`` our ``commit`` or a later one on the branch?
+
+    Hand it to ``tasks.argocd`` waits, which must not speak git themselves. Plain data (the
+    repo URL and branch), so a task taking it can hash its inputs.
+    """
+
+    repo_url: str | None = None
+    branch: str | None = None
+    run_id: str | None = None
+
+    def __call__(self, revision: str, commit: str) -> bool:
+        if revision == commit:
+            return True
+        repo = manifests_repo(url=self.repo_url, branch=self.branch, run_id=self.run_id)
+        return repo.is_ancestor(commit, revision)
+
+
 def descendant_check(
     *, repo_url: str | None = None, branch: str | None = None, run_id: str | None = None
 ) -> Callable[[str, str], bool]:
-    """``check(revision, commit)``: is ``revision`` our ``commit`` or a later one on the branch?
-
-    Hand it to ``tasks.argocd`` waits, which must not speak git themselves.
-    """
-    repo = manifests_repo(url=repo_url, branch=branch, run_id=run_id)
-
-    def check(revision: str, commit: str) -> bool:
-        return revision == commit or repo.is_ancestor(commit, revision)
-
-    return check
+    """``check(revision, commit)`` over the given manifests repo (see :class:`Descends`)."""
+    return Descends(repo_url=repo_url, branch=branch, run_id=run_id)
 
 
 def descends(revision: str, commit: str) -> bool:
     """``revision`` is ``commit`` or a later commit of the manifests branch (this run's clone).
 
-    The ``is_descendant`` the Argo CD waits take; configured from the catalog.
+    Configured from the catalog; flows pass ``descendant_check(repo_url=..., branch=...)``.
     """
-    return revision == commit or manifests_repo().is_ancestor(commit, revision)
+    return Descends()(revision, commit)

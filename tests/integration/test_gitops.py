@@ -17,6 +17,7 @@ from prefect import flow
 from core.errors import InvalidInput, LeaseHeld, OverlayRefused
 from core.images import parse_reference
 from core.kustomize import CanarySettings, ImageEntry
+from core.release import LeaseRecord
 from tasks import gitops
 from tasks.gitops import ManifestsRepo
 
@@ -355,7 +356,9 @@ def test_a_stale_compare_and_swap_loses(tmp_path, manifests):
     wins: list[str] = []
 
     def go(repo: ManifestsRepo, who: str) -> None:
-        commit = repo._lease_commit("x-production", who, repo.clock(), timedelta(minutes=1))
+        now = repo.clock()
+        record = LeaseRecord(holder=who, taken_at=now, expires_at=now + timedelta(minutes=1))
+        commit = repo._lease_commit("x-production", record, None)
         barrier.wait(timeout=10)
         if repo._cas("x-production", None, commit):
             wins.append(who)

@@ -44,11 +44,12 @@ def test_askpass_answers_git_from_the_environment(tmp_path: Path) -> None:
     env = git_env(GitCredentials("bot", "tok123"))
     assert env["GIT_ASKPASS"] == str(ASKPASS)
     assert env["GIT_CONFIG_KEY_0"] == "credential.helper" and env["GIT_CONFIG_VALUE_0"] == ""
-    ask = lambda prompt: (
-        subprocess.run(  # noqa: E731
+
+    def ask(prompt: str) -> str:
+        return subprocess.run(
             [str(ASKPASS), prompt], env=env, capture_output=True, text=True, check=True
         ).stdout
-    )
+
     assert ask("Username for 'http://h': ") == "bot\n"
     assert ask("Password for 'http://bot@h': ") == "tok123\n"
     assert "ROBOTICS_CD_GIT_PASSWORD" not in git_env(None)
