@@ -107,6 +107,9 @@ class Sandbox:
     webhook_url: str = ""
     webhook_secret: str = field(default="", repr=False)
     git_base: str = ""
+    # How the product reaches the seeded repos: "http" (the GitHub twin's smart-HTTP git with
+    # the token, as on GitHub) or "file" (the bare repos directly). ROBOTICS_CD_SANDBOX_GIT.
+    git_transport: str = "http"
     seed_tag: str = ""
     ingress: dict[str, str] = field(default_factory=dict)
     chat_urls: dict[str, str] = field(default_factory=dict)
@@ -122,6 +125,15 @@ class Sandbox:
     def repo_url(self, repo: str) -> str:
         return f"{self.git_base_url}/{repo}.git"
 
+    @property
+    def product_git_base(self) -> str:
+        """Where the product's catalog finds the repos (``ROBOTICS_CD_GIT_BASE``): the twin's
+        HTTP git (token from the GitHub token Secret) or, with ``git_transport=file``, the
+        bare repos' ``file://`` URLs. Tests and the demo push through :meth:`repo_url`."""
+        if self.git_transport == "http" and self.github_url:
+            return f"{self.github_url}/{OWNER}"
+        return self.git_base_url
+
     def env(self) -> dict[str, str]:
         """The variables ``<state>/env`` exports: the product's settings and catalog."""
         tools = {
@@ -133,7 +145,7 @@ class Sandbox:
             "PREFECT_UI_URL": self.prefect_ui_url,
             "KUBECONFIG": self.kubeconfig,
             "ROBOTICS_CD_SANDBOX_STATE": self.state_dir,
-            "ROBOTICS_CD_GIT_BASE": self.git_base_url,
+            "ROBOTICS_CD_GIT_BASE": self.product_git_base,
             "ROBOTICS_CD_PUSH_REGISTRY": self.registry,
             "ROBOTICS_CD_PULL_REGISTRY": self.registry,
             "ROBOTICS_CD_INGRESS_STAGING": self.ingress.get("staging", ""),
@@ -639,6 +651,9 @@ def up(
 ) -> Sandbox:
     """Start (or reuse) every part of the sandbox; return how to reach it."""
     state = state_dir.resolve()
+    git_transport = os.environ.get("ROBOTICS_CD_SANDBOX_GIT", "http")
+    if git_transport not in ("http", "file"):
+        raise SandboxError(f"ROBOTICS_CD_SANDBOX_GIT={git_transport!r}: use http or file")
     state.mkdir(parents=True, exist_ok=True)
     timer = _Timer(echo)
     ports = _ports(state)
@@ -698,6 +713,7 @@ def up(
         webhook_url=hook_url,
         webhook_secret=keys["webhook_secret"],
         git_base=str(state / "git"),
+        git_transport=git_transport,
         seed_tag=seeded.seed_tag,
         ingress={
             ns: f"http://127.0.0.1:{ports[ns]}" for ns in ("staging", "production", "training")
@@ -761,7 +777,7 @@ def table(sb: Sandbox) -> str:
         ("ingress staging", f"{sb.ingress['staging']}  (Host: api.robotics.local)"),
         ("ingress production", f"{sb.ingress['production']}  (Host: api.robotics.local)"),
         ("metrics + faults", sb.control_url),
-        ("git repos", ", ".join(f"{sb.git_base_url}/{r}.git" for r in REPOS)),
+        ("git repos", ", ".join(f"{sb.product_git_base}/{r}.git" for r in REPOS)),
         ("env file", f"source {sb.state_dir}/env"),
     ]
     width = max(len(r[0]) for r in rows)

@@ -9,6 +9,9 @@ handed to the ``release`` deployment as CI would. The canary policy is compact (
 
 from __future__ import annotations
 
+import os
+import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -66,11 +69,52 @@ def runner(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Ite
 # --- scenarios (one service: they run in order) -------------------------------------------
 
 
+class ArgvWatch:
+    """Samples every process's argv while a release runs: does ``secret`` ever show?"""
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret.encode()
+        self.git_seen = 0
+        self.leaks: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            for pid in os.listdir("/proc"):
+                try:
+                    argv = Path(f"/proc/{pid}/cmdline").read_bytes() if pid.isdigit() else b""
+                except OSError:
+                    continue
+                self.git_seen += argv.startswith(b"git\0")
+                if self.secret in argv:
+                    self.leaks.append(argv.decode(errors="replace"))
+            time.sleep(0.01)
+
+    def __enter__(self) -> ArgvWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
 def test_good_image_is_promoted(sandbox, runner, env, build):
+    # The manifests and service repos are reached over the twin's HTTP git with the token.
+    assert env["ROBOTICS_CD_GIT_BASE"].startswith("http://"), env["ROBOTICS_CD_GIT_BASE"]
     image, sha = build({"www/release-e2e.txt": "good\n"}, "e2e: a good change")
-    run = _start(image, sha)
-    _approve(run, env)
-    done = _wait(run, _final, timeout=420, what="release finished")
+    with ArgvWatch(sandbox.github_token) as watch:
+        run = _start(image, sha)
+        _approve(run, env)
+        done = _wait(run, _final, timeout=420, what="release finished")
+    # The token was in no process's argv, and is in no file under the work directory.
+    assert watch.git_seen > 0 and watch.leaks == [], watch.leaks
+    workspace = Path(env["ROBOTICS_CD_WORKSPACE"])
+    leaked = subprocess.run(
+        ["grep", "-rl", "--", sandbox.github_token, str(workspace)], capture_output=True, text=True
+    )
+    assert leaked.stdout == "", leaked.stdout
 
     assert done.state.type == StateType.COMPLETED and done.state.name == "Promoted", done.state
     kustomization = _manifests(sandbox, "show", f"main:{OVERLAY}/kustomization.yaml")

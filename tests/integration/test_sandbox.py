@@ -26,6 +26,7 @@ import yaml
 from sandbox import engine, launcher, registry
 from sandbox.procs import pid_alive, stop_pidfile
 from sandbox.runtime import state_label
+from tasks.gitcmd import run_git, split_credentials
 from tests.conftest import SESSION_DIR
 from tests.fixtures_sandbox import SandboxHandle
 
@@ -461,7 +462,9 @@ def test_an_operation_survives_a_twin_restart(sandbox: SandboxHandle) -> None:
     assert app["status"]["operationState"]["operation"]["initiatedBy"] == {"username": "admin"}
 
 
-def test_the_catalog_resolves_to_the_sandbox(sandbox_env: dict[str, str]) -> None:
+def test_the_catalog_resolves_to_the_sandbox(
+    sandbox: SandboxHandle, sandbox_env: dict[str, str]
+) -> None:
     from core.catalog import load_catalog
     from core.settings import get_settings
 
@@ -473,11 +476,21 @@ def test_the_catalog_resolves_to_the_sandbox(sandbox_env: dict[str, str]) -> Non
     assert service.environments["staging"].endpoint == sandbox_env["ROBOTICS_CD_INGRESS_STAGING"]
     assert settings.argocd_url == sandbox_env["ROBOTICS_CD_ARGOCD_URL"]
     assert settings.github_api_url == sandbox_env["ROBOTICS_CD_GITHUB_API_URL"]
+    # The product reaches the repos over the GitHub twin's HTTP git, with the token.
+    assert catalog.defaults.manifests_repo.startswith(sandbox.info.github_url)
     for url in (service.repo, catalog.defaults.manifests_repo):
-        heads = subprocess.run(
-            ["git", "ls-remote", url, "refs/heads/main"], capture_output=True, text=True, check=True
-        ).stdout
-        assert re.match(r"^[0-9a-f]{40}\trefs/heads/main$", heads.strip())
+        clean, creds = split_credentials(url, sandbox.github_token)
+        heads = run_git(
+            ["ls-remote", "--", clean, "refs/heads/main"],
+            cwd=Path("/"),
+            remote=clean,
+            timeout=30,
+            credentials=creds,
+        )
+        assert heads.code == 0, heads.output
+        assert re.match(r"^[0-9a-f]{40}\trefs/heads/main$", heads.stdout.strip())
+        refused = run_git(["ls-remote", "--", clean], cwd=Path("/"), remote=clean, timeout=30)
+        assert refused.code != 0  # no token, no access
 
 
 def test_live_resource_of_an_app(sandbox: SandboxHandle) -> None:
