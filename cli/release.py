@@ -21,7 +21,8 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.deployments.flow_runs import arun_deployment
 
-from core.catalog import load_catalog
+from core.approval import OperatorAction, check_operator
+from core.catalog import Service, load_catalog
 from core.errors import RoboticsCDError
 from core.settings import get_settings
 from tasks.approvals import resume_with_decision, send_command
@@ -64,10 +65,12 @@ def _decide(run_id: str, decision: str, approver: str, comment: str) -> None:
         asyncio.run(go())
     except RoboticsCDError as exc:
         raise _fail(str(exc)) from None
-    typer.echo(f"{decision}d release {rid}: {flow_run_url(rid)}")
+    done = {"approve": "approved", "reject": "rejected"}[decision]
+    typer.echo(f"{done} release {rid}: {flow_run_url(rid)}")
 
 
-async def _runs_of(service: str, states: list[StateType]) -> list[FlowRun]:
+async def _runs_of(service: str | None, states: list[StateType]) -> list[FlowRun]:
+    """Release runs in these states, of one service (None: of every service)."""
     name = get_settings().release_deployment.split("/")[-1]
     async with get_client() as client:
         runs = await client.read_flow_runs(
@@ -76,7 +79,60 @@ async def _runs_of(service: str, states: list[StateType]) -> list[FlowRun]:
             ),
             deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[name])),
         )
-    return [r for r in runs if r.parameters.get("service") == service]
+    return [r for r in runs if service is None or r.parameters.get("service") == service]
+
+
+OPERATOR_HELP = (
+    "Who gives this command: a name on the service's approver allowlist (recorded; "
+    "not authentication, see docs/operations.md). Default: $ROBOTICS_CD_OPERATOR."
+)
+
+
+def operator_option() -> Any:
+    return typer.Option(None, "--operator", envvar="ROBOTICS_CD_OPERATOR", help=OPERATOR_HELP)
+
+
+def check_operator_of(service: str, operator: str | None, reason: str | None) -> OperatorAction:
+    """The name and reason of a command that skips the analysis, refused (exit 2) before any
+    side effect when the name is not on the service's allowlist or the reason is missing."""
+    try:
+        allowed = load_catalog(get_settings().catalog).service(service).approvers
+        return check_operator(operator, reason, allowed)
+    except RoboticsCDError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _status_lines(service: str, svc: Service, runs: list[FlowRun]) -> list[str]:
+    """What runs where for one service: each environment's image and lock, its releases."""
+    from tasks.gitops import current_image, lease_holder
+
+    now = datetime.now(UTC)
+    lines = [f"{service}"]
+    for env, target in svc.environments.items():
+        image = current_image.fn(service, env)
+        lease = lease_holder.fn(service, env)
+        lock = "lock free"
+        if lease is not None and not lease.expired(now):
+            lock = f"lock held by release {lease.holder} until {lease.expires_at:%H:%M:%S}"
+        shown = image.reference if image else "-"
+        lines.append(f"  {env:<11} {shown}  ({target.argocd_app}; {lock})")
+    mine = [r for r in runs if r.parameters.get("service") == service]
+    for run in mine:
+        if run.state is not None and run.state.is_paused():
+            lines.append(
+                f"  awaiting approval: {run.id} {run.parameters.get('image')} "
+                f"{flow_run_url(run.id)}"
+            )
+    for run in mine:
+        if run.state is None or not run.state.is_paused():
+            message = run.state.message if run.state and run.state.message else ""
+            lines.append(
+                f"  {run.state.name if run.state else '?':<10} {run.id} "
+                f"{run.parameters.get('image')} {message}"
+            )
+    if not mine:
+        lines.append("  no release in progress")
+    return lines
 
 
 def register(app: typer.Typer) -> None:
@@ -101,12 +157,13 @@ def register(app: typer.Typer) -> None:
     @app.command("abort")
     def abort(
         run_id: str = typer.Argument(..., help="The release's flow run id."),
-        reason: str = typer.Option("aborted by operator", help="Recorded in the release."),
+        operator: str | None = operator_option(),
+        reason: str | None = typer.Option(None, help="Why (required, recorded in the release)."),
     ) -> None:
-        """Roll a release back now (during its canary or watch)."""
+        """Roll a release back now (during its canary or watch), skipping the analysis."""
         rid = _run_id(run_id)
-        sender = getpass.getuser()
         run = asyncio.run(_read_release(rid))
+        action = check_operator_of(str(run.parameters["service"]), operator, reason)
         if run.state and run.state.is_paused():
             raise _fail(
                 "this release waits for approval and production is untouched: "
@@ -114,63 +171,59 @@ def register(app: typer.Typer) -> None:
             )
         if run.state and run.state.is_final():
             raise _fail(f"release {rid} already ended ({run.state.name})")
-        asyncio.run(send_command(rid, "abort", reason, sender))
-        typer.echo(f"abort sent to {rid}; it rolls back at its next check: {flow_run_url(rid)}")
+        asyncio.run(send_command(rid, "abort", action.reason, action.operator, _os_user()))
+        typer.echo(
+            f"abort by {action.operator} sent to {rid}; it rolls back at its next check: "
+            f"{flow_run_url(rid)}"
+        )
 
     @app.command("promote")
     def promote(
         run_id: str = typer.Argument(..., help="The release's flow run id."),
         now: bool = typer.Option(False, "--now", help="Skip the remaining canary steps."),
-        reason: str = typer.Option(..., help="Why the remaining steps are skipped (recorded)."),
+        operator: str | None = operator_option(),
+        reason: str | None = typer.Option(
+            None, help="Why the remaining steps are skipped (required, recorded)."
+        ),
     ) -> None:
-        """Promote a canary now, skipping its remaining steps (the reason is recorded)."""
+        """Promote a canary now, skipping its remaining steps (name and reason recorded)."""
         if not now:
             raise _fail("promote needs --now (it skips the remaining canary steps)")
         rid = _run_id(run_id)
         run = asyncio.run(_read_release(rid))
+        action = check_operator_of(str(run.parameters["service"]), operator, reason)
         if run.state is None or not run.state.is_running():
             raise _fail(
                 f"release {rid} is not in its canary (state: "
                 f"{run.state.name if run.state else 'unknown'})"
             )
-        asyncio.run(send_command(rid, "promote", reason, getpass.getuser()))
-        typer.echo(f"promote sent to {rid}: {flow_run_url(rid)}")
+        asyncio.run(send_command(rid, "promote", action.reason, action.operator, _os_user()))
+        typer.echo(f"promote by {action.operator} sent to {rid}: {flow_run_url(rid)}")
 
     @app.command("status")
-    def status(service: str = typer.Argument(..., help="Service name from the catalog.")) -> None:
-        """What runs where, and which release waits for whom."""
-        from tasks.gitops import current_image, lease_holder
-
+    def status(
+        service: str | None = typer.Argument(
+            None, help="Service name from the catalog (default: every service)."
+        ),
+    ) -> None:
+        """What runs where, and which release waits for whom (every service by default)."""
         catalog = load_catalog(get_settings().catalog)
         try:
-            svc = catalog.service(service)
+            names = sorted(catalog.services)
+            if service:
+                catalog.service(service)
+                names = [service]
         except RoboticsCDError as exc:
             raise _fail(str(exc)) from None
-        now = datetime.now(UTC)
-        for env, target in svc.environments.items():
-            image = current_image.fn(service, env)
-            lease = lease_holder.fn(service, env)
-            lock = "lock free"
-            if lease is not None and not lease.expired(now):
-                lock = f"lock held by release {lease.holder} until {lease.expires_at:%H:%M:%S}"
-            shown = image.reference if image else "-"
-            typer.echo(f"{env:<11} {shown}  ({target.argocd_app}; {lock})")
-        waiting = asyncio.run(_runs_of(service, [StateType.PAUSED]))
-        running = asyncio.run(
-            _runs_of(service, [StateType.RUNNING, StateType.PENDING, StateType.SCHEDULED])
+        runs = asyncio.run(
+            _runs_of(
+                service,
+                [StateType.PAUSED, StateType.RUNNING, StateType.PENDING, StateType.SCHEDULED],
+            )
         )
-        for run in waiting:
-            typer.echo(
-                f"awaiting approval: {run.id} {run.parameters.get('image')} {flow_run_url(run.id)}"
-            )
-        for run in running:
-            message = run.state.message if run.state and run.state.message else ""
-            typer.echo(
-                f"{run.state.name if run.state else '?':<10} {run.id} "
-                f"{run.parameters.get('image')} {message}"
-            )
-        if not waiting and not running:
-            typer.echo("no release in progress")
+        for name in names:
+            for line in _status_lines(name, catalog.services[name], runs):
+                typer.echo(line)
 
     @app.command("rollback")
     def rollback(
@@ -179,16 +232,32 @@ def register(app: typer.Typer) -> None:
         image: str | None = typer.Option(
             None, help="Image to return to (default: the previously deployed one)."
         ),
-        reason: str = typer.Option("manual rollback", help="Recorded in the commit."),
+        operator: str | None = operator_option(),
+        reason: str | None = typer.Option(None, help="Why (required, recorded in the commit)."),
     ) -> None:
         """Roll a service back to its previous image by the GitOps path (a rollback run)."""
-        load_catalog(get_settings().catalog).service(service)
-        params: dict[str, Any] = {"service": service, "environment": env, "reason": reason}
+        action = check_operator_of(service, operator, reason)
+        params: dict[str, Any] = {
+            "service": service,
+            "environment": env,
+            "reason": f"manual rollback by {action.describe()}",
+        }
         if image:
             params["image"] = image
         run = asyncio.run(
             arun_deployment(
-                get_settings().rollback_deployment, parameters=params, timeout=0, as_subflow=False
+                get_settings().rollback_deployment,
+                parameters=params,
+                timeout=0,
+                as_subflow=False,
+                tags=["manual", f"operator:{action.operator}"],
             )
         )
-        typer.echo(f"rollback started: {flow_run_url(run.id)}")
+        typer.echo(f"rollback by {action.operator} started: {flow_run_url(run.id)}")
+
+
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "?"

@@ -45,6 +45,38 @@ def check_approver(approver: str, allowed: list[str]) -> str:
     return approver
 
 
+@dataclass(frozen=True)
+class OperatorAction:
+    """Who asked for a command that skips the analysis, and why (both recorded).
+
+    The name is what the operator typed: it is checked against the service's approvers, but
+    it is not authentication (see docs/operations.md)."""
+
+    operator: str
+    reason: str
+
+    def describe(self) -> str:
+        return f"{self.operator}: {self.reason}"
+
+
+def check_operator(operator: str | None, reason: str | None, allowed: list[str]) -> OperatorAction:
+    """Refuse an operator command without a name on the allowlist or without a reason."""
+    name = (operator or "").strip()
+    if not name:
+        raise InvalidInput(
+            "say who you are: --operator NAME (one of this service's approvers: "
+            f"{', '.join(allowed)})"
+        )
+    if name not in allowed:
+        raise InvalidInput(
+            f"operator {name!r} is not on this service's approver allowlist ({', '.join(allowed)})"
+        )
+    why = (reason or "").strip()
+    if not why:
+        raise InvalidInput("a reason is required: --reason TEXT (it is recorded)")
+    return OperatorAction(operator=name, reason=why)
+
+
 def is_overdue(paused_at: datetime, now: datetime, timeout: timedelta) -> bool:
     return now - paused_at >= timeout
 

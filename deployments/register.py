@@ -222,15 +222,10 @@ def zombie_automation(
         trigger=EventTrigger(
             match={"prefect.resource.id": flow_runs},
             after={"prefect.flow-run.heartbeat"},
-            expect={
-                "prefect.flow-run.heartbeat",
-                "prefect.flow-run.Completed",
-                "prefect.flow-run.Failed",
-                "prefect.flow-run.Cancelled",
-                "prefect.flow-run.Crashed",
-                "prefect.flow-run.Suspended",
-                "prefect.flow-run.Paused",
-            },
+            # Any event of the run is a sign of life: a heartbeat, and every state change,
+            # whatever its name (a state event is `prefect.flow-run.<state name>`, so the
+            # custom-named Rejected, Promoted, Superseded, AwaitingLock, Resuming ... count).
+            expect={"prefect.flow-run.*"},
             for_each={"prefect.resource.id"},
             posture="Proactive",
             threshold=1,

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -66,7 +65,7 @@ class StartedRun:
     deployment: str
     flow_run_id: str
     name: str
-    reused: bool  # the idempotency key matched an existing run: a redelivery
+    reused: bool  # the idempotency key matched an existing run (the server answered 200)
 
 
 class RunStarter(Protocol):
@@ -115,8 +114,9 @@ def prefect_starter(
 ) -> tuple[RunStarter, Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]]:
     """A starter over one long-lived Prefect client, with its open/close hooks."""
     from prefect.client.orchestration import get_client
-    from prefect.deployments import arun_deployment
     from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
+
+    from tasks.handoff import create_deployment_run
 
     holder: dict[str, Any] = {}
 
@@ -129,14 +129,14 @@ def prefect_starter(
             await client.__aexit__(None, None, None)
 
     async def start(request: RunRequest, idempotency_key: str) -> StartedRun:
-        asked_at = time.time()
+        client = holder.get("client")
+        if client is None:
+            raise DeploymentUnavailable("the receiver's Prefect client is not open")
         try:
-            run = await arun_deployment(
+            run, created = await create_deployment_run(
+                client,
                 request.deployment,
-                client=holder.get("client"),
                 parameters=request.parameters,
-                timeout=0,
-                as_subflow=False,
                 idempotency_key=idempotency_key,
                 tags=["github", *request.tags],
             )
@@ -147,10 +147,7 @@ def prefect_starter(
             ) from exc
         except (PrefectHTTPStatusError, OSError) as exc:
             raise DeploymentUnavailable(f"Prefect API: {type(exc).__name__}: {exc}") from exc
-        created = run.created.timestamp() if run.created else asked_at
-        return StartedRun(
-            request.deployment, str(run.id), run.name, reused=created < asked_at - 1.0
-        )
+        return StartedRun(request.deployment, str(run.id), run.name, reused=not created)
 
     return start, open_client, close_client
 

@@ -29,7 +29,6 @@ from prefect import flow, get_run_logger
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State
 from prefect.context import TaskRunContext
-from prefect.flow_runs import suspend_flow_run
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 
@@ -64,7 +63,7 @@ from core.release import (
 from core.settings import Settings, get_settings
 from tasks import argocd, gitops, lifecycle, metrics, notify, report, smoke, source
 from tasks import github as gh
-from tasks.approvals import approval_form, expire_overdue, pending_commands, to_decision
+from tasks.approvals import expire_overdue, pending_commands, wait_for_decision
 from tasks.lifecycle import emit_release_event, start_rollback_for
 
 LOCK_WAIT = timedelta(hours=6)
@@ -181,10 +180,7 @@ async def await_approval(plan: ReleasePlan, cfg: Config, record: ReleaseRecord) 
         link=run_url,
     )
     emit_release_event("awaiting-approval", plan, {"approvers": svc.approvers})
-    form = await suspend_flow_run(  # type: ignore[misc]
-        wait_for_input=approval_form(svc.approvers, description), key="approval"
-    )
-    return to_decision(form)
+    return await wait_for_decision(svc.approvers, description)
 
 
 # --- production ---------------------------------------------------------------------------
@@ -527,8 +523,8 @@ def end(
 
 @flow(
     name="expire-approvals",
-    description="Resume releases whose approval waited longer than the catalog allows, with a "
-    "reject decision from system:timeout: each release then ends 'rejected: timed out'.",
+    description="End the wait of releases whose approval waited longer than the catalog "
+    "allows: each release resumes and ends 'rejected: timed out'.",
 )
 async def expire_approvals() -> list[str]:
     catalog = load_catalog(get_settings().catalog)

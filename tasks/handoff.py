@@ -76,6 +76,39 @@ def flow_run_url(flow_run_id: str | UUID) -> str | None:
     return url_for("flow-run", obj_id=str(flow_run_id))
 
 
+async def create_deployment_run(
+    client: Any,
+    deployment: str,
+    *,
+    parameters: dict[str, Any],
+    idempotency_key: str | None,
+    tags: list[str],
+) -> tuple[Any, bool]:
+    """Create a top-level run of ``deployment`` now; returns (flow run, created).
+
+    ``created`` is False when the idempotency key matched an existing run of the flow: the
+    server then answers 200 with that run instead of 201 (``run_deployment`` drops this).
+    Raises ``ObjectNotFound`` for a deployment that is not there."""
+    from prefect.client.schemas.actions import DeploymentFlowRunCreate
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.states import Scheduled, to_state_create
+
+    found = await client.read_deployment_by_name(deployment)
+    body = DeploymentFlowRunCreate(
+        parameters=parameters,
+        state=to_state_create(Scheduled()),
+        tags=tags,
+        idempotency_key=idempotency_key,
+    )
+    response = await client.request(
+        "POST",
+        "/deployments/{id}/create_flow_run",
+        path_params={"id": found.id},
+        json=body.model_dump(mode="json", exclude_unset=True),
+    )
+    return FlowRun.model_validate(response.json()), response.status_code == 201
+
+
 def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
     """Retry a flaky API, not a deployment that is not there."""
     return not isinstance(state.data, DeploymentMissing)

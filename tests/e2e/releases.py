@@ -154,3 +154,41 @@ def _release(image: str, sha: str, env: dict[str, str]) -> FlowRun:
 
 def _digest(image: str) -> str:
     return image.split("@", 1)[1]
+
+
+def _events(name: str, since: Any) -> list[Any]:
+    """Events of this name on the Prefect server since ``since`` (first page: 200)."""
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter
+
+    async def read() -> list[Any]:
+        async with get_client() as client:
+            page = await client.read_events(
+                filter=EventFilter(
+                    occurred=EventOccurredFilter(since=since),
+                    event=EventNameFilter(name=[name]),
+                ),
+                limit=200,
+            )
+        return list(page.events)
+
+    return anyio.run(read)
+
+
+def _release_runs_since(since: Any) -> list[FlowRun]:
+    """Every run of the release deployment created since ``since``."""
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterName,
+        FlowRunFilter,
+        FlowRunFilterStartTime,
+    )
+
+    async def read() -> list[FlowRun]:
+        async with get_client() as client:
+            runs: list[FlowRun] = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(after_=since)),
+                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["release"])),
+            )
+            return runs
+
+    return anyio.run(read)

@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import anyio
@@ -32,17 +33,21 @@ from tests.e2e.releases import (
     _cli,
     _deployed,
     _digest,
+    _events,
     _final,
     _manifests,
     _overlay_tree,
     _paused,
     _production_images,
     _release,
+    _release_runs_since,
     _start,
     _wait,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+
+MODULE_START = datetime.now(UTC)
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +198,8 @@ def test_reject_leaves_production_untouched(sandbox, runner, env, build):
     image, sha = build({"www/release-e2e.txt": "rejected\n"}, "e2e: to be rejected")
     run = _start(image, sha)
     _wait(run, _paused, timeout=300, what="release waiting for approval")
-    _cli("reject", str(run.id), "--approver", "bob", "--comment", "not today", env=env)
+    said = _cli("reject", str(run.id), "--approver", "bob", "--comment", "not today", env=env)
+    assert said.startswith(f"rejected release {run.id}")
     done = _wait(run, _final, timeout=120, what="release finished")
     assert done.state.name == "Rejected" and "rejected by bob" in done.state.message
     assert _overlay_tree(sandbox) == before_tree
@@ -283,21 +289,31 @@ def test_operators_can_promote_now_or_abort(sandbox, runner, env, build):
     run = _start(image, sha)
     _approve(run, env)
     _wait_canary_commit(sandbox, str(run.id))
-    _cli("promote", str(run.id), "--now", "--reason", "hotfix, metrics look fine", env=env)
+    _cli(
+        "promote",
+        str(run.id),
+        "--now",
+        "--operator",
+        "alice",
+        "--reason",
+        "hotfix, metrics look fine",
+        env=env,
+    )
     done = _wait(run, _final, timeout=300, what="release promoted by hand")
     assert done.state.name == "Promoted", done.state
     subject = _manifests(sandbox, "log", "-1", "--format=%s", "--", OVERLAY)
     assert subject.startswith("promote(production)")
-    assert "hotfix, metrics look fine" in _latest_release_record()
+    record = _latest_release_record()
+    assert "hotfix, metrics look fine" in record and "alice" in record
 
     before_tree = _overlay_tree(sandbox)
     image, sha = build({"www/release-e2e.txt": "abort\n"}, "e2e: aborted by hand")
     run = _start(image, sha)
     _approve(run, env)
     _wait_canary_commit(sandbox, str(run.id))
-    _cli("abort", str(run.id), "--reason", "wrong build", env=env)
+    _cli("abort", str(run.id), "--operator", "bob", "--reason", "wrong build", env=env)
     done = _wait(run, _final, timeout=300, what="release aborted")
-    assert done.state.type == StateType.FAILED and "aborted by" in done.state.message
+    assert done.state.type == StateType.FAILED and "aborted by bob" in done.state.message
     assert "wrong build" in done.state.message
     assert _overlay_tree(sandbox) == before_tree
 
@@ -323,3 +339,29 @@ def _wait_canary_commit(sandbox, run_id: str) -> None:
         timeout=300,
         what="the release's first canary commit",
     )
+
+
+def test_no_automation_action_failed_after_rejected_and_promoted_releases(sandbox, runner, env):
+    """The zombie automation counts any event of a run as a sign of life, so runs that ended
+    in a custom-named state (Rejected, Promoted, Superseded ...) are not "marked Crashed"
+    after they ended (which the server refuses: `action.failed ... terminal state`).
+
+    Runs last in this module: its releases above ended Rejected and Promoted; the window
+    checked is the zombie window after the last of them, mostly spent by the tests above."""
+    from deployments.register import ZOMBIE_AFTER
+
+    ended = [
+        r
+        for r in _release_runs_since(MODULE_START)
+        if r.state and r.state.name in ("Rejected", "Promoted")
+    ]
+    assert {r.state.name for r in ended if r.state} == {"Rejected", "Promoted"}
+    last = max(r.state.timestamp for r in ended if r.state)
+    settled = last + ZOMBIE_AFTER + timedelta(seconds=20)
+    wait_until(
+        lambda: datetime.now(UTC) > settled,
+        timeout=ZOMBIE_AFTER.total_seconds() + 60,
+        what="the zombie window after the last release",
+    )
+    failed = _events("prefect.automation.action.failed", MODULE_START)
+    assert failed == [], [(e.resource.get("prefect.resource.name"), e.payload) for e in failed]

@@ -138,6 +138,9 @@ async def test_push_starts_ci_once_even_when_redelivered_after_a_restart(probe_d
     assert run_info["reused"] is False
     assert again.json()["runs"][0]["flow_run_id"] == run_info["flow_run_id"]
     assert third.json()["runs"][0]["flow_run_id"] == run_info["flow_run_id"]
+    # The answer says so: the redeliveries (within a second, and after a restart) reuse it.
+    assert again.json()["runs"][0]["reused"] is True
+    assert third.json()["runs"][0]["reused"] is True
     new = [r for r in await runs_of(ci) if r.id not in before]
     assert len(new) == 1
     run = new[0]

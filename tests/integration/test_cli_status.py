@@ -1,0 +1,71 @@
+"""``robotics-cd status`` with and without a service, on a real manifests repo (a bare git
+repo seeded like the sandbox's) and the session's Prefect server."""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from cli.app import app
+from tests.integration.test_gitops import SEED_TAG, seed_manifests
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def two_services(tmp_path, monkeypatch, prefect_server) -> Iterator[Path]:
+    """A catalog of api-gateway and a copy named nav-planner, over a seeded manifests repo."""
+    from core.settings import get_settings
+
+    seed_manifests(tmp_path, services=("api-gateway", "nav-planner"))
+    data = yaml.safe_load((ROOT / "services.yaml").read_text())
+    second = copy.deepcopy(data["services"]["api-gateway"])
+    text = yaml.safe_dump(second).replace("api-gateway", "nav-planner")
+    data["services"]["nav-planner"] = yaml.safe_load(text)
+    catalog = tmp_path / "services.yaml"
+    catalog.write_text(yaml.safe_dump(data))
+    monkeypatch.setenv("ROBOTICS_CD_CATALOG", str(catalog))
+    monkeypatch.setenv("ROBOTICS_CD_GIT_BASE", f"file://{tmp_path}")
+    monkeypatch.setenv("ROBOTICS_CD_WORKSPACE", str(tmp_path / "workspace"))
+    get_settings.cache_clear()
+    yield catalog
+    monkeypatch.undo()
+    get_settings.cache_clear()
+
+
+def test_status_without_a_service_lists_every_service(two_services):
+    from tasks import gitops
+
+    holder = f"release-{uuid.uuid4().hex[:6]}"
+    gitops.take_lease.fn("nav-planner", "production", holder=holder, ttl=600)
+    try:
+        result = CliRunner().invoke(app, ["status"])
+        one = CliRunner().invoke(app, ["status", "api-gateway"])
+    finally:
+        gitops.release_lease.fn("nav-planner", "production", holder=holder)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "api-gateway" in lines and "nav-planner" in lines
+    for service in ("api-gateway", "nav-planner"):
+        block = "\n".join(lines[lines.index(service) :])
+        assert f"{service}-staging" in block and f"{service}-production" in block
+        assert SEED_TAG in block
+    assert f"lock held by release {holder}" in result.output
+    assert result.output.count("no release in progress") == 2
+    # The one-service form shows the same block, for that service only.
+    assert one.exit_code == 0, one.output
+    assert "nav-planner" not in one.output and "api-gateway-production" in one.output
+
+
+def test_status_of_an_unknown_service_names_it(two_services):
+    result = CliRunner().invoke(app, ["status", "no-such-service"])
+    assert result.exit_code == 2
+    assert "no-such-service" in result.output
