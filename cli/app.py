@@ -28,6 +28,7 @@ _COMMAND_MODULES = (
     "cli.catalog",
     "cli.sandbox",
     "cli.release",
+    "cli.rerelease",
     "cli.ops",
     "cli.train",
     "cli.demo",

@@ -3,9 +3,12 @@
 - ``serve``: every flow as a deployment served by this process (Prefect's runner, no work
   pool, no worker): the embedded default, the demo and the tests.
 - ``deploy``: the same deployments registered against a work pool (process by default,
-  ``--pool-type kubernetes`` for Jobs through prefect-kubernetes), plus one global
-  concurrency limit per service and environment and the two automations (zombie runs →
-  Crashed; crashed or cancelled release → rollback). Re-running it updates in place.
+  ``--pool-type kubernetes`` for Jobs through prefect-kubernetes), plus the two automations
+  (zombie runs → Crashed; crashed or cancelled release → rollback). Re-running it changes
+  only what differs: an unchanged automation is left alone (updating one drops its trigger
+  state). It creates no concurrency limit: the production lease is the release lock (see
+  docs/triggers.md), and the ``release-<service>-<env>`` limits of earlier versions, never
+  used, are removed.
 - ``webhook serve``: the GitHub webhook receiver.
 """
 
@@ -32,8 +35,9 @@ log = logging.getLogger("robotics_cd.ops")
 class DeployReport:
     pool: str
     deployments: dict[str, str] = field(default_factory=dict)  # full name → id
-    limits_created: list[str] = field(default_factory=list)
+    limits_removed: list[str] = field(default_factory=list)
     automations: dict[str, str] = field(default_factory=dict)
+    changes: dict[str, reg.Change] = field(default_factory=dict)  # name → created/updated/...
     skipped: list[str] = field(default_factory=list)
 
 
@@ -76,22 +80,31 @@ async def deploy_all(
             if s.flow_name not in present and (only is None or s.flow_name in only)
         ]
         for deployment in deployments:
-            deployment_id = await deployment.aapply(work_pool_name=pool)
-            report.deployments[f"{deployment.flow_name}/{deployment.name}"] = str(deployment_id)
-        report.limits_created = await reg.ensure_concurrency_limits(catalog, client)
-        report.automations = await _ensure_automations(client, report.deployments, name_suffix)
+            name = f"{deployment.flow_name}/{deployment.name}"
+            deployment_id, change = await reg.apply_deployment(client, deployment, pool)
+            report.deployments[name] = str(deployment_id)
+            report.changes[name] = change
+        report.limits_removed = await reg.remove_unused_concurrency_limits(catalog, client)
+        report.automations = await _ensure_automations(
+            client, report.deployments, name_suffix, report.changes
+        )
     return report
 
 
 async def _ensure_automations(
-    client: Any, deployed: dict[str, str], name_suffix: str = ""
+    client: Any,
+    deployed: dict[str, str],
+    name_suffix: str = "",
+    changes: dict[str, reg.Change] | None = None,
 ) -> dict[str, str]:
     from uuid import UUID
 
     settings = get_settings()
+    changes = changes if changes is not None else {}
     zombie = reg.ZOMBIE_AUTOMATION + name_suffix
     rollback_name = reg.ROLLBACK_AUTOMATION + name_suffix
-    made = {zombie: str(await reg.upsert_automation(client, reg.zombie_automation(zombie)))}
+    zombie_id, changes[zombie] = await reg.upsert_automation(client, reg.zombie_automation(zombie))
+    made = {zombie: str(zombie_id)}
     release = deployed.get(settings.release_deployment + name_suffix)
     rollback = deployed.get(settings.rollback_deployment + name_suffix)
     if not (release and rollback):
@@ -103,7 +116,8 @@ async def _ensure_automations(
     automation = reg.rollback_automation(
         UUID(release), UUID(rollback), accepted, name=rollback_name
     )
-    made[rollback_name] = str(await reg.upsert_automation(client, automation))
+    rollback_id, changes[rollback_name] = await reg.upsert_automation(client, automation)
+    made[rollback_name] = str(rollback_id)
     return made
 
 
@@ -129,7 +143,12 @@ def serve_all(*, only: set[str] | None = None, limit: int | None = None) -> None
 
 async def _serve_automations(deployments: list[Any]) -> dict[str, str]:
     """A served embedded default gets the same safety net as ``deploy``: silent runs are
-    marked Crashed and a crashed or cancelled release is rolled back without a human."""
+    marked Crashed and a crashed or cancelled release is rolled back without a human.
+
+    Deployments are registered here only where they differ (the automations need their
+    ids); unchanged automations are left alone, so a restarted ``serve`` keeps their
+    trigger state. (Prefect's ``serve`` itself then re-applies its deployments, which does
+    not touch automations.)"""
     from prefect import get_client
 
     names = {f"{d.flow_name}/{d.name}" for d in deployments}
@@ -137,7 +156,10 @@ async def _serve_automations(deployments: list[Any]) -> dict[str, str]:
     if not {settings.release_deployment, settings.rollback_deployment} <= names:
         return {}
     async with get_client() as client:
-        applied = {f"{d.flow_name}/{d.name}": str(await d.aapply()) for d in deployments}
+        applied = {
+            f"{d.flow_name}/{d.name}": str((await reg.apply_deployment(client, d))[0])
+            for d in deployments
+        }
         return await _ensure_automations(client, applied)
 
 
@@ -165,8 +187,9 @@ def register(app: typer.Typer) -> None:
             [], "--only", help="Deploy only these flows (repeatable), e.g. --only ci."
         ),
     ) -> None:
-        """Register every flow as a deployment on a work pool, with concurrency limits and
-        automations. Start a worker for the pool afterwards (`prefect worker start --pool`)."""
+        """Register every flow as a deployment on a work pool, with the automations; only
+        what differs changes. Start a worker for the pool afterwards (`prefect worker start
+        --pool`)."""
         if pool_type not in ("process", "kubernetes"):
             raise _fail(f"--pool-type must be process or kubernetes, not {pool_type!r}")
         kube = reg.KubernetesPoolOptions(
@@ -185,13 +208,13 @@ def register(app: typer.Typer) -> None:
             raise _fail(str(exc)) from None
         typer.echo(f"work pool {report.pool} ({pool_type})")
         for name, deployment_id in report.deployments.items():
-            typer.echo(f"deployment {name:<34} {deployment_id}")
+            typer.echo(f"deployment {name:<34} {deployment_id} ({report.changes[name]})")
         for name in report.skipped:
             typer.secho(f"skipped    {name} (flow module not present)", fg="yellow")
-        for name in report.limits_created:
-            typer.echo(f"concurrency limit {name} created (limit 1)")
+        for name in report.limits_removed:
+            typer.echo(f"concurrency limit {name} removed (unused: the lease is the lock)")
         for name, automation_id in report.automations.items():
-            typer.echo(f"automation {name!r} {automation_id}")
+            typer.echo(f"automation {name!r} {automation_id} ({report.changes[name]})")
 
     @app.command("serve")
     def serve_cmd(

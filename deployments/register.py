@@ -1,5 +1,5 @@
 """What ``robotics-cd serve`` and ``robotics-cd deploy`` share: the deployment table, the
-global concurrency limits, and the automations.
+automations, and registering both so that only what differs changes.
 
 Each flow is imported lazily: a flow module not written yet is skipped with a warning, so
 serving works while the project grows. ``prefect.yaml`` declares the same deployments for
@@ -170,11 +170,18 @@ def runner_deployments(
     return deployments
 
 
-# --- global concurrency limits -------------------------------------------------------------
+# --- global concurrency limits (no longer used) --------------------------------------------
+#
+# Earlier versions created a global concurrency limit `release-<service>-<env>` (limit 1) per
+# service and environment, and nothing ever acquired it. It could not be the release lock:
+# a slot is given back when a run suspends for approval (days, without a process), and a
+# slot held by a process that died stays taken until slot decay. The lock is the lease (a
+# ref in the manifests repo, compare-and-swap, recording the run and its "before"). So the
+# limits are removed rather than used.
 
 
-def concurrency_limit_names(catalog: Catalog) -> list[str]:
-    """One limit per service and environment: ``release-<service>-<env>``."""
+def legacy_concurrency_limit_names(catalog: Catalog) -> list[str]:
+    """The limits earlier versions of ``deploy`` created: ``release-<service>-<env>``."""
     return sorted(
         f"release-{name}-{env}"
         for name, svc in catalog.services.items()
@@ -182,23 +189,18 @@ def concurrency_limit_names(catalog: Catalog) -> list[str]:
     )
 
 
-async def ensure_concurrency_limits(catalog: Catalog, client: Any) -> list[str]:
-    """Create missing limits (limit 1); existing ones are left as the operator set them."""
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+async def remove_unused_concurrency_limits(catalog: Catalog, client: Any) -> list[str]:
+    """Delete the ``release-<service>-<env>`` limits an earlier ``deploy`` made."""
     from prefect.exceptions import ObjectNotFound
 
-    created = []
-    for name in concurrency_limit_names(catalog):
+    removed = []
+    for name in legacy_concurrency_limit_names(catalog):
         try:
-            await client.read_global_concurrency_limit_by_name(name)
-            continue
+            await client.delete_global_concurrency_limit_by_name(name)
         except ObjectNotFound:
-            pass
-        await client.create_global_concurrency_limit(
-            GlobalConcurrencyLimitCreate(name=name, limit=1, active=True)
-        )
-        created.append(name)
-    return created
+            continue
+        removed.append(name)
+    return removed
 
 
 # --- automations ---------------------------------------------------------------------------
@@ -289,15 +291,111 @@ def rollback_automation(
     )
 
 
-async def upsert_automation(client: Any, automation: Any) -> UUID:
-    """Create the automation, or replace the one of the same name: deploy is re-runnable."""
+Change = Literal["created", "updated", "unchanged"]
+
+
+def _without_ids(value: Any) -> Any:
+    """A dumped model with every ``id`` key removed (the server gives triggers new ones)."""
+    if isinstance(value, dict):
+        return {k: _without_ids(v) for k, v in value.items() if k != "id"}
+    if isinstance(value, list | tuple):
+        return [_without_ids(v) for v in value]
+    return value
+
+
+def automation_view(automation: Any) -> dict[str, Any]:
+    """What an automation *is*, for comparing the stored one with the wanted one: the fields
+    of ``AutomationCore``, without ids, sets kept as sets (their order means nothing)."""
+    from prefect.automations import AutomationCore
+
+    fields = set(AutomationCore.model_fields)
+    core = AutomationCore.model_validate(automation.model_dump(include=fields))
+    view: dict[str, Any] = _without_ids(core.model_dump(mode="python"))
+    return view
+
+
+async def upsert_automation(client: Any, automation: Any) -> tuple[UUID, Change]:
+    """Create the automation, update it if it differs, or leave it alone.
+
+    Leaving an unchanged automation alone matters: updating one drops its trigger state, so
+    a proactive trigger forgets the runs that are already silent (a runner restarted after a
+    crash would otherwise erase the evidence of the crash). Duplicates of the name are
+    removed."""
     existing = await client.read_automations_by_name(automation.name)
     for old in existing[1:]:
         await client.delete_automation(old.id)
-    if existing:
-        await client.update_automation(existing[0].id, automation)
-        return UUID(str(existing[0].id))
-    return UUID(str(await client.create_automation(automation)))
+    if not existing:
+        return UUID(str(await client.create_automation(automation))), "created"
+    current = existing[0]
+    if automation_view(current) == automation_view(automation):
+        return UUID(str(current.id)), "unchanged"
+    await client.update_automation(current.id, automation)
+    log.info("automation %r differed from the wanted one: updated", automation.name)
+    return UUID(str(current.id)), "updated"
+
+
+# --- deployments ---------------------------------------------------------------------------
+
+
+def _schedules_view(schedules: Any) -> list[Any]:
+    view = []
+    for item in schedules or []:
+        schedule = getattr(item, "schedule", None)
+        dumped = schedule.model_dump(mode="json") if schedule is not None else None
+        view.append((json_key(dumped), bool(getattr(item, "active", True))))
+    return sorted(view)
+
+
+def json_key(value: Any) -> str:
+    import json
+
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def deployment_differences(existing: Any, wanted: Any, work_pool_name: str | None) -> list[str]:
+    """The fields in which a stored deployment differs from a ``RunnerDeployment`` (empty:
+    registering it again would change nothing)."""
+    want_schema = wanted._parameter_openapi_schema.model_dump(exclude_unset=True)
+    have_schema = existing.parameter_openapi_schema or {}
+    pairs: dict[str, tuple[Any, Any]] = {
+        "description": (existing.description, wanted.description),
+        "tags": (sorted(existing.tags or []), sorted(wanted.tags or [])),
+        "parameters": (json_key(existing.parameters or {}), json_key(wanted.parameters or {})),
+        "entrypoint": (existing.entrypoint, wanted.entrypoint),
+        "version": (existing.version, wanted.version),
+        "work_pool_name": (existing.work_pool_name, work_pool_name or wanted.work_pool_name),
+        "job_variables": (
+            json_key(existing.job_variables or {}),
+            json_key(wanted.job_variables or {}),
+        ),
+        "parameter_openapi_schema": (json_key(have_schema), json_key(want_schema)),
+        "enforce_parameter_schema": (
+            existing.enforce_parameter_schema,
+            wanted.enforce_parameter_schema,
+        ),
+        "concurrency_limit": (existing.concurrency_limit, wanted.concurrency_limit),
+        "schedules": (_schedules_view(existing.schedules), _schedules_view(wanted.schedules)),
+        "paused": (bool(existing.paused), bool(wanted.paused)),
+    }
+    return [name for name, (have, want) in pairs.items() if have != want]
+
+
+async def apply_deployment(
+    client: Any, deployment: Any, work_pool_name: str | None = None
+) -> tuple[UUID, Change]:
+    """Register a ``RunnerDeployment`` only where it differs from the stored one."""
+    from prefect.exceptions import ObjectNotFound
+
+    full_name = f"{deployment.flow_name}/{deployment.name}"
+    try:
+        existing = await client.read_deployment_by_name(full_name)
+    except ObjectNotFound:
+        return UUID(str(await deployment.aapply(work_pool_name=work_pool_name))), "created"
+    differs = deployment_differences(existing, deployment, work_pool_name)
+    if not differs:
+        return UUID(str(existing.id)), "unchanged"
+    log.info("deployment %s differs in %s: updated", full_name, ", ".join(differs))
+    return UUID(str(await deployment.aapply(work_pool_name=work_pool_name))), "updated"
 
 
 # --- work pools ----------------------------------------------------------------------------

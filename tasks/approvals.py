@@ -176,9 +176,8 @@ async def expire_run(flow_run_id: UUID, reason: str) -> bool:
     """Resume a suspended release through the expiry key; False if it no longer waits
     (someone decided first), in which case nothing is left behind."""
     from prefect.client.schemas.responses import SetStateStatus
-    from prefect.states import Scheduled
-
     from prefect.exceptions import PrefectHTTPStatusError
+    from prefect.states import Scheduled
 
     value = {"reason": reason, "at": datetime.now(UTC).isoformat()}
     async with get_client() as client:

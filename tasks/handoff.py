@@ -3,8 +3,13 @@
 Hand-off: after CI shipped an image for a push to the default branch, :func:`hand_off` starts
 the ``release`` deployment as a *top-level* run (``as_subflow=False``: a subflow cannot
 suspend for its approval) with ``timeout=0`` (CI does not wait for a release that may wait
-days for a human) and ``idempotency_key=ci-<ci run id>-release`` (a retried or resumed CI run
-starts no second release). If Prefect will not start it, nothing is lost: the image is built,
+days for a human) and ``idempotency_key=release-<service>-<source sha>``: one release per
+commit, whichever CI run hands it over. A retried or resumed CI run, a redelivered webhook,
+and a replayed webhook body with a fresh delivery id (the signature covers only the body)
+all reuse the release that exists, live or finished; their CI run may run again (it finds the
+image and builds nothing), but it starts no second release. A deliberate re-release is the
+operator's ``robotics-cd release SERVICE --image ... --reason ...``, which names who and why.
+If Prefect will not start it, nothing is lost: the image is built,
 pushed and recorded in CI's result; CI logs the failure, sets the ``robotics-cd/release``
 commit status to ``error`` and writes an artifact with the exact command that starts the
 release by hand.
@@ -21,18 +26,20 @@ import json
 import logging
 import shlex
 from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 from uuid import UUID
 
 import anyio
 from prefect import Flow, task
 from prefect.artifacts import acreate_markdown_artifact
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterIdempotencyKey
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 from pydantic import BaseModel, Field
 
 from core.catalog import load_catalog
-from core.errors import GitHubError, RoboticsCDError, TriggerError
+from core.errors import GitHubError, InvalidInput, RoboticsCDError, TriggerError
 from core.settings import get_settings
 
 CI_CONTEXT = "robotics-cd/ci"
@@ -53,6 +60,10 @@ class Handoff(BaseModel):
     deployment: str
     parameters: dict[str, Any]
     started: bool
+    reused: bool = Field(
+        default=False,
+        description="The commit already had a release (live or finished): that one is kept.",
+    )
     flow_run_id: str | None = None
     flow_run_url: str | None = None
     error: str | None = None
@@ -61,6 +72,11 @@ class Handoff(BaseModel):
 
 def release_parameters(service: str, image: str, source_sha: str) -> dict[str, Any]:
     return {"service": service, "image": image, "source_sha": source_sha}
+
+
+def release_key(service: str, source_sha: str) -> str:
+    """The idempotency key of a commit's release: one per service and commit."""
+    return f"release-{service}-{source_sha}"
 
 
 def manual_command(deployment: str, parameters: dict[str, Any]) -> str:
@@ -124,26 +140,29 @@ class DeploymentMissing(TriggerError):
     retry_delay_seconds=[2, 10],
     retry_condition_fn=_worth_retrying,
 )
-async def start_release(deployment: str, parameters: dict[str, Any], idempotency_key: str) -> str:
-    """Create the release run (top level, not waited on); returns its flow run id."""
-    from prefect.deployments import arun_deployment
+async def start_release(
+    deployment: str, parameters: dict[str, Any], idempotency_key: str
+) -> tuple[str, bool]:
+    """Create the release run (top level, not waited on), or find the one this key already
+    made; returns (flow run id, created)."""
+    from prefect import get_client
     from prefect.exceptions import ObjectNotFound
 
     try:
-        run = await arun_deployment(
-            deployment,
-            parameters=parameters,
-            timeout=0,
-            as_subflow=False,
-            idempotency_key=idempotency_key,
-            tags=["handoff"],
-        )
+        async with get_client() as client:
+            run, created = await create_deployment_run(
+                client,
+                deployment,
+                parameters=parameters,
+                idempotency_key=idempotency_key,
+                tags=["handoff"],
+            )
     except ObjectNotFound as exc:
         raise DeploymentMissing(
             f"deployment {deployment} not found on the Prefect server: serve it "
             "(`robotics-cd serve`) or register it (`robotics-cd deploy`)"
         ) from exc
-    return str(run.id)
+    return str(run.id), created
 
 
 async def hand_off(
@@ -157,13 +176,36 @@ async def hand_off(
     """Start the release of a shipped image; never raises for a release that did not start."""
     deployment = deployment or get_settings().release_deployment
     parameters = release_parameters(service, image, source_sha)
-    key = f"ci-{ci_run_id}-release"
+    key = release_key(service, source_sha)
     command = manual_command(deployment, parameters)
     logger = _logger()
     state: Any = await start_release(deployment, parameters, key, return_state=True)  # type: ignore[misc]
     if state.is_completed():
-        run_id = str(await state.aresult())
+        run_id, created = await state.aresult()
+        run_id = str(run_id)
         url = flow_run_url(run_id)
+        if not created:
+            logger.warning(
+                "commit %s of %s already has a release, flow run %s %s: it is kept, no "
+                "second release starts (CI run %s). To release it again on purpose: "
+                "robotics-cd release %s --image %s --operator NAME --reason TEXT",
+                source_sha[:12],
+                service,
+                run_id,
+                url or "",
+                ci_run_id,
+                service,
+                image,
+            )
+            return Handoff(
+                deployment=deployment,
+                parameters=parameters,
+                started=True,
+                reused=True,
+                flow_run_id=run_id,
+                flow_run_url=url,
+                command=command,
+            )
         logger.info("release of %s started: flow run %s %s", image, run_id, url or "")
         await post_commit_status(
             service, source_sha, "pending", RELEASE_CONTEXT, f"release started for {image}", url
@@ -220,6 +262,104 @@ def _failure_markdown(
         "deployed (`robotics-cd serve` / `robotics-cd deploy`), start the release by hand, "
         "once:\n\n"
         f"```sh\n{command}\n```\n"
+    )
+
+
+# --- the operator's deliberate re-release --------------------------------------------------
+
+MANUAL_RELEASE_KEY = "operator-release"
+ImageLookup = Callable[[str, str, str], Coroutine[Any, Any, Any]]
+
+
+class ManualRelease(BaseModel):
+    flow_run_id: str
+    flow_run_url: str | None
+    image: str = Field(description="registry/repository:tag@digest, as found in the registry.")
+    source_sha: str
+    earlier: list[str] = Field(description="Release runs of this commit before this one.")
+
+
+async def _lookup_in_registry(registry: str, repository: str, tag: str) -> Any:
+    from tasks.images import find_tagged_image
+
+    return await find_tagged_image.fn(registry, repository, tag)
+
+
+async def start_manual_release(
+    *,
+    service: str,
+    image: str,
+    operator: str,
+    reason: str,
+    source_sha: str | None = None,
+    os_user: str = "",
+    deployment: str | None = None,
+    lookup: ImageLookup = _lookup_in_registry,
+) -> ManualRelease:
+    """``robotics-cd release``: a release of an image on purpose, even of a commit that was
+    released before. Checked before anything starts: the image's repository is the service's,
+    the tag is in the registry (with the digest given, if one is), and the source commit is
+    known (``--sha``, or the image's revision label). The run carries no idempotency key, is
+    tagged ``manual`` and ``operator:<name>``, and holds who and why as its
+    ``operator-release`` input. ``operator`` must already be checked against the allowlist."""
+    from prefect import get_client
+
+    from core.images import parse_reference, validate_sha
+
+    settings = get_settings()
+    deployment = deployment or settings.release_deployment
+    svc = load_catalog(settings.catalog).service(service)
+    ref = parse_reference(image)
+    if ref.repository != svc.image:
+        raise InvalidInput(f"image {ref.repository!r} is not {service}'s repository {svc.image!r}")
+    if not ref.tag:
+        raise InvalidInput(f"image {image!r} needs its tag (registry/repository:tag[@digest])")
+    found = await lookup(ref.registry, ref.repository, ref.tag)
+    if found is None:
+        raise InvalidInput(f"image {ref.tagged} is not in the registry {ref.registry}")
+    if ref.digest and ref.digest != found.digest:
+        raise InvalidInput(
+            f"{ref.tagged} is {found.digest} in the registry {ref.registry}, not {ref.digest}"
+        )
+    sha = source_sha or found.revision
+    if not sha:
+        raise InvalidInput(
+            f"{ref.tagged} has no revision label: say which commit it was built from (--sha)"
+        )
+    validate_sha(sha)
+    if source_sha and found.revision and found.revision != source_sha:
+        raise InvalidInput(
+            f"{ref.tagged} was built from {found.revision}, not {source_sha} (its revision label)"
+        )
+    pinned = str(ref.with_digest(found.digest))
+    record = {
+        "operator": operator,
+        "reason": reason,
+        "os_user": os_user,
+        "image": pinned,
+        "at": datetime.now(UTC).isoformat(),
+    }
+    async with get_client() as client:
+        earlier = await client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                idempotency_key=FlowRunFilterIdempotencyKey(any_=[release_key(service, sha)])
+            )
+        )
+        run, _ = await create_deployment_run(
+            client,
+            deployment,
+            parameters=release_parameters(service, pinned, sha),
+            idempotency_key=None,
+            tags=["manual", f"operator:{operator}"],
+        )
+        await client.create_flow_run_input(run.id, MANUAL_RELEASE_KEY, json.dumps(record))
+    _log.info("release of %s started by %s (%s): %s", pinned, operator, reason, run.id)
+    return ManualRelease(
+        flow_run_id=str(run.id),
+        flow_run_url=flow_run_url(run.id),
+        image=pinned,
+        source_sha=sha,
+        earlier=[str(r.id) for r in earlier],
     )
 
 

@@ -170,13 +170,13 @@ def test_rejecting_in_the_ui_ends_the_run_rejected(
     prefect_server: Any, suspended: list[UUID], ui_page: Page
 ) -> None:
     """Step by step, looking at the form on the way: the release's description is above it
-    and the approver is a choice of the service's approvers (and the expiry's)."""
+    and the approver is a choice of the service's approvers, and of nobody else."""
     run_id = suspended[1]
 
     dialog = open_resume_dialog(ui_page, prefect_server.ui_url, str(run_id))
     assert dialog.get_by_role("heading", name="Approve robotics-api:1.4.2").is_visible()
     assert offered_choices(ui_page, dialog, "Decision") == ["approve", "reject"]
-    assert offered_choices(ui_page, dialog, "Approver") == ["alice", "bob", "system:timeout"]
+    assert offered_choices(ui_page, dialog, "Approver") == ["alice", "bob"]  # nobody else
     with pytest.raises(PrefectUIError, match="'mallory' is not a choice of the form"):
         fill_approval_form(ui_page, dialog, decision="reject", approver="mallory", comment="")
     fill_approval_form(

@@ -7,6 +7,7 @@ here; the pool is created, not used.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -17,6 +18,7 @@ import anyio
 import pytest
 import yaml
 from prefect import get_client
+from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 
 from cli.ops import deploy_all
 from deployments import register as reg
@@ -119,14 +121,29 @@ def test_prefect_yaml_declares_every_flow_in_both_pools():
             assert entry["pull"][0]["prefect.deployments.steps.set_working_directory"]
 
 
-async def test_deploy_registers_flows_limits_and_automations_and_is_rerunnable(prefect_server):
+async def test_deploy_registers_flows_and_automations_and_changes_only_what_differs(
+    prefect_server,
+):
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
     suffix = f"-deploytest-{uuid.uuid4().hex[:4]}"
     pool = f"robotics-cd-process{suffix}"
+    legacy = reg.legacy_concurrency_limit_names(_catalog())
+    async with get_client() as client:  # what an earlier version of deploy left behind
+        for name in legacy:
+            with contextlib.suppress(PrefectHTTPStatusError):  # already there: fine
+                await client.create_global_concurrency_limit(
+                    GlobalConcurrencyLimitCreate(name=name, limit=1)
+                )
     first = await deploy_all(pool_type="process", pool_name=pool, name_suffix=suffix)
     again = await deploy_all(pool_type="process", pool_name=pool, name_suffix=suffix)
     try:
-        assert first.deployments == again.deployments  # updated in place, same ids
+        assert first.deployments == again.deployments  # same ids
         assert first.automations == again.automations
+        assert set(first.changes.values()) == {"created"}
+        # Nothing differs the second time: nothing is written, automations keep their state.
+        assert set(again.changes.values()) == {"unchanged"}, again.changes
+        assert set(first.limits_removed) == set(legacy) and again.limits_removed == []
         assert f"ci/ci{suffix}" in first.deployments
         async with get_client() as client:
             ci = await client.read_deployment_by_name(f"ci/ci{suffix}")
@@ -139,9 +156,9 @@ async def test_deploy_registers_flows_limits_and_automations_and_is_rerunnable(p
                 "default"
             ] == str(ROOT)
 
-            for name in reg.concurrency_limit_names(_catalog()):
-                limit = await client.read_global_concurrency_limit_by_name(name)
-                assert limit.limit == 1
+            for name in legacy:
+                with pytest.raises(ObjectNotFound):
+                    await client.read_global_concurrency_limit_by_name(name)
 
             zombie = await client.read_automations_by_name(reg.ZOMBIE_AUTOMATION + suffix)
             assert len(zombie) == 1
@@ -231,7 +248,7 @@ async def test_zombie_automation_marks_a_silent_running_run_crashed(prefect_serv
             after=timedelta(seconds=10),
             flow_runs=f"prefect.flow-run.{run.id}",
         )
-        automation_id = await reg.upsert_automation(client, automation)
+        automation_id, _ = await reg.upsert_automation(client, automation)
         try:
             await anyio.sleep(2)  # the triggers service loads the new automation
             emit_event(
@@ -247,5 +264,59 @@ async def test_zombie_automation_marks_a_silent_running_run_crashed(prefect_serv
                 await anyio.sleep(1)
             assert state is not None and state.type.value == "CRASHED", state
             assert "no heartbeat" in (state.message or "")
+        finally:
+            await client.delete_automation(automation_id)
+
+
+async def test_a_changed_automation_is_updated_and_an_unchanged_one_keeps_its_trigger_state(
+    prefect_server,
+):
+    """A runner restarted right after a crash registers the automations again. The zombie
+    trigger has already seen the dead run's last heartbeat: registering the same automation
+    leaves it alone, so the run is still marked Crashed when its window ends. (Updating it
+    would drop that state and the run would stay Running for good: issue #15.)"""
+    from datetime import timedelta
+
+    from prefect import flow
+    from prefect.events import emit_event
+    from prefect.states import Running
+
+    @flow(name="zombie-restart-probe")
+    def probe() -> None:
+        """Never executed: its run is driven by hand."""
+
+    async with get_client() as client:
+        await client.create_flow_from_name("zombie-restart-probe")
+        run = await client.create_flow_run(probe, state=Running())
+        automation = reg.zombie_automation(
+            f"zombie-restart-{run.id}",
+            after=timedelta(seconds=10),
+            flow_runs=f"prefect.flow-run.{run.id}",
+        )
+        automation_id, change = await reg.upsert_automation(client, automation)
+        assert change == "created"
+        try:
+            await anyio.sleep(2)  # the triggers service loads the new automation
+            emit_event(
+                event="prefect.flow-run.heartbeat",
+                resource={"prefect.resource.id": f"prefect.flow-run.{run.id}"},
+            )
+            await anyio.sleep(2)  # the heartbeat opened the trigger's window
+            again_id, change = await reg.upsert_automation(client, automation)  # the restart
+            assert (again_id, change) == (automation_id, "unchanged")
+            deadline = time.monotonic() + 60
+            state = None
+            while time.monotonic() < deadline:
+                state = (await client.read_flow_run(run.id)).state
+                if state is not None and state.type.value == "CRASHED":
+                    break
+                await anyio.sleep(1)
+            assert state is not None and state.type.value == "CRASHED", state
+
+            changed = automation.model_copy(update={"description": "a new description"})
+            _, change = await reg.upsert_automation(client, changed)
+            assert change == "updated"
+            (stored,) = await client.read_automations_by_name(automation.name)
+            assert stored.description == "a new description"
         finally:
             await client.delete_automation(automation_id)

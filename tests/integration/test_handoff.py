@@ -8,6 +8,7 @@ artifact with the exact command, and a commit status (to a small GitHub REST rec
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -118,12 +119,12 @@ def served_probe_release(prefect_server) -> Iterator[None]:
 
 
 @flow(name="handoff-test-ci")
-async def ci_stand_in(deployment: str) -> Handoff:
+async def ci_stand_in(deployment: str, sha: str = SHA) -> Handoff:
     """The end of the ci flow: an image shipped for a push, then the hand-off."""
     return await hand_off(
         service="api-gateway",
         image=IMAGE,
-        source_sha=SHA,
+        source_sha=sha,
         ci_run_id=current_run.id,
         deployment=deployment,
     )
@@ -150,8 +151,9 @@ async def _sleep(seconds: float) -> None:
 async def test_hand_off_starts_a_top_level_release_that_suspends_and_can_be_approved(
     served_probe_release, github_settings
 ):
-    result = await ci_stand_in(DEPLOYMENT)
-    assert result.started, result.error
+    sha = _new_sha()
+    result = await ci_stand_in(DEPLOYMENT, sha)
+    assert result.started and not result.reused, result.error
     assert result.flow_run_url and result.flow_run_id
     assert result.flow_run_id in result.flow_run_url
     release_id = uuid.UUID(result.flow_run_id)
@@ -159,12 +161,12 @@ async def test_hand_off_starts_a_top_level_release_that_suspends_and_can_be_appr
     run = await wait_for_state(release_id, StateType.PAUSED)
     assert run.state.name == "Suspended"
     assert run.parent_task_run_id is None  # not a subflow: it could suspend
-    assert run.parameters == {"service": "api-gateway", "image": IMAGE, "source_sha": SHA}
-    assert run.idempotency_key and run.idempotency_key.startswith("ci-")
+    assert run.parameters == {"service": "api-gateway", "image": IMAGE, "source_sha": sha}
+    assert run.idempotency_key == f"release-api-gateway-{sha}"
 
     # The release's commit status points at the release run.
     (status,) = [s for s in github_settings if s["context"] == RELEASE_CONTEXT]
-    assert status["path"] == f"/repos/robotics/robotics-api/statuses/{SHA}"
+    assert status["path"] == f"/repos/robotics/robotics-api/statuses/{sha}"
     assert status["state"] == "pending"
     assert status["target_url"] == result.flow_run_url
     assert status["auth"] == "Bearer test-token"
@@ -175,25 +177,52 @@ async def test_hand_off_starts_a_top_level_release_that_suspends_and_can_be_appr
 
 
 @flow(name="handoff-test-retried-ci")
-async def retried_ci_stand_in(ci_run: str) -> tuple[Handoff, Handoff]:
+async def retried_ci_stand_in(ci_run: str, sha: str) -> tuple[Handoff, Handoff]:
     """A CI run whose hand-off step runs twice (a retry, a resume): same CI run id."""
     first = await hand_off(
-        service="api-gateway", image=IMAGE, source_sha=SHA, ci_run_id=ci_run, deployment=DEPLOYMENT
+        service="api-gateway", image=IMAGE, source_sha=sha, ci_run_id=ci_run, deployment=DEPLOYMENT
     )
     again = await hand_off(
-        service="api-gateway", image=IMAGE, source_sha=SHA, ci_run_id=ci_run, deployment=DEPLOYMENT
+        service="api-gateway", image=IMAGE, source_sha=sha, ci_run_id=ci_run, deployment=DEPLOYMENT
     )
     return first, again
 
 
-async def test_same_ci_run_hands_off_once(served_probe_release, github_settings):
-    first, again = await retried_ci_stand_in(str(uuid.uuid4()))
-    assert first.started and again.started
-    assert first.flow_run_id == again.flow_run_id
+def _new_sha() -> str:
+    return uuid.uuid4().hex + uuid.uuid4().hex[:8]
+
+
+async def _release_runs_of(sha: str) -> list[Any]:
+    async with get_client() as client:
+        runs = await client.read_flow_runs(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["probe"]))
+        )
+    return [r for r in runs if r.parameters.get("source_sha") == sha]
+
+
+async def test_a_commit_gets_one_release_whichever_ci_run_hands_it_over(
+    served_probe_release, github_settings
+):
+    """A retried CI run, and a new CI run of the same commit (a replayed webhook body with a
+    fresh delivery id starts one), reuse the commit's release, live or finished."""
+    sha = _new_sha()
+    first, again = await retried_ci_stand_in(str(uuid.uuid4()), sha)
+    assert first.started and not first.reused
+    assert again.reused and again.flow_run_id == first.flow_run_id
+    replayed = await ci_stand_in(DEPLOYMENT, sha)  # another CI run of the same commit
+    assert replayed.reused and replayed.flow_run_id == first.flow_run_id
     async with get_client() as client:
         await client.set_flow_run_state(
             uuid.UUID(first.flow_run_id), state=_cancelled(), force=True
         )
+    finished = await ci_stand_in(DEPLOYMENT, sha)  # the release has ended: still kept
+    assert finished.reused and finished.flow_run_id == first.flow_run_id
+    assert [str(r.id) for r in await _release_runs_of(sha)] == [first.flow_run_id]
+    # Only the first hand-off reported a release started on the commit.
+    started = [
+        s for s in github_settings if s["context"] == RELEASE_CONTEXT and s["path"].endswith(sha)
+    ]
+    assert len(started) == 1
 
 
 def _cancelled() -> Any:
@@ -240,3 +269,62 @@ async def test_ci_status_hooks_report_pending_then_success_with_the_run_url(gith
     assert [state for state, _ in ci] == ["pending", "success", "pending", "failure"]
     assert "lint failed" in ci[-1][1]
     assert all("/runs/flow-run/" in s["target_url"] for s in github_settings)
+
+
+async def test_an_operator_releases_a_commit_again_on_purpose(served_probe_release):
+    """`robotics-cd release`: a second release of a commit, by name and with a reason; the
+    image is checked in the registry first (a stand-in lookup here: the registry itself is
+    exercised by the images tests), and a refused one starts nothing."""
+    from core.errors import InvalidInput
+    from tasks.handoff import MANUAL_RELEASE_KEY, start_manual_release
+    from tasks.images import PushedImage
+
+    sha = _new_sha()
+    first = await ci_stand_in(DEPLOYMENT, sha)
+    tagged, digest = IMAGE.split("@")
+    tag = tagged.rsplit(":", 1)[1]
+
+    async def lookup(registry: str, repository: str, asked: str) -> PushedImage | None:
+        assert (registry, repository) == ("127.0.0.1:5000", "robotics-serving/api-gateway")
+        if asked != tag:
+            return None
+        return PushedImage(ref=IMAGE, tag=tag, digest=digest, revision=sha)
+
+    manual = await start_manual_release(
+        service="api-gateway",
+        image=tagged,
+        operator="alice",
+        reason="redo after the cluster upgrade",
+        os_user="ci",
+        deployment=DEPLOYMENT,
+        lookup=lookup,
+    )
+    assert manual.flow_run_id != first.flow_run_id
+    assert manual.earlier == [first.flow_run_id]
+    assert (manual.image, manual.source_sha) == (IMAGE, sha)
+    async with get_client() as client:
+        run = await client.read_flow_run(uuid.UUID(manual.flow_run_id))
+        record = json.loads(await client.read_flow_run_input(run.id, MANUAL_RELEASE_KEY))
+    assert {"manual", "operator:alice"} <= set(run.tags)
+    assert run.idempotency_key is None
+    assert record["operator"] == "alice" and record["reason"] == "redo after the cluster upgrade"
+
+    for image, message in (
+        (tagged.replace(tag, "20990101-0000000"), "is not in the registry 127.0.0.1:5000"),
+        (f"{tagged}@sha256:{'b' * 64}", "in the registry 127.0.0.1:5000, not sha256:bbb"),
+        ("127.0.0.1:5000/robotics-serving/other:1", "is not api-gateway's repository"),
+    ):
+        with pytest.raises(InvalidInput, match=message):
+            await start_manual_release(
+                service="api-gateway",
+                image=image,
+                operator="alice",
+                reason="x",
+                deployment=DEPLOYMENT,
+                lookup=lookup,
+            )
+    runs = await _release_runs_of(sha)
+    assert sorted(str(r.id) for r in runs) == sorted([first.flow_run_id, manual.flow_run_id])
+    async with get_client() as client:
+        for r in runs:
+            await client.set_flow_run_state(r.id, state=_cancelled(), force=True)
