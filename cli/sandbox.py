@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from sandbox import launcher
+from sandbox import launcher, prefect_server
 
 STATE_HELP = "State dir of the sandbox (default: .sandbox/ in the repo root)."
 
@@ -40,8 +40,30 @@ def register(app: typer.Typer) -> None:
             "--wait/--no-wait",
             help="Wait until the Argo CD applications are Synced and Healthy.",
         ),
+        db: str = typer.Option(
+            "sqlite",
+            "--db",
+            help="The Prefect server's database: sqlite (embedded, the demo's) or postgres "
+            "(Debian's PostgreSQL, a cluster in the state dir).",
+        ),
+        messaging: str = typer.Option(
+            "",
+            "--messaging",
+            help="Prefect's event broker: memory or redis (Debian's redis-server, "
+            "prefect-redis). Default: redis with --db postgres, else memory. postgres + redis "
+            "run two API servers (one --no-services) behind one balanced address.",
+        ),
     ) -> None:
         """Start the sandbox (idempotent: what runs already is reused)."""
+        messaging = messaging or ("redis" if db == "postgres" else "memory")
+        if db not in prefect_server.DBS or messaging not in prefect_server.MESSAGING:
+            typer.secho(
+                f"--db is one of {', '.join(prefect_server.DBS)}; --messaging one of "
+                f"{', '.join(prefect_server.MESSAGING)}",
+                fg="red",
+                err=True,
+            )
+            raise typer.Exit(2)
         try:
             sb = launcher.up(
                 state,
@@ -50,6 +72,8 @@ def register(app: typer.Typer) -> None:
                 argocd_poll_seconds=argocd_poll,
                 wait_healthy=wait,
                 echo=typer.echo,
+                prefect_db=db,
+                prefect_messaging=messaging,
             )
         except (launcher.SandboxError, TimeoutError) as exc:
             typer.secho(f"sandbox up failed: {exc}", fg="red", err=True)

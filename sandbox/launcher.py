@@ -38,7 +38,7 @@ from typing import Any
 import httpx
 import yaml
 
-from sandbox import engine, prefect_server, prometheus, registry
+from sandbox import engine, postgres, prefect_server, prometheus, redis_server, registry
 from sandbox.procs import free_port, http_ok, pid_alive, spawn, stop_pidfile, wait_until
 from sandbox.seed import REPOS, Seeded, install_hooks, seed_repos
 
@@ -117,6 +117,8 @@ class Sandbox:
     docker_managed: bool = False
     blocks: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    prefect_db: str = "sqlite"
+    prefect_messaging: str = "memory"
 
     @property
     def git_base_url(self) -> str:
@@ -282,11 +284,18 @@ def prefect_template() -> Path:
     return template
 
 
-def start_prefect(home: Path, port: int) -> prefect_server.PrefectServer:
-    if not (home / "prefect.db").exists():
+def start_prefect(
+    home: Path, port: int, db: str = "sqlite", messaging: str = "memory"
+) -> prefect_server.PrefectServer:
+    """SQLite (from the template) by default; PostgreSQL + Redis + two API servers behind a
+    balancer for the scale-out variant (see :mod:`sandbox.prefect_server`)."""
+    if db == "sqlite" and not (home / "prefect.db").exists():
         home.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(prefect_template(), home / "prefect.db")
-    return prefect_server.start_prefect_server(home, port=port)
+    try:
+        return prefect_server.start_prefect_server(home, port=port, db=db, messaging=messaging)
+    except (postgres.PostgresError, redis_server.RedisError, RuntimeError) as exc:
+        raise SandboxError(f"Prefect server ({db}, {messaging}): {exc}") from exc
 
 
 # -- docker --------------------------------------------------------------------------------
@@ -648,6 +657,8 @@ def up(
     argocd_poll_seconds: float = 3.0,
     wait_healthy: bool = True,
     echo: Callable[[str], None] = print,
+    prefect_db: str = "sqlite",
+    prefect_messaging: str = "memory",
 ) -> Sandbox:
     """Start (or reuse) every part of the sandbox; return how to reach it."""
     state = state_dir.resolve()
@@ -664,7 +675,9 @@ def up(
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
     prefect_future: concurrent.futures.Future[prefect_server.PrefectServer] | None = None
     if prefect_api_url is None:
-        prefect_future = pool.submit(start_prefect, state / "prefect", ports["prefect"])
+        prefect_future = pool.submit(
+            start_prefect, state / "prefect", ports["prefect"], prefect_db, prefect_messaging
+        )
     try:
         with timer.step("base images"):
             engine.ensure_base_images()
@@ -726,6 +739,8 @@ def up(
         ports=ports,
         docker_managed=docker_managed,
         blocks=block_names(),
+        prefect_db=prefect_db if prefect_future is not None else "external",
+        prefect_messaging=prefect_messaging if prefect_future is not None else "external",
     )
 
     def prefect_then_blocks() -> None:
@@ -768,6 +783,7 @@ def table(sb: Sandbox) -> str:
     rows = [
         ("Prefect UI", sb.prefect_ui_url),
         ("Prefect API", sb.prefect_api_url),
+        ("Prefect backend", f"{sb.prefect_db} database, {sb.prefect_messaging} messaging"),
         ("Kubernetes API", f"{sb.kube_url}  (KUBECONFIG={sb.kubeconfig})"),
         ("Argo CD", f"{sb.argocd_url}  (admin / see {sb.state_dir}/secrets.json)"),
         ("GitHub API + chat", sb.github_url),
@@ -808,7 +824,10 @@ def status(state_dir: Path = DEFAULT_STATE) -> list[PartStatus]:
         return url
 
     check("docker engine", lambda: f"Docker {engine.ensure_docker(timeout=3)}")
-    check("prefect server", lambda: ok_http(f"{sb.prefect_api_url}/health"))
+    check("prefect api", lambda: ok_http(f"{sb.prefect_api_url}/health"))
+    if sb.prefect_managed:  # its database, broker, servers and balancer, one line each
+        for part, ok, detail in prefect_server.status_parts(Path(sb.state_dir) / "prefect"):
+            parts.append(PartStatus(part, ok, detail))
     check(
         "registry",
         lambda: ok_http(
@@ -900,8 +919,7 @@ def down(state_dir: Path = DEFAULT_STATE, *, purge: bool = False) -> list[str]:
         stopped.append("prometheus")
     if registry.stop_registry(state / "registry"):
         stopped.append("registry")
-    if prefect_server.stop_prefect_server(state / "prefect"):
-        stopped.append("prefect server")
+    stopped += prefect_server.stop_prefect_stack(state / "prefect")
     if stop_pidfile(state / "dockerd.pid"):
         stopped.append("dockerd")
     if purge:

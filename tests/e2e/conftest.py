@@ -3,6 +3,7 @@ images built from real commits of the sandbox's robotics-api repo."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -15,20 +16,62 @@ import pytest
 
 from core.images import release_tag
 from tests.e2e.releases import FAST
+from tests.fixtures_prefect import BACKENDS
+
+
+def prefect_backend(request: pytest.FixtureRequest) -> str:
+    """The Prefect server a module runs on: its ``prefect_backend`` marker (``sqlite`` when
+    unmarked), unless ``ROBOTICS_CD_TEST_PREFECT_BACKEND`` says otherwise for the session."""
+    marker = request.node.get_closest_marker("prefect_backend")
+    backend = os.environ.get("ROBOTICS_CD_TEST_PREFECT_BACKEND") or (
+        marker.args[0] if marker else "sqlite"
+    )
+    if backend not in BACKENDS:
+        raise pytest.UsageError(f"prefect backend {backend!r}: one of {sorted(BACKENDS)}")
+    return backend
 
 
 @pytest.fixture(scope="module")
-def env(sandbox: Any) -> Iterator[dict[str, str]]:
-    """The sandbox's env with the compact canary policy, in this process too."""
+def prefect_for_module(request: pytest.FixtureRequest, sandbox: Any) -> Any:
+    """The sandbox's own Prefect server (SQLite), or the scale-out one (PostgreSQL + Redis,
+    two API servers behind a balancer) with the sandbox's blocks registered on it too."""
+    if prefect_backend(request) == "sqlite":
+        return request.getfixturevalue("prefect_server")
+    from sandbox import launcher
+
+    server = request.getfixturevalue("prefect_scaleout")
+    launcher.register_blocks(dataclasses.replace(sandbox.info, prefect_api_url=server.api_url))
+    return server
+
+
+@pytest.fixture(scope="module")
+def env(sandbox: Any, prefect_for_module: Any) -> Iterator[dict[str, str]]:
+    """The sandbox's env with the compact canary policy, on the module's Prefect server, in
+    this process too (Prefect's settings are read at import: they are overridden here)."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
+
     from core.settings import get_settings
 
-    values = {**sandbox.env, **FAST}
+    values = {
+        **sandbox.env,
+        **FAST,
+        "PREFECT_API_URL": prefect_for_module.api_url,
+        "PREFECT_UI_URL": prefect_for_module.ui_url,
+    }
     saved = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     get_settings.cache_clear()
+    settings = temporary_settings(
+        updates={
+            PREFECT_API_URL: prefect_for_module.api_url,
+            PREFECT_UI_URL: prefect_for_module.ui_url,
+        }
+    )
+    settings.__enter__()
     try:
         yield values
     finally:
+        settings.__exit__(None, None, None)
         for key, old in saved.items():
             if old is None:
                 os.environ.pop(key, None)

@@ -10,6 +10,7 @@ handed to the ``release`` deployment as CI would. The canary policy is compact (
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -22,7 +23,7 @@ import anyio
 import pytest
 from prefect.client.schemas.objects import StateType
 
-from sandbox.procs import spawn, stop_pid, wait_until
+from sandbox.procs import pid_alive, spawn, stop_pid, wait_until
 from tests.e2e.releases import (
     CLI,
     INTERVAL,
@@ -45,7 +46,13 @@ from tests.e2e.releases import (
     _wait,
 )
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+# On the scale-out Prefect server (PostgreSQL + Redis, two API servers behind a balancer):
+# the demo replay (test_demo.py) and the other e2e modules keep the embedded SQLite one.
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.timeout(900),
+    pytest.mark.prefect_backend("postgres+redis"),
+]
 
 MODULE_START = datetime.now(UTC)
 
@@ -316,6 +323,111 @@ def test_operators_can_promote_now_or_abort(sandbox, runner, env, build):
     assert done.state.type == StateType.FAILED and "aborted by bob" in done.state.message
     assert "wrong build" in done.state.message
     assert _overlay_tree(sandbox) == before_tree
+
+
+def test_a_prefect_server_killed_mid_canary_loses_nothing(
+    sandbox, runner, env, build, prefect_for_module
+):
+    """SIGKILL of the Prefect server that runs the loop services (triggers, event persister,
+    task-run recorder), in the middle of a canary, then a restart: the release goes on
+    through the other server, ends Promoted, its record (states, task runs, events, the
+    release record's commits) is whole, and no automation fires on it (no Crashed state, no
+    rollback run) even after the zombie automation's silence limit has passed."""
+    from prefect.client.schemas.objects import StateType as ST
+
+    from sandbox import prefect_server
+    from tests.e2e.releases import _read
+
+    home = prefect_for_module.home
+    servers = prefect_server._stack(home).get("servers", {})
+    victim = "services" if "services" in servers else "server"
+    image, sha = build({"www/release-e2e.txt": "server restart\n"}, "e2e: Prefect restarts")
+    run = _start(image, sha)
+    _approve(run, env)
+    _wait_canary_commit(sandbox, str(run.id))
+    killed_at = datetime.now(UTC)
+    pid = prefect_server.part_pid(home, victim)
+    os.killpg(pid, signal.SIGKILL)
+    wait_until(lambda: not pid_alive(pid), timeout=30, what=f"Prefect {victim} gone")
+    prefect_server.start_part(home, victim, timeout=300)
+    restarted = time.monotonic()
+    restarted_at = datetime.now(UTC)
+
+    done = _wait(run, _final, timeout=420, what="release finished after the restart")
+    assert done.state.type == ST.COMPLETED and done.state.name == "Promoted", done.state
+
+    record = anyio.run(_run_record, run.id, killed_at, restarted_at)
+    assert not record["bad_states"], record["bad_states"]
+    assert record["task_runs"] and not record["unfinished_tasks"], record["unfinished_tasks"]
+    assert record["outage_events"], "no event of the run from the outage was persisted"
+    ours = [
+        line.split()[0]
+        for line in _manifests(sandbox, "log", "--format=%H %b", "--", OVERLAY).splitlines()
+        if str(run.id) in line
+    ]
+    assert ours and all(c[:7] in record["release_record"] for c in ours), (ours, record)
+
+    # The zombie automation expects a heartbeat (every 30 s) within its limit: wait past it,
+    # measured from the restart, and the run must still be Promoted with no rollback run.
+    zombie_after = float(env.get("ROBOTICS_CD_ZOMBIE_AFTER_SECONDS", "90"))
+    while time.monotonic() < restarted + zombie_after + 15:
+        time.sleep(5)
+        assert _read(run.id).state.name == "Promoted"
+    record = anyio.run(_run_record, run.id, killed_at, restarted_at)
+    assert not record["bad_states"], record["bad_states"]
+    assert not record["rollback_runs"], record["rollback_runs"]
+
+
+async def _run_record(run_id, since, until) -> dict[str, object]:
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        DeploymentFilter,
+        DeploymentFilterName,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
+    from prefect.events.filters import EventAnyResourceFilter, EventFilter, EventOccurredFilter
+
+    async with get_client() as client:
+        states = await client.read_flow_run_states(run_id)
+        task_runs = await client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
+        )
+        artifacts = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+        )
+        rollbacks = await client.read_flow_runs(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["rollback"]))
+        )
+        response = await client._client.post(
+            "/events/filter",
+            json={
+                "filter": EventFilter(
+                    occurred=EventOccurredFilter(since=since, until=until),
+                    any_resource=EventAnyResourceFilter(id=[f"prefect.flow-run.{run_id}"]),
+                ).model_dump(mode="json"),
+                "limit": 50,
+            },
+        )
+        response.raise_for_status()
+    return {
+        "bad_states": [s.name for s in states if s.type.value in ("CRASHED", "FAILED")],
+        "task_runs": len(task_runs),
+        "unfinished_tasks": [
+            (t.name, t.state.name if t.state else None)
+            for t in task_runs
+            if t.state is None or not t.state.is_final()
+        ],
+        "outage_events": [e["event"] for e in response.json()["events"]],
+        "release_record": "\n".join(str(a.data) for a in artifacts),
+        "rollback_runs": [
+            r.id
+            for r in rollbacks
+            if str(run_id) in {str(v) for v in (r.parameters or {}).values()}
+        ],
+    }
 
 
 def _latest_release_record() -> str:
