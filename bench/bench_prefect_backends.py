@@ -59,6 +59,8 @@ class Level:
     errors: int = 0
     cpu: dict[str, float] = field(default_factory=dict)
     mem: dict[str, float] = field(default_factory=dict)
+    client_cpu: float = 0.0
+    loadavg: float = 0.0
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -234,6 +236,7 @@ async def _measure(home: Path, level: Level, seconds: float) -> None:
     level.polls = level.late_polls = level.errors = 0
     groups = _groups(home)
     cpu0 = {k: sum(_cpu_seconds(p) for p in v) for k, v in groups.items()}
+    client0 = _cpu_seconds(os.getpid())
     t0 = time.monotonic()
     creator = asyncio.create_task(_creator(level, stop))
     mem_samples: dict[str, list[float]] = {k: [] for k in groups}
@@ -249,6 +252,8 @@ async def _measure(home: Path, level: Level, seconds: float) -> None:
         for k, v in groups.items()
     }
     level.mem = {k: max(v) if v else 0.0 for k, v in mem_samples.items()}
+    level.client_cpu = 100 * (_cpu_seconds(os.getpid()) - client0) / wall
+    level.loadavg = os.getloadavg()[0]
     stop.set()
     await asyncio.gather(creator, *canaries, return_exceptions=True)
 
@@ -297,14 +302,16 @@ def _row(level: Level) -> str:
         f"{level.polls} | {_ms(level.poll, 0.5)} | {_ms(level.poll, 0.95)} | "
         f"{_ms(level.poll, 0.99)} | {_ms(level.poll, 1.0)} | {level.late_polls} | "
         f"{level.errors} | {level.cpu.get('server', 0):.0f} | {level.mem.get('server', 0):.0f} | "
-        f"{level.cpu.get('database', 0):.0f} | {level.mem.get('database', 0):.0f} |"
+        f"{level.cpu.get('database', 0):.0f} | {level.mem.get('database', 0):.0f} | "
+        f"{level.client_cpu:.0f} | {level.loadavg:.1f} |"
     )
 
 
 HEADER = (
     "| suspended | canaries | creates | create p50 ms | p95 | p99 | polls | poll p50 ms | p95 "
-    "| p99 | max | late polls | errors | server CPU % | server MiB | db CPU % | db MiB |\n"
-    "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    "| p99 | max | late polls | errors | server CPU % | server MiB | db CPU % | db MiB "
+    "| load gen CPU % | load avg |\n"
+    "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 )
 
 
