@@ -68,7 +68,9 @@ def _cpu_seconds(pid: int) -> float:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICK
+    # utime + stime + cutime + cstime: a PostgreSQL backend that exits during the window
+    # moves its CPU into the postmaster's reaped-children counters, and stays counted.
+    return sum(int(f) for f in fields[11:15]) / TICK
 
 
 def _pss_mib(pid: int) -> float:

@@ -361,11 +361,7 @@ def test_a_prefect_server_killed_mid_canary_loses_nothing(
     assert not record["bad_states"], record["bad_states"]
     assert record["task_runs"] and not record["unfinished_tasks"], record["unfinished_tasks"]
     assert record["outage_events"], "no event of the run from the outage was persisted"
-    ours = [
-        line.split()[0]
-        for line in _manifests(sandbox, "log", "--format=%H %b", "--", OVERLAY).splitlines()
-        if str(run.id) in line
-    ]
+    ours = _manifests(sandbox, "log", "--format=%H", f"--grep={run.id}", "--", OVERLAY).split()
     assert ours and all(c[:7] in record["release_record"] for c in ours), (ours, record)
 
     # The zombie automation expects a heartbeat (every 30 s) within its limit: wait past it,
