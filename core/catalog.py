@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -64,7 +65,21 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ScanIgnore(Strict):
+    """One accepted finding: who may see it is the catalog's reviewers, not the commit."""
+
+    id: str = Field(min_length=1, description="Rule or CVE id, e.g. CVE-2024-1234 or DS-0031.")
+    reason: str = Field(min_length=10, description="Why it is accepted (kept in the report).")
+    expires: date = Field(description="Last day the entry applies (YYYY-MM-DD).")
+
+
 class ScanPolicy(Strict):
+    ignore: list[ScanIgnore] = Field(
+        default=[],
+        description="Findings accepted despite the gate, each with a reason and an expiry date. "
+        "The only ignore that applies to CRITICAL findings; a commit's .trivyignore is not "
+        "honoured for them.",
+    )
     fail_on: list[Severity] = Field(
         default=["CRITICAL", "HIGH"], description="Severities that fail the scan gate."
     )
@@ -154,6 +169,17 @@ class Checks(Strict):
     )
     network: bool = Field(default=False, description="Give check containers a network.")
     timeout: Duration = Field(default="10m", validate_default=True)
+    cpus: float = Field(default=1.0, gt=0, le=64, description="CPU cores of a check container.")
+    memory_mb: int = Field(
+        default=1024,
+        ge=64,
+        description="Memory of a check's processes; the tmpfs sizes are added to the limit.",
+    )
+    workspace_mb: int = Field(
+        default=512,
+        ge=16,
+        description="Size of the writable /workspace (tmpfs); the root filesystem is read-only.",
+    )
 
 
 class Service(Strict):

@@ -39,6 +39,16 @@ class Settings(BaseSettings):
     )
     webhook_secret_block: str = "robotics-cd-webhook-secret"
     prometheus_url: str = "http://prometheus.monitoring:9090"
+    prometheus_auth_block: str = Field(
+        default="robotics-cd-prometheus-auth",
+        description="Secret block with Prometheus credentials: {username, password} for basic "
+        "auth or {bearer_token} (or a plain string) for a bearer token; no block, no auth.",
+    )
+    prometheus_ca_bundle: Path | None = Field(
+        default=None,
+        description="CA bundle that signs Prometheus' TLS certificate (a private CA); TLS is "
+        "always verified.",
+    )
     chat_webhooks_block: str = "robotics-cd-chat-webhooks"
 
     # Tools (on the worker image's PATH in production; the dev extras ship them in the venv).

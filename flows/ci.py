@@ -25,11 +25,11 @@ from core.catalog import ScanPolicy, Service, load_catalog
 from core.errors import InvalidInput
 from core.images import release_tag, validate_sha
 from core.settings import get_settings
-from tasks.checks import run_check
+from tasks.checks import CheckLimits, run_check
 from tasks.handoff import hand_off, with_ci_statuses
 from tasks.images import build_image, find_pushed_image, push_image
 from tasks.scan import ScanReport, scan_image
-from tasks.source import Checkout, checkout, remove_checkout
+from tasks.source import Checkout, checkout, is_on_branch, redact_url, remove_checkout
 
 Event = Literal["push", "pull_request"]
 STAGES = ("lint", "unit", "integration")
@@ -90,6 +90,20 @@ class _Clock:
 def ships(service: Service, *, event: str, ref: str, fork: bool) -> bool:
     """Only a push to the default branch of the service's own repository builds and pushes."""
     return event == "push" and not fork and ref == f"refs/heads/{service.branch}"
+
+
+async def refuse_unless_on_branch(service: Service, sha: str) -> None:
+    """A push build ships only a commit of the catalog's release branch of the catalog's repo.
+
+    ``event`` and ``fork`` are parameters: a run started by hand through the API could call
+    a pull-request head a push. The repository, not the caller, says what is on the branch.
+    """
+    if not await is_on_branch(service.repo, sha, service.branch):
+        raise InvalidInput(
+            f"commit {sha} is not on branch {service.branch!r} of {redact_url(service.repo)}; "
+            "a push build ships only commits of the catalog's release branch (check a "
+            "pull-request head with event=pull_request)"
+        )
 
 
 def render_summary(
@@ -205,6 +219,9 @@ async def ci(service: str, sha: str, ref: str, event: Event, fork: bool = False)
     co: Checkout | None = None
     error: BaseException | None = None
     try:
+        if ships(svc, event=event, ref=ref, fork=fork):
+            async with clock.stage("branch"):
+                await refuse_unless_on_branch(svc, sha)
         async with clock.stage("checkout"):
             co = await checkout(svc.repo, sha, label=service)
         for stage in STAGES:
@@ -216,6 +233,11 @@ async def ci(service: str, sha: str, ref: str, event: Event, fork: bool = False)
                     image=svc.checks.image,
                     network=svc.checks.network,
                     timeout=svc.checks.timeout,
+                    limits=CheckLimits(
+                        cpus=svc.checks.cpus,
+                        memory_mb=svc.checks.memory_mb,
+                        workspace_mb=svc.checks.workspace_mb,
+                    ),
                 )
         if ships(svc, event=event, ref=ref, fork=fork):
             result = await _ship(

@@ -13,10 +13,12 @@ Templates are plain PromQL with ``{placeholder}`` tokens (only the names in
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
+import ssl
 import time as _time
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,6 +26,7 @@ from typing import Any, Literal
 
 import httpx
 from prefect import task
+from prefect.blocks.system import Secret
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_logger, get_run_logger
 from pydantic import BaseModel, ConfigDict
@@ -165,6 +168,16 @@ def _float(raw: Any) -> float:
         raise MetricsError(f"Prometheus sent a non-numeric sample value {raw!r}") from exc
 
 
+def _loopback(url: str) -> bool:
+    host = httpx.URL(url).host
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _timestamp(value: datetime | float) -> float:
     if isinstance(value, datetime):
         if value.tzinfo is None:
@@ -173,18 +186,73 @@ def _timestamp(value: datetime | float) -> float:
     return float(value)
 
 
+def prometheus_auth(value: Any, *, block: str = "") -> httpx.Auth:
+    """Basic or bearer auth from a Secret block's value (never echoed in an error)."""
+    if isinstance(value, str) and value:
+        return _Bearer(value)
+    if isinstance(value, dict):
+        if isinstance(value.get("bearer_token"), str) and value["bearer_token"]:
+            return _Bearer(value["bearer_token"])
+        username, password = value.get("username"), value.get("password")
+        if isinstance(username, str) and username and isinstance(password, str):
+            return httpx.BasicAuth(username, password)
+    raise MetricsError(
+        f"Secret block {block!r} must hold {{'username': ..., 'password': ...}} (basic auth) or "
+        "{'bearer_token': ...} or the token as a plain string"
+    )
+
+
+class _Bearer(httpx.Auth):
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers["Authorization"] = f"Bearer {self._token}"
+        yield request
+
+
+def load_prometheus_auth(block_name: str | None = None) -> httpx.Auth | None:
+    """Credentials from the Secret block named in settings; ``None`` when there is none."""
+    name = block_name or get_settings().prometheus_auth_block
+    try:
+        block: Secret[Any] = Secret.load(name, _sync=True)  # type: ignore[call-arg,assignment]
+    except ValueError:  # no such block: this Prometheus takes no credentials
+        return None
+    return prometheus_auth(block.get(), block=name)
+
+
 class PrometheusClient:
-    """A small client of Prometheus' HTTP API (``/api/v1/query``, ``/api/v1/query_range``)."""
+    """A small client of Prometheus' HTTP API (``/api/v1/query``, ``/api/v1/query_range``).
+
+    ``auth`` is basic or bearer (managed services such as Alibaba Cloud ARMS need one); TLS
+    is always verified, against ``ca_bundle`` when Prometheus' certificate has a private CA.
+    """
 
     def __init__(
         self,
         *,
         base_url: str,
         timeout: float = 10.0,
+        auth: httpx.Auth | None = None,
+        ca_bundle: str | None = None,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
+        if (
+            auth is not None
+            and self.base_url.startswith("http://")
+            and not _loopback(self.base_url)
+        ):
+            raise MetricsError(
+                f"refusing to send Prometheus credentials over plain HTTP to {self.base_url}; "
+                "use an https:// URL"
+            )
+        verify: ssl.SSLContext | bool = (
+            ssl.create_default_context(cafile=ca_bundle) if ca_bundle else True
+        )
+        self._http = httpx.Client(
+            base_url=self.base_url, timeout=timeout, transport=transport, auth=auth, verify=verify
+        )
 
     def __enter__(self) -> PrometheusClient:
         return self
@@ -207,6 +275,12 @@ class PrometheusClient:
             body = response.json()
         except ValueError:
             body = None
+        if response.status_code in (401, 403):
+            raise MetricsError(
+                f"Prometheus at {self.base_url} refused the credentials (HTTP "
+                f"{response.status_code}); check the Secret block named by "
+                "ROBOTICS_CD_PROMETHEUS_AUTH_BLOCK"
+            )
         if not isinstance(body, dict):
             raise MetricsError(
                 f"Prometheus at {self.base_url} answered HTTP {response.status_code} "
@@ -368,7 +442,13 @@ def _logger() -> Any:
 def prometheus(
     url: str | None = None, *, transport: httpx.BaseTransport | None = None
 ) -> Iterator[PrometheusClient]:
-    client = PrometheusClient(base_url=url or get_settings().prometheus_url, transport=transport)
+    settings = get_settings()
+    client = PrometheusClient(
+        base_url=url or settings.prometheus_url,
+        auth=load_prometheus_auth(),
+        ca_bundle=str(settings.prometheus_ca_bundle) if settings.prometheus_ca_bundle else None,
+        transport=transport,
+    )
     try:
         yield client
     finally:

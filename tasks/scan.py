@@ -11,9 +11,12 @@ its Dockerfile:
    mirror in the company registry) or a pre-seeded cache. Without a DB it fails, unless the
    policy allows a missing DB: then the artifact says plainly that it did not run.
 
-The checkout's ``.trivyignore`` is honoured. Findings become a Prefect table artifact (made
-before the gate decides, so a failed gate's findings are there to read); the gate fails
-on the policy's severities. Secret values never leave Trivy: only rule, file and line.
+Trivy itself ignores nothing. Which findings may be ignored is decided afterwards by
+:mod:`core.scanning`: the catalog's allowlist (``scan.ignore``, with a reason and an expiry
+date) for any severity; the commit's own ``.trivyignore`` only below CRITICAL (it is the
+untrusted commit speaking), and it is reported either way. Findings, ignored ones included,
+become a Prefect table artifact (made before the gate decides, so a failed gate's findings
+are there to read); the gate fails on the policy's severities. Secret values never leave Trivy: only rule, file and line.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import re
 import shutil
 import sys
 from collections import Counter
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +39,7 @@ from pydantic import BaseModel, Field
 from core.catalog import ScanPolicy
 from core.errors import InvalidInput, ScanGateFailed, ScannerUnavailable
 from core.images import parse_reference
+from core.scanning import parse_trivyignore, rule
 from core.settings import get_settings
 from tasks.images import load_docker_host, load_registry_credentials, registry_host
 
@@ -62,6 +67,16 @@ class Finding(BaseModel):
     title: str
     target: str = Field(description="File, package or Dockerfile the finding is in.")
     where: str = Field(default="", description="Line, package version, or message.")
+    ruling: str = Field(
+        default="gate",
+        description="gate, allowlisted (catalog), trivyignore (the commit's, below CRITICAL) "
+        "or trivyignore-not-honoured (a CRITICAL the commit tried to ignore).",
+    )
+    note: str = Field(default="", description="Why it is ignored, or why an ignore was not.")
+
+    @property
+    def counts(self) -> bool:
+        return self.ruling in ("gate", "trivyignore-not-honoured")
 
 
 class ScanReport(BaseModel):
@@ -69,7 +84,10 @@ class ScanReport(BaseModel):
 
     image: str
     findings: list[Finding] = Field(default_factory=list)
-    counts: dict[str, int] = Field(default_factory=dict, description="Findings per severity.")
+    counts: dict[str, int] = Field(
+        default_factory=dict, description="Findings per severity (ignored ones left out)."
+    )
+    ignored: int = Field(default=0, description="Findings ignored (allowlist, .trivyignore).")
     gate: list[str] = Field(default_factory=list, description="Severities that fail the gate.")
     vuln_scanned: bool = True
     vuln_note: str = ""
@@ -78,7 +96,27 @@ class ScanReport(BaseModel):
 
     @property
     def blocking(self) -> list[Finding]:
-        return [f for f in self.findings if f.severity in self.gate]
+        return [f for f in self.findings if f.counts and f.severity in self.gate]
+
+
+def apply_ignores(
+    findings: list[Finding], policy: ScanPolicy, trivyignore_text: str, today: date
+) -> list[Finding]:
+    """Each finding with its ruling (catalog allowlist, the commit's .trivyignore)."""
+    listed = parse_trivyignore(trivyignore_text, today)
+    ruled = []
+    for f in findings:
+        r = rule(f.id, f.severity, allowlist=policy.ignore, trivyignore=listed, today=today)
+        ruled.append(f.model_copy(update={"ruling": r.disposition, "note": r.note}))
+    return ruled
+
+
+def _gate_cell(f: Finding, gate: list[str]) -> str:
+    if not f.counts:
+        return f"ignored: {f.note}"
+    if f.severity in gate:
+        return f"FAIL ({f.note})" if f.note else "FAIL"
+    return f.note
 
 
 # --- running trivy -----------------------------------------------------------------------
@@ -214,7 +252,7 @@ def artifact_rows(report: ScanReport) -> list[dict[str, str]]:
             "title": f.title,
             "target": f.target,
             "where": f.where,
-            "gate": "FAIL" if f.severity in report.gate else "",
+            "gate": _gate_cell(f, report.gate),
         }
         for f in sorted(
             report.findings,
@@ -245,7 +283,8 @@ def artifact_description(report: ScanReport) -> str:
     counts = ", ".join(f"{s} {report.counts.get(s, 0)}" for s in SEVERITIES)
     lines = [
         f"### Trivy scan of `{report.image}`",
-        f"Findings: {counts}. Gate fails on: {', '.join(report.gate) or 'nothing'}.",
+        f"Findings: {counts}. Gate fails on: {', '.join(report.gate) or 'nothing'}."
+        + (f" Ignored: {report.ignored} (see the gate column)." if report.ignored else ""),
         f"**Gate: {'FAILED' if report.blocking else 'passed'}.**",
     ]
     if not report.vuln_scanned:
@@ -294,11 +333,11 @@ async def scan_image(
 
     Args:
         image: the image on the Docker host (``registry/repository:tag``).
-        repo_path: the checkout (its ``.trivyignore`` is honoured). The SBOM is written to
-            ``settings.workspace/sboms/``.
+        repo_path: the checkout. Its ``.trivyignore`` is reported, and honoured only below
+            CRITICAL. The SBOM is written to ``settings.workspace/sboms/``.
         dockerfile: path of the Dockerfile, relative to the checkout.
-        policy: severities of the gate, vuln DB repository, whether a missing DB is allowed,
-            timeout (default: ``ScanPolicy()``: CRITICAL and HIGH, DB required).
+        policy: severities of the gate, the allowlist of accepted findings, vuln DB
+            repository, whether a missing DB is allowed, timeout (default: ``ScanPolicy()``: CRITICAL and HIGH, DB required).
         artifact_key: key of the table artifact (default ``scan-<repository>``).
         credentials_block: ``DockerRegistryCredentials`` used when the DB mirror is in that
             registry (default: settings).
@@ -319,10 +358,13 @@ async def scan_image(
         raise InvalidInput(f"Dockerfile {dockerfile!r} not found in the checkout")
     logger = get_run_logger()
     timeout = policy.timeout.total_seconds()
-    ignore = (
-        ["--ignorefile", str(root / ".trivyignore")]
-        if (root / ".trivyignore").is_file()
-        else ["--ignorefile", ""]
+    # Trivy ignores nothing itself (not even a .trivyignore in its working directory).
+    ignore = ["--ignorefile", ""]
+    trivyignore = root / ".trivyignore"
+    trivyignore_text = (
+        trivyignore.read_text(errors="replace")
+        if trivyignore.is_file() and not trivyignore.is_symlink()
+        else ""
     )
     host = await load_docker_host(docker_host_block)
     docker_flags = ["--image-src", "docker"]
@@ -412,10 +454,12 @@ async def scan_image(
     else:
         findings += parse_vulns(_json(vuln_run, "vulnerability scan"))
 
+    findings = apply_ignores(findings, policy, trivyignore_text, datetime.now(UTC).date())
     report = ScanReport(
         image=image,
         findings=findings,
-        counts=dict(Counter(f.severity for f in findings)),
+        counts=dict(Counter(f.severity for f in findings if f.counts)),
+        ignored=sum(1 for f in findings if not f.counts),
         gate=list(policy.fail_on),
         vuln_scanned=vuln_scanned,
         vuln_note=vuln_note,
@@ -430,11 +474,12 @@ async def scan_image(
     logger.info("scan of %s: %s", image, report.counts or "no findings")
     if report.blocking:
         worst = "; ".join(
-            f"{f.severity} {f.id} {f.title} ({f.target})" for f in report.blocking[:5]
+            f"{f.severity} {f.id} {f.title} ({f.target})" + (f" [{f.note}]" if f.note else "")
+            for f in report.blocking[:5]
         )
         raise ScanGateFailed(
             f"scan gate failed for {image}: {len(report.blocking)} finding(s) at "
-            f"{'/'.join(report.gate)}: {worst}. Fix them, or accept one by adding its id to "
-            ".trivyignore in the service repo"
+            f"{'/'.join(report.gate)}: {worst}. Fix them, or accept one in services.yaml "
+            "under scan.ignore (id, reason, expires)"
         )
     return report

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import anyio.to_thread
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
 from core.errors import SourceError
@@ -248,4 +249,59 @@ async def is_superseded(repo_url: str, source_sha: str, running_tag: str) -> boo
             timeout=settings.git_timeout,
             token=token,
         )
+    )
+
+
+def is_on_branch_sync(repo_url: str, sha: str, branch: str, *, workspace: Path) -> bool:
+    """True when ``sha`` is the tip of ``branch`` in ``repo_url`` or an ancestor of it."""
+    validate_sha(sha)
+    if not re.fullmatch(r"[A-Za-z0-9._/-]+", branch) or ".." in branch:
+        raise SourceError(f"invalid branch name {branch!r} in the catalog")
+    path = workspace / "history" / uuid.uuid4().hex[:12]
+    path.mkdir(parents=True)
+    try:
+        repo = git.Repo.init(path, bare=True)
+        with repo.git.custom_environment(**_GIT_ENV):
+            try:
+                repo.git.fetch(
+                    "--no-tags",
+                    "--filter=blob:none",
+                    repo_url,
+                    f"+refs/heads/{branch}:refs/heads/{branch}",
+                )
+            except git.GitCommandError as exc:
+                raise SourceError(
+                    f"cannot fetch {branch} of {redact_url(repo_url)}: "
+                    f"{redact_url(str(exc.stderr)).strip()}"
+                ) from exc
+            try:
+                repo.git.merge_base("--is-ancestor", sha, branch)
+            except git.GitCommandError as exc:
+                # 1: not an ancestor; 128: the commit is not in the branch's history at all
+                if exc.status in (1, 128):
+                    return False
+                raise
+            return True
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@task(
+    name="is-on-branch",
+    task_run_name="is {sha:.7} on {branch}",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=lambda _task, _run, state: isinstance(state.data, SourceError),
+)
+async def is_on_branch(repo_url: str, sha: str, branch: str) -> bool:
+    """Is commit ``sha`` on ``branch`` of ``repo_url`` (its tip or an ancestor of it)?
+
+    A push build asks this of the catalog's repo and release branch before it builds: a run
+    started by hand through the API with ``event=push`` carries a commit of its caller's
+    choosing, a pull-request head included.
+    """
+    workspace = get_settings().workspace
+    return await anyio.to_thread.run_sync(
+        lambda: is_on_branch_sync(repo_url, sha, branch, workspace=workspace)
     )

@@ -7,12 +7,13 @@ import asyncio
 import re
 import time
 import uuid
-from datetime import timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 import docker
+import git
 import httpx
 import pytest
 from prefect.client.orchestration import get_client
@@ -28,7 +29,7 @@ from prefect.client.schemas.objects import State
 from prefect.logging.handlers import APILogHandler
 from prefect_docker import DockerRegistryCredentials
 
-from core.catalog import ScanPolicy
+from core.catalog import ScanIgnore, ScanPolicy
 from core.errors import (
     CheckFailed,
     InvalidInput,
@@ -249,17 +250,31 @@ async def test_secret_in_dockerfile_env_fails_the_scan_gate(
     summary = next(a for a in await artifacts_of(run_id) if a.key == "ci-api-gateway").data
     assert "| scan | failed |" in summary and "| push |" not in summary
 
-    # Accepting the finding in .trivyignore lets the same image through the gate.
+    # The commit's own .trivyignore cannot accept a CRITICAL finding (issue #24, item 8):
+    # it is reported, not honoured. The catalog's allowlist, with a reason and an expiry
+    # date, can; an expired entry cannot.
     accepted = tmp_path / "repo"
     accepted.mkdir()
     (accepted / "Dockerfile").write_text(bad)
     (accepted / ".trivyignore").write_text("# accepted: demo key, rotated\nDS-0031\n")
     image = f"{sample.registry.host}/{sample.image}:{tag_of(sample)}"
-    report = await scan_image(
-        image, repo_path=str(accepted), policy=ScanPolicy(allow_missing_vuln_db=True)
-    )
-    assert "DS-0031" not in {f.id for f in report.findings}
-    assert not report.blocking
+    with pytest.raises(ScanGateFailed) as self_accepted:
+        await scan_image(
+            image, repo_path=str(accepted), policy=ScanPolicy(allow_missing_vuln_db=True)
+        )
+    assert "not honoured for CRITICAL" in str(self_accepted.value)
+    assert "scan.ignore" in str(self_accepted.value)
+
+    def allow(expires: date) -> ScanPolicy:
+        entry = ScanIgnore(id="DS-0031", reason="demo key, rotated on 2026-11-02", expires=expires)
+        return ScanPolicy(allow_missing_vuln_db=True, ignore=[entry])
+
+    today = datetime.now(UTC).date()
+    report = await scan_image(image, repo_path=str(accepted), policy=allow(today))
+    assert not report.blocking and report.ignored >= 1
+    assert any(f.id == "DS-0031" and f.ruling == "allowlisted" for f in report.findings)
+    with pytest.raises(ScanGateFailed, match="expired on"):
+        await scan_image(image, repo_path=str(accepted), policy=allow(today - timedelta(days=1)))
 
 
 async def test_wrong_registry_password_names_the_registry_and_leaks_nothing(
@@ -398,3 +413,30 @@ async def test_a_check_over_its_timeout_is_killed_and_fails_its_stage(
         all=True, filters={"label": "robotics-cd.stage=integration"}
     )
     assert not [c for c in leftovers if c.name.startswith("robotics-cd-check-")]
+
+
+async def test_a_hand_made_push_run_of_a_pull_request_head_is_refused_before_build(
+    sample_service_repo: Any, tmp_path: Path
+) -> None:
+    """``event`` and ``fork`` are parameters anyone with API access sets: the repository,
+    not the caller, says whether a commit is on the release branch (issue #24, item 4)."""
+    sample: SampleService = sample_service_repo()
+    work = tmp_path / "pr"
+    repo = git.Repo.clone_from(str(sample.bare), str(work))
+    (work / "README.md").write_text("a pull request, not merged\n")
+    repo.git.add(A=True)
+    repo.git.commit("-q", "-m", "pr: not on main", author="Dev <dev@robotics.example>")
+    pr_head = repo.head.commit.hexsha
+    repo.git.push("origin", "HEAD:refs/pull/7/head")
+
+    state, run_id = await run_ci(sample, sha=pr_head, ref=MAIN, event="push")
+    with pytest.raises(InvalidInput) as caught:
+        await state.result()
+    assert f"commit {pr_head} is not on branch 'main'" in str(caught.value)
+    names = await task_names(run_id)
+    assert not any(n.startswith(("checkout", "lint", "build", "push", "scan")) for n in names)
+    assert manifest(sample, f"{TAG_DATE}-{pr_head[:7]}").status_code == 404
+
+    # The same commit as what it is, a pull request, is checked (and ships nothing).
+    state, _ = await run_ci(sample, sha=pr_head, ref="refs/pull/7/head", event="pull_request")
+    assert (await state.result()).image is None
