@@ -61,7 +61,7 @@ from core.release import (
     resume_point,
 )
 from core.settings import Settings, get_settings
-from tasks import argocd, gitops, lifecycle, metrics, notify, report, smoke, source
+from tasks import argocd, gitops, images, lifecycle, metrics, notify, report, smoke, source
 from tasks import github as gh
 from tasks.approvals import expire_overdue, pending_commands, wait_for_decision
 from tasks.lifecycle import emit_release_event, start_rollback_for
@@ -222,6 +222,14 @@ async def take_production_lock(plan: ReleasePlan, cfg: Config) -> gitops.Lease:
     if waiting_on:
         await lifecycle.mark_waiting(None)
     return taken
+
+
+def stable_image(plan: ReleasePlan, cfg: Config) -> str | None:
+    """What production runs now: the image a rollback returns to."""
+    running = gitops.current_image.with_options(cache_policy=NO_CACHE)(
+        plan.service, "production", **cfg.git("production")
+    )
+    return running.reference if running else None
 
 
 async def refuse_if_superseded(plan: ReleasePlan, cfg: Config) -> None:
@@ -396,8 +404,14 @@ async def roll_back(plan: ReleasePlan, cfg: Config, reason: str, record: Release
     on_cancellation=[start_rollback_for],  # type: ignore[list-item]
     on_crashed=[start_rollback_for],  # type: ignore[list-item]
 )
-async def release(service: str, image: str, source_sha: str) -> State[Any]:
-    """Release ``image`` (registry/repo:tag@digest, built from ``source_sha``) of ``service``."""
+async def release(
+    service: str, image: str, source_sha: str, provenance_override_reason: str | None = None
+) -> State[Any]:
+    """Release ``image`` (registry/repo:tag@digest, built from ``source_sha``) of ``service``.
+
+    The image must be in the registry and pushed by a completed ``ci`` run of the commit;
+    ``provenance_override_reason`` lets an operator ship another image, and is recorded.
+    """
     settings = get_settings()
     catalog = load_catalog(settings.catalog)
     plan = plan_release(catalog, service, image, source_sha)
@@ -408,6 +422,14 @@ async def release(service: str, image: str, source_sha: str) -> State[Any]:
         policy=catalog.canary_policy(service),
     )
     record = ReleaseRecord.start(plan, str(flow_run.id))
+    record.notes.append(
+        await images.verify_release_image(
+            plan.image,
+            service=service,
+            source_sha=source_sha,
+            override_reason=provenance_override_reason,
+        )
+    )
     emit_release_event("started", plan)
 
     await deploy_staging(plan, cfg, record)
@@ -438,6 +460,7 @@ async def release(service: str, image: str, source_sha: str) -> State[Any]:
             return end(EndingKind.ROLLED_BACK, plan, cfg, record, why=why)
         if resume.at == Resume.START:
             await refuse_if_superseded(plan, cfg)
+            await images.keep_rollback_target(service, stable_image(plan, cfg))
         if resume.at in (Resume.START, Resume.CANARY):
             outcome = await run_canary(plan, cfg, record, resume)
             record.notes.append(outcome.reason)

@@ -32,8 +32,15 @@ import anyio.to_thread
 import docker
 import docker.errors
 import httpx
-from prefect import get_run_logger, task
-from prefect.client.schemas.objects import State
+from prefect import get_client, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.filters import (
+    FlowFilter,
+    FlowFilterName,
+    FlowRunFilter,
+    FlowRunFilterName,
+)
+from prefect.client.schemas.objects import FlowRun, State
 from prefect_docker import DockerHost, DockerRegistryCredentials
 from pydantic import BaseModel, Field
 
@@ -46,6 +53,7 @@ from core.errors import (
     RegistryUnavailable,
 )
 from core.images import ImageRef, parse_reference, validate_digest, validate_sha
+from core.provenance import CIRun, judge
 from core.settings import get_settings
 
 REVISION_LABEL = "org.opencontainers.image.revision"
@@ -214,12 +222,22 @@ class RegistryClient:
 
     async def _get(self, path: str, *, accept: Iterable[str] = ()) -> httpx.Response:
         headers = {"Accept": ", ".join(accept)} if accept else {}
+        return await self._request("GET", path, headers=headers)
+
+    async def _request(
+        self, method: str, path: str, *, headers: dict[str, str], content: bytes | None = None
+    ) -> httpx.Response:
         try:
-            resp = await self._client.get(path, headers={**headers, **self._headers})
+            resp = await self._client.request(
+                method, path, headers={**headers, **self._headers}, content=content
+            )
             if resp.status_code == 401 and "WWW-Authenticate" in resp.headers:
-                # Answer the challenge (first call, or an expired token) and retry once.
+                # Answer the challenge (first call, an expired token, or a push scope) and
+                # retry once.
                 await self._authorize(resp.headers["WWW-Authenticate"])
-                resp = await self._client.get(path, headers={**headers, **self._headers})
+                resp = await self._client.request(
+                    method, path, headers={**headers, **self._headers}, content=content
+                )
         except httpx.HTTPError as exc:
             raise RegistryUnavailable(
                 f"registry {self.registry} did not answer ({type(exc).__name__}); check that it "
@@ -246,6 +264,39 @@ class RegistryClient:
         if not digest:
             digest = "sha256:" + hashlib.sha256(resp.content).hexdigest()
         return validate_digest(digest), dict(resp.json())
+
+    async def manifest_raw(self, repository: str, reference: str) -> tuple[str, bytes, str] | None:
+        """(digest, bytes, media type) of a manifest exactly as stored, or None (404)."""
+        resp = await self._get(f"/v2/{repository}/manifests/{reference}", accept=MANIFEST_TYPES)
+        if resp.status_code == 404:
+            return None
+        if resp.status_code != 200:
+            raise RegistryUnavailable(
+                f"registry {self.registry} answered {resp.status_code} for {repository}:{reference}"
+            )
+        digest = "sha256:" + hashlib.sha256(resp.content).hexdigest()
+        media_type = resp.headers.get("Content-Type", "").split(";")[0] or str(
+            resp.json().get("mediaType", MANIFEST_TYPES[0])
+        )
+        return digest, resp.content, media_type
+
+    async def put_manifest(self, repository: str, tag: str, body: bytes, media_type: str) -> str:
+        """Tag a manifest (the same bytes, so the same digest) as ``repository:tag``."""
+        resp = await self._request(
+            "PUT",
+            f"/v2/{repository}/manifests/{tag}",
+            headers={"Content-Type": media_type},
+            content=body,
+        )
+        if resp.status_code not in (200, 201):
+            raise PushFailed(
+                f"registry {self.registry} refused tag {repository}:{tag} "
+                f"(HTTP {resp.status_code}: {resp.text[:200]})"
+            )
+        return validate_digest(
+            resp.headers.get("Docker-Content-Digest")
+            or "sha256:" + hashlib.sha256(body).hexdigest()
+        )
 
     async def blob_json(self, repository: str, digest: str) -> dict[str, Any]:
         resp = await self._get(f"/v2/{repository}/blobs/{digest}")
@@ -379,6 +430,189 @@ async def find_tagged_image(
         digest, manifest = found
         revision = (await client.labels(repository, manifest)).get(REVISION_LABEL, "")
     return PushedImage(ref=str(ref.with_digest(digest)), tag=tag, digest=digest, revision=revision)
+
+
+# --- before a release writes anything: the image, its provenance, the way back -------------
+
+
+async def _ci_runs(service: str, sha: str) -> list[CIRun]:
+    """The ``ci`` runs of ``service`` at ``sha``, each with the digest its result names."""
+    async with get_client() as client:
+        runs: list[FlowRun] = await client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["ci"])),
+            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[f"ci-{service}-{sha[:7]}"])),
+        )
+    found: list[CIRun] = []
+    for run in runs:
+        params = run.parameters or {}
+        if params.get("service") != service or params.get("sha") != sha:
+            continue
+        state = run.state
+        digest: str | None = None
+        if state is not None and state.is_completed():
+            try:
+                result = await state.aresult(raise_on_failure=False)  # type: ignore[call-overload]
+            except Exception as exc:  # an unreadable result is no proof; the warning says why
+                _logger().warning("cannot read the result of ci run %s: %s", run.id, exc)
+                result = None
+            value = getattr(result, "digest", None)
+            digest = value if isinstance(value, str) else None
+        found.append(
+            CIRun(
+                flow_run_id=str(run.id),
+                state=state.type.value if state is not None else "UNKNOWN",
+                service=service,
+                sha=sha,
+                event=str(params.get("event", "")),
+                digest=digest,
+            )
+        )
+    return found
+
+
+async def _ci_runs_settled(service: str, sha: str, digest: str, timeout: float) -> list[CIRun]:
+    """The ci runs of the commit, waiting (bounded) while one still runs without a proof.
+
+    The ci flow hands off to the release as its last step, so the run that pushed the image
+    is usually still finishing when the release starts.
+    """
+    deadline = anyio.current_time() + timeout
+    while True:
+        runs = await _ci_runs(service, sha)
+        proved = any(r.state == "COMPLETED" and r.digest == digest for r in runs)
+        running = [r for r in runs if r.state in ("SCHEDULED", "PENDING", "RUNNING")]
+        if proved or not running or anyio.current_time() >= deadline:
+            return runs
+        await anyio.sleep(2.0)
+
+
+@task(
+    name="verify-release-image",
+    task_run_name="verify {image}",
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=retry_on(RegistryUnavailable),
+)
+async def verify_release_image(
+    image: str,
+    *,
+    service: str,
+    source_sha: str,
+    override_reason: str | None = None,
+    ci_wait_seconds: float = 300.0,
+    credentials_block: str | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> str:
+    """Before a release writes anything: is the exact digest in the registry, and did a
+    completed ``ci`` run of this service push it for ``source_sha``?
+
+    Returns:
+        How the provenance was accepted (``ci run <id>`` or ``override: <reason> (...)``),
+        for the release record.
+
+    Raises:
+        InvalidInput: the digest is not in the registry (image and registry named), or its
+            provenance is not shown and no override reason was given.
+        RegistryAuthFailed, RegistryUnavailable: the registry could not be asked.
+    """
+    ref = parse_reference(image)
+    if ref.digest is None:
+        raise InvalidInput(f"image {image!r} must carry a digest (name:tag@sha256:...)")
+    validate_sha(source_sha)
+    credentials = await load_registry_credentials(credentials_block)
+    _check_same_registry(ref, credentials)
+    async with RegistryClient(
+        registry=credentials.registry_url,
+        username=credentials.username,
+        password=credentials.password.get_secret_value(),
+        transport=transport,
+    ) as client:
+        found = await client.manifest(ref.repository, ref.digest)
+        if found is None:
+            raise InvalidInput(
+                f"image {image} is not in registry {ref.registry}: it has no manifest "
+                f"{ref.digest} in {ref.repository}; release an image the ci flow pushed"
+            )
+        revision = (await client.labels(ref.repository, found[1])).get(REVISION_LABEL, "")
+    runs = await _ci_runs_settled(service, source_sha, ref.digest, ci_wait_seconds)
+    verdict = judge(
+        image=image,
+        service=service,
+        source_sha=source_sha,
+        digest=ref.digest,
+        revision_label=revision,
+        ci_runs=runs,
+        override_reason=override_reason,
+    )
+    log = _logger()
+    if verdict.overridden:
+        log.warning("provenance of %s OVERRIDDEN: %s", image, verdict.accepted_by)
+    else:
+        log.info("%s is in %s; provenance: %s", image, ref.registry, verdict.accepted_by)
+    return f"provenance of {ref.digest}: {verdict.accepted_by}"
+
+
+@task(
+    name="keep-rollback-target",
+    task_run_name="keep rollback-{service}",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=retry_on(RegistryUnavailable),
+)
+async def keep_rollback_target(
+    service: str,
+    stable_image: str | None,
+    *,
+    credentials_block: str | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> str | None:
+    """Before a canary starts: is the stable image a rollback returns to still in the
+    registry? Tag it ``rollback-<service>`` so a retention policy (ACR's, for one) keeps it.
+
+    ``stable_image`` is what production's overlay runs (its registry may be the pull
+    endpoint; the repository is looked up in the push registry of the credentials block).
+
+    Returns:
+        ``registry/repository:rollback-<service>@digest``, or None when production runs no
+        image of ours yet (nothing to return to).
+
+    Raises:
+        ImageError: the stable image is gone from the registry (a rollback could not start
+            its pods); the canary does not start.
+    """
+    if not stable_image:
+        _logger().info("production runs no %s image yet: no rollback target to keep", service)
+        return None
+    ref = parse_reference(stable_image)
+    reference = ref.digest or ref.tag
+    if reference is None:
+        raise InvalidInput(f"stable image {stable_image!r} has neither tag nor digest")
+    credentials = await load_registry_credentials(credentials_block)
+    registry = registry_host(credentials.registry_url)
+    tag = f"rollback-{service}"
+    async with RegistryClient(
+        registry=credentials.registry_url,
+        username=credentials.username,
+        password=credentials.password.get_secret_value(),
+        transport=transport,
+    ) as client:
+        found = await client.manifest_raw(ref.repository, reference)
+        if found is None:
+            raise ImageError(
+                f"the stable image {stable_image} that a rollback of {service} returns to is not "
+                f"in registry {registry} any more ({ref.repository}@{reference}); restore it "
+                "(or release a known-good image first) before starting a canary"
+            )
+        digest, body, media_type = found
+        if ref.digest and digest != ref.digest:
+            raise ImageError(
+                f"registry {registry} serves {digest} for {stable_image}, not its pinned digest"
+            )
+        await client.put_manifest(ref.repository, tag, body, media_type)
+    kept = f"{registry}/{ref.repository}:{tag}@{digest}"
+    _logger().info("rollback target kept: %s", kept)
+    return kept
 
 
 # --- build -------------------------------------------------------------------------------

@@ -252,36 +252,42 @@ async def is_superseded(repo_url: str, source_sha: str, running_tag: str) -> boo
     )
 
 
-def is_on_branch_sync(repo_url: str, sha: str, branch: str, *, workspace: Path) -> bool:
+def is_on_branch_sync(
+    repo_url: str,
+    sha: str,
+    branch: str,
+    *,
+    workspace: Path,
+    timeout: float = DEFAULT_TIMEOUT,
+    token: str | None = None,
+) -> bool:
     """True when ``sha`` is the tip of ``branch`` in ``repo_url`` or an ancestor of it."""
     validate_sha(sha)
     if not re.fullmatch(r"[A-Za-z0-9._/-]+", branch) or ".." in branch:
         raise SourceError(f"invalid branch name {branch!r} in the catalog")
     path = workspace / "history" / uuid.uuid4().hex[:12]
     path.mkdir(parents=True)
+    g = _Git(path, repo_url, timeout, token)
     try:
-        repo = git.Repo.init(path, bare=True)
-        with repo.git.custom_environment(**_GIT_ENV):
-            try:
-                repo.git.fetch(
-                    "--no-tags",
-                    "--filter=blob:none",
-                    repo_url,
-                    f"+refs/heads/{branch}:refs/heads/{branch}",
-                )
-            except git.GitCommandError as exc:
-                raise SourceError(
-                    f"cannot fetch {branch} of {redact_url(repo_url)}: "
-                    f"{redact_url(str(exc.stderr)).strip()}"
-                ) from exc
-            try:
-                repo.git.merge_base("--is-ancestor", sha, branch)
-            except git.GitCommandError as exc:
-                # 1: not an ancestor; 128: the commit is not in the branch's history at all
-                if exc.status in (1, 128):
-                    return False
-                raise
-            return True
+        g("init", "-q", "--bare")
+        g(
+            "fetch",
+            "-q",
+            "--no-tags",
+            "--filter=blob:none",
+            "--",
+            g.url,
+            f"+refs/heads/{branch}:refs/heads/{branch}",
+        )
+        code, out, err = g.status("merge-base", "--is-ancestor", sha, branch)
+        # 1: not an ancestor; "not a valid commit": not in the branch's history at all
+        if code == 1 or (code == 128 and "not a valid commit" in err.lower()):
+            return False
+        if code != 0:
+            raise SourceError(
+                f"cannot tell whether {sha[:12]} is on {branch} of {g.url}: {(err or out).strip()}"
+            )
+        return True
     finally:
         shutil.rmtree(path, ignore_errors=True)
 
@@ -301,7 +307,15 @@ async def is_on_branch(repo_url: str, sha: str, branch: str) -> bool:
     started by hand through the API with ``event=push`` carries a commit of its caller's
     choosing, a pull-request head included.
     """
-    workspace = get_settings().workspace
+    settings = get_settings()
+    token = git_token(repo_url)
     return await anyio.to_thread.run_sync(
-        lambda: is_on_branch_sync(repo_url, sha, branch, workspace=workspace)
+        lambda: is_on_branch_sync(
+            repo_url,
+            sha,
+            branch,
+            workspace=settings.workspace,
+            timeout=settings.git_timeout,
+            token=token,
+        )
     )

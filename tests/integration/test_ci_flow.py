@@ -4,6 +4,7 @@ auth, and the Trivy binary, against the sample service in a local bare repo."""
 from __future__ import annotations
 
 import asyncio
+import io
 import re
 import time
 import uuid
@@ -32,6 +33,7 @@ from prefect_docker import DockerRegistryCredentials
 from core.catalog import ScanIgnore, ScanPolicy
 from core.errors import (
     CheckFailed,
+    ImageError,
     InvalidInput,
     RegistryAuthFailed,
     ScanGateFailed,
@@ -42,9 +44,14 @@ from core.settings import get_settings
 from flows.ci import CIResult, ci
 from sandbox.procs import free_port, wait_until
 from tasks.checks import run_check
-from tasks.images import push_image
+from tasks.images import (
+    REVISION_LABEL,
+    keep_rollback_target,
+    push_image,
+    verify_release_image,
+)
 from tasks.scan import scan_image
-from tests.fixtures_engine import SEED, SampleService
+from tests.fixtures_engine import SEED, SERVICE, SampleService
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -440,3 +447,51 @@ async def test_a_hand_made_push_run_of_a_pull_request_head_is_refused_before_bui
     # The same commit as what it is, a pull request, is checked (and ships nothing).
     state, _ = await run_ci(sample, sha=pr_head, ref="refs/pull/7/head", event="pull_request")
     assert (await state.result()).image is None
+
+
+async def test_a_release_image_must_be_in_the_registry_and_pushed_by_ci(
+    sample_service_repo: Any,
+) -> None:
+    """Issue #24, item 1: the exact digest in the registry, pushed by a completed ci run of
+    the commit (or an operator's recorded reason); the rollback target kept by a tag."""
+    sample: SampleService = sample_service_repo()
+    state, run_id = await run_ci(sample)
+    result: CIResult = await state.result()
+    assert result.image and result.digest
+    note = await verify_release_image(result.image, service=SERVICE, source_sha=sample.sha)
+    assert note == f"provenance of {result.digest}: ci run {run_id}"
+
+    # A digest the registry does not hold: refused, naming the image and the registry.
+    ref = parse_reference(result.image)
+    missing = str(ref.with_digest("sha256:" + "0" * 64))
+    with pytest.raises(InvalidInput) as caught:
+        await verify_release_image(missing, service=SERVICE, source_sha=sample.sha)
+    assert f"image {missing} is not in registry {sample.registry.host}" in str(caught.value)
+
+    # An image pushed by hand, its revision label forged to the commit: no ci run pushed it.
+    forged_tag = f"{sample.registry.host}/{sample.image}:forged"
+    dockerfile = f"FROM robotics-cd/busybox:latest\nLABEL {REVISION_LABEL}={sample.sha}\n"
+    with docker.from_env() as engine:
+        engine.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=forged_tag, rm=True)
+    forged = await push_image(forged_tag)
+    with pytest.raises(InvalidInput) as refused:
+        await verify_release_image(forged.ref, service=SERVICE, source_sha=sample.sha)
+    assert f"no completed ci run of {SERVICE} pushed {forged.digest}" in str(refused.value)
+    overridden = await verify_release_image(
+        forged.ref,
+        service=SERVICE,
+        source_sha=sample.sha,
+        override_reason="hotfix built by the on-call engineer, INC-4711",
+    )
+    assert "override: hotfix built by the on-call engineer, INC-4711" in overridden
+
+    # Before a canary: the stable image is tagged rollback-<service> (retention keeps it) ...
+    kept = await keep_rollback_target(SERVICE, result.image)
+    assert kept == f"{sample.registry.host}/{sample.image}:rollback-{SERVICE}@{result.digest}"
+    tagged = manifest(sample, f"rollback-{SERVICE}")
+    assert tagged.status_code == 200
+    assert tagged.headers["Docker-Content-Digest"] == result.digest
+    # ... and a stable image gone from the registry stops the canary before it starts.
+    with pytest.raises(ImageError) as gone:
+        await keep_rollback_target(SERVICE, missing)
+    assert f"not in registry {sample.registry.host} any more" in str(gone.value)
