@@ -21,6 +21,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from core.durations import Duration
 from core.errors import CatalogError, InvalidInput
 from core.images import validate_registry, validate_repository
+from core.traffic import Router
 from core.training import DEFAULT_RUNTIME, Api, NamespaceLimits
 
 Severity = Literal["UNKNOWN", "LOW", "MEDIUM", "HIGH", "CRITICAL"]
@@ -154,6 +155,28 @@ class EnvironmentTarget(Strict):
         return self.endpoint or f"https://{self.host}"
 
 
+class Traffic(Strict):
+    """How requests reach the service, and so how a canary step moves them."""
+
+    router: Router = Field(
+        default="ingress-nginx",
+        description="ingress-nginx: a canary Ingress with canary-weight; gateway-api: an "
+        "HTTPRoute whose two weighted backendRefs are the stable and canary Services "
+        "(metrics as Envoy Gateway exports them). See docs/traffic-routers.md.",
+    )
+    gateway: Name | None = Field(
+        default=None,
+        description="gateway-api only: the Gateway the HTTPRoute attaches to (default: the "
+        "service's name).",
+    )
+
+    @model_validator(mode="after")
+    def _gateway_only_for_gateway_api(self) -> Traffic:
+        if self.gateway is not None and self.router != "gateway-api":
+            raise ValueError("gateway is set, but the router is not gateway-api")
+        return self
+
+
 class BuildSpec(Strict):
     context: RelPath = "."
     dockerfile: RelPath = "Dockerfile"
@@ -193,6 +216,7 @@ class Service(Strict):
     checks: Checks = Checks()
     environments: dict[Environment, EnvironmentTarget]
     smoke: list[str] = ["/healthz"]
+    traffic: Traffic = Traffic()
     metrics: MetricRules = MetricRules()
     canary: CanaryPolicy | None = None
     scan: ScanPolicy | None = None
@@ -240,6 +264,26 @@ class Catalog(Strict):
         default_factory=dict,
         description="Per-namespace limits of a training run (key: the namespace).",
     )
+
+    @model_validator(mode="after")
+    def _one_router_per_host(self) -> Catalog:
+        """A host is served by one router in an environment: its DNS name resolves to one
+        load balancer, ingress-nginx's or the Gateway's, so a host split between them
+        would leave one router's routes without traffic (or split it by DNS, unmeasured)."""
+        seen: dict[tuple[str, str], tuple[str, str]] = {}
+        for name, svc in self.services.items():
+            for env, target in svc.environments.items():
+                key = (env, target.host.lower())
+                other = seen.setdefault(key, (name, svc.traffic.router))
+                if other[1] != svc.traffic.router:
+                    raise ValueError(
+                        f"host {target.host!r} in {env} is given to both routers: "
+                        f"{other[0]} uses {other[1]}, {name} uses {svc.traffic.router}. "
+                        "A host resolves to one load balancer, so one router would get no "
+                        "traffic; put both services on one router, or give them different "
+                        "hosts (docs/traffic-routers.md: moving a service between routers)"
+                    )
+        return self
 
     def service(self, name: str) -> Service:
         try:

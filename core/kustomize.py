@@ -2,7 +2,10 @@
 
 The release writes a few fields of an overlay and nothing else (see the manifests repo's
 README): an ``images:`` entry of ``kustomization.yaml`` and the canary replicas and weight of
-``canary.yaml``. Edits are ruamel.yaml round-trips, so comments, key order and the rest of
+``canary.yaml``. The weight lives where the service's traffic router reads it: the canary
+Ingress's ``canary-weight`` annotation (ingress-nginx) or the ``weight`` of the two
+``backendRefs`` of the service's ``HTTPRoute`` (Gateway API); ``canary.yaml`` itself says
+which, so the callers need not. Edits are ruamel.yaml round-trips, so comments, key order and the rest of
 the file stay as people wrote them. :func:`diff_manifests` compares two renderings (``kubectl
 kustomize`` output before and after an edit) field by field, so the caller can refuse an edit
 that changed more than it meant to.
@@ -27,6 +30,7 @@ from core.images import validate_digest, validate_tag
 
 CANARY_WEIGHT_ANNOTATION = "nginx.ingress.kubernetes.io/canary-weight"
 CANARY_HEADER = "# Written by the release flow: canary replicas and traffic weight.\n"
+GATEWAY_API_VERSION = "gateway.networking.k8s.io/v1"
 
 # --- images: entries ----------------------------------------------------------------------
 
@@ -184,7 +188,14 @@ class CanarySettings:
 
 
 def render_canary(service: str, settings: CanarySettings, *, previous: str | None = None) -> str:
-    """The ``canary.yaml`` patch for ``service``; keeps the header comment of ``previous``."""
+    """The ``canary.yaml`` patch for ``service``; keeps the header comment of ``previous``.
+
+    When ``previous`` routes through an ``HTTPRoute`` (Gateway API), only the replicas and
+    the two ``weight`` values change, in place: the rules, matches and filters people wrote
+    stay as they are (see :func:`set_route_weights`).
+    """
+    if previous and _route_docs(previous, service):
+        return _render_gateway_canary(service, settings, previous)
     header = CANARY_HEADER
     if previous:
         lines = []
@@ -212,7 +223,11 @@ def render_canary(service: str, settings: CanarySettings, *, previous: str | Non
 
 
 def parse_canary(text: str, service: str) -> CanarySettings:
-    """Read canary replicas and weight for ``service`` from a ``canary.yaml`` text."""
+    """Read canary replicas and weight for ``service`` from a ``canary.yaml`` text.
+
+    The weight is the canary's percent of traffic: the ingress-nginx annotation, or for an
+    ``HTTPRoute`` ``<service>`` the canary backend's share of the weighted rule.
+    """
     try:
         docs = [d for d in yaml.safe_load_all(text) if d]
     except yaml.YAMLError as exc:
@@ -220,7 +235,13 @@ def parse_canary(text: str, service: str) -> CanarySettings:
     replicas: int | None = None
     weight: int | None = None
     for doc in docs:
-        if not isinstance(doc, dict) or doc.get("metadata", {}).get("name") != f"{service}-canary":
+        if not isinstance(doc, dict):
+            continue
+        name = (doc.get("metadata") or {}).get("name")
+        if doc.get("kind") == "HTTPRoute" and name == service:
+            weight = route_weight(doc, service)
+            continue
+        if name != f"{service}-canary":
             continue
         if doc.get("kind") == "Deployment":
             replicas = int(doc.get("spec", {}).get("replicas", 0))
@@ -229,10 +250,100 @@ def parse_canary(text: str, service: str) -> CanarySettings:
             weight = int(raw) if raw is not None else None
     if replicas is None or weight is None:
         raise InvalidInput(
-            f"canary.yaml holds no {service}-canary Deployment replicas and Ingress "
-            f"{CANARY_WEIGHT_ANNOTATION}; restore it from the manifests repo's seed layout"
+            f"canary.yaml holds no {service}-canary Deployment replicas and no traffic weight "
+            f"(Ingress {service}-canary {CANARY_WEIGHT_ANNOTATION}, or HTTPRoute {service} "
+            "with weighted backendRefs to both tracks); restore it from the manifests repo's "
+            "seed layout"
         )
     return CanarySettings(replicas=replicas, weight=weight)
+
+
+# --- Gateway API: the weighted HTTPRoute ------------------------------------------------------
+
+
+def _route_docs(text: str, service: str) -> list[dict[str, Any]]:
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if isinstance(d, dict)]
+    except yaml.YAMLError as exc:
+        raise InvalidInput(f"canary.yaml is not valid YAML: {exc}") from exc
+    return [
+        d
+        for d in docs
+        if d.get("kind") == "HTTPRoute" and (d.get("metadata") or {}).get("name") == service
+    ]
+
+
+def weighted_rule(route: Mapping[str, Any], service: str) -> int:
+    """Index of the rule that splits ``service``'s traffic: the first whose backendRefs name
+    both ``<service>`` and ``<service>-canary``."""
+    rules = (route.get("spec") or {}).get("rules") or []
+    for index, rule in enumerate(rules):
+        names = [str(b.get("name")) for b in (rule or {}).get("backendRefs") or []]
+        if service in names and f"{service}-canary" in names:
+            return index
+    raise InvalidInput(
+        f"HTTPRoute {service} has no rule with backendRefs to both {service} and "
+        f"{service}-canary; a canary step edits the weights of that rule"
+    )
+
+
+def route_weight(route: Mapping[str, Any], service: str) -> int:
+    """The canary's percent of the weighted rule (weights need not add up to 100)."""
+    rule = (route.get("spec") or {})["rules"][weighted_rule(route, service)]
+    weights: dict[str, int] = {}
+    for ref in rule.get("backendRefs") or []:
+        raw = ref.get("weight", 1)  # Gateway API's default weight is 1
+        try:
+            weights[str(ref.get("name"))] = int(raw)
+        except (TypeError, ValueError):
+            raise InvalidInput(f"HTTPRoute {service}: weight {raw!r} is not a number") from None
+    stable, canary = weights[service], weights[f"{service}-canary"]
+    if stable < 0 or canary < 0:
+        raise InvalidInput(f"HTTPRoute {service}: weights must be >= 0")
+    total = stable + canary
+    return 0 if total == 0 else round(100 * canary / total)
+
+
+def set_route_weights(text: str, service: str, weight: int) -> str:
+    """Give ``<service>-canary`` ``weight`` and ``<service>`` ``100 - weight`` in the weighted
+    rule of the ``HTTPRoute`` ``service`` in a multi-document YAML text; nothing else moves."""
+    if not 0 <= weight <= 100:
+        raise InvalidInput(f"canary weight must be within 0..100, got {weight}")
+    return _edit_docs(text, service, weight=weight, replicas=None)
+
+
+def _render_gateway_canary(service: str, settings: CanarySettings, previous: str) -> str:
+    return _edit_docs(previous, service, weight=settings.weight, replicas=settings.replicas)
+
+
+def _edit_docs(text: str, service: str, *, weight: int, replicas: int | None) -> str:
+    rt = _yaml(text)
+    try:
+        docs = list(rt.load_all(text))
+    except RuamelYAMLError as exc:
+        raise InvalidInput(f"canary.yaml is not valid YAML: {exc}") from exc
+    found = False
+    for doc in docs:
+        if not isinstance(doc, CommentedMap):
+            continue
+        name = (doc.get("metadata") or {}).get("name")
+        if doc.get("kind") == "HTTPRoute" and name == service:
+            rule = doc["spec"]["rules"][weighted_rule(doc, service)]
+            for ref in rule["backendRefs"]:
+                if ref.get("name") == service:
+                    ref["weight"] = 100 - weight
+                elif ref.get("name") == f"{service}-canary":
+                    ref["weight"] = weight
+            found = True
+        elif (
+            doc.get("kind") == "Deployment" and name == f"{service}-canary" and replicas is not None
+        ):
+            doc.setdefault("spec", CommentedMap())["replicas"] = replicas
+    if not found:
+        raise InvalidInput(f"canary.yaml holds no HTTPRoute {service}")
+    out = io.StringIO()
+    rt.dump_all(docs, out)
+    return out.getvalue()
 
 
 # --- comparing renderings -----------------------------------------------------------------
@@ -352,7 +463,9 @@ def image_fields(kind: str = "*", name: str = "*", *, image: Any = ANY) -> list[
 
 
 def canary_fields(service: str, settings: CanarySettings | None = None) -> list[FieldPattern]:
-    """The fields a canary step changes: canary replicas and the canary Ingress weight."""
+    """The fields a canary step changes: canary replicas and the weight, for either router
+    (the canary Ingress's annotation, or the ``weight`` of a backendRef of HTTPRoute
+    ``<service>``)."""
     replicas = ANY if settings is None else settings.replicas
     weight = ANY if settings is None else str(settings.weight)
     return [
@@ -363,6 +476,7 @@ def canary_fields(service: str, settings: CanarySettings | None = None) -> list[
             ("metadata", "annotations", CANARY_WEIGHT_ANNOTATION),
             weight,
         ),
+        FieldPattern("HTTPRoute", service, ("spec", "rules", "*", "backendRefs", "*", "weight")),
     ]
 
 

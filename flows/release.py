@@ -144,6 +144,7 @@ async def deploy_staging(plan: ReleasePlan, cfg: Config, record: ReleaseRecord) 
             end_time=datetime.now(UTC) + policy.interval,
             window_seconds=window,
             track="stable",
+            target=_metrics_target(plan, svc, target.namespace),
         )
         record.staging_metrics = check.analysis
         if check.verdict == Verdict.FAIL:
@@ -282,6 +283,7 @@ async def run_canary(
             window_seconds=policy.interval.total_seconds(),
             unavailable_is_inconclusive=True,
             stable_baseline=baseline,
+            target=_metrics_target(plan, svc, target.namespace),
         )
         if (result.observation.stable.requests or 0.0) >= policy.min_requests:
             baseline = result.observation.stable
@@ -363,6 +365,7 @@ async def promote_and_watch(plan: ReleasePlan, cfg: Config, record: ReleaseRecor
             end_time=end,
             window_seconds=window,
             track="stable",
+            target=_metrics_target(plan, svc, target.namespace),
         )
         record.watch.append(check.analysis)
         if check.verdict == Verdict.FAIL:
@@ -487,6 +490,11 @@ async def release(
     return end(EndingKind.PROMOTED, plan, cfg, record)
 
 
+def _metrics_target(plan: ReleasePlan, svc: Service, namespace: str) -> metrics.Target:
+    """Where the tracks' metrics are, as the service's traffic router exports them."""
+    return metrics.Target(service=plan.service, namespace=namespace, router=svc.traffic.router)
+
+
 def publish_canary_evidence(plan: ReleasePlan, cfg: Config, record: ReleaseRecord) -> None:
     """The analysis table and the canary chart (error ratio and P99 over time, steps marked)."""
     namespace = cfg.svc.environments["production"].namespace
@@ -496,7 +504,13 @@ def publish_canary_evidence(plan: ReleasePlan, cfg: Config, record: ReleaseRecor
     if end_at - start < timedelta(seconds=10):
         return
     try:
-        window = metrics.canary_window(plan.service, namespace, start=start, end=end_at)
+        window = metrics.canary_window(
+            plan.service,
+            namespace,
+            start=start,
+            end=end_at,
+            target=_metrics_target(plan, cfg.svc, namespace),
+        )
     except RoboticsCDError as exc:
         get_run_logger().warning("no canary chart: %s", exc)
         return

@@ -1,9 +1,8 @@
 """Prometheus: the HTTP API client, the PromQL templates, and the analysis tasks.
 
-Canary and stable are told apart by ingress-nginx's ``canary`` label on
-``nginx_ingress_controller_requests`` and the latency histogram: requests served through the
-canary Ingress carry a non-empty ``canary`` label, the stable track's carry ``canary=""``.
-Container metrics (restarts, CPU, memory) are selected by pod name: ``<deployment>-<rs>-<pod>``.
+Canary and stable are told apart by what the service's traffic router exports
+(``core.traffic``): ingress-nginx's ``canary`` label on ``nginx_ingress_controller_requests``
+and its latency histogram, or Envoy Gateway's per-backend cluster statistics. Container metrics (restarts, CPU, memory) are selected by pod name: ``<deployment>-<rs>-<pod>``.
 
 Every range window equals the analysis interval and is evaluated at the interval's end.
 Templates are plain PromQL with ``{placeholder}`` tokens (only the names in
@@ -47,6 +46,7 @@ from core.analysis import (
 from core.catalog import CanaryPolicy, MetricRules
 from core.errors import InvalidInput, MetricsError
 from core.settings import get_settings
+from core.traffic import QUERIES, Router, cluster_matcher
 
 Track = Literal["canary", "stable"]
 
@@ -60,22 +60,14 @@ PLACEHOLDERS = (
     "canary",
     "canary_matcher",
     "pod_regex",
+    "cluster_matcher",
     "window",
 )
 _PLACEHOLDER = re.compile(r"\{(" + "|".join(PLACEHOLDERS) + r")\}")
 
-# Canary-routed requests carry the main Ingress's name in real ingress-nginx; accept the
-# canary Ingress's name too, in case an exporter labels them with it.
-_INGRESS = 'namespace="{namespace}",ingress=~"{ingress}|{canary_ingress}",{canary_matcher}'
-_REQUESTS = "nginx_ingress_controller_requests{" + _INGRESS
-_BUCKETS = "nginx_ingress_controller_request_duration_seconds_bucket{" + _INGRESS + "}"
 _POD = 'namespace="{namespace}",pod=~"{pod_regex}"'
 
-TEMPLATES: dict[str, str] = {
-    "requests": f"sum(increase({_REQUESTS}}}[{{window}}]))",
-    "errors": f'sum(increase({_REQUESTS},status=~"5.."}}[{{window}}]))',
-    "latency_buckets": f"sum by (le) (increase({_BUCKETS}[{{window}}]))",
-    "p99_rate": f"histogram_quantile(0.99, sum by (le) (rate({_BUCKETS}[{{window}}])))",
+POD_TEMPLATES: dict[str, str] = {
     "restarts": f"sum(increase(kube_pod_container_status_restarts_total{{{_POD}}}[{{window}}]))",
     # Per pod, so one canary pod compares with the average stable pod.
     "cpu": f"avg(sum by (pod) (rate(container_cpu_usage_seconds_total{{{_POD}}}[{{window}}])))",
@@ -84,10 +76,20 @@ TEMPLATES: dict[str, str] = {
         f"container_memory_working_set_bytes{{{_POD}}}[{{window}}])))"
     ),
 }
-"""Default PromQL for ingress-nginx, kube-state-metrics and cAdvisor metric names.
-``error_ratio`` is errors / requests and ``p99_latency_seconds`` is the 0.99 quantile of the
-``latency_buckets`` histogram, both computed here from the same numbers the statistical
-tests use (unless the catalog gives the metric its own query)."""
+"""Default PromQL for kube-state-metrics and cAdvisor metric names (the same on any router)."""
+
+
+def templates_for(router: Router) -> dict[str, str]:
+    """Every default template for a service on ``router``: its requests, errors and latency
+    histogram (``core.traffic``) and the pod metrics. ``error_ratio`` is errors / requests and
+    ``p99_latency_seconds`` is the 0.99 quantile of the ``latency_buckets`` histogram, both
+    computed here from the same numbers the statistical tests use (unless the catalog gives
+    the metric its own query)."""
+    return {**QUERIES[router].templates(), **POD_TEMPLATES}
+
+
+TEMPLATES = templates_for("ingress-nginx")
+"""The templates of an ingress-nginx service (the default router)."""
 
 
 def render(template: str, values: Mapping[str, str]) -> str:
@@ -117,11 +119,18 @@ class Target:
     canary_ingress: str = ""
     deployment: str = ""
     canary_deployment: str = ""
+    router: Router = "ingress-nginx"
+    route: str = ""  # gateway-api: the HTTPRoute (default: the service's name)
+
+    @property
+    def templates(self) -> dict[str, str]:
+        return templates_for(self.router)
 
     def __post_init__(self) -> None:
         # Names as the manifests contract lays them out: <svc> and <svc>-canary.
         object.__setattr__(self, "ingress", self.ingress or self.service)
         object.__setattr__(self, "canary_ingress", self.canary_ingress or f"{self.service}-canary")
+        object.__setattr__(self, "route", self.route or self.service)
         object.__setattr__(self, "deployment", self.deployment or self.service)
         object.__setattr__(
             self, "canary_deployment", self.canary_deployment or f"{self.service}-canary"
@@ -142,6 +151,7 @@ class Target:
             "canary_matcher": 'canary!=""' if track == "canary" else 'canary=""',
             # Names are DNS labels (no regex metacharacters); PromQL strings refuse "\-".
             "pod_regex": f"{deployment}-[a-z0-9]+-[a-z0-9]+",
+            "cluster_matcher": cluster_matcher(self.namespace, self.route, track),
             "window": window,
         }
 
@@ -353,13 +363,14 @@ class PrometheusClient:
 # --- observing a service -------------------------------------------------------------------
 
 
-def _buckets(samples: list[Sample]) -> LatencyBuckets | None:
+def _buckets(samples: list[Sample], le_seconds: float = 1.0) -> LatencyBuckets | None:
+    """(upper bound in seconds, count) pairs; ``le_seconds`` converts the exporter's unit."""
     pairs = []
     for s in samples:
         le = s.labels.get("le")
         if le is None or math.isnan(s.value):
             continue
-        pairs.append((_float(le), s.value))
+        pairs.append((_float(le) * le_seconds, s.value))
     if not pairs:
         return None
     pairs.sort()
@@ -381,13 +392,16 @@ class PrometheusSource:
             self.queries[f"{track}:{name}"] = promql
             return self.client.scalar(promql, end)
 
-        requests = run("requests", TEMPLATES["requests"])
-        errors = run("errors", TEMPLATES["errors"])
+        templates = self.target.templates
+        requests = run("requests", templates["requests"])
+        errors = run("errors", templates["errors"])
         if errors is None and requests is not None:
             errors = 0.0  # requests seen, but no 5xx series has ever appeared
-        bucket_query = render(TEMPLATES["latency_buckets"], values)
+        bucket_query = render(templates["latency_buckets"], values)
         self.queries[f"{track}:latency_buckets"] = bucket_query
-        buckets = _buckets(self.client.query(bucket_query, end))
+        buckets = _buckets(
+            self.client.query(bucket_query, end), QUERIES[self.target.router].le_seconds
+        )
         metric_values: dict[str, float | None] = {}
         for name, rule in enabled_rules(self.rules):
             if rule.query:
@@ -396,8 +410,8 @@ class PrometheusSource:
                 metric_values[name] = errors / requests if requests and errors is not None else None
             elif name == "p99_latency_seconds":
                 metric_values[name] = histogram_quantile(0.99, buckets) if buckets else None
-            elif name in TEMPLATES:
-                metric_values[name] = run(name, TEMPLATES[name])
+            elif name in templates:
+                metric_values[name] = run(name, templates[name])
             else:
                 metric_values[name] = None  # e.g. business without a query: no data
         return TrackObservation(
@@ -654,10 +668,10 @@ def canary_window(
         for track in ("canary", "stable"):
             values = where.placeholders(track, window)  # type: ignore[arg-type]
             ratio = (
-                f"({render(TEMPLATES['errors'], values)} or vector(0)) / "
-                f"{render(TEMPLATES['requests'], values)}"
+                f"({render(where.templates['errors'], values)} or vector(0)) / "
+                f"{render(where.templates['requests'], values)}"
             )
-            quantile = render(TEMPLATES["p99_rate"], values)
+            quantile = render(where.templates["p99_rate"], values)
             errors[track] = _points(client.query_range(ratio, start, end, step_seconds))
             p99[track] = _points(client.query_range(quantile, start, end, step_seconds))
     return WindowSeries(error_ratio=errors, p99_latency_seconds=p99)
