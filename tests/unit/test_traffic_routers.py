@@ -146,7 +146,7 @@ def test_the_same_host_in_another_environment_is_not_a_conflict():
 
 
 def test_an_unknown_router_is_refused():
-    with pytest.raises(CatalogError, match="traffic.router"):
+    with pytest.raises(CatalogError, match=r"traffic\.router"):
         parse_catalog(CATALOG.replace("HOST", "f.local").replace("gateway-api", "traefik"), env={})
 
 
