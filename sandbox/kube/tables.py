@@ -6,6 +6,7 @@ Columns follow what a real cluster prints for each kind (and, for the custom res
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -178,12 +179,48 @@ _COLUMNS: dict[tuple[str, str], list[Column]] = {
     ("kubeflow.org", "PyTorchJob"): [_NAME, ("State", "string", 0, _last_condition), _AGE],
     # The TrainJob CRD's printer columns (Trainer v2.3.0): .status.conditions[-1:].type, age.
     ("trainer.kubeflow.org", "TrainJob"): [_NAME, ("State", "string", 0, _last_condition), _AGE],
+    # The Gateway API CRDs' additionalPrinterColumns (v1.2, standard channel).
+    ("gateway.networking.k8s.io", "GatewayClass"): [
+        _NAME,
+        ("Controller", "string", 0, lambda o: _get(o, "spec", "controllerName")),
+        ("Accepted", "string", 0, lambda o: _condition_status(o, "Accepted")),
+        _AGE,
+    ],
+    ("gateway.networking.k8s.io", "Gateway"): [
+        _NAME,
+        ("Class", "string", 0, lambda o: _get(o, "spec", "gatewayClassName")),
+        ("Address", "string", 0, lambda o: _get(o, "status", "addresses", 0, "value")),
+        ("Programmed", "string", 0, lambda o: _condition_status(o, "Programmed")),
+        _AGE,
+    ],
+    ("gateway.networking.k8s.io", "HTTPRoute"): [
+        _NAME,
+        # kubectl prints a JSONPath list column as compact JSON: ["a.example","b.example"]
+        (
+            "Hostnames",
+            "string",
+            0,
+            lambda o: (
+                json.dumps(_get(o, "spec", "hostnames", default=None), separators=(",", ":"))
+                if _get(o, "spec", "hostnames", default=None)
+                else ""
+            ),
+        ),
+        _AGE,
+    ],
     ("argoproj.io", "Application"): [
         _NAME,
         ("Sync Status", "string", 0, lambda o: _get(o, "status", "sync", "status")),
         ("Health Status", "string", 0, lambda o: _get(o, "status", "health", "status")),
     ],
 }
+
+
+def _condition_status(obj: JSON, type_: str) -> str:
+    for cond in _get(obj, "status", "conditions", default=[]):
+        if isinstance(cond, dict) and cond.get("type") == type_:
+            return str(cond.get("status", ""))
+    return "Unknown"
 
 
 def columns_for(rt: ResourceType) -> list[Column]:

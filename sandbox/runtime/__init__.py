@@ -33,6 +33,7 @@ from starlette.routing import Route
 
 from sandbox.faults import FAULTS, FaultRegistry, admin_routes
 from sandbox.procs import free_port
+from sandbox.runtime import gateway as gw
 from sandbox.runtime.config import RuntimeConfig
 from sandbox.runtime.engine import Engine, cleanup, in_thread, state_label
 from sandbox.runtime.kubelet import Kubelet
@@ -46,6 +47,7 @@ __all__ = ["Runtime", "cleanup", "start", "state_label"]
 log = logging.getLogger("sandbox.runtime")
 
 WORKLOAD_KINDS = {"Deployment", "ReplicaSet", "Job", "Pod"}
+GATEWAY_KINDS = {"Gateway", "HTTPRoute"}
 
 
 class Runtime:
@@ -59,6 +61,7 @@ class Runtime:
         self.kubelet: Kubelet | None = None
         self.controllers = Controllers(self.store, config.backoff_initial, config.backoff_max)
         self.metrics = RequestMetrics()
+        self.envoy = gw.EnvoyMetrics()
         self.stats: ContainerStats | None = None
         self.load = LoadGenerator(faults)
         self.routers: dict[str, NamespaceRouter] = {}
@@ -89,6 +92,10 @@ class Runtime:
             await self.ensure_router(namespace)
         for ingress in self.store.list("networking.k8s.io/v1", "Ingress"):
             await self.ensure_router(ingress["metadata"]["namespace"])
+        self._ensure_gateway_class()
+        for kind in GATEWAY_KINDS:
+            for obj in self.store.list(gw.API_VERSION, kind):
+                await self.ensure_router(obj["metadata"]["namespace"])
         self.ctx.spawn(self.watch(subscription), "runtime:watch")
         self.ctx.spawn(self.control_loop(), "runtime:controllers")
         self.ctx.spawn(self.resync_loop(), "runtime:resync")
@@ -109,6 +116,20 @@ class Runtime:
             if self.engine is not None:
                 self.engine.close()
 
+    def _ensure_gateway_class(self) -> None:
+        """The GatewayClass of the Envoy Gateway the twin plays, as its quickstart makes it."""
+        from sandbox.kube.store import ApiError
+
+        with contextlib.suppress(ApiError):  # already there
+            self.store.create(
+                {
+                    "apiVersion": gw.API_VERSION,
+                    "kind": "GatewayClass",
+                    "metadata": {"name": gw.DEFAULT_CLASS},
+                    "spec": {"controllerName": gw.CONTROLLER},
+                }
+            )
+
     def _load_ports(self) -> None:
         if self._ports_file.exists():
             with contextlib.suppress(ValueError):
@@ -124,7 +145,9 @@ class Runtime:
         if router is not None:
             return router
         endpoints = self.kubelet.endpoints if self.kubelet else {}
-        router = NamespaceRouter(namespace, self.store, endpoints, self.metrics, self.faults)
+        router = NamespaceRouter(
+            namespace, self.store, endpoints, self.metrics, self.faults, self.envoy
+        )
         port = self.router_ports.get(namespace)
         if not port or (namespace not in self.config.ingress_ports and not _port_free(port)):
             port = free_port()
@@ -175,10 +198,13 @@ class Runtime:
             if self.kubelet is not None:
                 self.kubelet.namespace_changed(namespace)
             if namespace in self.routers:
-                self.routers[namespace].refresh()
+                self.refresh_namespace(namespace)  # routes' ResolvedRefs may change
         elif kind == "Namespace" and type_ == "DELETED" and self.kubelet is not None:
             self.ctx.spawn(self._drop_network(obj["metadata"]["name"]), "runtime:drop-network")
-        elif kind == "Ingress":
+        elif kind == "GatewayClass":
+            for ns in list(self.routers):
+                self.refresh_namespace(ns)
+        elif kind == "Ingress" or kind in GATEWAY_KINDS:
             if type_ != "DELETED" and namespace not in self.routers:
                 await self.ensure_router(namespace)
             if namespace in self.routers:
@@ -211,7 +237,35 @@ class Runtime:
                     self.store.update_status(
                         "networking.k8s.io/v1", "Ingress", namespace, meta["name"], status
                     )
-        self.load.apply(namespace, port, plans_for(namespace, ingresses, self.config.load))
+        routes = self.store.list(gw.API_VERSION, "HTTPRoute", namespace)
+        self._write_gateway_status(namespace, routes)
+        self.load.apply(namespace, port, plans_for(namespace, ingresses + routes, self.config.load))
+
+    def _write_gateway_status(self, namespace: str, routes: list[dict[str, Any]]) -> None:
+        """Status of the GatewayClass, the namespace's Gateways and HTTPRoutes, as Envoy
+        Gateway writes them (only when something changed: a write is a watch event)."""
+        classes = {
+            c["metadata"]["name"]: c for c in self.store.list(gw.API_VERSION, "GatewayClass")
+        }
+        writes: list[tuple[str, str | None, str, dict[str, Any], dict[str, Any]]] = []
+        for name, gc in classes.items():
+            if (gc.get("spec") or {}).get("controllerName") == gw.CONTROLLER:
+                writes.append(("GatewayClass", None, name, gc, gw.gateway_class_status(gc)))
+        gateways = gw.accepting_gateways(
+            self.store.list(gw.API_VERSION, "Gateway", namespace), classes
+        )
+        router = self.routers[namespace]
+        for name, gateway in gateways.items():
+            writes.append(
+                ("Gateway", namespace, name, gateway, gw.gateway_status(gateway, routes, gateways))
+            )
+        for route in routes:
+            new = gw.route_status(route, gateways, router.services)
+            writes.append(("HTTPRoute", namespace, route["metadata"]["name"], route, new))
+        for kind, ns, name, obj, status in writes:
+            if status != (obj.get("status") or {}):
+                with contextlib.suppress(Exception):
+                    self.store.update_status(gw.API_VERSION, kind, ns, name, status)
 
     async def control_loop(self) -> None:
         while True:
@@ -239,6 +293,7 @@ class Runtime:
 
     def render_metrics(self) -> str:
         lines = self.metrics.render()
+        lines += self.envoy.render()
         lines += restart_metrics(self.store.list("v1", "Pod"))
         if self.stats is not None:
             lines += self.stats.render()

@@ -1,7 +1,7 @@
 """Steady synthetic traffic per Ingress host, through the namespace's router, so every
 release has requests to judge.
 
-A host gets load when its main Ingress carries ``sandbox.robotics.dev/load: "<rps>"``
+A host gets load when its main Ingress (or its HTTPRoute, for ``spec.hostnames``) carries ``sandbox.robotics.dev/load: "<rps>"``
 (paths from ``sandbox.robotics.dev/load-paths: "/v1/status,/healthz"``, default the
 config's ``load.paths``), or when ``twin-config.json`` lists it under
 ``load.hosts["<namespace>/<host>"]``. ``load.enabled: false`` turns all of it off; the
@@ -59,8 +59,13 @@ def plans_for(namespace: str, ingresses: list[JSON], config: LoadConfig) -> list
         paths = tuple(
             p.strip() for p in ann.get(PATHS_ANNOTATION, "").split(",") if p.strip()
         ) or tuple(config.paths)
-        for rule in (ingress.get("spec") or {}).get("rules") or []:
-            host = rule.get("host", "")
+        spec = ingress.get("spec") or {}
+        hosts = (
+            spec.get("hostnames") or []
+            if ingress.get("kind") == "HTTPRoute"
+            else [rule.get("host", "") for rule in spec.get("rules") or []]
+        )
+        for host in hosts:
             if host and rps > 0:
                 plans[host] = LoadPlan(namespace, host, rps, paths)
     for key, item in config.hosts.items():

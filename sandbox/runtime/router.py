@@ -12,6 +12,11 @@ backend Service (round robin) through the pod's port published on 127.0.0.1; no 
 is ``503``, a refused connection ``502``, an upstream timeout ``504``.
 
 Every proxied response is recorded in ``RequestMetrics`` with ingress-nginx's labels.
+
+Hosts routed by a Gateway API ``HTTPRoute`` of the namespace (``sandbox.runtime.gateway``:
+weights, matches, Envoy Gateway's statuses and cluster statistics) are served by the same
+router, on the same port; a host is routed by one or the other (the catalog refuses a host
+given to both).
 """
 
 from __future__ import annotations
@@ -25,10 +30,12 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from http.cookies import SimpleCookie
 from typing import Any
+from urllib.parse import parse_qsl
 
 import aiohttp
 
 from sandbox.faults import FaultRegistry
+from sandbox.runtime import gateway as gw
 from sandbox.runtime.kubelet import PodEndpoint
 from sandbox.runtime.metrics import RequestMetrics
 from sandbox.runtime.objects import JSON, annotations_of, service_selects
@@ -181,8 +188,11 @@ class NamespaceRouter:
         endpoints: dict[tuple[str, str], PodEndpoint],
         metrics: RequestMetrics,
         faults: FaultRegistry,
+        envoy: gw.EnvoyMetrics | None = None,
     ) -> None:
         self.namespace = namespace
+        self.envoy = envoy or gw.EnvoyMetrics()
+        self.http_routes: list[gw.Candidate] = []
         self.store = store
         self.endpoints = endpoints
         self.metrics = metrics
@@ -202,6 +212,15 @@ class NamespaceRouter:
         self.services = {
             s["metadata"]["name"]: s for s in self.store.list("v1", "Service", self.namespace)
         }
+        classes = {
+            c["metadata"]["name"]: c for c in self.store.list(gw.API_VERSION, "GatewayClass")
+        }
+        gateways = gw.accepting_gateways(
+            self.store.list(gw.API_VERSION, "Gateway", self.namespace), classes
+        )
+        self.http_routes = gw.build_candidates(
+            self.store.list(gw.API_VERSION, "HTTPRoute", self.namespace), gateways, self.services
+        )
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -271,6 +290,14 @@ class NamespaceRouter:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         host = headers.get("host", "").split(":", 1)[0].lower()
         path = scope["path"]
+        if self.http_routes:
+            query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+            chosen = gw.best_candidate(
+                self.http_routes, host, path, scope["method"], headers, query
+            )
+            if chosen is not None:
+                await self.serve_http_route(chosen, scope, receive, send, headers)
+                return
         route = self.match(host, path)
         if route is None or route.main is None:
             await _respond(
@@ -308,6 +335,33 @@ class NamespaceRouter:
             status = await self.proxy(scope, receive, send, headers, endpoint, port, backend)
         labels["status"] = str(status)
         self.metrics.observe(labels, time.perf_counter() - started)
+
+    async def serve_http_route(
+        self,
+        chosen: gw.Candidate,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        headers: dict[str, str],
+    ) -> None:
+        """One request through an HTTPRoute rule: a weighted backendRef, its filters, and
+        Envoy's cluster statistics for it."""
+        started = time.perf_counter()
+        choice = chosen.pick(self.rand)
+        if choice is None or not choice.valid:
+            # Every weight 0, or the share of a backendRef that does not resolve.
+            await _respond(send, 500, b"Internal Server Error\n")
+            return
+        backend = Backend(chosen.route, choice.service, choice.port)
+        candidates = self.ready_endpoints(backend)
+        if not candidates:
+            self.envoy.no_healthy_upstream(choice.cluster)
+            await _respond(send, 503, b"no healthy upstream")
+            return
+        forward = gw.apply_header_filters(headers, [*chosen.rule_filters, *choice.header_filters])
+        endpoint, _, port = self.pick(backend, candidates)
+        status = await self.proxy(scope, receive, send, forward, endpoint, port, backend)
+        self.envoy.observe(choice.cluster, status, time.perf_counter() - started)
 
     async def proxy(
         self,
