@@ -40,7 +40,7 @@ def _track(track: str, indent: str) -> str:
     )
 
 
-def _rules(stable_weight: int, canary_weight: int) -> str:
+def _rules(service: str, port: int, stable_weight: int, canary_weight: int) -> str:
     i = "      "
     return (
         "  rules:\n"
@@ -48,10 +48,10 @@ def _rules(stable_weight: int, canary_weight: int) -> str:
         "  - matches:\n"
         "    - path: {type: PathPrefix, value: /}\n"
         "    backendRefs:\n"
-        f"    - name: {SERVICE}\n"
-        f"      port: {PORT}\n"
-        f"      weight: {stable_weight}\n" + _track("stable", i) + f"    - name: {SERVICE}-canary\n"
-        f"      port: {PORT}\n"
+        f"    - name: {service}\n"
+        f"      port: {port}\n"
+        f"      weight: {stable_weight}\n" + _track("stable", i) + f"    - name: {service}-canary\n"
+        f"      port: {port}\n"
         f"      weight: {canary_weight}\n"
         + _track("canary", i)
         + '  # rule 1: "x-canary: always" reaches the canary at any weight\n'
@@ -59,24 +59,27 @@ def _rules(stable_weight: int, canary_weight: int) -> str:
         "    - path: {type: PathPrefix, value: /}\n"
         "      headers: [{name: x-canary, value: always}]\n"
         "    backendRefs:\n"
-        f"    - name: {SERVICE}-canary\n"
-        f"      port: {PORT}\n" + _track("canary", i)
+        f"    - name: {service}-canary\n"
+        f"      port: {port}\n" + _track("canary", i)
     )
 
 
-def gateway_files() -> dict[str, str]:
-    """The gateway-api layout of the sample service (see docs/traffic-routers.md)."""
+def gateway_files(
+    service: str = SERVICE, host: str = HOST, port: int = PORT, *, load_rps: int = 20
+) -> dict[str, str]:
+    """The gateway-api layout of a service's manifests (see docs/traffic-routers.md)."""
+    serving = f"serving/{service}"
     route_head = (
-        f"apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: {SERVICE}\n"
+        f"apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: {service}\n"
     )
     return {
-        f"{SERVING}/base/gateway.yaml": (
+        f"{serving}/base/gateway.yaml": (
             "# The Gateway of the service (Envoy Gateway's class eg); its address is the\n"
             "# load balancer the host's DNS name points at.\n"
             "apiVersion: gateway.networking.k8s.io/v1\n"
             "kind: Gateway\n"
             "metadata:\n"
-            f"  name: {SERVICE}\n"
+            f"  name: {service}\n"
             "spec:\n"
             "  gatewayClassName: eg\n"
             "  listeners:\n"
@@ -84,27 +87,27 @@ def gateway_files() -> dict[str, str]:
             "    protocol: HTTP\n"
             "    port: 80\n"
         ),
-        f"{SERVING}/base/httproute.yaml": (
+        f"{serving}/base/httproute.yaml": (
             route_head + "  annotations:\n"
             "    # Read by the sandbox only: requests per second of synthetic traffic.\n"
-            '    sandbox.robotics.dev/load: "20"\n'
+            f'    sandbox.robotics.dev/load: "{load_rps}"\n'
             "spec:\n"
-            f"  parentRefs:\n  - name: {SERVICE}\n"
-            f"  hostnames:\n  - {HOST}\n"
+            f"  parentRefs:\n  - name: {service}\n"
+            f"  hostnames:\n  - {host}\n"
             "  rules:\n"
             "  - matches:\n"
             "    - path: {type: PathPrefix, value: /}\n"
             "    backendRefs:\n"
-            f"    - name: {SERVICE}\n"
-            f"      port: {PORT}\n" + _track("stable", "      ")
+            f"    - name: {service}\n"
+            f"      port: {port}\n" + _track("stable", "      ")
         ),
-        f"{SERVING}/canary/httproute.yaml": (
+        f"{serving}/canary/httproute.yaml": (
             "# The canary's share of the route: at rest stable 100, canary 0.\n"
             + route_head
             + "spec:\n"
-            + _rules(100, 0)
+            + _rules(service, port, 100, 0)
         ),
-        f"{SERVING}/canary/kustomization.yaml": (
+        f"{serving}/canary/kustomization.yaml": (
             "# The canary track, a kustomize Component included by the production overlay:\n"
             "# its Deployment and Service, and the HTTPRoute's weighted rules.\n"
             "apiVersion: kustomize.config.k8s.io/v1alpha1\n"
@@ -112,16 +115,16 @@ def gateway_files() -> dict[str, str]:
             "resources:\n- deployment.yaml\n- service.yaml\n"
             "patches:\n- path: httproute.yaml\n"
         ),
-        f"{SERVING}/overlays/production/canary.yaml": (
+        f"{serving}/overlays/production/canary.yaml": (
             "# Written by the release flow: canary replicas and the two weights of rule 0.\n"
             "# The rules are spelled out whole: a patch replaces a custom resource's lists.\n"
             "apiVersion: apps/v1\n"
             "kind: Deployment\n"
             "metadata:\n"
-            f"  name: {SERVICE}-canary\n"
+            f"  name: {service}-canary\n"
             "spec:\n"
             "  replicas: 0\n"
-            "---\n" + route_head + "spec:\n" + _rules(100, 0)
+            "---\n" + route_head + "spec:\n" + _rules(service, port, 100, 0)
         ),
     }
 

@@ -5,6 +5,10 @@ Images are built from real commits of the sandbox's robotics-api repo (docker bu
 the sandbox registry, tagged by the seed's scheme; fixture ``build`` in conftest.py), then
 handed to the ``release`` deployment as CI would. The canary policy is compact (steps
 50 → 100, one analysis of a few seconds per step) through the catalog's environment overrides.
+
+Every scenario runs on ingress-nginx; with ``ROBOTICS_CD_FULL_MATRIX=1`` the module runs again
+with the service on the Gateway API (tests/e2e/routers.py; CI runs only promote and rollback
+there, in tests/e2e/test_release_gateway.py).
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 from prefect.client.schemas.objects import StateType
 
+from core.kustomize import CanarySettings, parse_canary
 from sandbox.procs import pid_alive, spawn, stop_pid, wait_until
 from tests.e2e.releases import (
     CLI,
@@ -46,6 +52,7 @@ from tests.e2e.releases import (
     _start,
     _wait,
 )
+from tests.e2e.routers import ROUTERS, use_router
 
 # On the scale-out Prefect server (PostgreSQL + Redis, two API servers behind a balancer):
 # the demo replay (test_demo.py) and the other e2e modules keep the embedded SQLite one.
@@ -56,6 +63,28 @@ pytestmark = [
 ]
 
 MODULE_START = datetime.now(UTC)
+
+
+@pytest.fixture(scope="module", params=ROUTERS)
+def env(
+    request: pytest.FixtureRequest,
+    env: dict[str, str],
+    sandbox: Any,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[dict[str, str]]:
+    """The sandbox env, with the service on each router of the matrix in turn."""
+    from core.settings import get_settings
+
+    extra, undo = use_router(sandbox, request.param, tmp_path_factory.mktemp("router"))
+    os.environ.update(extra)
+    get_settings.cache_clear()
+    try:
+        yield {**env, **extra}
+    finally:
+        for key in extra:
+            os.environ.pop(key, None)
+        get_settings.cache_clear()
+        undo()
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +163,7 @@ def test_good_image_is_promoted(sandbox, runner, env, build):
     canary = _manifests(sandbox, "show", f"main:{OVERLAY}/canary.yaml")
     stable_entry = kustomization.split("- name: api-gateway\n", 1)[1].split("- name:", 1)[0]
     assert _digest(image) in stable_entry
-    assert "replicas: 0" in canary and 'canary-weight: "0"' in canary
+    assert parse_canary(canary, SERVICE) == CanarySettings(replicas=0, weight=0)
     images = _production_images(sandbox)
     assert _digest(image) in images["api-gateway"][0]
     assert images["api-gateway-canary"][1] == 0

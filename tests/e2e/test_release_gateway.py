@@ -1,0 +1,166 @@
+"""A promote and a rollback through the Gateway API (issue 23), on the sandbox, the
+production way (served deployments, Argo CD twin, real containers, real Prometheus).
+
+The sample service moves to ``traffic.router: gateway-api`` first (tests/e2e/routers.py: a
+manifests commit swapping its Ingresses for a Gateway and a weighted HTTPRoute, and a
+catalog saying so); canary steps then edit the HTTPRoute's weights, the twin's router splits
+by them, and the analysis reads Envoy Gateway's cluster statistics. The module moves the
+service back at the end. Every other release scenario on gateway-api:
+``ROBOTICS_CD_FULL_MATRIX=1`` (tests/e2e/test_release.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prefect.client.schemas.objects import StateType
+
+from core.kustomize import CanarySettings, parse_canary
+from sandbox.procs import spawn, stop_pid, wait_until
+from tests.e2e.releases import (
+    CLI,
+    OVERLAY,
+    ROOT,
+    SERVICE,
+    _deployed,
+    _digest,
+    _manifests,
+    _overlay_tree,
+    _production_images,
+    _release,
+)
+from tests.e2e.routers import _kubectl, use_router
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
+
+STABLE = f"httproute/production/{SERVICE}/rule/0/backend/0"
+CANARY = f"httproute/production/{SERVICE}/rule/0/backend/1"
+
+
+@pytest.fixture(scope="module")
+def env(
+    env: dict[str, str], sandbox: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, str]]:
+    """The sandbox env with api-gateway on the Gateway API (and back at the end)."""
+    from core.settings import get_settings
+
+    extra, undo = use_router(sandbox, "gateway-api", tmp_path_factory.mktemp("router"))
+    os.environ.update(extra)
+    get_settings.cache_clear()
+    try:
+        yield {**env, **extra}
+    finally:
+        for key in extra:
+            os.environ.pop(key, None)
+        get_settings.cache_clear()
+        undo()
+
+
+@pytest.fixture(scope="module")
+def runner(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    logs = tmp_path_factory.mktemp("release-runner-gateway")
+    served = spawn(
+        [CLI, "serve", "--only", "release", "--only", "rollback"],
+        log=logs / "serve.log",
+        env=env,
+        cwd=ROOT,
+    )
+    try:
+        wait_until(
+            lambda: _deployed("release/release", "rollback/rollback"),
+            timeout=120,
+            what=f"served deployments (log: {logs / 'serve.log'})",
+        )
+        yield logs / "serve.log"
+    finally:
+        stop_pid(served.pid)
+
+
+def _envoy(sandbox: Any, promql: str) -> float:
+    response = httpx.get(
+        f"{sandbox.prometheus_url}/api/v1/query", params={"query": promql}, timeout=10
+    )
+    response.raise_for_status()
+    result = response.json()["data"]["result"]
+    return float(result[0]["value"][1]) if result else 0.0
+
+
+def _live_weights(sandbox: Any) -> dict[str, int]:
+    route = json.loads(
+        _kubectl(sandbox, "get", "httproute", SERVICE, "-n", "production", "-o", "json")
+    )
+    return {r["name"]: r.get("weight", 1) for r in route["spec"]["rules"][0]["backendRefs"]}
+
+
+def test_good_image_is_promoted_through_the_gateway(sandbox, runner, env, build):
+    canary_before = _envoy(
+        sandbox, f'sum(envoy_cluster_upstream_rq_total{{envoy_cluster_name="{CANARY}"}})'
+    )
+    image, sha = build(
+        {"www/release-e2e.txt": "good via gateway\n"}, "e2e: a good change (gateway-api)"
+    )
+    done = _release(image, sha, env)
+
+    assert done.state.type == StateType.COMPLETED and done.state.name == "Promoted", done.state
+    canary = _manifests(sandbox, "show", f"main:{OVERLAY}/canary.yaml")
+    assert "kind: HTTPRoute" in canary and "canary-weight" not in canary
+    assert parse_canary(canary, SERVICE) == CanarySettings(replicas=0, weight=0)
+    # Each canary step was a commit that edited the route's weights.
+    steps = _manifests(sandbox, "log", "-p", "--format=%s", "-6", "--", f"{OVERLAY}/canary.yaml")
+    assert "+      weight: 50" in steps and "+      weight: 100" in steps
+    images = _production_images(sandbox)
+    assert _digest(image) in images[SERVICE][0]
+    assert images[f"{SERVICE}-canary"][1] == 0
+    wait_until(
+        lambda: _live_weights(sandbox) == {SERVICE: 100, f"{SERVICE}-canary": 0},
+        timeout=60,
+        what="production HTTPRoute back at stable 100 / canary 0",
+    )
+    # The canary's traffic went through its own Envoy Gateway cluster, as the analysis read it.
+    canary_after = _envoy(
+        sandbox, f'sum(envoy_cluster_upstream_rq_total{{envoy_cluster_name="{CANARY}"}})'
+    )
+    assert canary_after > canary_before
+    assert (
+        _envoy(sandbox, f'sum(envoy_cluster_upstream_rq_total{{envoy_cluster_name="{STABLE}"}})')
+        > 0
+    )
+
+
+def test_failing_canary_is_rolled_back_through_the_gateway(sandbox, runner, env, build):
+    before_tree = _overlay_tree(sandbox)
+    stable_before = _production_images(sandbox)[SERVICE][0]
+    image, sha = build(
+        {"config/fail_rate.production": "30\n"},
+        "e2e: /v1/status fails 30% in production (gateway-api)",
+    )
+    done = _release(image, sha, env)
+
+    assert done.state.type == StateType.FAILED, done.state
+    assert done.state.message.startswith("rolled back:"), done.state.message
+    assert _overlay_tree(sandbox) == before_tree
+    log = _manifests(sandbox, "log", "-3", "--format=%s%n%b", "--", OVERLAY)
+    assert "rollback(production)" in log and "Undoes:" in log
+    wait_until(
+        lambda: _production_images(sandbox)[SERVICE][0] == stable_before,
+        timeout=60,
+        what="production back on the old image",
+    )
+    wait_until(
+        lambda: _live_weights(sandbox) == {SERVICE: 100, f"{SERVICE}-canary": 0},
+        timeout=60,
+        what="production HTTPRoute back at stable 100 / canary 0",
+    )
+    # What the analysis saw: 5xx on the canary's Envoy cluster.
+    errors = _envoy(
+        sandbox,
+        "sum(envoy_cluster_upstream_rq_xx{"
+        f'envoy_cluster_name="{CANARY}",envoy_response_code_class="5"}})',
+    )
+    assert errors > 0
