@@ -6,7 +6,12 @@ import docker
 import httpx
 import pytest
 
-from sandbox.engine import BUSYBOX_IMAGE, CHECK_RUNNER_IMAGE, ensure_base_images
+from sandbox.engine import (
+    BUSYBOX_IMAGE,
+    CHECK_RUNNER_IMAGE,
+    PYTHON_BASE_IMAGE,
+    ensure_base_images,
+)
 from sandbox.registry import Registry, start_registry
 
 pytestmark = pytest.mark.integration
@@ -34,6 +39,20 @@ def test_base_images_exist_and_a_second_call_makes_nothing(base_images: list[str
         )
     finally:
         client.close()
+
+
+def test_the_debian_python_base_runs_python_offline(base_images: list[str]) -> None:
+    client = docker.from_env()
+    try:
+        out = client.containers.run(
+            PYTHON_BASE_IMAGE,
+            ["python3", "-c", "import sys, ssl, http.server; print(sys.version_info[:2])"],
+            remove=True,
+            network_mode="none",
+        ).decode()
+    finally:
+        client.close()
+    assert out.strip() == "(3, 11)"
 
 
 def test_the_registry_demands_credentials_and_is_reused(registry: Registry) -> None:
