@@ -23,13 +23,15 @@ Rules (docs/analysis.md explains them with numbers):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Protocol
 
+import numpy as np
+import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
-from scipy import stats
+from scipy import special, stats
 
 from core.catalog import CanaryPolicy, MetricRule, MetricRules
 
@@ -230,6 +232,10 @@ def describe_threshold(rule: MetricRule) -> str:
         parts.append(f"<= {rule.max:g}")
     if rule.max_vs_stable is not None:
         parts.append(f"<= {rule.max_vs_stable:g}x stable")
+    if rule.min is not None:
+        parts.append(f">= {rule.min:g}")
+    if rule.min_vs_stable is not None:
+        parts.append(f">= {rule.min_vs_stable:g}x stable")
     return ", ".join(parts) or "reported only"
 
 
@@ -315,6 +321,8 @@ def judge_metric(
             p_value=p,
         )
 
+    if rule.min is not None or rule.min_vs_stable is not None:
+        return _judge_lower(metric, rule, canary, stable, verdict, alpha=alpha)
     if rule.max is None and rule.max_vs_stable is None:
         return verdict(Verdict.PASS, "no bound configured (reported only)")
     traffic = metric in TRAFFIC_METRICS
@@ -366,6 +374,77 @@ def judge_metric(
     return verdict(
         Verdict.FAIL,
         f"canary {_fmt(c_value)} > {rule.max_vs_stable:g}x stable {_fmt(s_value)}{detail}",
+        p,
+    )
+
+
+def total_key(metric: str) -> str:
+    """Where a ratio metric's count (``MetricRule.total_query``) is kept in ``values``."""
+    return f"{metric}:total"
+
+
+def fisher_less(
+    canary_hits: float, canary_total: float, stable_hits: float, stable_total: float
+) -> float | None:
+    """One-sided Fisher p-value for "the canary's ratio is lower than stable's"."""
+    return fisher_greater(
+        canary_total - canary_hits, canary_total, stable_total - stable_hits, stable_total
+    )
+
+
+def _judge_lower(
+    metric: str,
+    rule: MetricRule,
+    canary: TrackObservation,
+    stable: TrackObservation,
+    verdict: Callable[..., MetricVerdict],
+    *,
+    alpha: float,
+) -> MetricVerdict:
+    """A metric that must not drop (a business ratio): ``min`` and ``min_vs_stable``.
+
+    Below ``min_vs_stable`` x stable fails only when a one-sided Fisher test on the counts
+    (``total_query``: e.g. tasks planned, the ratio being the completed share) says the
+    canary is really lower; without counts, below the bound is a Fail.
+    """
+    c_value = _usable(canary.values.get(metric))
+    s_value = _usable(stable.values.get(metric))
+    if c_value is None:
+        return verdict(Verdict.INCONCLUSIVE, "no data for the canary")
+    if rule.min is not None and c_value < rule.min:
+        return verdict(Verdict.FAIL, f"canary {_fmt(c_value)} < min {rule.min:g}")
+    if rule.min_vs_stable is None:
+        return verdict(Verdict.PASS, f"canary {_fmt(c_value)} within min {rule.min:g}")
+    if s_value is None:
+        if rule.min is not None:
+            return verdict(
+                Verdict.PASS,
+                f"canary {_fmt(c_value)} within min {rule.min:g}; stable has no data for "
+                "the relative bound",
+            )
+        return verdict(Verdict.INCONCLUSIVE, "stable has no data to compare with")
+    bound = rule.min_vs_stable * s_value
+    if c_value >= bound:
+        return verdict(
+            Verdict.PASS,
+            f"canary {_fmt(c_value)} >= {rule.min_vs_stable:g}x stable {_fmt(s_value)}",
+        )
+    c_total = _usable(canary.values.get(total_key(metric)))
+    s_total = _usable(stable.values.get(total_key(metric)))
+    p = None
+    if c_total and s_total:
+        p = fisher_less(c_value * c_total, c_total, s_value * s_total, s_total)
+    if p is not None and p >= alpha:
+        return verdict(
+            Verdict.PASS,
+            f"canary {_fmt(c_value)} < {rule.min_vs_stable:g}x stable {_fmt(s_value)} "
+            f"but not significant (p={p:.3g} >= {alpha:g}; {c_total:.0f} vs {s_total:.0f})",
+            p,
+        )
+    detail = f"; p={p:.3g} on {c_total:.0f} vs {s_total:.0f}" if p is not None else ""
+    return verdict(
+        Verdict.FAIL,
+        f"canary {_fmt(c_value)} < {rule.min_vs_stable:g}x stable {_fmt(s_value)}{detail}",
         p,
     )
 
@@ -452,7 +531,9 @@ def judge_track(
     """
     metrics = []
     for name, rule in enabled_rules(rules):
-        absolute = MetricRule(max=rule.max, query=rule.query)
+        absolute = MetricRule(
+            max=rule.max, min=rule.min, query=rule.query, total_query=rule.total_query
+        )
         metrics.append(
             judge_metric(name, absolute, observation, TrackObservation(), min_requests=min_requests)
         )
@@ -583,3 +664,197 @@ def run_analysis(
         if run.finished:
             break
     return run
+
+
+# --- early abort: a sequential, anytime-valid test -----------------------------------------
+#
+# Checked as data arrives within an interval (every ``policy.early_abort_check``), on the
+# counts since the current weight step began. Each check computes e-values: mixture
+# likelihood ratios that are non-negative supermartingales under the null, so by Ville's
+# inequality the chance that one *ever* exceeds 1/a is at most a, however often it is looked
+# at. The release's alpha is split (Bonferroni) over the steps below 100 % and the two
+# signals. docs/analysis.md has the derivation and bench/canary_sim.py the simulation.
+
+TAIL_RATIO = 2.0
+"""Null bound of the slow-request test: canary share of slow requests <= 2 x stable's."""
+
+TAIL_SHARE = 0.01
+"""Share of requests above the cut a canary may have under the null (the cut is at or above
+``max_vs_stable`` x stable's P99, so a canary within its P99 bound has at most 1 % above)."""
+
+
+def log_e_value(successes: npt.ArrayLike, trials: npt.ArrayLike, p0: npt.ArrayLike) -> Any:
+    """Log of the mixture e-value for "the success probability is above ``p0``".
+
+    ``successes`` of ``trials`` Bernoulli draws; the alternative's probability is mixed
+    uniformly over ``(p0, 1)``:
+
+        E = [ integral_{p0}^{1} p^x (1-p)^(n-x) dp / (1-p0) ] / [ p0^x (1-p0)^(n-x) ]
+
+    For every true p <= p0 this is a non-negative supermartingale in the draws (each
+    component ratio is), so P(sup E >= 1/a) <= a. Works elementwise on arrays; counts are
+    rounded (Prometheus' ``increase`` extrapolates).
+    """
+    x = np.rint(np.asarray(successes, dtype=float))
+    n = np.rint(np.asarray(trials, dtype=float))
+    x = np.clip(x, 0.0, np.maximum(n, 0.0))
+    n = np.maximum(n, x)
+    p = np.clip(np.asarray(p0, dtype=float), 1e-12, 1.0 - 1e-12)
+    a, b = x + 1.0, n - x + 1.0
+    with np.errstate(divide="ignore"):
+        upper = np.log(special.betaincc(a, b, p))
+    log_integral = special.betaln(a, b) + upper - np.log1p(-p)
+    log_null = x * np.log(p) + (n - x) * np.log1p(-p)
+    return np.where(n > 0, log_integral - log_null, 0.0)
+
+
+def split_null_share(
+    canary_requests: npt.ArrayLike, stable_requests: npt.ArrayLike, ratio: float
+) -> Any:
+    """Under "the canary's event rate <= ``ratio`` x stable's", the highest chance that an
+    event (a 5xx, a slow request) came from the canary, given the requests each served.
+    Elementwise on arrays."""
+    c = np.asarray(canary_requests, dtype=float)
+    total = c + np.asarray(stable_requests, dtype=float)
+    w = np.divide(c, total, out=np.ones_like(total), where=total > 0)
+    return np.where(w < 1.0, ratio * w / (ratio * w + (1.0 - w) + 1e-300), 1.0)
+
+
+def sequential_log_e(
+    canary_requests: npt.ArrayLike,
+    canary_events: npt.ArrayLike,
+    stable_requests: npt.ArrayLike,
+    stable_events: npt.ArrayLike,
+    *,
+    ratio: float,
+    floor: float,
+) -> Any:
+    """Log e-value of "the canary's events (5xx, slow requests) are worse": the smaller of
+    (a) the canary's share of all events is above what "canary rate <= ``ratio`` x stable's"
+    allows, and (b) the canary's event probability is above ``floor``. Rejecting needs both,
+    so the pair is as valid as either. Elementwise on arrays (the simulation checks
+    thousands of releases at once with this same function)."""
+    c_e = np.asarray(canary_events, dtype=float)
+    s_e = np.asarray(stable_events, dtype=float)
+    share = split_null_share(canary_requests, stable_requests, ratio)
+    relative = log_e_value(c_e, c_e + s_e, share)
+    absolute = log_e_value(c_e, canary_requests, floor)
+    return np.minimum(relative, absolute)
+
+
+class SequentialCheck(_Model):
+    """One look of the early abort at the counts since the step began."""
+
+    abort: bool
+    metric: str | None = None
+    log_e: dict[str, float] = Field(default_factory=dict, description="Signal -> log e-value.")
+    log_threshold: float
+    reason: str
+
+
+def early_abort_tests(policy: CanaryPolicy) -> int:
+    """How many sequential tests share the release's alpha: two signals per step below 100%
+    (at 100 % stable serves nothing to compare with)."""
+    return 2 * max(1, sum(1 for step in policy.steps if step < 100))
+
+
+def latency_cut(stable: LatencyBuckets, ratio: float) -> float | None:
+    """The slow-request cut: the first finite bucket bound at or above ``ratio`` x stable's
+    P99 (``None`` when stable has no latency data)."""
+    p99 = histogram_quantile(0.99, stable)
+    if p99 is None:
+        return None
+    edges = sorted({le for le, _ in stable if not math.isinf(le)})
+    return next((le for le in edges if le >= ratio * p99), None)
+
+
+def slow_requests(buckets: LatencyBuckets, cut: float) -> tuple[float, float]:
+    """(requests slower than ``cut``, all requests) of a cumulative histogram."""
+    total = buckets[-1][1]
+    at_cut = max((c for le, c in buckets if le <= cut), default=0.0)
+    return max(total - at_cut, 0.0), total
+
+
+def sequential_check(
+    canary: TrackObservation,
+    stable: TrackObservation,
+    rules: MetricRules,
+    policy: CanaryPolicy,
+    *,
+    cut: float | None = None,
+) -> SequentialCheck:
+    """Is the evidence since the step began overwhelming enough to stop the canary now?
+
+    Per signal, an intersection of two e-value tests at the per-test level
+    ``early_abort_alpha / early_abort_tests(policy)`` (both must reject):
+
+    * 5xx: (a) of all 5xx since the step began, the canary's share is above what
+      "canary rate <= ``max_vs_stable`` x stable's" allows (``split_null_share``), and (b) the
+      canary's 5xx probability is above the noise floor (0.5 %);
+    * slow requests above ``cut`` (default :func:`latency_cut` of stable's histogram with
+      the P99 rule's ``max_vs_stable``): (a) the canary's share of them is above what "canary
+      slow rate <= 2 x stable's" allows, and (b) more than 1 % of the canary's requests are
+      slow (what its P99 being within the bound forbids).
+
+    Both (a) and (b) are anytime-valid, so the combined false-alarm rate over a whole
+    release, checked as often as one likes, is at most ``early_abort_alpha``.
+    """
+    alpha = policy.early_abort_alpha
+    tests = early_abort_tests(policy)
+    log_threshold = math.log(tests / alpha) if alpha else math.inf
+    if alpha is None:
+        return SequentialCheck(abort=False, log_threshold=log_threshold, reason="early abort off")
+    c_n, s_n = canary.requests or 0.0, stable.requests or 0.0
+    if c_n <= 0 or s_n <= 0:
+        return SequentialCheck(
+            abort=False, log_threshold=log_threshold, reason="no traffic on one track yet"
+        )
+    logs: dict[str, float] = {}
+    reasons: dict[str, str] = {}
+    error_rule = rules.error_ratio
+    if canary.errors is not None and stable.errors is not None:
+        ratio = error_rule.max_vs_stable or 1.0
+        c_e, s_e = canary.errors, stable.errors
+        logs["error_ratio"] = float(
+            sequential_log_e(c_n, c_e, s_n, s_e, ratio=ratio, floor=NOISE_FLOORS["error_ratio"])
+        )
+        reasons["error_ratio"] = (
+            f"5xx canary {c_e:.0f}/{c_n:.0f} vs stable {s_e:.0f}/{s_n:.0f} "
+            f"(null: <= {ratio:g}x stable and <= {NOISE_FLOORS['error_ratio']:g})"
+        )
+    if canary.latency_buckets and stable.latency_buckets:
+        c_b, s_b = align_buckets(canary.latency_buckets, stable.latency_buckets)
+        p99_ratio = rules.p99_latency_seconds.max_vs_stable or 1.0
+        where = cut if cut is not None else latency_cut(s_b, p99_ratio)
+        if where is not None:
+            c_slow, c_total = slow_requests(c_b, where)
+            s_slow, s_total = slow_requests(s_b, where)
+            logs["p99_latency_seconds"] = float(
+                sequential_log_e(
+                    c_total, c_slow, s_total, s_slow, ratio=TAIL_RATIO, floor=TAIL_SHARE
+                )
+            )
+            reasons["p99_latency_seconds"] = (
+                f"requests slower than {where:g}s: canary {c_slow:.0f}/{c_total:.0f} vs "
+                f"stable {s_slow:.0f}/{s_total:.0f} (null: <= {TAIL_RATIO:g}x stable and "
+                f"<= {TAIL_SHARE:.0%})"
+            )
+    crossed = [m for m, value in logs.items() if value >= log_threshold]
+    if crossed:
+        metric = max(crossed, key=lambda m: logs[m])
+        return SequentialCheck(
+            abort=True,
+            metric=metric,
+            log_e=logs,
+            log_threshold=log_threshold,
+            reason=f"early abort on {metric}: e-value {math.exp(min(logs[metric], 700)):.3g} "
+            f">= {tests / alpha:.3g} (false-alarm rate <= {alpha:g} per release); "
+            f"{reasons[metric]}",
+        )
+    best = max(logs.values(), default=0.0)
+    return SequentialCheck(
+        abort=False,
+        log_e=logs,
+        log_threshold=log_threshold,
+        reason=f"evidence e^{best:.2f} below e^{log_threshold:.2f}",
+    )

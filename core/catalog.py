@@ -100,10 +100,21 @@ class MetricRule(Strict):
     max_vs_stable: float | None = Field(
         default=None, description="Upper bound as a ratio of the stable track's value."
     )
+    min: float | None = Field(
+        default=None, description="Absolute lower bound (a metric that must not drop)."
+    )
+    min_vs_stable: float | None = Field(
+        default=None, description="Lower bound as a ratio of the stable track's value."
+    )
     query: str | None = Field(
         default=None,
         description="PromQL template; placeholders {namespace} {ingress} {service} {track} "
         "{deployment} {window}.",
+    )
+    total_query: str | None = Field(
+        default=None,
+        description="PromQL template of the count a ratio metric is over (e.g. tasks "
+        "planned): lets a relative lower bound be tested for significance.",
     )
 
 
@@ -127,6 +138,19 @@ class CanaryPolicy(Strict):
     min_requests: int = Field(default=100, ge=0, description="Per interval, else inconclusive.")
     canary_replicas: int = Field(default=1, ge=1)
     post_release_watch: Duration = Field(default="30m", validate_default=True)
+    early_abort_alpha: float | None = Field(
+        default=0.01,
+        gt=0,
+        lt=1,
+        description="False-alarm rate of the early abort over a whole release (a sequential, "
+        "anytime-valid test on 5xx and slow requests checked as data arrives); null turns "
+        "the early abort off.",
+    )
+    early_abort_check: Duration = Field(
+        default="2s",
+        validate_default=True,
+        description="How often the early abort looks at the data within an interval.",
+    )
 
     @model_validator(mode="after")
     def _steps_rise_to_100(self) -> CanaryPolicy:

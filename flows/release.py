@@ -20,6 +20,7 @@ step the lease records, with the ``before`` and the commits recorded there.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -40,6 +41,7 @@ from core.errors import (
     CanaryFailed,
     LeaseHeld,
     LeaseLost,
+    MetricsError,
     RoboticsCDError,
     Superseded,
     VerificationFailed,
@@ -264,9 +266,12 @@ async def run_canary(
     await _set_canary_weight(plan, cfg, weight, record)
     seen_commands: set[str] = set()
     baseline: TrackObservation | None = None
+    early = _EarlyAbort(plan, svc, policy, record)
     for _ in range(analysis.max_intervals):
         end = datetime.now(UTC) + policy.interval
-        raw = await _wait_interval_or_command(end, seen_commands)
+        raw = await _wait_interval_or_command(
+            end, seen_commands, look=early.look if weight < 100 else None
+        )
         if raw is not None:
             command = read_command(raw)
             if command.action == CommandAction.ABORT:
@@ -301,6 +306,7 @@ async def run_canary(
         if decision == Decision.NEXT_STEP:
             weight = analysis.weight
             await _set_canary_weight(plan, cfg, weight, record)
+            early.new_step()
     raise CanaryFailed(f"analysis did not decide within {analysis.max_intervals} intervals")
 
 
@@ -333,14 +339,75 @@ async def sync_and_wait(
     )
 
 
-async def _wait_interval_or_command(end: datetime, seen: set[str]) -> dict[str, Any] | None:
-    """Wait for the interval to end; an operator's abort or promote cuts it short."""
+async def _wait_interval_or_command(
+    end: datetime,
+    seen: set[str],
+    *,
+    look: Callable[[], Awaitable[None]] | None = None,
+) -> dict[str, Any] | None:
+    """Wait for the interval to end; an operator's abort or promote cuts it short, and so
+    does the early abort (``look`` raises CanaryFailed on overwhelming evidence)."""
     while datetime.now(UTC) < end:
         for key, value in await pending_commands(flow_run.id, seen):
             seen.add(key)
             return value
+        if look is not None:
+            await look()
         await anyio.sleep(min(1.0, max(0.0, (end - datetime.now(UTC)).total_seconds())))
     return None
+
+
+class _EarlyAbort:
+    """The sequential test of core.analysis, looked at every ``early_abort_check`` within
+    the intervals of a step below 100 %, on the counts since the step began."""
+
+    def __init__(
+        self, plan: ReleasePlan, svc: Service, policy: CanaryPolicy, record: ReleaseRecord
+    ) -> None:
+        self.plan, self.svc, self.policy, self.record = plan, svc, policy, record
+        self.namespace = svc.environments["production"].namespace
+        self.new_step()
+
+    def new_step(self) -> None:
+        self.since = datetime.now(UTC)
+        self.cut: float | None = None
+        self.cut_known = False
+        self.next_look = self.since
+
+    async def look(self) -> None:
+        if self.policy.early_abort_alpha is None or datetime.now(UTC) < self.next_look:
+            return
+        self.next_look = datetime.now(UTC) + self.policy.early_abort_check
+        log = get_run_logger()
+        try:
+            if not self.cut_known:
+                self.cut = await anyio.to_thread.run_sync(
+                    lambda: metrics.stable_latency_cut(
+                        self.plan.service,
+                        self.namespace,
+                        self.svc.metrics,
+                        before=self.since,
+                        window_seconds=self.policy.interval.total_seconds(),
+                    )
+                )
+                self.cut_known = True
+            check = await anyio.to_thread.run_sync(
+                lambda: metrics.early_abort_check(
+                    self.plan.service,
+                    self.namespace,
+                    self.svc.metrics,
+                    self.policy,
+                    since=self.since,
+                    cut=self.cut,
+                )
+            )
+        except MetricsError as exc:
+            log.warning("early abort: no look this time (%s); the interval judge still judges", exc)
+            return
+        if check.abort:
+            self.record.notes.append(check.reason)
+            log.warning("canary stopped: %s", check.reason)
+            raise CanaryFailed(check.reason)
 
 
 async def promote_and_watch(plan: ReleasePlan, cfg: Config, record: ReleaseRecord) -> None:

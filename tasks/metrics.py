@@ -35,13 +35,17 @@ from core.analysis import (
     IntervalObservation,
     IntervalVerdict,
     LatencyBuckets,
+    SequentialCheck,
     TrackObservation,
     Verdict,
     enabled_rules,
     histogram_quantile,
     judge_interval,
     judge_track,
+    latency_cut,
     no_data_interval,
+    sequential_check,
+    total_key,
 )
 from core.catalog import CanaryPolicy, MetricRules
 from core.errors import InvalidInput, MetricsError
@@ -406,6 +410,8 @@ class PrometheusSource:
         for name, rule in enabled_rules(self.rules):
             if rule.query:
                 metric_values[name] = run(name, rule.query)
+                if rule.total_query:
+                    metric_values[total_key(name)] = run(total_key(name), rule.total_query)
             elif name == "error_ratio":
                 metric_values[name] = errors / requests if requests and errors is not None else None
             elif name == "p99_latency_seconds":
@@ -675,3 +681,64 @@ def canary_window(
             errors[track] = _points(client.query_range(ratio, start, end, step_seconds))
             p99[track] = _points(client.query_range(quantile, start, end, step_seconds))
     return WindowSeries(error_ratio=errors, p99_latency_seconds=p99)
+
+
+# --- early abort: looks within an interval ------------------------------------------------
+
+
+def _traffic(
+    client: PrometheusClient, target: Target, track: Track, end: datetime, window: float
+) -> TrackObservation:
+    values = target.placeholders(track, prom_duration(window))
+    requests = client.scalar(render(TEMPLATES["requests"], values), end)
+    errors = client.scalar(render(TEMPLATES["errors"], values), end)
+    if errors is None and requests is not None:
+        errors = 0.0
+    buckets = _buckets(client.query(render(TEMPLATES["latency_buckets"], values), end))
+    return TrackObservation(requests=requests, errors=errors, latency_buckets=buckets)
+
+
+def stable_latency_cut(
+    service: str,
+    namespace: str,
+    rules: MetricRules,
+    *,
+    before: datetime,
+    window_seconds: float,
+    prometheus_url: str | None = None,
+    target: Target | None = None,
+) -> float | None:
+    """The early abort's slow-request cut for a step, fixed before the step's data: from
+    the stable track's latency histogram over the window ending at ``before``."""
+    where = target or Target(service=service, namespace=namespace)
+    with prometheus(prometheus_url) as client:
+        stable = _traffic(client, where, "stable", before, window_seconds)
+    if not stable.latency_buckets:
+        return None
+    return latency_cut(stable.latency_buckets, rules.p99_latency_seconds.max_vs_stable or 1.0)
+
+
+def early_abort_check(
+    service: str,
+    namespace: str,
+    rules: MetricRules,
+    policy: CanaryPolicy,
+    *,
+    since: datetime,
+    cut: float | None,
+    now: datetime | None = None,
+    prometheus_url: str | None = None,
+    target: Target | None = None,
+) -> SequentialCheck:
+    """One look of the early abort: requests, 5xx and latency of both tracks since the step
+    began (``since``), judged by :func:`core.analysis.sequential_check`. A plain function,
+    not a task: the flow looks every few seconds and a task run per look would flood the
+    Prefect API; a stop is recorded by the flow. Raises MetricsError when Prometheus does
+    not answer (the flow logs it; the interval judge still judges the interval)."""
+    end = now or datetime.now(UTC)
+    window = max((end - since).total_seconds(), 1.0)
+    where = target or Target(service=service, namespace=namespace)
+    with prometheus(prometheus_url) as client:
+        canary = _traffic(client, where, "canary", end, window)
+        stable = _traffic(client, where, "stable", end, window)
+    return sequential_check(canary, stable, rules, policy, cut=cut)
