@@ -33,6 +33,7 @@ import docker.errors
 BUSYBOX_IMAGE = "robotics-cd/busybox:latest"
 CHECK_RUNNER_IMAGE = "robotics-cd/check-runner:latest"
 PYTHON_BASE_IMAGE = "robotics-cd/python-base:bookworm"
+PYTHON_CHECK_RUNNER_IMAGE = "robotics-cd/python-check-runner:latest"
 DEBIAN_SUITE = "bookworm"
 DEBOOTSTRAP_PACKAGES = ("python3", "ca-certificates")
 APT_SOURCES = (Path("/etc/apt/sources.list"), Path("/etc/apt/sources.list.d"))
@@ -47,6 +48,16 @@ ENV HOME=/tmp
 WORKDIR /workspace
 USER {NOBODY}:{NOBODY}
 LABEL org.opencontainers.image.title="robotics-cd check runner"
+"""
+
+# The same for Python services' checks, on the Debian base (python3, no pip, no network).
+_PYTHON_CHECK_RUNNER_DOCKERFILE = f"""\
+FROM {PYTHON_BASE_IMAGE}
+RUN mkdir -p /workspace && chown {NOBODY}:{NOBODY} /workspace
+ENV HOME=/tmp PYTHONDONTWRITEBYTECODE=1
+WORKDIR /workspace
+USER {NOBODY}:{NOBODY}
+LABEL org.opencontainers.image.title="robotics-cd Python check runner"
 """
 
 _ETC_FILES = {
@@ -149,18 +160,22 @@ def _import_busybox(client: docker.DockerClient) -> None:
     )
 
 
-def _build_check_runner(client: docker.DockerClient) -> None:
+def _build_check_runner(
+    client: docker.DockerClient,
+    dockerfile: str = _CHECK_RUNNER_DOCKERFILE,
+    tag: str = CHECK_RUNNER_IMAGE,
+) -> None:
     try:
         client.images.build(
-            fileobj=io.BytesIO(_CHECK_RUNNER_DOCKERFILE.encode()),
-            tag=CHECK_RUNNER_IMAGE,
+            fileobj=io.BytesIO(dockerfile.encode()),
+            tag=tag,
             rm=True,
             forcerm=True,
             pull=False,
         )
     except docker.errors.BuildError as exc:
         log = "".join(str(c.get("stream", c.get("error", ""))) for c in exc.build_log)
-        raise EngineUnavailable(f"building {CHECK_RUNNER_IMAGE} failed: {exc}\n{log}") from exc
+        raise EngineUnavailable(f"building {tag} failed: {exc}\n{log}") from exc
 
 
 def debian_mirror(sources: tuple[Path, ...] = APT_SOURCES, suite: str = DEBIAN_SUITE) -> str:
@@ -302,6 +317,13 @@ def ensure_base_images() -> list[str]:
         client.close()
     if ensure_python_base():
         made.append(PYTHON_BASE_IMAGE)
+    client = docker_client()
+    try:
+        if not _has_image(client, PYTHON_CHECK_RUNNER_IMAGE):
+            _build_check_runner(client, _PYTHON_CHECK_RUNNER_DOCKERFILE, PYTHON_CHECK_RUNNER_IMAGE)
+            made.append(PYTHON_CHECK_RUNNER_IMAGE)
+    finally:
+        client.close()
     return made
 
 

@@ -59,15 +59,23 @@ BLOCK_DEFAULTS = {
 }
 # Manual apps synced once by `up`, as an operator installing the platform would: the
 # namespaces and network policies, the training PVCs, and production's first release.
-APPS_TO_SYNC_AT_START = ("platform-base", "training-storage", "api-gateway-production")
+APPS_TO_SYNC_AT_START = (
+    "platform-base",
+    "training-storage",
+    "api-gateway-production",
+    "fleet-planner-production",
+)
 APPS_HEALTHY_AT_START = (
     "platform-base",
     "training-storage",
     "api-gateway-staging",
     "api-gateway-production",
+    "fleet-planner-staging",
+    "fleet-planner-production",
 )
 SEED_BUSYBOX = ("library/busybox", "seed")
 API_IMAGE = "robotics-serving/api-gateway"
+FLEET_IMAGE = "robotics-fleet/fleet-planner"
 TRAINING_IMAGE = "robotics-training/vision-train"
 OWNER = "robotics"
 
@@ -374,7 +382,11 @@ def push_seed_images(reg: registry.Registry, seeded: Seeded) -> dict[str, str]:
     repo, tag = SEED_BUSYBOX
     if not _in_registry(reg, repo, tag):
         pushed[f"{repo}:{tag}"] = registry.push_image(reg, engine.BUSYBOX_IMAGE, repo, tag)
-    for source, image in (("robotics-api", API_IMAGE), ("robotics-training", TRAINING_IMAGE)):
+    for source, image in (
+        ("robotics-api", API_IMAGE),
+        ("robotics-fleet", FLEET_IMAGE),
+        ("robotics-training", TRAINING_IMAGE),
+    ):
         if _in_registry(reg, image, seeded.seed_tag):
             continue
         bare = seeded.path(source)
@@ -689,7 +701,9 @@ def up(
             push_seed_images(reg, seeded)
         with timer.step("prometheus"):
             prom = prometheus.start_prometheus(
-                state / "prometheus", [f"127.0.0.1:{ports['control']}"]
+                state / "prometheus",
+                [f"127.0.0.1:{ports['control']}"],
+                pod_discovery=f"http://127.0.0.1:{ports['control']}/sd/kubernetes/pods",
             )
         hook_url = (
             f"http://127.0.0.1:{ports['webhook']}/github" if webhook_url is None else webhook_url
@@ -856,10 +870,15 @@ def status(state_dir: Path = DEFAULT_STATE) -> list[PartStatus]:
 
 def _prometheus_scrapes(url: str) -> str:
     targets = httpx.get(f"{url}/api/v1/targets", timeout=5).json()["data"]["activeTargets"]
-    up_count = sum(1 for t in targets if t.get("health") == "up")
-    if not targets or up_count < len(targets):
-        raise SandboxError(f"{up_count}/{len(targets)} scrape targets up")
-    return f"{url} ({up_count} target up)"
+    # The twin's own /metrics must be scraped; pods come and go (a crash-looping canary is
+    # down on purpose), so they are counted, not required.
+    twin = [t for t in targets if t.get("labels", {}).get("job") == "sandbox"]
+    pods = [t for t in targets if t.get("labels", {}).get("job") == "kubernetes-pods"]
+    twin_up = sum(1 for t in twin if t.get("health") == "up")
+    pods_up = sum(1 for t in pods if t.get("health") == "up")
+    if not twin or twin_up < len(twin):
+        raise SandboxError(f"{twin_up}/{len(twin)} twin scrape targets up")
+    return f"{url} (twin up; {pods_up}/{len(pods)} discovered pods up)"
 
 
 def _twin_pid(state: Path) -> str:

@@ -32,6 +32,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from sandbox.faults import FAULTS, FaultRegistry, admin_routes
+from sandbox.kube.prometheus_sd import target_groups
 from sandbox.procs import free_port
 from sandbox.runtime import gateway as gw
 from sandbox.runtime.config import RuntimeConfig
@@ -323,8 +324,14 @@ class Runtime:
                 }
             )
 
+        async def pod_discovery(request: Request) -> Response:
+            # Prometheus' HTTP SD: the target groups its Kubernetes discovery would make.
+            namespaces = request.query_params.getlist("namespace")
+            return JSONResponse(target_groups(self.store.list("v1", "Pod"), namespaces))
+
         routes = [
             Route("/metrics", metrics),
+            Route("/sd/kubernetes/pods", pod_discovery),
             Route("/healthz", health),
             Route("/admin/endpoints", endpoints),
             *admin_routes(self.faults),

@@ -55,6 +55,7 @@ from sandbox.runtime.engine import (
 )
 from sandbox.runtime.objects import (
     JSON,
+    annotations_of,
     docker_time,
     labels_of,
     now_iso,
@@ -72,6 +73,10 @@ STEADY_SECONDS = 2.0
 # At most how long a deleted ready pod keeps running after it left the router's endpoints
 # (its terminationGracePeriodSeconds if shorter).
 DRAIN_SECONDS = 5.0
+# Where a pod's ports are published on 127.0.0.1, recorded on the pod (see
+# Pod.annotate_published_ports); sandbox/prometheus.py relabels __address__ to the second.
+PUBLISHED_PORTS_ANNOTATION = "sandbox.robotics.dev/published-ports"
+METRICS_ADDRESS_ANNOTATION = "sandbox.robotics.dev/metrics-address"
 
 
 @dataclass
@@ -209,6 +214,7 @@ class PodWorker:
             for run in self.runs:
                 await self.sync_container(pod, run, policy, aliases)
         self.publish_endpoint(pod)
+        await self.annotate_published_ports(pod)
         await self.write_status(pod, policy)
         # Docker's events wake the worker when a container stops or starts, so a steady
         # pod is looked at only for its probes.
@@ -730,6 +736,34 @@ class PodWorker:
         if status != old:
             await self.kubelet.update_status(self.namespace, self.name, status)
 
+    async def annotate_published_ports(self, pod: JSON) -> None:
+        """Record on the pod where its ports are published on 127.0.0.1, for clients that
+        find pods through the API (Prometheus' ``kubernetes_sd_configs``): the host reaches
+        pods only there, never on the container network.
+
+        ``sandbox.robotics.dev/published-ports``: ``8000=127.0.0.1:32771,...``;
+        ``sandbox.robotics.dev/metrics-address``: the address of the port that
+        ``prometheus.io/port`` names (a number or a port name), else of the first port.
+        """
+        endpoint = self.kubelet.endpoints.get(self.key)
+        if endpoint is None or not endpoint.ports:
+            return
+        current = annotations_of(pod)
+        wanted = {
+            PUBLISHED_PORTS_ANNOTATION: ",".join(
+                f"{port}=127.0.0.1:{host}" for port, host in sorted(endpoint.ports.items())
+            )
+        }
+        named = current.get("prometheus.io/port", "")
+        port = (
+            int(named) if named.isdigit() else endpoint.port_names.get(named, min(endpoint.ports))
+        )
+        if port in endpoint.ports:
+            wanted[METRICS_ADDRESS_ANNOTATION] = f"127.0.0.1:{endpoint.ports[port]}"
+        if all(current.get(k) == v for k, v in wanted.items()):
+            return
+        await self.kubelet.annotate(self.namespace, self.name, wanted)
+
     def publish_endpoint(self, pod: JSON) -> None:
         ports: dict[int, int] = {}
         names: dict[str, int] = {}
@@ -806,6 +840,17 @@ class Kubelet:
             if exc.status == 404:
                 return None
             raise
+
+    async def annotate(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
+        from sandbox.kube.store import ApiError
+
+        try:
+            self.store.patch(
+                "v1", "Pod", namespace, name, {"metadata": {"annotations": annotations}}
+            )
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
 
     async def update_status(self, namespace: str, name: str, status: JSON) -> None:
         from sandbox.kube.store import ApiError

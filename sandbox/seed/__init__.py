@@ -22,6 +22,7 @@ CONTENT = Path(__file__).parent
 # bare repo name -> content folder
 REPOS: dict[str, str] = {
     "robotics-api": "robotics-api",
+    "robotics-fleet": "robotics-fleet",
     "robotics-training": "robotics-training",
     "robotics-k8s-manifests": "manifests",
 }

@@ -1,0 +1,214 @@
+"""The second service, fleet-planner (Python on the Debian base), released on the sandbox:
+each regression ends rolled back on the signal that names it, judged from the Prefect API
+(the run's final state and message), git (the production overlay restored) and the cluster.
+
+CI runs two scenarios on one sandbox (the session's): ``business`` and ``restarts``. The
+rest (``memory``, ``cpu``, ``5xx``, ``p99``) run with ``ROBOTICS_CD_FULL_MATRIX=1``; the A/A
+run (ten good builds in a row, no early abort, no rollback) with ``ROBOTICS_CD_AA_RELEASES=10``.
+Full command and recorded results: docs/e2e-matrix.md.
+
+fleet-planner's own policy (services.yaml: steps 20 → 50 → 100, two analyses per step) is
+kept; only the interval is shortened (``FAST``, 6 s), so a regression is rolled back after
+two failed intervals at 20 % — or sooner, by the early abort, for 5xx and latency.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.deployments.flow_runs import arun_deployment
+
+from core.images import release_tag
+from sandbox.procs import spawn, stop_pid, wait_until
+from tests.e2e.releases import (
+    CLI,
+    ROOT,
+    _cli,
+    _deployed,
+    _final,
+    _manifests,
+    _paused,
+    _production_images,
+    _wait,
+)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
+
+SERVICE = "fleet-planner"
+OVERLAY = "serving/fleet-planner/overlays/production"
+FULL = os.environ.get("ROBOTICS_CD_FULL_MATRIX") == "1"
+AA_RELEASES = int(os.environ.get("ROBOTICS_CD_AA_RELEASES", "0") or 0)
+
+# name -> (production-only config files, the words the rollback reason must carry, in CI?)
+SCENARIOS: dict[str, tuple[dict[str, str], tuple[str, ...], bool]] = {
+    "business": ({"config/task_fail_percent.production": "40\n"}, ("business",), True),
+    "restarts": (
+        {"config/crash_after_seconds.production": "3\n"},
+        ("restarts", "Degraded", "health"),
+        True,
+    ),
+    "memory": ({"config/leak_mb_per_second.production": "8\n"}, ("memory",), False),
+    "cpu": ({"config/burn_cpu_workers.production": "1\n"}, ("cpu",), False),
+    "5xx": ({"config/fail_rate.production": "30\n"}, ("error_ratio",), False),
+    "p99": ({"config/status_delay_ms.production": "300\n"}, ("p99_latency_seconds",), False),
+}
+# Signals that must not be the reason when another is named (first to fail).
+OTHER = {"business", "restarts", "memory", "cpu", "error_ratio", "p99_latency_seconds"}
+
+
+@pytest.fixture(scope="module")
+def runner(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    logs = tmp_path_factory.mktemp("fleet-runner")
+    served = spawn(
+        [CLI, "serve", "--only", "release", "--only", "rollback"],
+        log=logs / "serve.log",
+        env=env,
+        cwd=ROOT,
+    )
+    try:
+        wait_until(
+            lambda: _deployed("release/release", "rollback/rollback"),
+            timeout=120,
+            what=f"served deployments (log: {logs / 'serve.log'})",
+        )
+        yield logs / "serve.log"
+    finally:
+        stop_pid(served.pid)
+
+
+@pytest.fixture(scope="module")
+def build_fleet(
+    sandbox: Any, docker_login: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Callable[..., tuple[str, str]]:
+    """Commit files to robotics-fleet, build and push its image; return (image@digest, sha)."""
+    work_root = tmp_path_factory.mktemp("fleet-builds")
+
+    def make(files: dict[str, str], message: str) -> tuple[str, str]:
+        work = work_root / uuid.uuid4().hex[:8]
+        sandbox.clone("robotics-fleet", work)
+        for leftover in (work / "config").glob("*.production"):  # earlier scenarios' faults
+            leftover.unlink()
+        unique = {"app/e2e-build.txt": f"{uuid.uuid4()}\n", **files}
+        sha = sandbox.commit_and_push(work, message, unique)
+        date = datetime.fromtimestamp(
+            int(sandbox.git("log", "-1", "--format=%ct", sha, cwd=work)), UTC
+        )
+        image = f"{sandbox.registry}/robotics-fleet/fleet-planner:{release_tag(date, sha)}"
+        docker_env = {**os.environ, **docker_login}
+        for argv in (
+            [
+                "docker",
+                "build",
+                "-q",
+                "--rm",
+                "--force-rm",
+                "-t",
+                image,
+                "--build-arg",
+                f"GIT_SHA={sha}",
+                str(work),
+            ],
+            ["docker", "push", image],
+        ):
+            subprocess.run(argv, env=docker_env, check=True, capture_output=True, timeout=300)
+        digest = subprocess.run(
+            ["docker", "inspect", "--format", "{{index .RepoDigests 0}}", image],
+            env=docker_env,
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout.strip()
+        shutil.rmtree(work, ignore_errors=True)
+        return f"{image}@{digest.split('@', 1)[1]}", sha
+
+    return make
+
+
+def _start(image: str, sha: str) -> FlowRun:
+    async def go() -> FlowRun:
+        run: FlowRun = await arun_deployment(
+            "release/release",
+            parameters={"service": SERVICE, "image": image, "source_sha": sha},
+            timeout=0,
+            as_subflow=False,
+        )
+        return run
+
+    return anyio.run(go)
+
+
+def _release(image: str, sha: str, env: dict[str, str]) -> FlowRun:
+    run = _start(image, sha)
+    _wait(run, _paused, timeout=420, what="fleet release waiting for approval")
+    _cli("approve", str(run.id), "--approver", "carol", "--comment", "e2e", env=env)
+    return _wait(run, _final, timeout=600, what="fleet release finished")
+
+
+def _tree(sandbox: Any) -> str:
+    return _manifests(sandbox, "rev-parse", f"main:{OVERLAY}")
+
+
+def _scenarios() -> list[Any]:
+    return [
+        pytest.param(
+            name,
+            marks=[] if in_ci or FULL else pytest.mark.skip("ROBOTICS_CD_FULL_MATRIX=1 runs it"),
+        )
+        for name, (_, _, in_ci) in SCENARIOS.items()
+    ]
+
+
+@pytest.mark.parametrize("scenario", _scenarios())
+def test_a_regression_is_rolled_back_on_its_signal(
+    scenario: str, sandbox: Any, runner: Path, env: dict[str, str], build_fleet: Any
+) -> None:
+    files, words, _ = SCENARIOS[scenario]
+    before = _tree(sandbox)
+    stable_before = _production_images(sandbox)[SERVICE][0]
+    image, sha = build_fleet(files, f"e2e: fleet-planner {scenario} regression in production")
+    started = datetime.now(UTC)
+    done = _release(image, sha, env)
+
+    message = done.state.message or ""
+    assert done.state.type == StateType.FAILED, done.state
+    assert message.startswith("rolled back:"), message
+    assert any(w in message for w in words), f"{scenario}: {message}"
+    # The named signal came first: the judged reason names no signal of another scenario
+    # unless it also names this one (a CPU burn may slow requests in the same interval).
+    reason = message.split(" at ", 1)[-1]
+    named = {s for s in OTHER if f"{s}:" in reason or f"on {s}" in reason}
+    assert not named or any(w in named for w in words), f"{scenario}: {message}"
+    assert _tree(sandbox) == before  # the overlay equals its pre-release tree
+    wait_until(
+        lambda: _production_images(sandbox)[SERVICE][0] == stable_before,
+        timeout=90,
+        what="production back on the old image",
+    )
+    assert _production_images(sandbox)[f"{SERVICE}-canary"][1] == 0
+    elapsed = (datetime.now(UTC) - started).total_seconds()
+    print(f"\nRESULT {scenario}: {message[:300]} (release {elapsed:.0f} s)")
+
+
+@pytest.mark.skipif(AA_RELEASES <= 0, reason="ROBOTICS_CD_AA_RELEASES=10 runs the A/A run")
+def test_aa_good_builds_are_all_promoted_without_early_abort(
+    sandbox: Any, runner: Path, env: dict[str, str], build_fleet: Any
+) -> None:
+    results = []
+    for i in range(AA_RELEASES):
+        image, sha = build_fleet({"app/aa.txt": f"{i}\n"}, f"e2e: A/A good build {i}")
+        done = _release(image, sha, env)
+        results.append((done.state.name, done.state.message))
+        print(f"\nRESULT A/A {i + 1}/{AA_RELEASES}: {done.state.name}: {done.state.message}")
+        assert done.state.type == StateType.COMPLETED and done.state.name == "Promoted", results
+        assert "early abort" not in (done.state.message or "")
