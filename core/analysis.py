@@ -758,14 +758,19 @@ def early_abort_tests(policy: CanaryPolicy) -> int:
     return 2 * max(1, sum(1 for step in policy.steps if step < 100))
 
 
+LATENCY_CUT_FLOOR = 0.1
+"""The early abort calls a request slow only above 100 ms, however fast stable is: on a
+shared machine a few ms of jitter is not overwhelming evidence (+150 ms still is)."""
+
+
 def latency_cut(stable: LatencyBuckets, ratio: float) -> float | None:
     """The slow-request cut: the first finite bucket bound at or above ``ratio`` x stable's
-    P99 (``None`` when stable has no latency data)."""
+    P99 and at or above ``LATENCY_CUT_FLOOR`` (``None`` when stable has no latency data)."""
     p99 = histogram_quantile(0.99, stable)
     if p99 is None:
         return None
     edges = sorted({le for le, _ in stable if not math.isinf(le)})
-    return next((le for le in edges if le >= ratio * p99), None)
+    return next((le for le in edges if le >= max(ratio * p99, LATENCY_CUT_FLOOR)), None)
 
 
 def slow_requests(buckets: LatencyBuckets, cut: float) -> tuple[float, float]:

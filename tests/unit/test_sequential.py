@@ -102,7 +102,11 @@ def test_alpha_is_shared_over_steps_below_100_and_two_signals():
 def test_latency_cut_is_a_bucket_bound_above_the_scaled_p99():
     stable_h = hist([0, 180, 1350, 250, 20, 0, 0, 0, 0, 0, 0, 0, 0])
     cut = latency_cut(stable_h, 1.5)
-    assert cut in EDGES and cut >= 1.5 * 0.05 * 0.9
+    assert cut == 0.1  # 1.5 x a P99 of ~50 ms is 75 ms: the next bound is 0.1
+    slow_stable = hist([0, 0, 0, 0, 0, 0, 0, 0, 180, 1350, 250, 20, 0])
+    assert latency_cut(slow_stable, 1.5) == 1.0  # P99 ~0.6 s: the first bound above 0.9 s
+    fast_stable = hist([1000, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+    assert latency_cut(fast_stable, 1.5) == 0.1  # never below the floor
 
 
 def test_vectorised_form_matches_the_scalar_one():
