@@ -804,8 +804,14 @@ def table(sb: Sandbox) -> str:
         ("webhooks go to", sb.webhook_url or "(none)"),
         ("registry", f"{sb.registry}  (user {sb.registry_username})"),
         ("Prometheus", sb.prometheus_url),
-        ("ingress staging", f"{sb.ingress['staging']}  (Host: api.robotics.local)"),
-        ("ingress production", f"{sb.ingress['production']}  (Host: api.robotics.local)"),
+        (
+            "ingress staging",
+            f"{sb.ingress['staging']}  (Host: api.robotics.local | fleet.robotics.local)",
+        ),
+        (
+            "ingress production",
+            f"{sb.ingress['production']}  (Host: api.robotics.local | fleet.robotics.local)",
+        ),
         ("metrics + faults", sb.control_url),
         ("git repos", ", ".join(f"{sb.product_git_base}/{r}.git" for r in REPOS)),
         ("env file", f"source {sb.state_dir}/env"),
