@@ -147,6 +147,12 @@ def start_prefect_server(
         old = int(portfile.read_text())
         if stack.get("messaging", "memory") == messaging and http_ok(f"{_url(old)}/api/health"):
             return PrefectServer(f"{_url(old)}/api", _url(old), home, db, messaging)
+    if portfile.exists() and http_ok(f"{_url(int(portfile.read_text()))}/api/health"):
+        raise RuntimeError(
+            f"a Prefect server on {stack.get('db', 'sqlite')} + {stack.get('messaging', 'memory')} "
+            f"already runs in {home}: stop it first (robotics-cd sandbox down) to switch to "
+            f"{db} + {messaging}"
+        )
     port = port or remembered_port(portfile) or free_port()
     env = prefect_env(home, port)
     env["PREFECT_UI_API_URL"] = f"{_url(port)}/api"
