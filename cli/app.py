@@ -30,6 +30,7 @@ _COMMAND_MODULES = (
     "cli.release",
     "cli.rerelease",
     "cli.ops",
+    "cli.recovery",
     "cli.train",
     "cli.demo",
 )

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,7 +139,19 @@ def serve_all(*, only: set[str] | None = None, limit: int | None = None) -> None
     if made:
         typer.echo(f"automations: {', '.join(sorted(made))}")
     typer.echo(f"serving {len(deployments)} deployments: {names}")
+    # A runner that starts may be the one that died: recover what it left before serving.
+    threading.Thread(target=_reconcile_at_start, name="reconcile-at-start", daemon=True).start()
     serve(*deployments, limit=limit, print_starting_message=False)
+
+
+def _reconcile_at_start() -> None:
+    from flows.reconcile import reconcile_once
+
+    try:
+        for done in anyio.run(reconcile_once):
+            typer.echo(f"reconcile: {done.service}: {done.action.value} ({done.reason})")
+    except Exception as exc:  # the scheduled reconciler runs again within its period
+        typer.echo(f"reconcile at start failed (the scheduled one will retry): {exc}", err=True)
 
 
 async def _serve_automations(deployments: list[Any]) -> dict[str, str]:

@@ -102,6 +102,22 @@ def check_operator_of(service: str, operator: str | None, reason: str | None) ->
         raise _fail(str(exc)) from None
 
 
+async def _reconciler_line() -> str:
+    """When the scheduled reconciler last finished, against its period."""
+    from tasks.lifecycle import last_run_of
+
+    period = get_settings().reconcile_period
+    try:
+        last = await last_run_of("reconcile/reconcile")
+    except Exception as exc:  # status must still print the rest
+        return f"reconciler: unknown ({exc})"
+    if last is None or last.end_time is None:
+        return "reconciler: has not run yet (is `robotics-cd serve` or a worker running?)"
+    ago = datetime.now(UTC) - last.end_time
+    late = "  LATE: more than three periods" if ago > 3 * period else ""
+    return f"reconciler: last ran {int(ago.total_seconds())} s ago (every {period}){late}"
+
+
 def _status_lines(service: str, svc: Service, runs: list[FlowRun]) -> list[str]:
     """What runs where for one service: each environment's image and lock, its releases."""
     from tasks.gitops import current_image, lease_holder
@@ -112,7 +128,12 @@ def _status_lines(service: str, svc: Service, runs: list[FlowRun]) -> list[str]:
         image = current_image.fn(service, env)
         lease = lease_holder.fn(service, env)
         lock = "lock free"
-        if lease is not None and not lease.expired(now):
+        if lease is not None and lease.record.blocked:
+            lock = (
+                f"BLOCKED: {lease.record.blocked} (`robotics-cd lease clear {service} "
+                "--operator NAME --reason ...`)"
+            )
+        elif lease is not None and not lease.expired(now):
             lock = f"lock held by release {lease.holder} until {lease.expires_at:%H:%M:%S}"
         shown = image.reference if image else "-"
         lines.append(f"  {env:<11} {shown}  ({target.argocd_app}; {lock})")
@@ -224,6 +245,7 @@ def register(app: typer.Typer) -> None:
         for name in names:
             for line in _status_lines(name, catalog.services[name], runs):
                 typer.echo(line)
+        typer.echo(asyncio.run(_reconciler_line()))
 
     @app.command("rollback")
     def rollback(

@@ -27,6 +27,8 @@ RoboticsCDError                      root: everything we raise on purpose
 ├── MetricsError                     Prometheus unreachable or answered an error
 ├── VerificationFailed               smoke tests or staging metrics failed
 ├── CanaryFailed                     analysis verdict: roll back
+├── RollbackFailed                   a restore could not be verified: production blocked
+├── ControlPlaneLost                 the Prefect API stayed down past the limit
 ├── ApprovalRejected                 rejected by a person or timed out
 ├── Superseded                       production already runs a descendant of this commit
 ├── GitHubError                      GitHub REST calls
@@ -175,6 +177,15 @@ class VerificationFailed(RoboticsCDError):
 
 class CanaryFailed(RoboticsCDError):
     pass
+
+
+class RollbackFailed(RoboticsCDError):
+    """A restore of production could not be verified: the lease stays, blocked."""
+
+
+class ControlPlaneLost(RoboticsCDError):
+    """The Prefect API stayed unreachable past the limit: the run stops, the reconciler
+    restores production from the lease."""
 
 
 class ApprovalRejected(RoboticsCDError):

@@ -119,12 +119,22 @@ def plan_release(catalog: Catalog, service: str, image: str, source_sha: str) ->
 # --- the production lease -----------------------------------------------------------------
 
 
+LEASE_TTL_FLOOR = timedelta(seconds=90)
+
+
 def lease_ttl(policy: CanaryPolicy) -> timedelta:
-    """How long one renewal of the production lease lasts: the whole canary at its slowest
-    (every step, one extra interval each, four spare), the post-release watch and 30 minutes.
-    The release renews it every interval, so a live release never loses it."""
-    canary = policy.interval * (len(policy.steps) * (policy.analyses_per_step + 1) + 4)
-    return canary + policy.post_release_watch + timedelta(minutes=30)
+    """How long one renewal of the production lease lasts: three analysis intervals, and
+    never under 90 s (longer than any single bounded call that blocks the flow: a git push
+    a metrics query). The release renews it from its own progress (every poll of an interval,
+    every poll of a sync), so a live release never loses it, and one that stopped making
+    progress loses it within one TTL: that is how the reconciler tells a dead release from
+    a live one, whatever its heartbeat thread says."""
+    return max(policy.interval * 3, LEASE_TTL_FLOOR)
+
+
+def renew_period(ttl: timedelta) -> timedelta:
+    """How often a live holder renews: three chances per TTL."""
+    return ttl / 3
 
 
 class StepKind(StrEnum):
@@ -166,10 +176,19 @@ class LeaseRecord(BaseModel):
         description="The flow run whose commits these are, when a rollback run took the "
         "lease over from it (None: the holder's own).",
     )
+    host: str | None = Field(
+        default=None, description="Host name of the process holding it (for liveness)."
+    )
+    pid: int | None = Field(default=None, description="Its process id on that host.")
+    blocked: str | None = Field(
+        default=None,
+        description="Why production is blocked: a restore that could not be verified. A "
+        "blocked lease never expires; only an operator clears it, with a reason.",
+    )
     nonce: str = ""
 
     def expired(self, now: datetime) -> bool:
-        return now >= self.expires_at
+        return self.blocked is None and now >= self.expires_at
 
     @property
     def owner(self) -> str:
@@ -211,7 +230,10 @@ def decode_lease(message: str) -> LeaseRecord:
 
 
 def lease_is_free(record: LeaseRecord | None, me: str, now: datetime) -> bool:
-    """May ``me`` take the lease: nobody holds it, ``me`` does already, or it expired."""
+    """May ``me`` take the lease: nobody holds it, ``me`` does already, or it expired. A
+    blocked lease is free for nobody."""
+    if record is not None and record.blocked:
+        return False
     return record is None or record.holder == me or record.expired(now)
 
 
@@ -306,6 +328,7 @@ class EndingKind(StrEnum):
     REJECTED = "rejected"
     SUPERSEDED = "superseded"
     ROLLED_BACK = "rolled-back"
+    ROLLBACK_FAILED = "rollback-failed"
 
 
 class Ending(BaseModel):
@@ -313,7 +336,7 @@ class Ending(BaseModel):
 
     model_config = ConfigDict(frozen=True)
     outcome: str
-    event: Literal["promoted", "rejected", "rolled-back"]
+    event: Literal["promoted", "rejected", "rolled-back", "rollback-failed"]
     headline: str
     state: Literal["completed", "failed"]
     state_name: str | None
@@ -356,6 +379,15 @@ def ending(
             state="failed",
             state_name="Superseded",
             message=f"superseded: {why}",
+        )
+    if kind == EndingKind.ROLLBACK_FAILED:
+        return Ending(
+            outcome=f"rollback failed: {why}",
+            event="rollback-failed",
+            headline=f"{name}: ROLLBACK FAILED, production is blocked: {why}",
+            state="failed",
+            state_name="RollbackFailed",
+            message=f"rollback failed, production blocked until an operator clears it: {why}",
         )
     return Ending(
         outcome=f"rolled back: {why}",

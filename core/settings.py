@@ -7,6 +7,7 @@ that hold them.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 
@@ -36,6 +37,19 @@ class Settings(BaseSettings):
     git_token_block: str = "robotics-cd-github-token"
     git_timeout: float = Field(
         default=60.0, gt=0, description="Seconds any one git command may take (clone, push...)."
+    )
+    control_plane_outage: timedelta = Field(
+        default=timedelta(minutes=5),
+        description="How long a running canary holds its weight while the Prefect API does "
+        "not answer before it stops and leaves production to the reconciler.",
+    )
+    rollback_deadline: timedelta = Field(
+        default=timedelta(minutes=10),
+        description="How long a release retries restoring production (revert, sync, smoke) "
+        "before it ends RollbackFailed and blocks the lease.",
+    )
+    reconcile_period: timedelta = Field(
+        default=timedelta(seconds=30), description="How often the reconciler runs."
     )
     webhook_secret_block: str = "robotics-cd-webhook-secret"
     prometheus_url: str = "http://prometheus.monitoring:9090"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any, Literal
 from uuid import UUID
 
 from core.catalog import Catalog
+from core.settings import get_settings
 
 log = logging.getLogger("robotics_cd.register")
 
@@ -41,6 +43,8 @@ class DeploymentSpec:
     tags: tuple[str, ...]
     parameters: dict[str, Any] = field(default_factory=dict)
     cron: str | None = None
+    # Seconds between runs, read when the deployment is built (settings may change it).
+    interval: Callable[[], float] | None = None
 
     @property
     def name(self) -> str:
@@ -88,6 +92,15 @@ SPECS: tuple[DeploymentSpec, ...] = (
         "Reject releases whose approval waited longer than the catalog's timeout.",
         ("release", "approval"),
         cron="*/5 * * * *",
+    ),
+    DeploymentSpec(
+        "reconcile",
+        "flows.reconcile",
+        "reconcile",
+        "Restore production where a release died or stopped renewing its lease (also runs "
+        "once whenever serve starts, and as `robotics-cd reconcile`).",
+        ("release", "recovery"),
+        interval=lambda: get_settings().reconcile_period.total_seconds(),
     ),
     DeploymentSpec(
         "training-image",
@@ -159,6 +172,7 @@ def runner_deployments(
                 tags=list(spec.tags),
                 parameters=dict(spec.parameters) or None,
                 cron=spec.cron,
+                interval=spec.interval() if spec.interval else None,
                 work_pool_name=work_pool_name,
                 job_variables=job_variables,
                 entrypoint_type=EntrypointType.MODULE_PATH,

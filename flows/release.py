@@ -20,7 +20,9 @@ step the lease records, with the ``before`` and the commits recorded there.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -39,10 +41,12 @@ from core.catalog import CanaryPolicy, Catalog, Service, load_catalog
 from core.errors import (
     ApprovalRejected,
     CanaryFailed,
+    ControlPlaneLost,
     LeaseHeld,
     LeaseLost,
     MetricsError,
     RoboticsCDError,
+    RollbackFailed,
     Superseded,
     VerificationFailed,
 )
@@ -60,6 +64,7 @@ from core.release import (
     lease_ttl,
     plan_release,
     read_command,
+    renew_period,
     resume_point,
 )
 from core.settings import Settings, get_settings
@@ -270,7 +275,7 @@ async def run_canary(
     for _ in range(analysis.max_intervals):
         end = datetime.now(UTC) + policy.interval
         raw = await _wait_interval_or_command(
-            end, seen_commands, look=early.look if weight < 100 else None
+            plan, cfg, end, seen_commands, look=early.look if weight < 100 else None
         )
         if raw is not None:
             command = read_command(raw)
@@ -325,36 +330,114 @@ async def _set_canary_weight(
         record.production_commits.append(commit.sha)
     record.steps.append((weight, datetime.now(UTC)))
     synced = await sync_and_wait(
-        cfg, cfg.svc.environments["production"].argocd_app, commit.sha, automated=False
+        cfg, cfg.svc.environments["production"].argocd_app, commit.sha, automated=False, plan=plan
     )
     record.production_revisions.append(synced.revision)
 
 
+SYNC_DEADLINE = timedelta(minutes=10)
+
+
 async def sync_and_wait(
-    cfg: Config, app: str, commit: str, *, automated: bool
+    cfg: Config, app: str, commit: str, *, automated: bool, plan: ReleasePlan | None = None
 ) -> argocd.SyncOutcome:
-    """Sync and wait until the app runs our commit or a descendant of it."""
-    return await argocd.argocd_sync_and_wait(
-        app, commit, automated, is_descendant=gitops.descendant_check(**cfg.repo())
+    """Sync and wait until the app runs our commit or a descendant of it. In production
+    (``plan`` given) the lease is renewed while it waits, never past the sync's deadline."""
+    wait = argocd.argocd_sync_and_wait(
+        app,
+        commit,
+        automated,
+        f"{int(SYNC_DEADLINE.total_seconds())}s",
+        is_descendant=gitops.descendant_check(**cfg.repo()),
+    )
+    if plan is None:
+        return await wait
+    async with renewing(plan, cfg, until=SYNC_DEADLINE):
+        return await wait
+
+
+def renew(plan: ReleasePlan, cfg: Config) -> None:
+    """One renewal of this run's production lease (LeaseLost when another run has it)."""
+    gitops.renew_lease.fn(
+        plan.service,
+        "production",
+        str(flow_run.id),
+        ttl=lease_ttl(cfg.policy).total_seconds(),
+        **cfg.repo(),
     )
 
 
+@asynccontextmanager
+async def renewing(plan: ReleasePlan, cfg: Config, *, until: timedelta) -> AsyncIterator[None]:
+    """Renew the lease every ``renew_period`` while the block runs, for at most ``until``: a
+    call stuck past its own deadline stops renewing, so the reconciler sees it dead."""
+    period = renew_period(lease_ttl(cfg.policy)).total_seconds()
+    stop_at = time.monotonic() + until.total_seconds()
+
+    async def loop() -> None:
+        while time.monotonic() + period < stop_at:
+            await anyio.sleep(period)
+            try:
+                await anyio.to_thread.run_sync(renew, plan, cfg)
+            except LeaseLost:
+                raise
+            except RoboticsCDError as exc:  # a slow remote: the next renewal may pass
+                get_run_logger().warning("lease renewal failed, retrying: %s", exc)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(loop)
+        try:
+            yield
+        finally:
+            group.cancel_scope.cancel()
+
+
 async def _wait_interval_or_command(
+    plan: ReleasePlan,
+    cfg: Config,
     end: datetime,
     seen: set[str],
     *,
     look: Callable[[], Awaitable[None]] | None = None,
 ) -> dict[str, Any] | None:
-    """Wait for the interval to end; an operator's abort or promote cuts it short, and so
-    does the early abort (``look`` raises CanaryFailed on overwhelming evidence)."""
-    while datetime.now(UTC) < end:
-        for key, value in await pending_commands(flow_run.id, seen):
-            seen.add(key)
-            return value
-        if look is not None:
+    """Wait for the interval to end, renewing the lease; an operator's abort or promote cuts
+    it short, and so does the early abort (``look`` raises CanaryFailed on overwhelming
+    evidence). While the Prefect API does not answer, the canary holds its weight: the
+    interval is not over until commands can be read again (so no step is taken blind), for
+    at most ``control_plane_outage``; past that the run ends and leaves production to the
+    reconciler (its lease, no longer renewed, expires)."""
+    log = get_run_logger()
+    period = renew_period(lease_ttl(cfg.policy)).total_seconds()
+    last_renewal = time.monotonic()
+    outage_since: float | None = None
+    limit = cfg.settings.control_plane_outage.total_seconds()
+    while True:
+        try:
+            for key, value in await pending_commands(flow_run.id, seen):
+                seen.add(key)
+                return value
+            if outage_since is not None:
+                log.warning(
+                    "Prefect API answers again after %.0f s", time.monotonic() - outage_since
+                )
+            outage_since = None
+        except Exception as exc:  # the control plane, not the release: hold and retry
+            if outage_since is None:
+                outage_since = time.monotonic()
+                log.warning("Prefect API unreachable (%s): canary holds its weight", exc)
+            elif time.monotonic() - outage_since > limit:
+                raise ControlPlaneLost(
+                    f"Prefect API unreachable for over {limit:.0f} s; production is left to "
+                    "the reconciler"
+                ) from exc
+        if time.monotonic() - last_renewal >= period:
+            await anyio.to_thread.run_sync(renew, plan, cfg)
+            last_renewal = time.monotonic()
+        if outage_since is None and datetime.now(UTC) >= end:
+            return None
+        if look is not None and outage_since is None:
             await look()
-        await anyio.sleep(min(1.0, max(0.0, (end - datetime.now(UTC)).total_seconds())))
-    return None
+        await anyio.sleep(min(1.0, max(0.1, (end - datetime.now(UTC)).total_seconds())))
 
 
 class _EarlyAbort:
@@ -418,7 +501,7 @@ async def promote_and_watch(plan: ReleasePlan, cfg: Config, record: ReleaseRecor
     )
     if commit.sha not in record.production_commits:
         record.production_commits.append(commit.sha)
-    synced = await sync_and_wait(cfg, target.argocd_app, commit.sha, automated=False)
+    synced = await sync_and_wait(cfg, target.argocd_app, commit.sha, automated=False, plan=plan)
     record.production_revisions.append(synced.revision)
     watch_end = datetime.now(UTC) + policy.post_release_watch
     while datetime.now(UTC) < watch_end:
@@ -458,9 +541,60 @@ async def roll_back(plan: ReleasePlan, cfg: Config, reason: str, record: Release
         **cfg.git("production"),
     )
     record.rollback_commit = commit.sha
-    synced = await sync_and_wait(cfg, target.argocd_app, commit.sha, automated=False)
+    synced = await sync_and_wait(cfg, target.argocd_app, commit.sha, automated=False, plan=plan)
     record.production_revisions.append(synced.revision)
     record.rollback_verification = [r.model_dump() for r in smoke.smoke_test(target, cfg.svc.smoke)]
+
+
+async def restore_until_verified(
+    plan: ReleasePlan, cfg: Config, reason: str, record: ReleaseRecord
+) -> None:
+    """``roll_back`` again and again (the revert commit is made once; a retry syncs and
+    verifies) with backoff, until production is verified or ``rollback_deadline`` passes:
+    then ``RollbackFailed``. A lost lease is not retried: production is another run's."""
+    log = get_run_logger()
+    deadline = time.monotonic() + cfg.settings.rollback_deadline.total_seconds()
+    delay, attempt = 2.0, 0
+    while True:
+        attempt += 1
+        try:
+            await roll_back(plan, cfg, reason, record)
+            return
+        except LeaseLost:
+            raise
+        except Exception as exc:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RollbackFailed(
+                    f"production not verified restored after {attempt} attempt(s): {exc}"
+                ) from exc
+            log.error("restore attempt %d failed (%s); retrying in %.0f s", attempt, exc, delay)
+            record.notes.append(f"restore attempt {attempt} failed: {exc}")
+            await anyio.sleep(min(delay, left))
+            delay = min(delay * 2, 30.0)
+
+
+def block_production(plan: ReleasePlan, cfg: Config, why: str) -> None:
+    """Production could not be restored: keep the lease, blocked, and say so everywhere
+    (the ending adds the record, the event and the chat message)."""
+    try:
+        gitops.block_lease.fn(plan.service, "production", why, str(flow_run.id), **cfg.repo())
+    except RoboticsCDError as exc:  # the lease is still ours and unexpired: nobody takes it
+        get_run_logger().error("could not mark the lease blocked: %s", exc)
+    deployment_id = gh.create_deployment(
+        plan.github,
+        plan.source_sha,
+        "production",
+        f"{plan.service}:{plan.tag}",
+        payload={"flow_run_id": str(flow_run.id), "image": plan.image},
+    )
+    gh.set_deployment_status(
+        plan.github,
+        deployment_id,
+        "error",
+        log_url=report.flow_run_url(flow_run.id),
+        description=f"rollback failed: {why}"[:140],
+    )
 
 
 # --- the flow -----------------------------------------------------------------------------
@@ -543,11 +677,22 @@ async def release(
         holds_lease = False
         record.notes.append(str(exc))
         raise
-    except RoboticsCDError as exc:
+    except ControlPlaneLost as exc:
+        # The lease is left to expire: the reconciler restores production from it.
+        holds_lease = False
+        record.notes.append(str(exc))
+        raise
+    except Exception as exc:  # any failure after production changed: ours, foreign, a bug
         if not record.production_commits:
             raise  # production never changed: nothing to roll back
-        await roll_back(plan, cfg, str(exc), record)
-        return end(EndingKind.ROLLED_BACK, plan, cfg, record, why=str(exc))
+        why = str(exc) if isinstance(exc, RoboticsCDError) else f"{type(exc).__name__}: {exc}"
+        try:
+            await restore_until_verified(plan, cfg, why, record)
+        except RollbackFailed as failed:
+            holds_lease = False  # kept, blocked: nothing takes production until cleared
+            block_production(plan, cfg, str(failed))
+            return end(EndingKind.ROLLBACK_FAILED, plan, cfg, record, why=str(failed))
+        return end(EndingKind.ROLLED_BACK, plan, cfg, record, why=why)
     finally:
         if holds_lease:
             gitops.release_lease.with_options(cache_policy=NO_CACHE)(
@@ -615,7 +760,11 @@ def end(
     if result.state == "completed":
         return Completed(message=result.message, name=result.state_name)
     data: RoboticsCDError = (
-        ApprovalRejected(why) if kind == EndingKind.SUPERSEDED else CanaryFailed(why)
+        ApprovalRejected(why)
+        if kind == EndingKind.SUPERSEDED
+        else RollbackFailed(why)
+        if kind == EndingKind.ROLLBACK_FAILED
+        else CanaryFailed(why)
     )
     if result.state_name:
         return Failed(message=result.message, name=result.state_name, data=data)

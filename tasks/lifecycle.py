@@ -4,20 +4,38 @@ its run is cancelled or crashes."""
 from __future__ import annotations
 
 from typing import Any
+from uuid import UUID
 
 from prefect import get_client
-from prefect.client.schemas.objects import Flow, FlowRun, State
+from prefect.client.schemas.filters import (
+    DeploymentFilter,
+    DeploymentFilterName,
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import Flow, FlowRun, State, StateType
+from prefect.client.schemas.sorting import FlowRunSort
 from prefect.deployments.flow_runs import arun_deployment
 from prefect.events import emit_event
+from prefect.exceptions import ObjectNotFound
 from prefect.logging import get_logger
-from prefect.states import Running
+from prefect.states import Crashed, Running
 
+from core.recovery import RunPhase, phase_of
 from core.release import ReleasePlan
 from core.settings import get_settings
 
 log = get_logger("robotics_cd.lifecycle")
 
-RELEASE_EVENTS = ("started", "awaiting-approval", "promoted", "rolled-back", "rejected")
+RELEASE_EVENTS = (
+    "started",
+    "awaiting-approval",
+    "promoted",
+    "rolled-back",
+    "rollback-failed",
+    "rejected",
+)
 
 
 def emit_release_event(
@@ -104,3 +122,49 @@ async def mark_waiting(message: str | None) -> None:
     state: State[Any] = Running(name="AwaitingLock", message=message) if message else Running()
     async with get_client() as client:
         await client.set_flow_run_state(flow_run.id, state, force=True)
+
+
+async def run_phase(run_id: str) -> RunPhase:
+    """What Prefect says of ``run_id``; ``UNKNOWN`` when the API does not answer (never
+    read as silence), ``MISSING`` when it has no such run."""
+    try:
+        async with get_client() as client:
+            run = await client.read_flow_run(UUID(run_id))
+    except ObjectNotFound:
+        return RunPhase.MISSING
+    except ValueError:  # not a flow run id: a one-shot reconciler's own holder name
+        return RunPhase.MISSING
+    except Exception as exc:  # the control plane, not the run
+        log.warning("Prefect API did not answer about run %s: %s", run_id, exc)
+        return RunPhase.UNKNOWN
+    state = run.state
+    return phase_of(state.type.value if state else None, state.name if state else None)
+
+
+async def mark_crashed(run_id: str, message: str) -> bool:
+    """End a run that Prefect still shows alive as ``Crashed``, with what was done for it.
+    False when it had ended already or the API did not answer."""
+    try:
+        async with get_client() as client:
+            run = await client.read_flow_run(UUID(run_id))
+            if run.state is not None and run.state.is_final():
+                return False
+            await client.set_flow_run_state(UUID(run_id), Crashed(message=message), force=True)
+            return True
+    except Exception as exc:
+        log.warning("could not mark run %s Crashed: %s", run_id, exc)
+        return False
+
+
+async def last_run_of(deployment_name: str) -> FlowRun | None:
+    """The latest finished run of a deployment (``flow/deployment``), or None."""
+    async with get_client() as client:
+        runs = await client.read_flow_runs(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment_name])),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.COMPLETED]))
+            ),
+            sort=FlowRunSort.END_TIME_DESC,
+            limit=1,
+        )
+    return runs[0] if runs else None

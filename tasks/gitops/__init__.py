@@ -22,7 +22,9 @@ from tasks.gitops.repo import (
 )
 from tasks.gitops.tasks import (
     Descends,
+    block_lease,
     bump_image,
+    clear_lease,
     commits_touching,
     current_image,
     descendant_check,
@@ -63,7 +65,9 @@ __all__ = [
     "ManifestsRepo",
     "Repository",
     "RollbackFacts",
+    "block_lease",
     "bump_image",
+    "clear_lease",
     "commits_touching",
     "current_image",
     "descendant_check",

@@ -43,6 +43,8 @@ Moves
 
 from __future__ import annotations
 
+import os
+import socket
 import uuid
 from datetime import datetime, timedelta
 
@@ -156,6 +158,51 @@ class Leases(Repository):
     def _held(self, lease: Lease) -> LeaseHeld:
         return LeaseHeld(lease.name, lease.holder, lease.expires_at.isoformat())
 
+    def _blocked(self, lease: Lease) -> LeaseHeld:
+        return LeaseHeld(
+            lease.name,
+            lease.holder,
+            f"an operator clears it (blocked: {lease.record.blocked}; "
+            f"`robotics-cd lease clear <service> --reason ...`)",
+        )
+
+    def block_lease(self, name: str, holder: str, reason: str) -> Lease:
+        """``holder`` marks its lease blocked: production could not be restored and verified.
+        The record (before, commits, step) stays, so an operator sees what to undo."""
+        with self._session():
+            for _ in range(3):
+                current = self._read_lease(name)
+                if current is None or current.holder != holder:
+                    raise LeaseLost(name, holder, current.holder if current else "nobody")
+                record = current.record.model_copy(update={"blocked": reason, "nonce": _nonce()})
+                new = self._lease_commit(name, record, current.sha)
+                if self._cas(name, current.sha, new):
+                    blocked = self._read_lease(name)
+                    if blocked is not None:
+                        return blocked
+            raise GitOpsError(f"lease {name}: compare-and-swap kept failing; try again")
+
+    def clear_lease(self, name: str, operator: str, reason: str) -> Lease | None:
+        """An operator frees a lease, blocked or not. The clearing is recorded: a last lease
+        commit naming who and why is kept under ``refs/leases-cleared/<name>/<time>`` before
+        the lease ref goes."""
+        with self._session():
+            current = self._read_lease(name)
+            if current is None:
+                return None
+            now = self.clock()
+            record = current.record.model_copy(
+                update={"blocked": f"cleared by {operator}: {reason}", "nonce": _nonce()}
+            )
+            audit = self._lease_commit(name, record, current.sha)
+            stamp = now.strftime("%Y%m%dT%H%M%SZ")
+            self._git_status(
+                "push", "--porcelain", "origin", f"{audit}:refs/leases-cleared/{name}/{stamp}"
+            )
+            if not self._cas(name, current.sha, None):
+                raise GitOpsError(f"lease {name} moved while it was being cleared; try again")
+            return current
+
     def take_lease(self, name: str, holder: str, ttl: timedelta) -> Lease:
         """Take the lease, or renew it with its record when ``holder`` has it already (a
         re-executed run finds its ``before``, commits and step again); LeaseHeld when another
@@ -164,12 +211,14 @@ class Leases(Repository):
             for _ in range(3):
                 current = self._read_lease(name)
                 now = self.clock()
+                if current and current.record.blocked:
+                    raise self._blocked(current)
                 if current and current.holder != holder and not current.expired(now):
                     raise self._held(current)
                 head = self._update()
                 record = new_lease(
                     holder, now, ttl, head, current.record if current else None, _nonce()
-                )
+                ).model_copy(update={"host": socket.gethostname(), "pid": os.getpid()})
                 new = self._lease_commit(name, record, current.sha if current else None)
                 if self._cas(name, current.sha if current else None, new):
                     taken = self._read_lease(name)
@@ -199,6 +248,8 @@ class Leases(Repository):
                         release=release,
                         nonce=_nonce(),
                     )
+                elif current.record.blocked:
+                    raise self._blocked(current)
                 elif current.holder == holder:
                     record = current.record.renewed(now, ttl, _nonce())
                 elif current.record.owner == release or current.expired(now):

@@ -477,6 +477,41 @@ def release_lease(
     return repo.release_lease(lease_name(service, env), who)
 
 
+@task(name="lease-block")
+def block_lease(
+    service: str,
+    env: Environment,
+    reason: str,
+    holder: str | None = None,
+    *,
+    repo_url: str | None = None,
+    branch: str | None = None,
+) -> Lease:
+    """Mark the lease ``holder`` holds blocked: no release takes production until an
+    operator clears it."""
+    who = holder or _current_run_id()
+    if not who:
+        raise InvalidInput("block_lease needs a holder (no flow run id in this context)")
+    repo = manifests_repo(url=repo_url, branch=branch, run_id=who)
+    return repo.block_lease(lease_name(service, env), who, reason)
+
+
+def clear_lease(
+    service: str,
+    env: Environment,
+    operator: str,
+    reason: str,
+    *,
+    repo_url: str | None = None,
+    branch: str | None = None,
+) -> Lease | None:
+    """An operator frees the lease of ``service`` in ``env`` (the clearing is kept in git)."""
+    if not reason.strip():
+        raise InvalidInput("clearing a lease needs a reason")
+    repo = manifests_repo(url=repo_url, branch=branch)
+    return repo.clear_lease(lease_name(service, env), operator, reason)
+
+
 @task(name="lease-holder")
 def lease_holder(
     service: str, env: Environment, *, repo_url: str | None = None, branch: str | None = None

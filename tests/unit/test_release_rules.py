@@ -26,6 +26,7 @@ from core.release import (
     new_lease,
     plan_release,
     read_command,
+    renew_period,
     resume_point,
     rollback_plan,
 )
@@ -109,12 +110,30 @@ def test_an_unknown_service_is_refused() -> None:
 # --- the lease ------------------------------------------------------------------------------
 
 
-def test_lease_ttl_covers_the_slowest_canary_and_the_watch() -> None:
-    policy = CanaryPolicy(
-        steps=[10, 100], interval="60s", analyses_per_step=3, post_release_watch="30m"
-    )
-    # 2 steps x (3 + 1) intervals + 4 spare = 12 min; + 30 min watch + 30 min margin
-    assert lease_ttl(policy) == timedelta(minutes=72)
+def test_lease_ttl_is_short_and_renewed_three_times_per_ttl() -> None:
+    # Changed with issue 15: the TTL is the liveness signal, no longer a whole canary's span.
+    slow = CanaryPolicy(steps=[10, 100], interval="60s", analyses_per_step=3)
+    assert lease_ttl(slow) == timedelta(minutes=3)
+    fast = CanaryPolicy(steps=[50, 100], interval="6s", analyses_per_step=1)
+    assert lease_ttl(fast) == timedelta(seconds=90)  # the floor: longer than a blocking call
+    assert renew_period(lease_ttl(slow)) == timedelta(minutes=1)
+
+
+def test_a_blocked_lease_is_free_for_nobody_and_never_expires() -> None:
+    held = LeaseRecord(
+        holder="run-1", taken_at=NOW, expires_at=NOW + timedelta(seconds=10),
+        blocked="restore not verified",
+    )  # fmt: skip
+    later = NOW + timedelta(days=30)
+    assert not held.expired(later)
+    assert not lease_is_free(held, "run-2", later)
+    assert not lease_is_free(held, "run-1", later)
+
+
+def test_a_failed_rollback_ends_rollback_failed_and_blocked() -> None:
+    result = ending(EndingKind.ROLLBACK_FAILED, PLAN, why="Argo CD never synced")
+    assert result.state == "failed" and result.state_name == "RollbackFailed"
+    assert result.event == "rollback-failed" and "blocked" in result.message
 
 
 def test_who_may_take_the_lease() -> None:

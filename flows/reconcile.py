@@ -1,0 +1,175 @@
+"""The ``reconcile`` flow: production is never left half-switched by a release that died.
+
+    for each service's production lease (git):
+        judge its holder from outside (``core.recovery.judge``): lease renewal, the holder's
+        process on this host, its state in Prefect (an unreachable API is never silence)
+        leave ─or─ free the lease ─or─ restore:
+            take the lease over (compare-and-swap: of two reconcilers, one wins)
+            → one fenced commit reverting the holder's recorded commits
+            → Argo CD sync → smoke → free the lease → mark the dead run Crashed
+
+It trusts nothing of the process that held the lease: only git, the Prefect API and the
+process table. It runs as a served deployment on a schedule, once whenever ``serve`` starts,
+and as ``robotics-cd reconcile``; the command needs no Prefect API (a reconciler that needs
+the control plane could not recover from its outage). Idempotent: a second pass finds
+nothing to do.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from datetime import UTC, datetime, timedelta
+
+from prefect import flow
+from prefect.logging import get_logger
+from pydantic import BaseModel
+
+from core.catalog import Catalog, Service, load_catalog
+from core.errors import LeaseHeld, RoboticsCDError
+from core.recovery import Action, HolderFacts, LeaseFacts, RunPhase, judge
+from core.release import rollback_plan
+from core.settings import Settings, get_settings
+from tasks import argocd, gitops, lifecycle, smoke
+
+log = get_logger("robotics_cd.reconcile")
+TAKEOVER_TTL = timedelta(minutes=15)
+
+
+class Reconciled(BaseModel):
+    """What one pass did for one service."""
+
+    service: str
+    holder: str
+    action: Action
+    reason: str
+    commit: str | None = None
+
+
+def reconciler_id() -> str:
+    """The lease holder name of a reconciler that runs outside a flow run."""
+    return f"reconciler-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _process_alive(host: str | None, pid: int | None) -> bool | None:
+    if not host or pid is None or host != socket.gethostname():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+async def reconcile_service(
+    name: str, svc: Service, catalog: Catalog, settings: Settings, *, me: str
+) -> Reconciled | None:
+    target = svc.environments.get("production")
+    if target is None:
+        return None
+    repo = {
+        "repo_url": catalog.defaults.manifests_repo,
+        "branch": catalog.defaults.manifests_branch,
+    }
+    lease = gitops.lease_holder.fn(name, "production", **repo)
+    if lease is None:
+        return None
+    record = lease.record
+    phase = await lifecycle.run_phase(record.holder)
+    if phase == RunPhase.MISSING and record.holder.startswith("reconciler-"):
+        phase = RunPhase.ACTIVE  # a one-shot reconciler: judged by its lease and process
+    verdict = judge(
+        LeaseFacts(
+            holder=record.holder,
+            expires_at=record.expires_at,
+            own_commits=tuple(record.commits),
+            blocked=record.blocked,
+        ),
+        HolderFacts(phase=phase, process_alive=_process_alive(record.host, record.pid)),
+        datetime.now(UTC),
+        outage_limit=settings.control_plane_outage,
+    )
+    done = Reconciled(
+        service=name, holder=record.holder, action=verdict.action, reason=verdict.reason
+    )
+    if verdict.action == Action.LEAVE:
+        return done
+    release = record.owner
+    try:
+        taken = gitops.take_over_lease.fn(
+            name, "production", release, me, ttl=TAKEOVER_TTL.total_seconds(), **repo
+        )
+    except LeaseHeld as exc:  # another reconciler (or rollback run) acts for it now
+        return done.model_copy(update={"action": Action.LEAVE, "reason": str(exc)})
+    commit: str | None = None
+    if verdict.action == Action.RESTORE:
+        overlay = {"overlay": str(target.path), **repo}
+        facts = gitops.rollback_facts.fn(name, "production", release, **overlay)
+        plan = rollback_plan(
+            release,
+            me=me,
+            holder=taken.holder,
+            holder_expired=False,
+            recorded=taken.commits if taken.record.owner == release else facts.commits,
+            already_reverted=facts.undone,
+            later_releases=facts.later_runs,
+        )
+        if plan.revert:
+            written = gitops.revert_release.fn(
+                name,
+                "production",
+                plan.revert,
+                f"reconciler: {verdict.reason}",
+                release_run_id=release,
+                holder=me,
+                **overlay,
+            )
+            commit = written.sha
+            await argocd.argocd_sync_and_wait.fn(
+                target.argocd_app,
+                written.sha,
+                False,
+                is_descendant=gitops.descendant_check(**repo),
+            )
+            smoke.smoke_test.fn(target, svc.smoke)
+    gitops.release_lease.fn(name, "production", me, **repo)
+    if verdict.mark_crashed or phase == RunPhase.ACTIVE:
+        what = f"reverted {commit[:12]}" if commit else "nothing to revert"
+        await lifecycle.mark_crashed(
+            release, f"the reconciler restored production ({what}): {verdict.reason}"
+        )
+    log.warning("%s production: %s (%s)", name, verdict.action.value, verdict.reason)
+    return done.model_copy(update={"commit": commit})
+
+
+async def reconcile_once(
+    catalog: Catalog | None = None, settings: Settings | None = None, *, me: str | None = None
+) -> list[Reconciled]:
+    """One pass over every service; an error on one service does not stop the others."""
+    settings = settings or get_settings()
+    catalog = catalog or load_catalog(settings.catalog)
+    me = me or reconciler_id()
+    results: list[Reconciled] = []
+    for name, svc in catalog.services.items():
+        try:
+            done = await reconcile_service(name, svc, catalog, settings, me=me)
+        except RoboticsCDError as exc:
+            log.error("%s production: reconcile failed, next pass retries: %s", name, exc)
+            continue
+        if done is not None:
+            results.append(done)
+    return results
+
+
+@flow(
+    name="reconcile",
+    description="Find production leases whose release died or stopped renewing, restore "
+    "production by reverting that release's commits, free the lease, mark the run Crashed.",
+)
+async def reconcile() -> list[Reconciled]:
+    from prefect.runtime import flow_run
+
+    return await reconcile_once(me=str(flow_run.id) if flow_run.id else None)
