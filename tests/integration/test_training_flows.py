@@ -573,14 +573,26 @@ async def test_cli_starts_the_deployment_and_follows_it_to_the_end(
     assert "train run completed" in out
 
 
+@pytest.mark.parametrize(
+    ("api", "plural", "label"),
+    [("pytorchjob", "pytorchjobs", LABEL_JOB), ("trainjob", "trainjobs", LABEL_JOBSET)],
+)
 async def test_cancelling_the_run_deletes_the_job_and_its_pods(
-    platform: TrainingPlatform, first_image: tuple[str, Any], served_train: None
+    platform: TrainingPlatform,
+    first_image: tuple[str, Any],
+    served_train: None,
+    api: str,
+    plural: str,
+    label: str,
 ):
+    experiment = f"cancel-{api}"
     out = robotics_cd(
         platform,
         "train",
+        "--api",
+        api,
         "--experiment",
-        "resnet-cancel",
+        experiment,
         "--workers",
         "1",
         "--arg=--epochs",
@@ -594,9 +606,12 @@ async def test_cancelling_the_run_deletes_the_job_and_its_pods(
     url = out.strip().splitlines()[-1]
     assert "/runs/flow-run/" in url, out
     run_id = UUID(url.rsplit("/", 1)[-1])
-    name = job_name("resnet-cancel", str(run_id))
+    name = job_name(experiment, str(run_id))
     wait_until(
-        lambda: len([p for p in platform.pods(name) if p["status"].get("phase") == "Running"]) == 2,
+        lambda: (
+            len([p for p in platform.pods(name, label) if p["status"].get("phase") == "Running"])
+            == 2
+        ),
         timeout=90,
         what="the job's pods running",
     )
@@ -605,21 +620,21 @@ async def test_cancelling_the_run_deletes_the_job_and_its_pods(
 
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        if name not in platform.jobs() and not platform.pods(name):
+        if name not in platform.jobs(plural) and not platform.pods(name, label):
             break
         await asyncio.sleep(0.5)
-    assert name not in platform.jobs(), "the PyTorchJob outlived its cancelled run"
-    assert not platform.pods(name)
+    assert name not in platform.jobs(plural), "the job outlived its cancelled run"
+    assert not platform.pods(name, label)
     # What ran is reported, and the master's log is kept.
     artifacts: dict[str, Any] = {}
     for _ in range(20):
         artifacts = await artifacts_of(run_id)
-        if "train-resnet-cancel-cancelled" in artifacts:
+        if f"train-{experiment}-cancelled" in artifacts:
             break
         await asyncio.sleep(0.5)
-    report = artifacts["train-resnet-cancel-cancelled"].data
+    report = artifacts[f"train-{experiment}-cancelled"].data
     assert "deleted, with its pods" in report and name in report, report
-    assert "vision-train: rank=0" in artifacts["train-resnet-cancel-log"].data
+    assert "vision-train: rank=0" in artifacts[f"train-{experiment}-log"].data
     async with get_client() as client:
         final = await client.read_flow_run(run_id)
     assert final.state is not None and final.state.type.value in ("CANCELLED", "CANCELLING")
