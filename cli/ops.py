@@ -106,6 +106,14 @@ async def _ensure_automations(
     rollback_name = reg.ROLLBACK_AUTOMATION + name_suffix
     zombie_id, changes[zombie] = await reg.upsert_automation(client, reg.zombie_automation(zombie))
     made = {zombie: str(zombie_id)}
+    reconcile = deployed.get(reg.RECONCILE_DEPLOYMENT + name_suffix)
+    if reconcile:
+        late = reg.RECONCILER_LATE_AUTOMATION + name_suffix
+        automation = reg.reconciler_late_automation(
+            UUID(reconcile), settings.reconcile_period, name=late
+        )
+        late_id, changes[late] = await reg.upsert_automation(client, automation)
+        made[late] = str(late_id)
     release = deployed.get(settings.release_deployment + name_suffix)
     rollback = deployed.get(settings.rollback_deployment + name_suffix)
     if not (release and rollback):

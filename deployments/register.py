@@ -28,6 +28,8 @@ PoolType = Literal["process", "kubernetes"]
 DEFAULT_POOL = {"process": "robotics-cd-process", "kubernetes": "robotics-cd-kubernetes"}
 ZOMBIE_AUTOMATION = "robotics-cd: mark silent flow runs crashed"
 ROLLBACK_AUTOMATION = "robotics-cd: roll back crashed or cancelled releases"
+RECONCILER_LATE_AUTOMATION = "robotics-cd: the reconciler has not run for three periods"
+RECONCILE_DEPLOYMENT = "reconcile/reconcile"
 # Three missed heartbeats (PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30 in the sandbox) = dead.
 ZOMBIE_AFTER = timedelta(seconds=float(os.environ.get("ROBOTICS_CD_ZOMBIE_AFTER_SECONDS", "90")))
 
@@ -254,6 +256,35 @@ def zombie_automation(
                 f"{int(after.total_seconds())} s (its process or pod died).",
             )
         ],
+    )
+
+
+def reconciler_late_automation(
+    reconcile_deployment_id: UUID, period: timedelta, name: str = RECONCILER_LATE_AUTOMATION
+) -> Any:
+    """Fires when no run of the reconcile deployment completed for three periods: the
+    safety net itself is down. Its firing is an event in the UI's feed
+    (``prefect.automation.triggered``); wire a notification action to it on a real platform
+    (the action here does nothing else, having no notification block to name)."""
+    from prefect.automations import AutomationCore, DoNothing, EventTrigger
+
+    return AutomationCore(
+        name=name,
+        description=f"No reconcile run completed for {int(3 * period.total_seconds())} s: "
+        "production would not be restored after a runner dies. Start `robotics-cd serve` "
+        "or a worker, or run `robotics-cd reconcile`.",
+        trigger=EventTrigger(
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            match_related={
+                "prefect.resource.role": "deployment",
+                "prefect.resource.id": f"prefect.deployment.{reconcile_deployment_id}",
+            },
+            expect={"prefect.flow-run.Completed"},
+            posture="Proactive",
+            threshold=1,
+            within=3 * period,
+        ),
+        actions=[DoNothing()],
     )
 
 

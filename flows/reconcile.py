@@ -21,6 +21,7 @@ import os
 import socket
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from prefect import flow
 from prefect.logging import get_logger
@@ -52,7 +53,8 @@ def reconciler_id() -> str:
     return f"reconciler-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def _process_alive(host: str | None, pid: int | None) -> bool | None:
+def process_alive(host: str | None, pid: int | None) -> bool | None:
+    """Whether process ``pid`` on ``host`` lives; None when it cannot be seen from here."""
     if not host or pid is None or host != socket.gethostname():
         return None
     try:
@@ -61,7 +63,11 @@ def _process_alive(host: str | None, pid: int | None) -> bool | None:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a zombie (killed, not yet reaped by its parent) is dead too
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 async def reconcile_service(
@@ -88,7 +94,7 @@ async def reconcile_service(
             own_commits=tuple(record.commits),
             blocked=record.blocked,
         ),
-        HolderFacts(phase=phase, process_alive=_process_alive(record.host, record.pid)),
+        HolderFacts(phase=phase, process_alive=process_alive(record.host, record.pid)),
         datetime.now(UTC),
         outage_limit=settings.control_plane_outage,
     )

@@ -1,0 +1,127 @@
+"""The runner of a release dies during its canary (SIGKILL of ``robotics-cd serve`` and its
+flow processes): production ends restored, the lease free, the run Crashed, without a human
+and without Prefect's automations.
+
+Two ways back, as an operator would meet them:
+- ``restart``: ``robotics-cd serve`` is started again within 10 s; it reconciles at start;
+- ``reconciler``: only ``robotics-cd reconcile`` runs, from a separate process.
+
+The kill lands at a known point (the release's first canary commit is in git) and death is
+detected by pid, not by waiting for heartbeats to stop.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prefect.client.schemas.objects import StateType
+
+from sandbox.procs import spawn, stop_pid, wait_until
+from tests.e2e.releases import (
+    CLI,
+    FAST,
+    ROOT,
+    _approve,
+    _cli,
+    _deployed,
+    _manifests,
+    _overlay_tree,
+    _production_images,
+    _read,
+    _start,
+)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+LONG_CANARY = {
+    # Long enough for the kill to land in the canary, whatever the machine's load.
+    "ROBOTICS_CD_CANARY_STEPS": "[10, 25, 50, 100]",
+    "ROBOTICS_CD_CANARY_ANALYSES": "3",
+}
+LEASE_REF = "refs/leases/api-gateway-production"
+
+
+@pytest.fixture
+def runner_env(env: dict[str, str]) -> dict[str, str]:
+    return {**env, **FAST, **LONG_CANARY}
+
+
+def _serve(runner_env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    return spawn([CLI, "serve", "--only", "release"], log=log, env=runner_env, cwd=ROOT)
+
+
+@pytest.fixture
+def runner(runner_env: dict[str, str], tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
+    procs = [_serve(runner_env, tmp_path / "runner-1.log")]
+    wait_until(lambda: _deployed("release/release"), timeout=120, what="served release")
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            stop_pid(proc.pid)
+
+
+def _lease_held(sandbox) -> bool:
+    return bool(_manifests(sandbox, "for-each-ref", "--format=%(refname)", LEASE_REF).strip())
+
+
+@pytest.mark.parametrize("recovery", ["restart", "reconciler"])
+def test_a_killed_release_is_restored(
+    sandbox, env, build, runner, runner_env, tmp_path, recovery
+) -> None:
+    before_tree = _overlay_tree(sandbox)
+    stable_before = _production_images(sandbox)["api-gateway"][0]
+    image, sha = build(
+        {"www/faults.txt": f"killed, {recovery}\n"}, f"faults: runner dies ({recovery})"
+    )
+    run = _start(image, sha)
+    _approve(run, runner_env)
+    wait_until(
+        lambda: (
+            str(run.id)
+            in _manifests(
+                sandbox, "log", "-3", "--format=%b", "--", "serving/api-gateway/overlays/production"
+            )
+        ),
+        timeout=420,
+        what="the release's first canary commit",
+    )
+    assert _lease_held(sandbox)
+    killed_at = time.monotonic()
+    os.killpg(runner[0].pid, signal.SIGKILL)
+    runner[0].wait(timeout=30)  # reaped: the kill is done
+
+    if recovery == "restart":
+        runner.append(_serve(runner_env, tmp_path / "runner-2.log"))
+    else:
+        out = _cli("reconcile", env=runner_env)
+        assert "api-gateway: restore" in out, out
+
+    wait_until(
+        lambda: _overlay_tree(sandbox) == before_tree and not _lease_held(sandbox),
+        timeout=300,
+        what="production's overlay restored and the lease free",
+    )
+    wait_until(
+        lambda: _production_images(sandbox)["api-gateway"][0] == stable_before,
+        timeout=180,
+        what="production back on the stable image",
+    )
+    recovered_in = time.monotonic() - killed_at
+    log = _manifests(
+        sandbox, "log", "-1", "--format=%s%n%b", "--", "serving/api-gateway/overlays/production"
+    )
+    assert "rollback(production)" in log and str(run.id) in log
+    wait_until(
+        lambda: _read(run.id).state.type == StateType.CRASHED,
+        timeout=60,
+        what="the dead release marked Crashed",
+    )
+    message = _read(run.id).state.message or ""
+    assert "reconciler restored production" in message, message
+    print(f"recovery ({recovery}): {recovered_in:.0f} s from the kill to production restored")
