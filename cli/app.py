@@ -33,6 +33,7 @@ _COMMAND_MODULES = (
     "cli.recovery",
     "cli.train",
     "cli.demo",
+    "cli.dora",
 )
 
 for _module in _COMMAND_MODULES:

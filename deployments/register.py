@@ -118,6 +118,14 @@ SPECS: tuple[DeploymentSpec, ...] = (
         "Run a distributed PyTorchJob to the end, streaming its logs.",
         ("training",),
     ),
+    DeploymentSpec(
+        "dora-report",
+        "flows.dora",
+        "dora_report_flow",
+        "Weekly DORA metrics from the manifests repo's history, as a markdown artifact.",
+        ("dora",),
+        cron="0 6 * * 1",
+    ),
 )
 
 

@@ -520,3 +520,108 @@ class CanaryProgress:
         if run.decision == Decision.ROLLBACK:
             description = f"rolling back at {run.weight}%: {run.reason}"
         update_progress(self.artifact_id, self.percent(run), description)
+
+
+# --- the weekly DORA report ----------------------------------------------------------------
+
+
+def dora_chart_png(weeks: Sequence[Any], *, title: str = "DORA metrics by week") -> bytes:
+    """Per week (``core.dora.DoraReport``s, oldest first): deployments (promoted and failed),
+    change fail and rework rates, and the median change lead time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    labels = [f"{w.since:%m-%d}" for w in weeks]
+    xs = list(range(len(weeks)))
+    fig, (ax_n, ax_rate, ax_lead) = plt.subplots(3, 1, figsize=(8, 7), sharex=True, dpi=80)
+    try:
+        promoted = [w.promoted for w in weeks]
+        ax_n.bar(xs, promoted, color="tab:green", label="promoted")
+        ax_n.bar(xs, [w.failed for w in weeks], bottom=promoted, color="tab:red", label="failed")
+        ax_n.set_ylabel("deployments")
+        ax_n.legend(loc="upper left", fontsize=8)
+        ax_n.set_title(title)
+        for name, colour, values in (
+            ("change fail rate", "tab:red", [w.change_fail_rate for w in weeks]),
+            ("rework rate", "tab:orange", [w.rework_rate for w in weeks]),
+        ):
+            ax_rate.plot(
+                xs,
+                [float("nan") if v is None else v * 100 for v in values],
+                marker="o",
+                color=colour,
+                label=name,
+            )
+        ax_rate.set_ylabel("% of deployments")
+        ax_rate.set_ylim(0, 105)
+        ax_rate.legend(loc="upper left", fontsize=8)
+        leads = [w.lead_time.median_seconds for w in weeks]
+        ax_lead.plot(
+            xs,
+            [float("nan") if v is None else v / 3600 for v in leads],
+            marker="o",
+            color="tab:blue",
+        )
+        ax_lead.set_ylabel("median lead time (h)")
+        ax_lead.set_xticks(xs, labels)
+        for ax in (ax_n, ax_rate, ax_lead):
+            ax.grid(True, alpha=0.3)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", bbox_inches="tight")
+        return buffer.getvalue()
+    finally:
+        plt.close(fig)
+
+
+def dora_markdown(current: Any, weeks: Sequence[Any], png: bytes) -> str:
+    """The weekly artifact: this week's five metrics, a row per week, the chart."""
+    from core.dora import format_rate, format_seconds
+
+    who = current.service or "all services"
+    lines = [
+        f"# DORA metrics: {who}",
+        "",
+        f"Week {current.since:%Y-%m-%d %H:%M} .. {current.until:%Y-%m-%d %H:%M} UTC, read from "
+        "the manifests repo's history (see docs/dora.md).",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| deployment frequency | {current.deployments} ({current.deployments_per_day:.2f}/day) |",
+        f"| change lead time | median {format_seconds(current.lead_time.median_seconds)}, "
+        f"p90 {format_seconds(current.lead_time.p90_seconds)} ({current.lead_time.count} changes) |",
+        f"| change fail rate | {format_rate(current.change_fail_rate)} "
+        f"({current.failed} of {current.deployments}) |",
+        f"| failed deployment recovery time | median "
+        f"{format_seconds(current.recovery_time.median_seconds)} ({current.recovery_time.count}) |",
+        f"| deployment rework rate | {format_rate(current.rework_rate)} "
+        f"({current.rework} of {current.deployments}) |",
+    ]
+    if current.in_progress:
+        lines.append(f"| in progress (not counted) | {_cell(', '.join(current.in_progress))} |")
+    if current.awaiting_fix:
+        lines.append(f"| rolled back, no fix yet | {_cell(', '.join(current.awaiting_fix))} |")
+    lines += [
+        "",
+        "| week of | deployments | failed | rework | lead time (median) | recovery (median) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for w in weeks:
+        lines.append(
+            f"| {w.since:%Y-%m-%d} | {w.deployments} | {w.failed} | {w.rework} | "
+            f"{format_seconds(w.lead_time.median_seconds)} | "
+            f"{format_seconds(w.recovery_time.median_seconds)} |"
+        )
+    lines += ["", png_markdown(png, alt="dora"), ""]
+    return "\n".join(lines)
+
+
+def publish_dora_report(key: str, current: Any, weeks: Sequence[Any]) -> UUID:
+    png = dora_chart_png(weeks)
+    return _artifact(
+        create_markdown_artifact,
+        markdown=dora_markdown(current, weeks, png),
+        key=artifact_key(key),
+        description=f"DORA metrics, week ending {current.until:%Y-%m-%d}",
+    )

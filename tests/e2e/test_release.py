@@ -14,6 +14,8 @@ there, in tests/e2e/test_release_gateway.py).
 from __future__ import annotations
 
 import contextlib
+import itertools
+import json
 import os
 import signal
 import subprocess
@@ -485,6 +487,47 @@ def _wait_canary_commit(sandbox, run_id: str) -> None:
         timeout=300,
         what="the release's first canary commit",
     )
+
+
+def test_dora_counts_the_releases_that_happened(sandbox, runner, env):
+    """`robotics-cd dora` over this module's window: every release that reached production
+    is there, promoted or failed as Prefect saw it end; rejected and superseded ones are not."""
+    runs = [r for r in _release_runs_since(MODULE_START) if r.parameters.get("service") == SERVICE]
+    runs = [r for r in runs if r.state and r.state.is_final()]
+    expected = {}
+    for run in runs:
+        if run.state.name == "Promoted":
+            expected[str(run.id)] = "promoted"
+        elif (run.state.message or "").startswith("rolled back:"):
+            expected[str(run.id)] = "failed"
+    out = _cli("dora", "--service", SERVICE, "--since", MODULE_START.isoformat(), "--json", env=env)
+    report = json.loads(out)
+    seen = {r["release_id"]: r["status"] for r in report["releases"]}
+    assert seen == expected
+    promoted = sum(1 for v in expected.values() if v == "promoted")
+    failed = len(expected) - promoted
+    assert (report["deployments"], report["promoted"], report["failed"]) == (
+        len(expected),
+        promoted,
+        failed,
+    )
+    assert report["in_progress"] == []
+    assert report["lead_time"]["count"] >= promoted  # each ships at least its own commit
+    assert report["recovery_time"]["count"] == failed
+    durations = {str(r.id): (r.end_time - r.start_time).total_seconds() for r in runs}
+    for release in report["releases"]:
+        if release["status"] == "failed":
+            recovery = (
+                datetime.fromisoformat(release["failed_at"])
+                - datetime.fromisoformat(release["deployed_at"])
+            ).total_seconds()
+            assert 0 < recovery < durations[release["release_id"]]
+    ordered = sorted(report["releases"], key=lambda r: r["deployed_at"])
+    for before, after in itertools.pairwise(ordered):
+        assert after["rework"] == (before["status"] == "failed")
+    if expected:
+        text = _cli("dora", "--service", SERVICE, "--since", MODULE_START.isoformat(), env=env)
+        assert f"deployments                      {len(expected)} " in text
 
 
 def test_no_automation_action_failed_after_rejected_and_promoted_releases(sandbox, runner, env):

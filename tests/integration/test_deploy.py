@@ -113,6 +113,7 @@ def test_prefect_yaml_declares_every_flow_in_both_pools():
         "expire-approvals",
         "training-image",
         "train",
+        "dora-report",
     }
     template = reg.kubernetes_base_job_template(reg.KubernetesPoolOptions())
     for (_, pool), entry in declared.items():
