@@ -34,6 +34,7 @@ _COMMAND_MODULES = (
     "cli.train",
     "cli.demo",
     "cli.dora",
+    "cli.quarantine",
 )
 
 for _module in _COMMAND_MODULES:

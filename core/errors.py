@@ -31,6 +31,7 @@ RoboticsCDError                      root: everything we raise on purpose
 ├── ControlPlaneLost                 the Prefect API stayed down past the limit
 ├── ApprovalRejected                 rejected by a person or timed out
 ├── Superseded                       production already runs a descendant of this commit
+├── Quarantined                      the image digest was rolled back before (quarantine/)
 ├── GitHubError                      GitHub REST calls
 ├── NotifyError                      chat webhooks
 ├── TriggerError                     a run could not be started (webhook receiver, hand-off)
@@ -194,6 +195,10 @@ class ApprovalRejected(RoboticsCDError):
 
 class Superseded(RoboticsCDError):
     pass
+
+
+class Quarantined(RoboticsCDError):
+    """A release of an image digest that a rollback quarantined (until it is lifted)."""
 
 
 class GitHubError(RoboticsCDError):
