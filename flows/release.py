@@ -45,6 +45,7 @@ from core.errors import (
     LeaseHeld,
     LeaseLost,
     MetricsError,
+    Quarantined,
     RoboticsCDError,
     RollbackFailed,
     Superseded,
@@ -68,7 +69,18 @@ from core.release import (
     resume_point,
 )
 from core.settings import Settings, get_settings
-from tasks import argocd, gitops, images, lifecycle, metrics, notify, report, smoke, source
+from tasks import (
+    argocd,
+    gitops,
+    images,
+    lifecycle,
+    metrics,
+    notify,
+    quarantine,
+    report,
+    smoke,
+    source,
+)
 from tasks import github as gh
 from tasks.approvals import expire_overdue, pending_commands, wait_for_decision
 from tasks.lifecycle import emit_release_event, start_rollback_for
@@ -541,9 +553,28 @@ async def roll_back(plan: ReleasePlan, cfg: Config, reason: str, record: Release
         **cfg.git("production"),
     )
     record.rollback_commit = commit.sha
+    await quarantine_rolled_back(plan, commit.sha, reason, record)
     synced = await sync_and_wait(cfg, target.argocd_app, commit.sha, automated=False, plan=plan)
     record.production_revisions.append(synced.revision)
     record.rollback_verification = [r.model_dump() for r in smoke.smoke_test(target, cfg.svc.smoke)]
+
+
+async def quarantine_rolled_back(
+    plan: ReleasePlan, rollback_commit: str, reason: str, record: ReleaseRecord
+) -> None:
+    """Right after the rollback commit: the digest goes to ``quarantine/<svc>.yaml``. A
+    failure here is loud but never holds up the rollback's sync."""
+    try:
+        await quarantine.quarantine_image(
+            plan.service,
+            plan.pull_image,
+            rollback_commit,
+            f"rolled back: {reason}",
+            record.flow_run_id,
+        )
+    except RoboticsCDError as exc:
+        get_run_logger().error("could not quarantine %s: %s", plan.digest, exc)
+        record.notes.append(f"quarantine of {plan.digest} failed: {exc}")
 
 
 async def restore_until_verified(
@@ -625,6 +656,9 @@ async def release(
         svc=catalog.service(service),
         policy=catalog.canary_policy(service),
     )
+    refusal = await quarantine.quarantine_refusal(plan.service, plan.image)
+    if refusal is not None:
+        return Failed(message=refusal, name="Quarantined", data=Quarantined(refusal))
     record = ReleaseRecord.start(plan, str(flow_run.id))
     record.notes.append(
         await images.verify_release_image(

@@ -26,11 +26,11 @@ from prefect.runtime import flow_run
 from prefect.states import Completed
 
 from core.catalog import load_catalog
-from core.errors import InvalidInput
+from core.errors import InvalidInput, RoboticsCDError
 from core.images import parse_reference
 from core.release import rollback_plan
 from core.settings import get_settings
-from tasks import argocd, gitops, smoke
+from tasks import argocd, gitops, quarantine, smoke
 
 ROLLBACK_LEASE_TTL = timedelta(hours=1)
 
@@ -95,6 +95,8 @@ async def rollback(
             release_run_id=release_run_id,
             **where,
         )
+        if environment == "production":
+            await _quarantine(service, commit.sha, reason, release_run_id, plan.revert)
     else:
         wanted = image or _previous_image(service, environment, where)
         ref = parse_reference(wanted)
@@ -129,6 +131,24 @@ async def rollback(
         synced.revision[:12],
     )
     return Completed(message=f"rolled back {service} {environment} to {commit.sha[:12]}")
+
+
+async def _quarantine(
+    service: str, rollback_commit: str, reason: str, release_run_id: str, undone: list[str]
+) -> None:
+    """The rolled-back release's digest (from its commits' Image trailer) is quarantined; a
+    failure here is loud but never holds up the revert's sync."""
+    try:
+        await quarantine.quarantine_image(
+            service,
+            None,
+            rollback_commit,
+            f"rolled back release {release_run_id}: {reason}",
+            release_run_id,
+            undone_commits=undone,
+        )
+    except RoboticsCDError as exc:
+        get_run_logger().error("could not quarantine the image of %s: %s", release_run_id, exc)
 
 
 def _previous_image(

@@ -1,4 +1,4 @@
-"""Release history for the DORA metrics, read from git (GitPython): the manifests repo's
+"""Release history for the DORA metrics, read from git: the manifests repo's
 production commits and the source repos' commit times.
 
 Nothing here depends on Prefect's run history (the server keeps events for days, git keeps
@@ -26,7 +26,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio.to_thread
-import git
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
@@ -35,11 +34,10 @@ from core.catalog import Catalog
 from core.dora import Deployment, EventKind, ReleaseEvent, SourceChange, Status, deployments
 from core.errors import SourceError
 from core.settings import get_settings
+from tasks.gitcmd import GitResult, git_token, redact, run_git, split_credentials
 
 GIT_TIMEOUT = 120.0
-_GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "true"}
 _SHA = re.compile(r"^[0-9a-f]{7,40}$")
-_USERINFO = re.compile(r"(?<=://)[^/@]+@")
 _UNDOES = re.compile(r"^(?:Undoes:\s*|This reverts commit\s+)([0-9a-f]{7,40})", re.MULTILINE)
 _TRAILER = re.compile(r"^([A-Za-z][A-Za-z0-9-]*):\s*(.+?)\s*$", re.MULTILINE)
 
@@ -49,10 +47,6 @@ class History(BaseModel):
 
     deployments: list[Deployment]
     changes: dict[str, list[SourceChange]] = Field(description="release id -> source commits")
-
-
-def _redact(text: str) -> str:
-    return _USERINFO.sub("***@", text)
 
 
 @contextlib.contextmanager
@@ -67,28 +61,35 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 class Mirror:
-    """A bare mirror of one remote's branches, fetched before each read."""
+    """A bare mirror of one remote's branches, fetched before each read.
 
-    def __init__(self, url: str, cache: Path, *, timeout: float = GIT_TIMEOUT) -> None:
-        self.url = url
+    git runs through ``tasks.gitcmd``: a deadline on every call, a token (in the URL or the
+    Prefect Secret) given to git only through askpass, never in argv or on disk."""
+
+    def __init__(
+        self, url: str, cache: Path, *, timeout: float = GIT_TIMEOUT, token: str | None = None
+    ) -> None:
         self.path = cache / hashlib.sha256(url.encode()).hexdigest()[:16]
+        self.url, self.credentials = split_credentials(url, token)
         self.timeout = timeout
 
+    def run(self, *args: str, cwd: Path | None = None) -> GitResult:
+        return run_git(
+            list(args),
+            cwd=cwd or self.path,
+            remote=self.url,
+            timeout=self.timeout,
+            credentials=self.credentials,
+            error=SourceError,
+        )
+
     def git(self, *args: str) -> str:
-        try:
-            out = git.Git(str(self.path)).execute(
-                ["git", *args],
-                kill_after_timeout=self.timeout,
-                env=_GIT_ENV,
-                strip_newline_in_stdout=False,
-            )
-        except git.GitCommandError as exc:
-            detail = _redact(str(exc.stderr or exc).strip())
+        result = self.run(*args)
+        if result.code != 0:
             raise SourceError(
-                f"git {args[0]} on {_redact(self.url)} failed (or took over "
-                f"{self.timeout:.0f}s): {detail}"
-            ) from None
-        return str(out)
+                f"git {args[0]} on {redact(self.url)} failed: {result.output.strip()}"
+            )
+        return result.stdout
 
     def fetch(self) -> None:
         with _locked(self.path):
@@ -98,11 +99,7 @@ class Mirror:
             self.git("fetch", "-q", "--no-tags", "--prune", self.url, "+refs/heads/*:refs/heads/*")
 
     def has(self, sha: str) -> bool:
-        try:
-            self.git("cat-file", "-e", f"{sha}^{{commit}}")
-        except SourceError:
-            return False
-        return True
+        return self.run("cat-file", "-e", f"{sha}^{{commit}}").code == 0
 
 
 # --- the manifests repo --------------------------------------------------------------------
@@ -165,7 +162,7 @@ def source_changes(mirror: Mirror, base: str | None, sha: str) -> list[SourceCha
     """Source commits in ``sha`` and not in ``base`` (just ``sha`` when base is unknown)."""
     if not mirror.has(sha):
         raise SourceError(
-            f"source commit {sha[:12]} is not in {_redact(mirror.url)} (force-pushed away?)"
+            f"source commit {sha[:12]} is not in {redact(mirror.url)} (force-pushed away?)"
         )
     if base and base != sha and mirror.has(base):
         out = mirror.git("log", "--format=%H %ct", f"{base}..{sha}")
@@ -191,7 +188,7 @@ def read_history(
     timeout: float = GIT_TIMEOUT,
 ) -> History:
     """Deployments of every service in ``overlays`` and the changes of the promoted ones."""
-    manifests = Mirror(manifests_url, cache, timeout=timeout)
+    manifests = Mirror(manifests_url, cache, timeout=timeout, token=git_token(manifests_url))
     manifests.fetch()
     found = deployments(read_events(manifests, branch, overlays))
     mirrors: dict[str, Mirror] = {}
@@ -203,7 +200,7 @@ def read_history(
         if url is None:
             continue
         if url not in mirrors:
-            mirrors[url] = Mirror(url, cache, timeout=timeout)
+            mirrors[url] = Mirror(url, cache, timeout=timeout, token=git_token(url))
             mirrors[url].fetch()
         changes[dep.release_id] = source_changes(mirrors[url], dep.base_source_sha, dep.source_sha)
     return History(deployments=found, changes=changes)

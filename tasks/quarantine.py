@@ -2,8 +2,8 @@
 
 Reads go through a bare mirror fetched on each call; writes are one commit each on a fresh
 shallow clone, pushed with fetch-and-reapply when someone pushed first (bounded). Every git
-call has a timeout. The file lives in git beside the overlays, so it outlives anything that
-happens to Prefect.
+call has a timeout and gets credentials only through askpass (``tasks.gitcmd``). The file
+lives in git beside the overlays, so it outlives anything that happens to Prefect.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio.to_thread
-import git
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -29,6 +28,7 @@ from core.errors import GitOpsError, InvalidInput, PushConflict, SourceError
 from core.images import parse_reference
 from core.settings import get_settings
 from tasks.dora import GIT_TIMEOUT, Mirror
+from tasks.gitcmd import git_token
 
 IDENTITY = ("robotics-cd", "robotics-cd@robotics.local")
 _REJECTED = ("[rejected]", "non-fast-forward", "fetch first", "[remote rejected]")
@@ -46,12 +46,14 @@ class QuarantineRepo:
         branch: str,
         workspace: Path,
         timeout: float = GIT_TIMEOUT,
+        token: str | None = None,
         max_push_attempts: int = 8,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
-        self.url, self.branch, self.timeout = url, branch, timeout
+        self.branch, self.timeout = branch, timeout
         self.workspace = workspace / "quarantine"
-        self.mirror = Mirror(url, self.workspace / "mirror", timeout=timeout)
+        self.mirror = Mirror(url, self.workspace / "mirror", timeout=timeout, token=token)
+        self.url = self.mirror.url  # without credentials: git asks for them through askpass
         self.max_push_attempts = max_push_attempts
         self.clock = clock
 
@@ -192,17 +194,8 @@ class QuarantineRepo:
         return out
 
     def _try(self, work: Path, *args: str) -> tuple[int, str]:
-        try:
-            status, stdout, stderr = git.Git(str(work)).execute(
-                ["git", *args],
-                with_extended_output=True,
-                with_exceptions=False,
-                kill_after_timeout=self.timeout,
-                env={"GIT_TERMINAL_PROMPT": "0"},
-            )
-        except git.GitCommandError as exc:  # killed after the timeout
-            return 1, str(exc)
-        return int(status or 0), f"{stdout}\n{stderr}"
+        result = self.mirror.run(*args, cwd=work)
+        return result.code, result.output
 
 
 def _check_service(service: str) -> str:
@@ -217,6 +210,7 @@ def quarantine_repo() -> QuarantineRepo:
     return QuarantineRepo(
         url=defaults.manifests_repo,
         branch=defaults.manifests_branch,
+        token=git_token(defaults.manifests_repo),
         workspace=settings.workspace
         / f"q-{hashlib.sha256(defaults.manifests_repo.encode()).hexdigest()[:8]}",
     )
@@ -252,10 +246,9 @@ async def quarantine_image(
     """Quarantine the image a rollback took out of production (from ``image``, else from the
     ``Image:`` trailer of the undone commits); the quarantine commit, None if already there."""
     repo = quarantine_repo()
-    found = image
-    if not found and undone_commits:
-        last = undone_commits[-1]
-        found = await anyio.to_thread.run_sync(lambda: repo.image_of(last))
+    found = image or await anyio.to_thread.run_sync(
+        lambda: next(filter(None, map(repo.image_of, undone_commits or [])), None)
+    )
     if not found:
         get_run_logger().warning(
             "rollback %s of %s: no image digest to quarantine", rollback_commit[:12], service

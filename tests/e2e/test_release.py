@@ -110,6 +110,9 @@ def runner(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Ite
         stop_pid(served.pid)
 
 
+ROLLED_BACK: dict[str, str] = {}  # the image test_failing_canary_is_rolled_back rolled back
+
+
 # --- scenarios (one service: they run in order) -------------------------------------------
 
 
@@ -185,6 +188,8 @@ def test_failing_canary_is_rolled_back(sandbox, runner, env, build):
 
     assert done.state.type == StateType.FAILED, done.state
     assert done.state.message.startswith("rolled back:"), done.state.message
+    rollback_sha = _manifests(sandbox, "log", "-1", "--format=%H", "--", OVERLAY)
+    ROLLED_BACK.update(image=image, sha=sha, rollback=rollback_sha)
     assert _overlay_tree(sandbox) == before_tree  # the folder equals its pre-release tree
     log = _manifests(sandbox, "log", "-3", "--format=%s%n%b", "--", OVERLAY)
     assert "rollback(production)" in log and "Undoes:" in log
@@ -199,6 +204,49 @@ def test_failing_canary_is_rolled_back(sandbox, runner, env, build):
     first_canary = min(int(c.split()[0]) for c in commits if "canary(production)" in c)
     rollback = max(int(c.split()[0]) for c in commits if "rollback(production)" in c)
     assert rollback - first_canary <= 3 * INTERVAL + 90
+    # Its digest is quarantined in git, naming the rollback commit.
+    quarantine = _manifests(sandbox, "show", f"main:quarantine/{SERVICE}.yaml")
+    assert _digest(image) in quarantine and rollback_sha in quarantine
+
+
+def test_a_rolled_back_digest_is_refused_until_lifted(sandbox, runner, env):
+    if not ROLLED_BACK:
+        pytest.skip("needs test_failing_canary_is_rolled_back's image")
+    image, sha, rollback = ROLLED_BACK["image"], ROLLED_BACK["sha"], ROLLED_BACK["rollback"]
+    head = _manifests(sandbox, "rev-parse", "main")
+    refused = _wait(_start(image, sha), _final, timeout=120, what="release refused")
+    assert refused.state.name == "Quarantined", refused.state
+    assert rollback[:12] in refused.state.message and _digest(image) in refused.state.message
+    assert _manifests(sandbox, "rev-parse", "main") == head  # refused before staging
+    listed = _cli("quarantine", "list", SERVICE, env=env)
+    assert _digest(image) in listed and rollback[:12] in listed
+
+    _cli(
+        "quarantine",
+        "lift",
+        SERVICE,
+        _digest(image),
+        "--reason",
+        "e2e: fault injected",
+        "--by",
+        "alice",
+        env=env,
+    )
+    lift = _manifests(sandbox, "log", "-1", "--format=%an|%s%n%b", "--", "quarantine/")
+    assert lift.startswith(f"alice|quarantine({SERVICE}): lift {_digest(image)}")
+    assert "e2e: fault injected" in lift
+    assert _digest(image) not in _cli("quarantine", "list", SERVICE, env=env)
+    accepted = _start(image, sha)  # accepted: on to staging and the approval
+    at = _wait(
+        accepted,
+        lambda r: _paused(r) or _final(r),
+        timeout=300,
+        what="release of the lifted digest past the quarantine check",
+    )
+    assert at.state.name != "Quarantined" and "quarantined" not in (at.state.message or "")
+    if _paused(at):
+        _cli("reject", str(accepted.id), "--approver", "bob", "--comment", "e2e: enough", env=env)
+        _wait(accepted, _final, timeout=120, what="release finished")
 
 
 def test_a_slower_canary_is_rolled_back_on_p99(sandbox, runner, env, build):

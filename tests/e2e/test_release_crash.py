@@ -136,3 +136,9 @@ def test_a_killed_release_is_rolled_back_without_a_human(sandbox, env, build, ru
         what="production back on the old image",
     )
     assert _read(run.id).state.type == StateType.CRASHED
+    # The recovery quarantines the killed release's digest, naming its restoring commit.
+    restore = _manifests(
+        sandbox, "log", "-1", "--format=%H", "--", "serving/api-gateway/overlays/production"
+    )
+    quarantine = _manifests(sandbox, "show", "main:quarantine/api-gateway.yaml")
+    assert image.split("@", 1)[1] in quarantine and restore in quarantine
