@@ -32,7 +32,7 @@ from core.errors import LeaseHeld, RoboticsCDError
 from core.recovery import Action, HolderFacts, LeaseFacts, RunPhase, judge
 from core.release import rollback_plan
 from core.settings import Settings, get_settings
-from tasks import argocd, gitops, lifecycle, smoke
+from tasks import argocd, gitops, lifecycle, quarantine, smoke
 
 log = get_logger("robotics_cd.reconcile")
 TAKEOVER_TTL = timedelta(minutes=15)
@@ -134,6 +134,9 @@ async def reconcile_service(
                 **overlay,
             )
             commit = written.sha
+            _quarantine(
+                name, written.sha, f"reconciler: {verdict.reason}", release, plan.revert, repo
+            )
             await argocd.argocd_sync_and_wait.fn(
                 target.argocd_app,
                 written.sha,
@@ -149,6 +152,33 @@ async def reconcile_service(
         )
     log.warning("%s production: %s (%s)", name, verdict.action.value, verdict.reason)
     return done.model_copy(update={"commit": commit})
+
+
+def _quarantine(
+    service: str,
+    rollback_commit: str,
+    reason: str,
+    release: str,
+    undone: list[str],
+    repo: dict[str, str],
+) -> None:
+    """The dead release's digest goes to ``quarantine/<svc>.yaml``, right after the revert; a
+    failure is loud but never holds up the restore."""
+    try:
+        digest, _ = quarantine.quarantine_rollback(
+            service,
+            None,
+            rollback_commit,
+            reason,
+            release,
+            undone,
+            repo_url=repo["repo_url"],
+            branch=repo["branch"],
+        )
+    except RoboticsCDError as exc:
+        log.error("%s: could not quarantine the image of %s: %s", service, release, exc)
+        return
+    log.warning("%s: quarantined %s of release %s", service, digest, release)
 
 
 async def reconcile_once(

@@ -204,15 +204,18 @@ def _check_service(service: str) -> str:
     return service
 
 
-def quarantine_repo() -> QuarantineRepo:
+def quarantine_repo(*, repo_url: str | None = None, branch: str | None = None) -> QuarantineRepo:
+    """The quarantine files of the catalog's manifests repo (or of ``repo_url``)."""
     settings = get_settings()
-    defaults = load_catalog(settings.catalog).defaults
+    if repo_url is None or branch is None:
+        defaults = load_catalog(settings.catalog).defaults
+        repo_url = repo_url or defaults.manifests_repo
+        branch = branch or defaults.manifests_branch
     return QuarantineRepo(
-        url=defaults.manifests_repo,
-        branch=defaults.manifests_branch,
-        token=git_token(defaults.manifests_repo),
-        workspace=settings.workspace
-        / f"q-{hashlib.sha256(defaults.manifests_repo.encode()).hexdigest()[:8]}",
+        url=repo_url,
+        branch=branch,
+        token=git_token(repo_url),
+        workspace=settings.workspace / f"q-{hashlib.sha256(repo_url.encode()).hexdigest()[:8]}",
     )
 
 
@@ -234,6 +237,36 @@ async def quarantine_refusal(service: str, image: str) -> str | None:
     return q.refusal(qfile, digest)
 
 
+def quarantine_rollback(
+    service: str,
+    image: str | None,
+    rollback_commit: str,
+    reason: str,
+    release_id: str = "",
+    undone_commits: list[str] | None = None,
+    *,
+    repo_url: str | None = None,
+    branch: str | None = None,
+) -> tuple[str | None, str | None]:
+    """Quarantine the image a rollback took out of production (``image``, else the ``Image:``
+    trailer of the undone commits). Returns (digest, quarantine commit); the commit is None
+    when the digest was already quarantined, both are None when no image is known. Plain
+    function: the reconciler calls it without a Prefect run."""
+    repo = quarantine_repo(repo_url=repo_url, branch=branch)
+    found = image or next(filter(None, map(repo.image_of, undone_commits or [])), None)
+    if not found:
+        return None, None
+    entry = q.QuarantineEntry(
+        digest=digest_of(found),
+        image=found,
+        rollback_commit=rollback_commit,
+        release=release_id,
+        reason=reason,
+        at=datetime.now(UTC),
+    )
+    return entry.digest, repo.quarantine(service, entry)
+
+
 @task(name="quarantine-image", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 async def quarantine_image(
     service: str,
@@ -243,31 +276,24 @@ async def quarantine_image(
     release_id: str = "",
     undone_commits: list[str] | None = None,
 ) -> str | None:
-    """Quarantine the image a rollback took out of production (from ``image``, else from the
-    ``Image:`` trailer of the undone commits); the quarantine commit, None if already there."""
-    repo = quarantine_repo()
-    found = image or await anyio.to_thread.run_sync(
-        lambda: next(filter(None, map(repo.image_of, undone_commits or [])), None)
+    """Quarantine the image a rollback took out of production; the quarantine commit, None
+    when it was already quarantined (or no image is known, with a warning)."""
+    digest, sha = await anyio.to_thread.run_sync(
+        lambda: quarantine_rollback(
+            service, image, rollback_commit, reason, release_id, undone_commits
+        )
     )
-    if not found:
-        get_run_logger().warning(
+    log = get_run_logger()
+    if digest is None:
+        log.warning(
             "rollback %s of %s: no image digest to quarantine", rollback_commit[:12], service
         )
-        return None
-    entry = q.QuarantineEntry(
-        digest=digest_of(found),
-        image=found,
-        rollback_commit=rollback_commit,
-        release=release_id,
-        reason=reason,
-        at=datetime.now(UTC),
-    )
-    sha = await anyio.to_thread.run_sync(lambda: repo.quarantine(service, entry))
-    get_run_logger().info(
-        "%s %s of %s (rollback %s)",
-        "quarantined" if sha else "already quarantined:",
-        entry.digest,
-        service,
-        rollback_commit[:12],
-    )
+    else:
+        log.info(
+            "%s %s of %s (rollback %s)",
+            "quarantined" if sha else "already quarantined:",
+            digest,
+            service,
+            rollback_commit[:12],
+        )
     return sha

@@ -9,13 +9,14 @@ from core import quarantine as q
 from core.errors import GitOpsError
 from tasks.dora import read_history
 from tasks.quarantine import QuarantineRepo
-from tests.integration.test_gitops_http import Twin, remote, twin  # noqa: F401 (the fixture)
+from tests.integration.test_gitops_http import Twin, remote
+from tests.integration.test_gitops_http import twin as twin
 from tests.unit.test_quarantine import DIGEST, entry
 
 pytestmark = pytest.mark.integration
 
 
-def test_quarantine_and_lift_over_http_with_a_token(twin: Twin, tmp_path):  # noqa: F811
+def test_quarantine_and_lift_over_http_with_a_token(twin: Twin, tmp_path):
     repo = QuarantineRepo(
         url=twin.url, branch="main", workspace=tmp_path, token=twin.token, timeout=30
     )
@@ -29,7 +30,7 @@ def test_quarantine_and_lift_over_http_with_a_token(twin: Twin, tmp_path):  # no
             assert twin.token.encode() not in path.read_bytes(), path
 
 
-def test_a_wrong_token_is_an_error_naming_the_remote(twin: Twin, tmp_path):  # noqa: F811
+def test_a_wrong_token_is_an_error_naming_the_remote(twin: Twin, tmp_path):
     repo = QuarantineRepo(
         url=twin.url, branch="main", workspace=tmp_path, token="wrong", timeout=30
     )
@@ -37,7 +38,7 @@ def test_a_wrong_token_is_an_error_naming_the_remote(twin: Twin, tmp_path):  # n
         repo.read("api-gateway")
 
 
-def test_the_dora_reader_reads_over_http(twin: Twin, tmp_path):  # noqa: F811
+def test_the_dora_reader_reads_over_http(twin: Twin, tmp_path):
     history = read_history(
         manifests_url=twin.url.replace("http://", f"http://x-access-token:{twin.token}@"),
         branch="main",
