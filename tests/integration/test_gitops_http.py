@@ -412,3 +412,38 @@ def test_the_token_is_in_no_argv_and_no_file(tmp_path: Path, twin: Twin) -> None
     )
     assert leaked.stdout == "", leaked.stdout
     assert repo.remove_clone() and not (tmp_path / "work" / "release").exists()
+
+
+def test_a_service_checkout_over_http_with_the_token_and_a_hung_remote(
+    tmp_path: Path, twin: Twin
+) -> None:
+    from core.errors import SourceError
+    from tasks.source import checkout_sync, is_superseded_sync
+
+    bare = twin.bare.parent / "robotics-api.git"
+    work = tmp_path / "api"
+    git(tmp_path, "init", "-q", "-b", "main", str(work))
+    (work / "app.txt").write_text("v1\n")
+    git(work, "add", "-A")
+    git(work, "-c", "user.name=d", "-c", "user.email=d@x", "commit", "-qm", "v1")
+    git(tmp_path, "clone", "-q", "--bare", str(work), str(bare))
+    sha = git(work, "rev-parse", "HEAD")
+    url = twin.url.replace("robotics-k8s-manifests", "robotics-api")
+    done = checkout_sync(url, sha, workspace=tmp_path / "ws", label="api", token=twin.token)
+    assert done.sha == sha and (Path(done.path) / "app.txt").read_text() == "v1\n"
+    assert not subprocess.run(
+        ["grep", "-rl", twin.token, str(tmp_path / "ws")], capture_output=True, text=True
+    ).stdout
+    assert is_superseded_sync(
+        url, sha, f"20261207-{sha[:7]}", workspace=tmp_path / "ws", token=twin.token
+    )
+    with pytest.raises(SourceError, match=r"Authentication|401|could not read"):
+        checkout_sync(url, sha, workspace=tmp_path / "ws", label="api", token="wrong")
+    twin.faults.add_http(
+        HttpFault(target="git", path_prefix="/robotics/robotics-api.git", hang_seconds=60)
+    )
+    started = time.monotonic()
+    with pytest.raises(SourceError) as hung:
+        checkout_sync(url, sha, workspace=tmp_path / "ws", token=twin.token, timeout=3)
+    assert time.monotonic() - started < 20
+    assert "git fetch" in str(hung.value) and url in str(hung.value)
