@@ -729,9 +729,7 @@ async def release(
         return end(EndingKind.ROLLED_BACK, plan, cfg, record, why=why)
     finally:
         if holds_lease:
-            gitops.release_lease.with_options(cache_policy=NO_CACHE)(
-                plan.service, "production", **cfg.repo()
-            )
+            let_go(plan, cfg)
         gitops.remove_clone.with_options(cache_policy=NO_CACHE)(**cfg.repo())
     return end(EndingKind.PROMOTED, plan, cfg, record)
 
@@ -739,6 +737,17 @@ async def release(
 def _metrics_target(plan: ReleasePlan, svc: Service, namespace: str) -> metrics.Target:
     """Where the tracks' metrics are, as the service's traffic router exports them."""
     return metrics.Target(service=plan.service, namespace=namespace, router=svc.traffic.router)
+
+
+def let_go(plan: ReleasePlan, cfg: Config) -> None:
+    """Release the production lease; one taken over meanwhile is the new holder's (said
+    loudly, never raised over the error that ended the release)."""
+    try:
+        gitops.release_lease.with_options(cache_policy=NO_CACHE)(
+            plan.service, "production", **cfg.repo()
+        )
+    except LeaseHeld as exc:
+        get_run_logger().error("the production lease is not this run's any more: %s", exc)
 
 
 def publish_canary_evidence(plan: ReleasePlan, cfg: Config, record: ReleaseRecord) -> None:
