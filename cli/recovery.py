@@ -2,7 +2,8 @@
 
 ``reconcile`` runs one pass of the reconciler here and now; it needs git and Argo CD, not
 the Prefect API (it judges by leases alone while Prefect does not answer). ``lease clear``
-frees a production lease an unverified restore left blocked, recording who and why.
+unblocks a production lease an unverified restore left blocked (recording who and why), then
+reconciles it: production is restored from the lease's record.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def register(app: typer.Typer) -> None:
         reason: str = typer.Option(..., help="Why: recorded in git with the cleared lease."),
         env: str = typer.Option("production", help="Environment of the lease."),
     ) -> None:
-        """Free a lease (a blocked one included) after checking production by hand."""
+        """Unblock a lease after fixing what blocked it; the reconciler then restores
+        production from the lease's record (run here at once)."""
         from tasks.gitops import clear_lease
 
         catalog = load_catalog(get_settings().catalog)
@@ -67,5 +69,12 @@ def register(app: typer.Typer) -> None:
         typer.echo(
             f"{service} {env}: lease of {cleared.holder} cleared by {operator} "
             f"(was blocked: {cleared.record.blocked or 'no'}); reason kept under "
-            f"refs/leases-cleared/"
+            "refs/leases-cleared/"
         )
+        if env == "production":
+            from flows.reconcile import reconcile_once
+
+            for done in anyio.run(reconcile_once):
+                if done.service == service:
+                    commit = f", commit {done.commit[:12]}" if done.commit else ""
+                    typer.echo(f"reconcile: {done.action.value} ({done.reason}){commit}")

@@ -190,6 +190,11 @@ def register(app: typer.Typer) -> None:
                 "this release waits for approval and production is untouched: "
                 f"reject it instead (robotics-cd reject {rid} --approver ...)"
             )
+        service = str(run.parameters["service"])
+        dead = _dead_holder(service, str(rid))
+        if dead is not None:
+            _restore_dead_release(service, str(rid), dead, action.describe(), action.reason)
+            return
         if run.state and run.state.is_final():
             raise _fail(f"release {rid} already ended ({run.state.name})")
         asyncio.run(send_command(rid, "abort", action.reason, action.operator, _os_user()))
@@ -257,13 +262,15 @@ def register(app: typer.Typer) -> None:
         operator: str | None = operator_option(),
         reason: str | None = typer.Option(None, help="Why (required, recorded in the commit)."),
     ) -> None:
-        """Roll a service back to its previous image by the GitOps path (a rollback run)."""
+        """Undo the release holding production; with none in progress, roll the stable
+        track back to the previous pinned image (a rollback run, by the GitOps path)."""
         action = check_operator_of(service, operator, reason)
         params: dict[str, Any] = {
             "service": service,
             "environment": env,
             "reason": f"manual rollback by {action.describe()}",
         }
+        typer.echo(_rollback_preview(service, env, image, params))
         if image:
             params["image"] = image
         run = asyncio.run(
@@ -276,6 +283,85 @@ def register(app: typer.Typer) -> None:
             )
         )
         typer.echo(f"rollback by {action.operator} started: {flow_run_url(run.id)}")
+
+
+def _dead_holder(service: str, run_id: str) -> str | None:
+    """Why the release ``run_id`` holding production is dead (its process gone on this host,
+    or its lease not renewed), or None when it does not hold it or may be alive."""
+    from flows.reconcile import process_alive
+    from tasks.gitops import lease_holder
+
+    lease = lease_holder.fn(service, "production")
+    if lease is None or lease.holder != run_id or lease.record.blocked:
+        return None
+    if process_alive(lease.record.host, lease.record.pid) is False:
+        return f"its process {lease.record.pid} on {lease.record.host} is gone"
+    if lease.expired(datetime.now(UTC)):
+        return f"its lease expired at {lease.expires_at:%H:%M:%S} UTC without renewal"
+    return None
+
+
+def _restore_dead_release(service: str, run_id: str, why: str, who: str, reason: str) -> None:
+    """``abort`` of a release whose process is gone: nobody would read the command, so the
+    CLI takes the lease over and restores production itself, saying what first."""
+    from flows.reconcile import commits_to_undo, reconciler_id, restore_release
+    from tasks.lifecycle import mark_crashed
+
+    catalog = load_catalog(get_settings().catalog)
+    svc = catalog.service(service)
+    undo = commits_to_undo(service, svc, catalog, run_id)
+    typer.echo(f"release {run_id} is dead ({why}): restoring production here.")
+    typer.echo(
+        f"will revert {len(undo)} commit(s) of it in {svc.environments['production'].path}: "
+        + (", ".join(c[:12] for c in undo) or "none")
+    )
+    try:
+        commit = asyncio.run(
+            restore_release(
+                service,
+                svc,
+                catalog,
+                run_id,
+                me=reconciler_id(),
+                reason=f"aborted by {who}: {reason}",
+            )
+        )
+    except RoboticsCDError as exc:
+        raise _fail(f"restore failed: {exc}") from None
+    asyncio.run(mark_crashed(run_id, f"aborted by {who} after its process died: {reason}"))
+    done = f"commit {commit[:12]}" if commit else "nothing left to revert"
+    typer.echo(f"production of {service} restored ({done}); lease free; run marked Crashed")
+
+
+def _rollback_preview(service: str, env: str, image: str | None, params: dict[str, Any]) -> str:
+    """Say what ``rollback`` will change before it starts, and pick its mode: undo the
+    release holding production, or move stable to a pinned image."""
+    from core.images import parse_reference
+    from tasks.gitops import current_image, lease_holder, previous_image
+
+    if env == "production" and not image:
+        lease = lease_holder.fn(service, "production")
+        if lease is not None and lease.commits and not lease.record.blocked:
+            params["release_run_id"] = lease.record.owner
+            return (
+                f"release {lease.record.owner} holds production: will revert its "
+                f"{len(lease.commits)} commit(s) ({', '.join(c[:12] for c in lease.commits)})"
+            )
+    running = current_image.fn(service, env)  # type: ignore[arg-type]
+    wanted = image
+    if wanted is None:
+        wanted = previous_image.fn(service, env)  # type: ignore[arg-type]
+        if wanted is None:
+            raise _fail(f"no earlier {service} image in {env}'s history: pass --image")
+    ref = parse_reference(wanted)
+    if not ref.digest:
+        raise _fail(
+            f"the previous {service} image in {env} is {wanted}, which is not pinned to a "
+            "digest: pass --image name:tag@sha256:..."
+        )
+    params["image"] = wanted
+    shown = running.reference if running else "-"
+    return f"will set {service} {env} to {wanted} (now {shown}), canary weight 0"
 
 
 def _os_user() -> str:

@@ -76,11 +76,7 @@ async def reconcile_service(
     target = svc.environments.get("production")
     if target is None:
         return None
-    repo = {
-        "repo_url": catalog.defaults.manifests_repo,
-        "branch": catalog.defaults.manifests_branch,
-    }
-    lease = gitops.lease_holder.fn(name, "production", **repo)
+    lease = gitops.lease_holder.fn(name, "production", **_repo(catalog))
     if lease is None:
         return None
     record = lease.record
@@ -105,13 +101,72 @@ async def reconcile_service(
         return done
     release = record.owner
     try:
-        taken = gitops.take_over_lease.fn(
-            name, "production", release, me, ttl=TAKEOVER_TTL.total_seconds(), **repo
+        commit = await restore_release(
+            name,
+            svc,
+            catalog,
+            release,
+            me=me,
+            reason=f"reconciler: {verdict.reason}",
+            revert=verdict.action == Action.RESTORE,
         )
     except LeaseHeld as exc:  # another reconciler (or rollback run) acts for it now
         return done.model_copy(update={"action": Action.LEAVE, "reason": str(exc)})
+    if verdict.mark_crashed or phase == RunPhase.ACTIVE:
+        what = f"reverted {commit[:12]}" if commit else "nothing to revert"
+        await lifecycle.mark_crashed(
+            release, f"the reconciler restored production ({what}): {verdict.reason}"
+        )
+    log.warning("%s production: %s (%s)", name, verdict.action.value, verdict.reason)
+    return done.model_copy(update={"commit": commit})
+
+
+def _repo(catalog: Catalog) -> dict[str, str]:
+    return {
+        "repo_url": catalog.defaults.manifests_repo,
+        "branch": catalog.defaults.manifests_branch,
+    }
+
+
+def commits_to_undo(name: str, svc: Service, catalog: Catalog, release: str) -> list[str]:
+    """What restoring production for ``release`` would revert now (nothing is written)."""
+    repo = _repo(catalog)
+    lease = gitops.lease_holder.fn(name, "production", **repo)
+    overlay = {"overlay": str(svc.environments["production"].path), **repo}
+    facts = gitops.rollback_facts.fn(name, "production", release, **overlay)
+    recorded = lease.commits if lease is not None and lease.record.owner == release else []
+    plan = rollback_plan(
+        release,
+        me=release,
+        holder=lease.holder if lease is not None else None,
+        holder_expired=lease is None or lease.expired(datetime.now(UTC)),
+        recorded=recorded or facts.commits,
+        already_reverted=facts.undone,
+        later_releases=facts.later_runs,
+    )
+    return plan.revert
+
+
+async def restore_release(
+    name: str,
+    svc: Service,
+    catalog: Catalog,
+    release: str,
+    *,
+    me: str,
+    reason: str,
+    revert: bool = True,
+) -> str | None:
+    """Take the lease of ``release`` over (compare-and-swap), revert its recorded commits in
+    one fenced commit, sync, smoke, free the lease. The restoring commit, or None when there
+    was nothing to revert. LeaseHeld when another live run holds production."""
+    target = svc.environments["production"]
+    repo = _repo(catalog)
+    taken = gitops.take_over_lease.fn(
+        name, "production", release, me, ttl=TAKEOVER_TTL.total_seconds(), **repo
+    )
     commit: str | None = None
-    if verdict.action == Action.RESTORE:
+    if revert:
         overlay = {"overlay": str(target.path), **repo}
         facts = gitops.rollback_facts.fn(name, "production", release, **overlay)
         plan = rollback_plan(
@@ -128,30 +183,25 @@ async def reconcile_service(
                 name,
                 "production",
                 plan.revert,
-                f"reconciler: {verdict.reason}",
+                reason,
                 release_run_id=release,
                 holder=me,
                 **overlay,
             )
             commit = written.sha
-            _quarantine(
-                name, written.sha, f"reconciler: {verdict.reason}", release, plan.revert, repo
-            )
+            _quarantine(name, written.sha, reason, release, plan.revert, repo)
+        if not plan.refused:
+            # Also when the revert was written before (by the release, whose sync failed):
+            # production is restored only once Argo CD runs it.
             await argocd.argocd_sync_and_wait.fn(
                 target.argocd_app,
-                written.sha,
+                commit or gitops.head_commit.fn(**repo),
                 False,
                 is_descendant=gitops.descendant_check(**repo),
             )
             smoke.smoke_test.fn(target, svc.smoke)
     gitops.release_lease.fn(name, "production", me, **repo)
-    if verdict.mark_crashed or phase == RunPhase.ACTIVE:
-        what = f"reverted {commit[:12]}" if commit else "nothing to revert"
-        await lifecycle.mark_crashed(
-            release, f"the reconciler restored production ({what}): {verdict.reason}"
-        )
-    log.warning("%s production: %s (%s)", name, verdict.action.value, verdict.reason)
-    return done.model_copy(update={"commit": commit})
+    return commit
 
 
 def _quarantine(

@@ -48,6 +48,8 @@ class HttpFault:
     hang_seconds: float = 0.0
     count: int | None = None  # None: until cleared
     method: str | None = None
+    # With ``status``: answer this body verbatim (e.g. malformed JSON with a 200).
+    body: str | None = None
     id: int = field(default_factory=lambda: next(_ids))
     hits: int = 0
 
@@ -232,9 +234,13 @@ class FaultInjector:
         if fault.status is None:
             await self.app(scope, receive, send)
             return
-        body = json.dumps(
-            {"error": f"fault injected by the sandbox (id {fault.id})", "code": fault.status}
-        ).encode()
+        body = (
+            fault.body.encode()
+            if fault.body is not None
+            else json.dumps(
+                {"error": f"fault injected by the sandbox (id {fault.id})", "code": fault.status}
+            ).encode()
+        )
         await send(
             {
                 "type": "http.response.start",
@@ -324,6 +330,7 @@ def admin_routes(registry: FaultRegistry | None = None) -> list[Route]:
                 hang_seconds=_opt_float(data, "hang_seconds"),
                 count=_opt_int(data, "count"),
                 method=data.get("method"),
+                body=None if data.get("body") is None else str(data["body"]),
             )
         )
         return JSONResponse(asdict(fault), status_code=201)
@@ -405,17 +412,19 @@ class FaultClient:
         hang_seconds: float = 0.0,
         count: int | None = None,
         method: str | None = None,
+        body: str | None = None,
     ) -> int:
         """Arm an HTTP fault on a twin server; returns its id."""
-        body = {
+        request = {
             "target": target,
             "path_prefix": path_prefix,
             "status": status,
             "hang_seconds": hang_seconds,
             "count": count,
             "method": method,
+            "body": body,
         }
-        return int(self._call("POST", "/admin/faults", body)["id"])
+        return int(self._call("POST", "/admin/faults", request)["id"])
 
     def clear(self, target: str | None = None) -> None:
         """Disarm HTTP faults of ``target``; with no target, every fault of every kind."""

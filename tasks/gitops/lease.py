@@ -183,23 +183,32 @@ class Leases(Repository):
             raise GitOpsError(f"lease {name}: compare-and-swap kept failing; try again")
 
     def clear_lease(self, name: str, operator: str, reason: str) -> Lease | None:
-        """An operator frees a lease, blocked or not. The clearing is recorded: a last lease
-        commit naming who and why is kept under ``refs/leases-cleared/<name>/<time>`` before
-        the lease ref goes."""
+        """An operator unblocks a lease: the block is lifted and the lease expires now, its
+        record (before, the release's commits) kept, so the reconciler's next pass restores
+        whatever of the release production still runs (or just frees it). The clearing, who
+        and why, is kept under ``refs/leases-cleared/<name>/<time>``."""
         with self._session():
             current = self._read_lease(name)
             if current is None:
                 return None
             now = self.clock()
-            record = current.record.model_copy(
-                update={"blocked": f"cleared by {operator}: {reason}", "nonce": _nonce()}
+            audit = self._lease_commit(
+                name,
+                current.record.model_copy(
+                    update={"blocked": f"cleared by {operator}: {reason}", "nonce": _nonce()}
+                ),
+                current.sha,
             )
-            audit = self._lease_commit(name, record, current.sha)
             stamp = now.strftime("%Y%m%dT%H%M%SZ")
-            self._git_status(
+            code, out = self._git_status(
                 "push", "--porcelain", "origin", f"{audit}:refs/leases-cleared/{name}/{stamp}"
             )
-            if not self._cas(name, current.sha, None):
+            if code != 0:
+                raise GitOpsError(f"cannot record the clearing of lease {name}: {out.strip()}")
+            record = current.record.model_copy(
+                update={"blocked": None, "expires_at": now, "nonce": _nonce()}
+            )
+            if not self._cas(name, current.sha, self._lease_commit(name, record, current.sha)):
                 raise GitOpsError(f"lease {name} moved while it was being cleared; try again")
             return current
 

@@ -6,7 +6,7 @@ commit between them."""
 from __future__ import annotations
 
 import threading
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -34,7 +34,10 @@ def test_a_blocked_lease_stops_later_releases_until_cleared(tmp_path: Path, twin
         later.take_over_lease(LEASE, "rollback-9", "run-1", timedelta(minutes=5))
     cleared = later.clear_lease(LEASE, "alice", "checked production by hand")
     assert cleared is not None and cleared.holder == "run-1"
-    assert later.read_lease(LEASE) is None
+    # Unblocked and expired, its record kept: the reconciler restores what it lists.
+    after = later.read_lease(LEASE)
+    assert after is not None and after.record.blocked is None
+    assert after.commits == blocked.commits and after.expired(datetime.now(UTC))
     kept = remote(twin, "for-each-ref", "--format=%(refname)", "refs/leases-cleared/")
     assert kept.strip().startswith(f"refs/leases-cleared/{LEASE}/")
     audit = remote(twin, "log", "-1", "--format=%B", kept.split()[0])

@@ -1,0 +1,192 @@
+"""Outside systems fail during a canary; the release restores production itself.
+
+- Argo CD answers 503 past the client's retries: the canary step fails, the restore's own
+  syncs are refused too and retried with backoff; when Argo CD is back, the restore is
+  verified and the release ends rolled back.
+- Argo CD never comes back within the rollback deadline: the release ends RollbackFailed,
+  the lease is blocked (no release may take production), ``status`` says BLOCKED; once Argo
+  CD is back, ``robotics-cd lease clear`` unblocks it and the reconciler restores.
+- Argo CD answers malformed JSON (a failure that is not one of ours): restored as well.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prefect.client.schemas.objects import StateType
+
+from sandbox.faults import FaultClient
+from sandbox.procs import spawn, stop_pid, wait_until
+from tests.e2e.releases import (
+    CLI,
+    FAST,
+    ROOT,
+    _approve,
+    _cli,
+    _deployed,
+    _final,
+    _manifests,
+    _overlay_tree,
+    _production_images,
+    _start,
+    _wait,
+)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+FULL = os.environ.get("ROBOTICS_CD_FULL_MATRIX") == "1"
+APP = "/api/v1/applications/api-gateway-production"
+LEASE_REF = "refs/leases/api-gateway-production"
+LONG_CANARY = {"ROBOTICS_CD_CANARY_STEPS": "[10, 25, 50, 100]", "ROBOTICS_CD_CANARY_ANALYSES": "2"}
+
+
+@pytest.fixture
+def faults(sandbox) -> Iterator[FaultClient]:
+    client = FaultClient(sandbox.control_url)
+    try:
+        yield client
+    finally:
+        client.clear("argocd")
+        client.close()
+
+
+def _runner(env: dict[str, str], log: Path, **extra: str) -> object:
+    proc = spawn(
+        [CLI, "serve", "--only", "release"],
+        log=log,
+        env={**env, **FAST, **LONG_CANARY, **extra},
+        cwd=ROOT,
+    )
+    wait_until(lambda: _deployed("release/release"), timeout=120, what="served release")
+    return proc
+
+
+def _into_canary(sandbox, env, build, note: str):
+    image, sha = build({"www/faults.txt": f"{note}\n"}, f"faults: {note}")
+    run = _start(image, sha)
+    _approve(run, {**env, **FAST, **LONG_CANARY})
+    wait_until(
+        lambda: (
+            str(run.id)
+            in _manifests(
+                sandbox, "log", "-3", "--format=%b", "--", "serving/api-gateway/overlays/production"
+            )
+        ),
+        timeout=420,
+        what="the release's first canary commit",
+    )
+    return run
+
+
+def _lease(sandbox) -> dict | None:
+    if not _manifests(sandbox, "for-each-ref", "--format=%(refname)", LEASE_REF).strip():
+        return None
+    body = _manifests(sandbox, "log", "-1", "--format=%B", LEASE_REF)
+    return json.loads(body.split("\n\n", 1)[1])
+
+
+def _hits(faults: FaultClient, fault_id: int) -> int:
+    for fault in faults.snapshot().get("http", []):
+        if fault.get("id") == fault_id:
+            return int(fault.get("hits", 0))
+    return 0
+
+
+def _restored(sandbox, before_tree: str, stable: str) -> None:
+    wait_until(
+        lambda: _overlay_tree(sandbox) == before_tree and _lease(sandbox) is None,
+        timeout=300,
+        what="production's overlay restored and the lease free",
+    )
+    wait_until(
+        lambda: _production_images(sandbox)["api-gateway"][0] == stable,
+        timeout=180,
+        what="production back on the stable image",
+    )
+
+
+@pytest.mark.skipif(not FULL, reason="full matrix only (ROBOTICS_CD_FULL_MATRIX=1)")
+def test_argocd_down_then_back_the_restore_is_retried_until_verified(
+    sandbox, env, build, faults, tmp_path
+) -> None:
+    before_tree = _overlay_tree(sandbox)
+    stable = _production_images(sandbox)["api-gateway"][0]
+    runner = _runner(env, tmp_path / "runner.log", ROBOTICS_CD_ROLLBACK_DEADLINE="600s")
+    try:
+        run = _into_canary(sandbox, env, build, "argocd down then back")
+        down = faults.http_fault("argocd", path_prefix=APP, status=503)
+        wait_until(
+            lambda: (
+                "rollback(production)" in _manifests(sandbox, "log", "-1", "--format=%s", "main")
+            ),
+            timeout=300,
+            what="the restoring commit written while Argo CD is down",
+        )
+        refused = _hits(faults, down)
+        wait_until(
+            lambda: _hits(faults, down) > refused + 2,
+            timeout=120,
+            what="the restore's sync refused by Argo CD",
+        )
+        faults.clear("argocd")
+        done = _wait(run, _final, timeout=420, what="release finished")
+    finally:
+        stop_pid(runner.pid)  # type: ignore[attr-defined]
+    assert done.state.type == StateType.FAILED and done.state.name != "RollbackFailed"
+    assert done.state.message.startswith("rolled back:"), done.state.message
+    _restored(sandbox, before_tree, stable)
+
+
+def test_a_restore_that_never_verifies_blocks_production_until_cleared(
+    sandbox, env, build, faults, tmp_path
+) -> None:
+    before_tree = _overlay_tree(sandbox)
+    stable = _production_images(sandbox)["api-gateway"][0]
+    runner = _runner(env, tmp_path / "runner.log", ROBOTICS_CD_ROLLBACK_DEADLINE="20s")
+    try:
+        run = _into_canary(sandbox, env, build, "argocd down for good")
+        faults.http_fault("argocd", path_prefix=APP, status=503)
+        done = _wait(run, _final, timeout=600, what="release finished")
+    finally:
+        stop_pid(runner.pid)  # type: ignore[attr-defined]
+    assert done.state.name == "RollbackFailed", (done.state.name, done.state.message)
+    lease = _lease(sandbox)
+    assert lease is not None and lease["blocked"], lease
+    status = _cli("status", "api-gateway", env=env)
+    assert "BLOCKED" in status, status
+    # Nothing else may take production while it is blocked.
+    out = _cli("reconcile", env=env)
+    assert "api-gateway: leave (blocked" in out, out
+    faults.clear("argocd")
+    cleared = _cli(
+        "lease", "clear", "api-gateway", "--operator", "alice",
+        "--reason", "Argo CD is back; restore it", env=env,
+    )  # fmt: skip
+    assert "reconcile: restore" in cleared, cleared
+    _restored(sandbox, before_tree, stable)
+
+
+def test_a_foreign_exception_in_a_canary_step_restores_production(
+    sandbox, env, build, faults, tmp_path
+) -> None:
+    before_tree = _overlay_tree(sandbox)
+    stable = _production_images(sandbox)["api-gateway"][0]
+    runner = _runner(env, tmp_path / "runner.log")
+    try:
+        run = _into_canary(sandbox, env, build, "argocd answers garbage")
+        # Every answer about the app is malformed JSON with a 200 for a while: the next
+        # canary step's sync meets it.
+        garbage = faults.http_fault(
+            "argocd", path_prefix=APP, method="GET", status=200, body="{not json"
+        )
+        wait_until(lambda: _hits(faults, garbage) >= 1, timeout=300, what="garbage served")
+        faults.clear("argocd")
+        done = _wait(run, _final, timeout=420, what="release finished")
+    finally:
+        stop_pid(runner.pid)  # type: ignore[attr-defined]
+    assert done.state.type == StateType.FAILED, done.state
+    assert done.state.message.startswith("rolled back:"), done.state.message
+    _restored(sandbox, before_tree, stable)
