@@ -321,3 +321,64 @@ async def test_a_changed_automation_is_updated_and_an_unchanged_one_keeps_its_tr
             assert stored.description == "a new description"
         finally:
             await client.delete_automation(automation_id)
+
+
+@pytest.mark.parametrize("ending", ["Rejected", "Promoted", "Superseded"])
+async def test_zombie_automation_leaves_runs_in_custom_named_states_alone(prefect_server, ending):
+    """A state event is `prefect.flow-run.<state name>`: a run that heartbeats, then ends
+    `Rejected`, `Promoted` or `Superseded` has shown life, so the automation neither marks
+    it Crashed nor fails trying (`automation.action.failed ... Run is
+    already in terminal state`, seen after every rejected release). The sandbox e2e
+    (`tests/e2e/test_release.py`) asserts the same on real releases."""
+    from datetime import UTC, datetime, timedelta
+
+    from prefect import flow
+    from prefect.events import emit_event
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter
+    from prefect.states import Completed, Failed, Running
+
+    @flow(name="zombie-named-state-probe")
+    def probe() -> None:
+        """Never executed: its run is driven by hand."""
+
+    since = datetime.now(UTC)
+    async with get_client() as client:
+        await client.create_flow_from_name("zombie-named-state-probe")
+        run = await client.create_flow_run(probe, state=Running())
+        automation = reg.zombie_automation(
+            f"zombie-named-{run.id}",
+            after=timedelta(seconds=10),
+            flow_runs=f"prefect.flow-run.{run.id}",
+        )
+        automation_id, _ = await reg.upsert_automation(client, automation)
+        try:
+            await anyio.sleep(2)  # the triggers service loads the new automation
+            emit_event(
+                event="prefect.flow-run.heartbeat",
+                resource={"prefect.resource.id": f"prefect.flow-run.{run.id}"},
+            )
+            await anyio.sleep(1)
+            state = (
+                Failed(name=ending, message="test")
+                if ending == "Superseded"
+                else Completed(name=ending, message="test")
+            )
+            await client.set_flow_run_state(run.id, state, force=True)
+            await anyio.sleep(10 + 12)  # the whole window, and the triggers service's loop
+            after = (await client.read_flow_run(run.id)).state
+            assert after is not None and after.name == ending, after
+            failed = await client.read_events(
+                filter=EventFilter(
+                    occurred=EventOccurredFilter(since=since),
+                    event=EventNameFilter(name=["prefect.automation.action.failed"]),
+                ),
+                limit=50,
+            )
+            mine = [
+                e
+                for e in failed.events
+                if str(automation_id) in e.resource.get("prefect.resource.id", "")
+            ]
+            assert mine == []
+        finally:
+            await client.delete_automation(automation_id)
