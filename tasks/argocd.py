@@ -24,12 +24,12 @@ import anyio.to_thread
 import httpx
 from prefect import task
 from prefect.blocks.system import Secret
-from prefect.logging import get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.durations import parse_duration
 from core.errors import ArgoCDRefused, ArgoCDUnavailable, InvalidInput, SyncFailed
 from core.settings import get_settings
+from tasks.logs import run_logger
 
 IN_PROGRESS = "another operation is already in progress"
 FAILED_PHASES = ("Failed", "Error")
@@ -555,7 +555,7 @@ async def argocd_sync_and_wait(
             is_descendant=is_descendant,
             branch=branch,
             poll_interval=poll_interval,
-            log=get_run_logger().info,
+            log=run_logger("robotics_cd.argocd").info,
         )
     return outcome
 

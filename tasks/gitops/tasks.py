@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from prefect import task
-from prefect.logging import get_run_logger
 
 from core.catalog import load_catalog
 from core.durations import parse_duration
@@ -35,6 +34,7 @@ from tasks.gitops.repo import (
     _check_relpath,
     _digest_required,
 )
+from tasks.logs import run_logger
 
 # --- resolving catalog names --------------------------------------------------------------
 
@@ -521,7 +521,7 @@ def lease_holder(
 
 
 def _log(result: CommitResult) -> None:
-    logger = get_run_logger()
+    logger = run_logger("robotics_cd.gitops")
     if result.changed:
         logger.info("pushed %s %s", result.sha[:12], result.message)
     else:
