@@ -47,6 +47,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 SERVICE = "fleet-planner"
 OVERLAY = "serving/fleet-planner/overlays/production"
 FULL = os.environ.get("ROBOTICS_CD_FULL_MATRIX") == "1"
+# Not yet run green on the sandbox (see docs/e2e-matrix.md): CI's two scenarios wait for
+# ROBOTICS_CD_FLEET_E2E=1 until they have been; then drop this switch (CI runs them).
+CI_ON = FULL or os.environ.get("ROBOTICS_CD_FLEET_E2E") == "1"
 AA_RELEASES = int(os.environ.get("ROBOTICS_CD_AA_RELEASES", "0") or 0)
 
 # name -> (production-only config files, the words the rollback reason must carry, in CI?)
@@ -163,7 +166,13 @@ def _scenarios() -> list[Any]:
     return [
         pytest.param(
             name,
-            marks=[] if in_ci or FULL else pytest.mark.skip("ROBOTICS_CD_FULL_MATRIX=1 runs it"),
+            marks=[]
+            if (in_ci and CI_ON) or FULL
+            else pytest.mark.skip(
+                "ROBOTICS_CD_FULL_MATRIX=1 runs it"
+                if not in_ci
+                else "ROBOTICS_CD_FLEET_E2E=1 runs it (not yet verified on the sandbox)"
+            ),
         )
         for name, (_, _, in_ci) in SCENARIOS.items()
     ]
