@@ -471,8 +471,11 @@ async def test_a_release_image_must_be_in_the_registry_and_pushed_by_ci(
     # An image pushed by hand, its revision label forged to the commit: no ci run pushed it.
     forged_tag = f"{sample.registry.host}/{sample.image}:forged"
     dockerfile = f"FROM robotics-cd/busybox:latest\nLABEL {REVISION_LABEL}={sample.sha}\n"
-    with docker.from_env() as engine:
+    engine = docker.from_env()
+    try:
         engine.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=forged_tag, rm=True)
+    finally:
+        engine.close()
     forged = await push_image(forged_tag)
     with pytest.raises(InvalidInput) as refused:
         await verify_release_image(forged.ref, service=SERVICE, source_sha=sample.sha)
