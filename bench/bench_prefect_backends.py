@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -289,6 +290,7 @@ def run_backend(backend: str, levels: list[tuple[int, int]], seconds: float) -> 
                 results.append(level)
     finally:
         print(f"[{backend}] stopped: {prefect_server.stop_prefect_stack(home)}", flush=True)
+        shutil.rmtree(home, ignore_errors=True)
     return results
 
 
