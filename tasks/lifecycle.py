@@ -105,7 +105,8 @@ async def start_rollback_for(flow: Flow, flow_run: FlowRun, state: State[Any]) -
     except Exception as exc:
         log.error(
             "could not start the rollback of release %s: %s; run "
-            "`robotics-cd rollback %s --env production`",
+            "`robotics-cd rollback %s --env production --operator NAME --reason ...` "
+            "(or `robotics-cd reconcile`)",
             flow_run.id,
             exc,
             service,
