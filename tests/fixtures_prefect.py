@@ -35,7 +35,8 @@ def prefect_server() -> Iterator[PrefectServer]:
         yield PrefectServer(url, url.removesuffix("/api"), SESSION_DIR)
         return
     home = SESSION_DIR / "prefect"
-    server = start_prefect_server(home, port=PREFECT_PORT)
+    # A generous deadline: on a loaded two-core machine the server takes minutes to boot.
+    server = start_prefect_server(home, port=PREFECT_PORT, timeout=300)
     try:
         yield server
     finally:
