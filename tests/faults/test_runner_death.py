@@ -28,7 +28,6 @@ from tests.e2e.releases import (
     FAST,
     ROOT,
     _approve,
-    _cli,
     _deployed,
     _manifests,
     _overlay_tree,
@@ -99,8 +98,17 @@ def test_a_killed_release_is_restored(
     if recovery == "restart":
         runner.append(_serve(runner_env, tmp_path / "runner-2.log"))
     else:
-        out = _cli("reconcile", env=runner_env)
-        assert "api-gateway: restore" in out, out
+        # One pass restores: revert, Argo CD sync, rollout, smoke (minutes on a loaded machine).
+        done = subprocess.run(
+            [CLI, "reconcile"],
+            env={**os.environ, **runner_env},
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=ROOT,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "api-gateway: restore" in done.stdout, done.stdout
 
     wait_until(
         lambda: _overlay_tree(sandbox) == before_tree and not _lease_held(sandbox),
