@@ -46,6 +46,7 @@ from core.analysis import (
     no_data_interval,
     sequential_check,
     total_key,
+    without_cross_load_bounds,
 )
 from core.catalog import CanaryPolicy, MetricRules
 from core.errors import InvalidInput, MetricsError
@@ -547,6 +548,7 @@ def analyse_interval(
             )
     if stable_baseline is not None and (observation.stable.requests or 0.0) < policy.min_requests:
         observation = observation.model_copy(update={"stable": stable_baseline})
+        rules = without_cross_load_bounds(rules)
     verdict = judge_interval(observation, rules, policy)
     _logger().info(
         "%s/%s interval ending %s: %s (%s)",

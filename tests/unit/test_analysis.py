@@ -372,3 +372,20 @@ def test_a_slow_tail_fails_on_p99_though_the_median_is_unchanged():
     )
     assert m.verdict == Verdict.FAIL, m.reason
     assert m.p_value is not None and m.p_value < 1e-6
+
+
+def test_at_full_weight_latency_is_judged_on_its_absolute_bound_only() -> None:
+    from core.analysis import without_cross_load_bounds
+    from core.catalog import MetricRule, MetricRules
+
+    rules = MetricRules(
+        p99_latency_seconds=MetricRule(max=1.0, max_vs_stable=1.5),
+        cpu=MetricRule(max_vs_stable=3.0),
+    )
+    full = without_cross_load_bounds(rules)
+    assert full.p99_latency_seconds.max == 1.0 and full.p99_latency_seconds.max_vs_stable is None
+    assert full.error_ratio == rules.error_ratio  # load-independent: still relative
+    assert full.cpu == rules.cpu
+    # With no absolute bound the relative one stays: never left unjudged.
+    only_relative = MetricRules(p99_latency_seconds=MetricRule(max_vs_stable=1.5))
+    assert without_cross_load_bounds(only_relative) == only_relative
