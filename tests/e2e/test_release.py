@@ -35,7 +35,6 @@ from core.kustomize import CanarySettings, parse_canary
 from sandbox.procs import pid_alive, spawn, stop_pid, wait_until
 from tests.e2e.releases import (
     CLI,
-    INTERVAL,
     OVERLAY,
     ROOT,
     SERVICE,
@@ -199,11 +198,13 @@ def test_failing_canary_is_rolled_back(sandbox, runner, env, build):
         what="production back on the old image",
     )
     assert _production_images(sandbox)["api-gateway-canary"][1] == 0
-    # Rolled back after the failure limit (2 failed intervals), well before the whole canary.
-    commits = _manifests(sandbox, "log", "--format=%ct %s", "-5", "--", OVERLAY).splitlines()
-    first_canary = min(int(c.split()[0]) for c in commits if "canary(production)" in c)
-    rollback = max(int(c.split()[0]) for c in commits if "rollback(production)" in c)
-    assert rollback - first_canary <= 3 * INTERVAL + 90
+    # Rolled back at its first step (early abort or the failure limit), never advanced.
+    # Counted in commits, not seconds: wall time on a shared machine says nothing of the rule.
+    mine = _manifests(
+        sandbox, "log", "--format=%s", f"--grep={done.id}", "--", OVERLAY
+    ).splitlines()
+    canary_steps = [subject for subject in mine if subject.startswith("canary(production)")]
+    assert len(canary_steps) == 1 and "weight=100" not in canary_steps[0], mine
     # Its digest is quarantined in git, naming the rollback commit.
     quarantine = _manifests(sandbox, "show", f"main:quarantine/{SERVICE}.yaml")
     assert _digest(image) in quarantine and rollback_sha in quarantine
