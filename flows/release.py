@@ -443,8 +443,13 @@ async def _wait_interval_or_command(
                     "the reconciler"
                 ) from exc
         if time.monotonic() - last_renewal >= period:
-            await anyio.to_thread.run_sync(renew, plan, cfg)
-            last_renewal = time.monotonic()
+            try:
+                await anyio.to_thread.run_sync(renew, plan, cfg)
+                last_renewal = time.monotonic()
+            except LeaseLost:
+                raise
+            except RoboticsCDError as exc:  # a slow remote: retried at the next poll
+                log.warning("lease renewal failed, retrying: %s", exc)
         if outage_since is None and datetime.now(UTC) >= end:
             return None
         if look is not None and outage_since is None:
