@@ -14,6 +14,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from core.durations import Duration
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ROBOTICS_CD_", extra="ignore")
@@ -38,17 +40,17 @@ class Settings(BaseSettings):
     git_timeout: float = Field(
         default=60.0, gt=0, description="Seconds any one git command may take (clone, push...)."
     )
-    control_plane_outage: timedelta = Field(
+    control_plane_outage: Duration = Field(
         default=timedelta(minutes=5),
         description="How long a running canary holds its weight while the Prefect API does "
         "not answer before it stops and leaves production to the reconciler.",
     )
-    rollback_deadline: timedelta = Field(
+    rollback_deadline: Duration = Field(
         default=timedelta(minutes=10),
         description="How long a release retries restoring production (revert, sync, smoke) "
         "before it ends RollbackFailed and blocks the lease.",
     )
-    reconcile_period: timedelta = Field(
+    reconcile_period: Duration = Field(
         default=timedelta(seconds=30), description="How often the reconciler runs."
     )
     webhook_secret_block: str = "robotics-cd-webhook-secret"
