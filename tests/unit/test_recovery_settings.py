@@ -19,7 +19,9 @@ def test_recovery_durations_from_the_environment(monkeypatch: pytest.MonkeyPatch
     assert settings.control_plane_outage == timedelta(minutes=2)
 
 
-def test_recovery_defaults() -> None:
+def test_recovery_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("ROLLBACK_DEADLINE", "RECONCILE_PERIOD", "CONTROL_PLANE_OUTAGE"):
+        monkeypatch.delenv(f"ROBOTICS_CD_{name}", raising=False)
     settings = Settings()
     assert settings.rollback_deadline == timedelta(minutes=10)
     assert settings.reconcile_period == timedelta(seconds=30)
