@@ -111,6 +111,7 @@ def test_prefect_yaml_declares_every_flow_in_both_pools():
         "release",
         "rollback",
         "expire-approvals",
+        "reconcile",
         "training-image",
         "train",
         "dora-report",
