@@ -395,6 +395,10 @@ def _schedules_view(schedules: Any) -> list[Any]:
     for item in schedules or []:
         schedule = getattr(item, "schedule", None)
         dumped = schedule.model_dump(mode="json") if schedule is not None else None
+        if isinstance(dumped, dict):
+            # An interval schedule built without one gets "now" as its anchor: that is not
+            # a difference worth an update (which would reset the schedule's runs).
+            dumped.pop("anchor_date", None)
         view.append((json_key(dumped), bool(getattr(item, "active", True))))
     return sorted(view)
 
