@@ -99,6 +99,16 @@ def production_fence(
     return Fence(lease=lease_name(service, env), holder=holder, step=step)
 
 
+def _holder_repo(
+    operation: str, holder: str | None, repo_url: str | None, branch: str | None
+) -> tuple[str, ManifestsRepo]:
+    """The lease holder (given, or this flow run) and its clone; InvalidInput without one."""
+    who = holder or _current_run_id()
+    if not who:
+        raise InvalidInput(f"{operation} needs a holder (no flow run id in this context)")
+    return who, manifests_repo(url=repo_url, branch=branch, run_id=who)
+
+
 def _overlay(service: str, env: str, overlay: str | None) -> str:
     return _check_relpath(overlay) if overlay else overlay_path(service, env)
 
@@ -417,10 +427,7 @@ def take_lease(
     branch: str | None = None,
 ) -> Lease:
     """Take the release lock of ``service`` in ``env`` for ``holder`` (default: this flow run)."""
-    who = holder or _current_run_id()
-    if not who:
-        raise InvalidInput("take_lease needs a holder (no flow run id in this context)")
-    repo = manifests_repo(url=repo_url, branch=branch, run_id=who)
+    who, repo = _holder_repo("take_lease", holder, repo_url, branch)
     return repo.take_lease(lease_name(service, env), who, _ttl(ttl))
 
 
@@ -437,10 +444,7 @@ def take_over_lease(
 ) -> Lease:
     """``holder`` (default: this flow run) takes the lease of release ``release_run_id`` over,
     keeping its record (LeaseHeld when another live run holds it)."""
-    who = holder or _current_run_id()
-    if not who:
-        raise InvalidInput("take_over_lease needs a holder (no flow run id in this context)")
-    repo = manifests_repo(url=repo_url, branch=branch, run_id=who)
+    who, repo = _holder_repo("take_over_lease", holder, repo_url, branch)
     return repo.take_over_lease(lease_name(service, env), who, release_run_id, _ttl(ttl))
 
 
@@ -454,10 +458,7 @@ def renew_lease(
     repo_url: str | None = None,
     branch: str | None = None,
 ) -> Lease:
-    who = holder or _current_run_id()
-    if not who:
-        raise InvalidInput("renew_lease needs a holder (no flow run id in this context)")
-    repo = manifests_repo(url=repo_url, branch=branch, run_id=who)
+    who, repo = _holder_repo("renew_lease", holder, repo_url, branch)
     return repo.renew_lease(lease_name(service, env), who, _ttl(ttl))
 
 
@@ -470,10 +471,7 @@ def release_lease(
     repo_url: str | None = None,
     branch: str | None = None,
 ) -> bool:
-    who = holder or _current_run_id()
-    if not who:
-        raise InvalidInput("release_lease needs a holder (no flow run id in this context)")
-    repo = manifests_repo(url=repo_url, branch=branch, run_id=who)
+    who, repo = _holder_repo("release_lease", holder, repo_url, branch)
     return repo.release_lease(lease_name(service, env), who)
 
 
@@ -489,10 +487,7 @@ def block_lease(
 ) -> Lease:
     """Mark the lease ``holder`` holds blocked: no release takes production until an
     operator clears it."""
-    who = holder or _current_run_id()
-    if not who:
-        raise InvalidInput("block_lease needs a holder (no flow run id in this context)")
-    repo = manifests_repo(url=repo_url, branch=branch, run_id=who)
+    who, repo = _holder_repo("block_lease", holder, repo_url, branch)
     return repo.block_lease(lease_name(service, env), who, reason)
 
 
