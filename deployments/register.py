@@ -166,6 +166,7 @@ def runner_deployments(
 ) -> list[Any]:
     """``RunnerDeployment``s of every flow present (``only``: a subset by flow name;
     ``name_suffix``: appended to each deployment name, e.g. for a side-by-side copy)."""
+    from prefect._internal.versioning import VersionType
     from prefect.types.entrypoint import EntrypointType
 
     deployments = []
@@ -186,6 +187,9 @@ def runner_deployments(
                 work_pool_name=work_pool_name,
                 job_variables=job_variables,
                 entrypoint_type=EntrypointType.MODULE_PATH,
+                # The flow's source hash, not one inferred from git: in a clone with a remote
+                # Prefect stores the commit sha instead, and a second deploy then "differs".
+                version_type=VersionType.SIMPLE,
                 # Sync even when called from async code (deploy), which would otherwise
                 # get ato_deployment's coroutine.
                 _sync=True,

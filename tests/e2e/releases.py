@@ -163,7 +163,8 @@ def _digest(image: str) -> str:
 
 
 def _events(name: str, since: Any) -> list[Any]:
-    """Events of this name on the Prefect server since ``since`` (first page: 200)."""
+    """Every event of this name on the Prefect server since ``since`` (the server pages by 50
+    at most)."""
     from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter
 
     async def read() -> list[Any]:
@@ -173,9 +174,13 @@ def _events(name: str, since: Any) -> list[Any]:
                     occurred=EventOccurredFilter(since=since),
                     event=EventNameFilter(name=[name]),
                 ),
-                limit=200,
+                limit=50,
             )
-        return list(page.events)
+            events = list(page.events)
+            while page.next_page:
+                page = await client.read_events_page(str(page.next_page))
+                events.extend(page.events)
+        return events
 
     return anyio.run(read)
 
