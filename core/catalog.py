@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from core.dependencies import describe_cycle, find_cycle, unknown_dependencies
 from core.durations import Duration
 from core.errors import CatalogError, InvalidInput
 from core.images import validate_registry, validate_repository
@@ -246,6 +247,17 @@ class Service(Strict):
     scan: ScanPolicy | None = None
     approvers: list[Name] = Field(min_length=1)
     approval: ApprovalPolicy | None = None
+    depends_on: list[Name] = Field(
+        default=[],
+        description="Services this one calls: a release train rolls them out before it "
+        "and rolls them back after it. An unknown service or a cycle is refused.",
+    )
+    bundle_smoke: list[str] = Field(
+        default=[],
+        description="Paths of this service that exercise the services it depends on (e.g. "
+        "an endpoint that calls the callee): a release train requests them in staging once "
+        "every service of the train is deployed there.",
+    )
 
 
 class TrainingImage(Strict):
@@ -288,6 +300,26 @@ class Catalog(Strict):
         default_factory=dict,
         description="Per-namespace limits of a training run (key: the namespace).",
     )
+
+    @model_validator(mode="after")
+    def _dependencies_known_and_acyclic(self) -> Catalog:
+        """``depends_on`` names services of the catalog and has no cycle: refused at load,
+        before any release train can write anything."""
+        graph = self.dependency_graph()
+        unknown = unknown_dependencies(graph)
+        if unknown:
+            svc, dep = unknown[0]
+            raise ValueError(
+                f"service {svc!r} depends on {dep!r}, which is not a service of the catalog"
+            )
+        cycle = find_cycle(graph)
+        if cycle:
+            raise ValueError(f"dependency cycle in depends_on: {describe_cycle(cycle)}")
+        return self
+
+    def dependency_graph(self) -> dict[str, list[str]]:
+        """Each service and the services it depends on."""
+        return {name: list(svc.depends_on) for name, svc in self.services.items()}
 
     @model_validator(mode="after")
     def _one_router_per_host(self) -> Catalog:
