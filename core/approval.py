@@ -4,9 +4,12 @@ approver is shown."""
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from core.errors import InvalidInput
 
@@ -89,3 +92,202 @@ def unified_diff(before: str, after: str, path: str) -> str:
         tofile=f"b/{path}",
     )
     return "".join(lines)
+
+
+# --- who approved, how: votes and the quorum -------------------------------------------------
+
+Path = Literal["github", "ui", "cli"]
+SHORT_ID_LENGTH = 8
+_SHORT_ID = re.compile(r"^[0-9a-f]{8}$")
+# ``/approve <release>`` and ``/reject <release> <reason>``, each at the start of a line.
+_COMMAND = re.compile(
+    r"^[ \t]*/(?P<verb>approve|reject|break-glass)(?:[ \t]+(?P<release>\S+))?(?:[ \t]+(?P<rest>.*?))?[ \t]*$",
+    re.MULTILINE | re.IGNORECASE,
+)
+
+
+def release_short_id(flow_run_id: str) -> str:
+    """The id a comment names a release by: the first 8 hex digits of its flow run id."""
+    return flow_run_id.replace("-", "").lower()[:SHORT_ID_LENGTH]
+
+
+@dataclass(frozen=True)
+class CommentCommand:
+    """An approval command found in a comment."""
+
+    decision: Decision
+    release: str
+    reason: str = ""
+    break_glass: bool = False
+
+
+def parse_command(body: str) -> CommentCommand | None:
+    """The first approval command of a comment body, or None when it holds none.
+
+    ``/approve <release> [why]``, ``/reject <release> <reason>`` (the reason is mandatory)
+    and ``/break-glass <release> <reason>`` (approve *and* release during a freeze; the
+    reason is mandatory). Commands inside quoted lines (``> /approve ...``, a reply quoting
+    one) do not count. A malformed command raises :class:`InvalidInput` with what to write
+    instead, so the reply comment can say it.
+    """
+    for match in _COMMAND.finditer(body or ""):
+        verb = match.group("verb").lower()
+        release = (match.group("release") or "").lower()
+        rest = (match.group("rest") or "").strip()
+        usage = {
+            "approve": "/approve <release>",
+            "reject": "/reject <release> <reason>",
+            "break-glass": "/break-glass <release> <reason>",
+        }[verb]
+        if not _SHORT_ID.match(release):
+            raise InvalidInput(
+                f"`/{verb}` needs the release's 8-character id (as the approval request "
+                f"prints it): write `{usage}`"
+            )
+        if verb in ("reject", "break-glass") and not rest:
+            raise InvalidInput(f"`/{verb}` needs a reason: write `{usage}`")
+        return CommentCommand(
+            decision="reject" if verb == "reject" else "approve",
+            release=release,
+            reason=rest,
+            break_glass=verb == "break-glass",
+        )
+    return None
+
+
+class Vote(BaseModel):
+    """One person's answer to an approval request, as recorded."""
+
+    model_config = ConfigDict(frozen=True)
+    decision: Decision
+    approver: str = Field(description="The approver's name in the catalog.")
+    path: Path = Field(description="How the answer came: github comment, Prefect UI, CLI.")
+    authenticated: bool = Field(
+        description="Whether someone proved who they are: GitHub did, or an authenticating "
+        "proxy in front of the UI did (a setting declares it)."
+    )
+    login: str = Field(default="", description="The GitHub login, on the github path.")
+    comment: str = ""
+    break_glass: bool = Field(default=False, description="Approves releasing during a freeze.")
+    at: datetime | None = None
+    reference: str = Field(default="", description="Where it came from (a comment URL).")
+
+    def describe(self) -> str:
+        who = f"{self.approver} (@{self.login})" if self.login else self.approver
+        how = self.path + ("" if self.authenticated else ", unauthenticated")
+        return f"{self.decision} by {who} via {how}" + (f": {self.comment}" if self.comment else "")
+
+
+@dataclass(frozen=True)
+class Tally:
+    """Where a quorum stands."""
+
+    required: int
+    approvers: tuple[str, ...]
+    rejected_by: Vote | None
+    ignored: tuple[str, ...]
+    break_glass: tuple[Vote, ...]
+
+    @property
+    def count(self) -> int:
+        return len(self.approvers)
+
+    @property
+    def met(self) -> bool:
+        return self.rejected_by is None and self.count >= self.required
+
+    @property
+    def decided(self) -> bool:
+        return self.rejected_by is not None or self.met
+
+    def progress(self) -> str:
+        """What the waiting run shows: ``1 of 2 approvals``."""
+        noun = "approval" if self.required == 1 else "approvals"
+        return f"{self.count} of {self.required} {noun}"
+
+
+def tally(votes: list[Vote], required: int) -> Tally:
+    """Count ``votes`` (oldest first) toward a quorum of ``required`` distinct approvers.
+
+    - One reject ends it (the first, whoever among the allowed sent it).
+    - Above 1, only authenticated approvals count; an unauthenticated one is listed as
+      ignored with why.
+    - An approver counts once, whatever path they used and however often.
+    """
+    if required < 1:
+        raise InvalidInput(f"a quorum needs at least 1 approval, not {required}")
+    approvers: list[str] = []
+    ignored: list[str] = []
+    glass: list[Vote] = []
+    for vote in votes:
+        if vote.decision == "reject":
+            return Tally(required, tuple(approvers), vote, tuple(ignored), tuple(glass))
+        if required > 1 and not vote.authenticated:
+            ignored.append(
+                f"{vote.approver} via {vote.path}: unauthenticated approvals do not count "
+                f"toward a quorum of {required}"
+            )
+            continue
+        if vote.approver in approvers:
+            continue
+        approvers.append(vote.approver)
+        if vote.break_glass:
+            glass.append(vote)
+    return Tally(required, tuple(approvers), None, tuple(ignored), tuple(glass))
+
+
+@dataclass(frozen=True)
+class BreakGlass:
+    """A freeze overridden: by whom and why (recorded, announced)."""
+
+    approvers: tuple[str, ...]
+    reasons: tuple[str, ...]
+
+    def describe(self) -> str:
+        return f"break-glass by {', '.join(self.approvers)}: {'; '.join(self.reasons)}"
+
+
+def break_glass(votes: list[Vote], required: int) -> BreakGlass | None:
+    """A break-glass holds when ``required`` distinct authenticated approvers asked for it,
+    each with a reason (``/break-glass <release> <reason>``), and nobody rejected. A single
+    person never breaks a freeze: the quorum is at least 2 here."""
+    need = max(required, 2)
+    result = tally([v for v in votes if v.break_glass or v.decision == "reject"], need)
+    if not result.met:
+        return None
+    glass = [v for v in result.break_glass if v.authenticated and v.comment.strip()]
+    if len({v.approver for v in glass}) < need:
+        return None
+    return BreakGlass(
+        approvers=tuple(v.approver for v in glass), reasons=tuple(v.comment for v in glass)
+    )
+
+
+# --- reminders ---------------------------------------------------------------------------------
+
+
+def reminder_due(
+    waiting_since: datetime, now: datetime, remind_after: timedelta | None, sent: int
+) -> int | None:
+    """The number of the reminder to send now (1, 2, ...), or None.
+
+    One per ``remind_after`` interval of waiting: reminder k is due from ``waiting_since +
+    k * remind_after``. ``sent`` is how many went out already; after a pause of the
+    scheduler only the latest is sent (nobody needs three reminders at once)."""
+    if remind_after is None or remind_after <= timedelta(0):
+        return None
+    intervals = int((now - waiting_since) / remind_after)
+    return intervals if intervals > sent else None
+
+
+def reminder_text(
+    service: str, tag: str, approvers: list[str], waited: timedelta, progress: str = ""
+) -> str:
+    hours, rest = divmod(int(waited.total_seconds()), 3600)
+    minutes = rest // 60
+    waited_text = f"{hours} h {minutes:02d} min" if hours else f"{minutes} min"
+    tail = f" ({progress})" if progress else ""
+    return (
+        f"{service} `{tag}` has waited {waited_text} for approval{tail}; "
+        f"approvers: {', '.join(approvers)}"
+    )

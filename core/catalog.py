@@ -21,6 +21,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from core.dependencies import describe_cycle, find_cycle, unknown_dependencies
 from core.durations import Duration
 from core.errors import CatalogError, InvalidInput
+from core.freeze import FreezeWindow
 from core.images import validate_registry, validate_repository
 from core.traffic import Router
 from core.training import DEFAULT_RUNTIME, Api, NamespaceLimits
@@ -160,8 +161,45 @@ class CanaryPolicy(Strict):
         return self
 
 
+_LOGIN = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9]|-(?=[A-Za-z0-9])){0,38}$")
+
+
+def _check_login(value: str) -> str:
+    if not _LOGIN.match(value):
+        raise ValueError(f"{value!r} is not a GitHub login (letters, digits, single '-')")
+    return value
+
+
+GitHubLogin = Annotated[str, AfterValidator(_check_login)]
+
+
 class ApprovalPolicy(Strict):
     timeout: Duration = Field(default="24h", validate_default=True)
+    required: int = Field(
+        default=1,
+        ge=1,
+        description="Distinct approvers a production release needs. Above 1 only "
+        "authenticated approvals count (GitHub comments, or the UI behind an authenticating "
+        "proxy when ROBOTICS_CD_UI_AUTHENTICATED=1).",
+    )
+    remind_after: Duration | None = Field(
+        default=None,
+        description="Send a chat reminder for each such interval a release waits for "
+        "approval (null: no reminders).",
+    )
+    github: dict[GitHubLogin, Name] = Field(
+        default_factory=dict,
+        description="GitHub logins allowed to approve by comment, each mapped to the "
+        "approver (of `approvers`) it stands for. The login also needs write permission on "
+        "the repository.",
+    )
+
+    def approver_for(self, login: str) -> str | None:
+        """The approver a GitHub login stands for (logins compare case-insensitively)."""
+        for known, approver in self.github.items():
+            if known.lower() == login.lower():
+                return approver
+        return None
 
 
 class EnvironmentTarget(Strict):
@@ -258,6 +296,16 @@ class Service(Strict):
         "an endpoint that calls the callee): a release train requests them in staging once "
         "every service of the train is deployed there.",
     )
+    freeze: list[FreezeWindow] = Field(
+        default_factory=list,
+        description="Freeze windows of this service's production (beside the global ones).",
+    )
+
+    @model_validator(mode="after")
+    def _approval_fits_approvers(self) -> Service:
+        if self.approval is not None:
+            _check_policy_against(self.approval, self.approvers, "approval")
+        return self
 
 
 class TrainingImage(Strict):
@@ -292,8 +340,26 @@ class Defaults(Strict):
     approval: ApprovalPolicy = ApprovalPolicy()
 
 
+def _check_policy_against(policy: ApprovalPolicy, approvers: list[str], where: str) -> None:
+    unknown = sorted({a for a in policy.github.values() if a not in approvers})
+    if unknown:
+        raise ValueError(
+            f"{where}.github maps logins to {', '.join(unknown)}, who are not in approvers "
+            f"({', '.join(approvers)})"
+        )
+    if policy.required > len(set(approvers)):
+        raise ValueError(
+            f"{where}.required is {policy.required} but only {len(set(approvers))} "
+            f"approver(s) are listed ({', '.join(approvers)}): the quorum could never be met"
+        )
+
+
 class Catalog(Strict):
     defaults: Defaults
+    freeze: list[FreezeWindow] = Field(
+        default_factory=list,
+        description="Freeze windows of every service's production (global).",
+    )
     services: dict[Name, Service] = {}
     training: dict[Name, TrainingImage] = {}
     limits: dict[Name, NamespaceLimits] = Field(
@@ -340,6 +406,23 @@ class Catalog(Strict):
                         "hosts (docs/traffic-routers.md: moving a service between routers)"
                     )
         return self
+
+    @model_validator(mode="after")
+    def _default_approval_fits(self) -> Catalog:
+        for name, svc in self.services.items():
+            if svc.approval is None:
+                try:
+                    _check_policy_against(
+                        self.defaults.approval, svc.approvers, "defaults.approval"
+                    )
+                except ValueError as exc:
+                    raise ValueError(f"service {name!r}: {exc}") from None
+        return self
+
+    def freeze_windows(self, name: str) -> list[tuple[str, FreezeWindow]]:
+        """Every window that freezes ``name``'s production: global ones, then its own."""
+        own = self.service(name).freeze
+        return [("global", w) for w in self.freeze] + [(name, w) for w in own]
 
     def service(self, name: str) -> Service:
         try:
