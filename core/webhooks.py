@@ -187,6 +187,53 @@ class PullRequestEvent(_Payload):
     repository: Repository
 
 
+class Account(_Payload):
+    login: str
+    type: str = "User"
+
+
+class Comment(_Payload):
+    id: int
+    body: str = ""
+    user: Account
+    html_url: str = ""
+    commit_id: str | None = Field(default=None, description="Commit comments only.")
+
+
+class CommitCommentEvent(_Payload):
+    """``commit_comment``: a comment on a commit (``action`` is ``created``)."""
+
+    action: str
+    comment: Comment
+    repository: Repository
+    sender: Account
+
+
+class IssuePullRequest(_Payload):
+    url: str = ""
+    merged_at: str | None = None
+
+
+class Issue(_Payload):
+    number: int
+    pull_request: IssuePullRequest | None = Field(
+        default=None, description="Present when the issue is a pull request."
+    )
+
+
+class IssueCommentEvent(_Payload):
+    """``issue_comment``: a comment on an issue or a pull request's conversation."""
+
+    action: str
+    issue: Issue
+    comment: Comment
+    repository: Repository
+    sender: Account
+
+
+CommentEvent = CommitCommentEvent | IssueCommentEvent
+
+
 class PingEvent(_Payload):
     zen: str = ""
     hook_id: int | None = None
@@ -196,6 +243,8 @@ PAYLOAD_MODELS: dict[str, type[_Payload]] = {
     "push": PushEvent,
     "pull_request": PullRequestEvent,
     "ping": PingEvent,
+    "commit_comment": CommitCommentEvent,
+    "issue_comment": IssueCommentEvent,
 }
 
 

@@ -8,7 +8,21 @@ repos under ``git_base``:
   ``.../commits/{ref}/status`` (combined);
 - ``POST/GET /repos/{o}/{r}/deployments``, ``GET .../deployments/{id}``,
   ``POST/GET .../deployments/{id}/statuses``;
-- ``POST/GET/DELETE /repos/{o}/{r}/hooks`` (repository webhooks; a ``ping`` on creation).
+- ``POST/GET/DELETE /repos/{o}/{r}/hooks`` (repository webhooks; a ``ping`` on creation);
+- comments, each delivered as its signed webhook (``commit_comment``, ``issue_comment``,
+  action ``created``): ``POST/GET /repos/{o}/{r}/commits/{sha}/comments``, ``GET
+  /repos/{o}/{r}/comments``, ``POST/GET /repos/{o}/{r}/issues/{n}/comments`` (a pull
+  request is an issue, as on GitHub);
+- pull requests (read): ``GET /repos/{o}/{r}/pulls/{n}``, ``GET
+  /repos/{o}/{r}/commits/{sha}/pulls``; the twin-only ``POST /_twin/repos/{o}/{r}/pulls``
+  records one (merged or open) without a merge in git;
+- collaborators: ``PUT /repos/{o}/{r}/collaborators/{login}`` (``permission`` pull, triage,
+  push, maintain, admin; added at once, where GitHub sends an invitation) and ``GET
+  .../collaborators/{login}/permission`` (``permission`` admin/write/read/none, ``role_name``).
+
+Users: the configured token is ``robotics-cd`` (admin of every repo). ``POST /_twin/users``
+``{"login"}`` makes a person and answers their token, so a test comments *as* them: the
+comment's ``user`` and the webhook's ``sender`` are whoever the token belongs to.
 
 Webhooks: each bare repo's ``post-receive`` hook posts to ``/_twin/git/push``; the twin
 builds GitHub's ``push`` payload from the repo and delivers it, signed
@@ -70,6 +84,21 @@ DEPLOYMENT_STATES = {"error", "failure", "inactive", "in_progress", "queued", "p
 MAX_PUSH_COMMITS = 20
 MAX_DELIVERIES = 500
 HOOKSHOT = "GitHub-Hookshot/sandbox"
+BOT_LOGIN = "robotics-cd"
+# A collaborator's role (as PUT .../collaborators takes it) → the permission GitHub reports.
+ROLE_PERMISSION = {
+    "pull": "read",
+    "triage": "read",
+    "push": "write",
+    "maintain": "write",
+    "admin": "admin",
+}
+
+
+def _permissions(role: str) -> JSON:
+    order = ["pull", "triage", "push", "maintain", "admin"]
+    rank = order.index(role) if role in order else -1
+    return {name: rank >= i for i, name in enumerate(order)}
 
 
 def now() -> str:
@@ -142,7 +171,18 @@ class Store:
     path: Path
     data: JSON = field(default_factory=dict)
 
-    KEYS = ("statuses", "deployments", "deployment_statuses", "hooks", "deliveries", "chat")
+    KEYS = (
+        "statuses",
+        "deployments",
+        "deployment_statuses",
+        "hooks",
+        "deliveries",
+        "chat",
+        "users",
+        "collaborators",
+        "comments",
+        "pulls",
+    )
 
     def __post_init__(self) -> None:
         if self.path.exists():
@@ -196,15 +236,19 @@ class GitHubTwin:
 
     # -- helpers --------------------------------------------------------------------------
 
-    def check_token(self, request: Request) -> None:
+    def check_token(self, request: Request) -> str:
+        """The login the request's token belongs to (401 without a known token)."""
         header = request.headers.get("authorization", "")
         scheme, _, value = header.partition(" ")
         if not header:
             raise GitHubError(401, "Requires authentication")
-        if scheme.lower() not in ("token", "bearer") or not hmac.compare_digest(
-            value.strip(), self.token
-        ):
-            raise GitHubError(401, "Bad credentials")
+        if scheme.lower() in ("token", "bearer"):
+            if hmac.compare_digest(value.strip(), self.token):
+                return BOT_LOGIN
+            for person in self.store.data["users"]:
+                if hmac.compare_digest(value.strip(), person["token"]):
+                    return str(person["login"])
+        raise GitHubError(401, "Bad credentials")
 
     def bare(self, owner: str, repo: str) -> Path:
         path = self.git_base / f"{repo}.git"
@@ -222,9 +266,10 @@ class GitHubTwin:
         return proc.stdout.strip() if proc.returncode == 0 else None
 
     def user(self, login: str = "robotics-cd") -> JSON:
+        known = next((u for u in self.store.data["users"] if u["login"] == login), None)
         return {
             "login": login,
-            "id": 1,
+            "id": int(known["id"]) if known else 1,
             "type": "Bot" if login.endswith("[bot]") else "User",
             "url": f"{self.base_url}/users/{login}",
             "html_url": f"{self.base_url}/{login}",
@@ -500,6 +545,227 @@ class GitHubTwin:
                 found.append(hook_target(hook))
         return found
 
+    # -- users and collaborators ----------------------------------------------------------
+
+    def create_user(self, body: JSON) -> JSON:
+        login = str(body.get("login") or "")
+        if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9]|-(?=[A-Za-z0-9])){0,38}", login):
+            raise _validation("User", "login", "login is invalid")
+        for person in self.store.data["users"]:
+            if person["login"].lower() == login.lower():
+                return {"login": person["login"], "token": person["token"]}
+        person = {
+            "login": login,
+            "id": 10_000 + self.store.next_id(),
+            "token": secrets.token_hex(20),
+        }
+        self.store.add("users", person)
+        return {"login": login, "token": person["token"]}
+
+    def _known_login(self, login: str) -> str:
+        if login.lower() == BOT_LOGIN:
+            return BOT_LOGIN
+        for person in self.store.data["users"]:
+            if person["login"].lower() == login.lower():
+                return str(person["login"])
+        raise GitHubError(404, "Not Found")
+
+    def add_collaborator(self, owner: str, repo: str, login: str, body: JSON) -> bool:
+        """True when added, False when only the permission changed (201 / 204 on GitHub)."""
+        self.bare(owner, repo)
+        login = self._known_login(login)
+        permission = body.get("permission", "push")
+        if permission not in ROLE_PERMISSION:
+            raise _validation("Repository", "permission", "permission is not included in the list")
+        entries = self.store.data["collaborators"]
+        full = f"{owner}/{repo}"
+        for entry in entries:
+            if entry["repository"] == full and entry["login"] == login:
+                entry["role"] = permission
+                self.store.save()
+                return False
+        self.store.add("collaborators", {"repository": full, "login": login, "role": permission})
+        return True
+
+    def permission(self, owner: str, repo: str, login: str) -> JSON:
+        """GitHub's answer for a collaborator's permission (``read`` for anyone else: the
+        repositories here are public)."""
+        self.bare(owner, repo)
+        login = self._known_login(login)
+        role = "admin" if login == BOT_LOGIN else "read"
+        for entry in self.store.data["collaborators"]:
+            if entry["repository"] == f"{owner}/{repo}" and entry["login"] == login:
+                role = entry["role"]
+        role_name = {"pull": "read", "push": "write"}.get(role, role)
+        return {
+            "permission": ROLE_PERMISSION.get(role, "none"),
+            "role_name": role_name,
+            "user": self.user(login) | {"permissions": _permissions(role)},
+        }
+
+    # -- pull requests --------------------------------------------------------------------
+
+    def record_pull(self, owner: str, repo: str, body: JSON) -> JSON:
+        bare = self.bare(owner, repo)
+        head_sha = str(body.get("head_sha") or "")
+        merge_sha = body.get("merge_commit_sha")
+        for sha in (head_sha, merge_sha):
+            if sha and self.resolve(bare, str(sha)) != sha:
+                raise GitHubError(422, f"No commit found for SHA: {sha}")
+        number = self.store.next_id()
+        merged = bool(body.get("merged", merge_sha is not None))
+        stamp = now()
+        full = f"{owner}/{repo}"
+        pull = {
+            "url": f"{self.base_url}/repos/{full}/pulls/{number}",
+            "html_url": f"{self.base_url}/{full}/pull/{number}",
+            "issue_url": f"{self.base_url}/repos/{full}/issues/{number}",
+            "id": number,
+            "number": number,
+            "state": "closed" if merged else "open",
+            "title": str(body.get("title") or f"pull request {number}"),
+            "user": self.user(str(body.get("user") or BOT_LOGIN)),
+            "body": body.get("body"),
+            "created_at": stamp,
+            "updated_at": stamp,
+            "closed_at": stamp if merged else None,
+            "merged_at": stamp if merged else None,
+            "merged": merged,
+            "merge_commit_sha": merge_sha,
+            "head": {"ref": str(body.get("head_ref") or "feature"), "sha": head_sha},
+            "base": {"ref": str(body.get("base_ref") or "main"), "sha": merge_sha or head_sha},
+            "repository": full,
+        }
+        return self.store.add("pulls", pull)
+
+    def pull(self, owner: str, repo: str, number: int) -> JSON:
+        self.bare(owner, repo)
+        for pull in self.store.data["pulls"]:
+            if pull["repository"] == f"{owner}/{repo}" and pull["number"] == number:
+                return {k: v for k, v in pull.items() if k != "repository"}
+        raise GitHubError(404, "Not Found")
+
+    def pulls_of_commit(self, owner: str, repo: str, sha: str) -> list[JSON]:
+        self.bare(owner, repo)
+        return [
+            {k: v for k, v in p.items() if k != "repository"}
+            for p in self.store.data["pulls"]
+            if p["repository"] == f"{owner}/{repo}"
+            and sha in (p["head"]["sha"], p["merge_commit_sha"])
+        ]
+
+    def _issue(self, owner: str, repo: str, number: int) -> JSON:
+        """The issue view of a pull request (the twin's issues are its pull requests)."""
+        pull = self.pull(owner, repo, number)
+        return {
+            "url": pull["issue_url"],
+            "html_url": pull["html_url"],
+            "id": pull["id"],
+            "number": number,
+            "title": pull["title"],
+            "user": pull["user"],
+            "state": pull["state"],
+            "body": pull["body"],
+            "pull_request": {
+                "url": pull["url"],
+                "html_url": pull["html_url"],
+                "merged_at": pull["merged_at"],
+            },
+        }
+
+    # -- comments -------------------------------------------------------------------------
+
+    def _author_association(self, owner: str, repo: str, login: str) -> str:
+        role = self.permission(owner, repo, login)["role_name"]
+        if login == BOT_LOGIN or role == "admin":
+            return "OWNER" if login == BOT_LOGIN else "MEMBER"
+        return "COLLABORATOR" if role in ("write", "maintain", "triage") else "NONE"
+
+    def create_commit_comment(
+        self, owner: str, repo: str, sha: str, body: JSON, login: str
+    ) -> JSON:
+        bare = self.bare(owner, repo)
+        text = body.get("body")
+        if not isinstance(text, str) or not text:
+            raise _validation("CommitComment", "body", "body is missing")
+        full_sha = self.resolve(bare, sha)
+        if full_sha is None:
+            raise GitHubError(422, f"No commit found for SHA: {sha}")
+        item_id = self.store.next_id()
+        stamp = now()
+        full = f"{owner}/{repo}"
+        comment = {
+            "html_url": f"{self.base_url}/{full}/commit/{full_sha}#commitcomment-{item_id}",
+            "url": f"{self.base_url}/repos/{full}/comments/{item_id}",
+            "id": item_id,
+            "node_id": f"CC_{item_id}",
+            "body": text,
+            "path": body.get("path"),
+            "position": body.get("position"),
+            "line": body.get("line"),
+            "commit_id": full_sha,
+            "user": self.user(login),
+            "author_association": self._author_association(owner, repo, login),
+            "created_at": stamp,
+            "updated_at": stamp,
+        }
+        self.store.add("comments", {**comment, "repository": full, "kind": "commit"})
+        self._notify(repo, "commit_comment", {"action": "created", "comment": comment}, login)
+        return comment
+
+    def create_issue_comment(
+        self, owner: str, repo: str, number: int, body: JSON, login: str
+    ) -> JSON:
+        issue = self._issue(owner, repo, number)
+        text = body.get("body")
+        if not isinstance(text, str) or not text:
+            raise _validation("IssueComment", "body", "body is missing")
+        item_id = self.store.next_id()
+        stamp = now()
+        full = f"{owner}/{repo}"
+        comment = {
+            "html_url": f"{issue['html_url']}#issuecomment-{item_id}",
+            "url": f"{self.base_url}/repos/{full}/issues/comments/{item_id}",
+            "issue_url": issue["url"],
+            "id": item_id,
+            "node_id": f"IC_{item_id}",
+            "body": text,
+            "user": self.user(login),
+            "author_association": self._author_association(owner, repo, login),
+            "created_at": stamp,
+            "updated_at": stamp,
+        }
+        self.store.add(
+            "comments", {**comment, "repository": full, "kind": "issue", "number": number}
+        )
+        payload = {"action": "created", "issue": issue, "comment": comment}
+        self._notify(repo, "issue_comment", payload, login)
+        return comment
+
+    def comments(
+        self, owner: str, repo: str, *, sha: str | None = None, number: int | None = None
+    ) -> list[JSON]:
+        self.bare(owner, repo)
+        found = []
+        for item in self.store.data["comments"]:
+            if item["repository"] != f"{owner}/{repo}":
+                continue
+            if sha is not None and (item["kind"] != "commit" or item["commit_id"] != sha):
+                continue
+            if number is not None and (item["kind"] != "issue" or item["number"] != number):
+                continue
+            if sha is None and number is None and item["kind"] != "commit":
+                continue
+            found.append(
+                {k: v for k, v in item.items() if k not in ("repository", "kind", "number")}
+            )
+        return found
+
+    def _notify(self, repo: str, event: str, payload: JSON, login: str) -> None:
+        payload = {**payload, "repository": self.repository(repo), "sender": self.user(login)}
+        for target in self.targets(repo, event):
+            self._spawn(self._deliver(target, event, payload))
+
     # -- push webhooks --------------------------------------------------------------------
 
     def push_payload(self, repo: str, update: JSON, pusher: str) -> JSON:
@@ -728,7 +994,7 @@ def build_app(twin: GitHubTwin) -> Starlette:
         async def run(request: Request) -> Response:
             try:
                 if auth:
-                    twin.check_token(request)
+                    request.state.login = twin.check_token(request)
                 result = await handler(request, **request.path_params)
             except GitHubError as exc:
                 return exc.response()
@@ -781,6 +1047,49 @@ def build_app(twin: GitHubTwin) -> Starlette:
         twin.delete_hook(owner, repo, _int(hook_id))
         return None
 
+    async def commit_comments(request: Request, owner: str, repo: str, ref: str) -> Any:
+        if request.method == "POST":
+            body = await _json_body(request)
+            created = twin.create_commit_comment(owner, repo, ref, body, request.state.login)
+            return JSONResponse(created, status_code=201)
+        sha = twin.resolve(twin.bare(owner, repo), ref) or ref
+        return twin.comments(owner, repo, sha=sha)
+
+    async def repo_comments(request: Request, owner: str, repo: str) -> Any:
+        return twin.comments(owner, repo)
+
+    async def issue_comments(request: Request, owner: str, repo: str, number: str) -> Any:
+        if request.method == "POST":
+            body = await _json_body(request)
+            created = twin.create_issue_comment(
+                owner, repo, _int(number), body, request.state.login
+            )
+            return JSONResponse(created, status_code=201)
+        return twin.comments(owner, repo, number=_int(number))
+
+    async def pull(request: Request, owner: str, repo: str, number: str) -> Any:
+        return twin.pull(owner, repo, _int(number))
+
+    async def commit_pulls(request: Request, owner: str, repo: str, ref: str) -> Any:
+        return twin.pulls_of_commit(owner, repo, ref)
+
+    async def record_pull(request: Request, owner: str, repo: str) -> Any:
+        return JSONResponse(
+            twin.record_pull(owner, repo, await _json_body(request)), status_code=201
+        )
+
+    async def collaborator(request: Request, owner: str, repo: str, login: str) -> Any:
+        added = twin.add_collaborator(owner, repo, login, await _json_body(request))
+        if not added:
+            return None
+        return JSONResponse({"invitee": twin.user(login), "permissions": "write"}, status_code=201)
+
+    async def permission(request: Request, owner: str, repo: str, login: str) -> Any:
+        return twin.permission(owner, repo, login)
+
+    async def users(request: Request) -> Any:
+        return JSONResponse(twin.create_user(await _json_body(request)), status_code=201)
+
     async def git_push(request: Request) -> Any:
         body = await _json_body(request)
         guids = twin.on_push(
@@ -792,8 +1101,9 @@ def build_app(twin: GitHubTwin) -> Starlette:
 
     async def recorded(request: Request) -> Any:
         data = twin.store.data
-        return {k: data[k] for k in Store.KEYS if k != "hooks"} | {
-            "hooks": [_public_hook(h) for h in data["hooks"]]
+        return {k: data[k] for k in Store.KEYS if k not in ("hooks", "users")} | {
+            "hooks": [_public_hook(h) for h in data["hooks"]],
+            "users": [u["login"] for u in data["users"]],
         }
 
     async def redeliver(request: Request, guid: str) -> Any:
@@ -826,6 +1136,21 @@ def build_app(twin: GitHubTwin) -> Starlette:
                 f"{repo}/deployments/{{deployment_id}}/statuses",
                 api(deployment_statuses),
                 methods=["GET", "POST"],
+            ),
+            Route(
+                f"{repo}/commits/{{ref}}/comments", api(commit_comments), methods=["GET", "POST"]
+            ),
+            Route(f"{repo}/commits/{{ref}}/pulls", api(commit_pulls)),
+            Route(f"{repo}/comments", api(repo_comments)),
+            Route(
+                f"{repo}/issues/{{number}}/comments", api(issue_comments), methods=["GET", "POST"]
+            ),
+            Route(f"{repo}/pulls/{{number}}", api(pull)),
+            Route(f"{repo}/collaborators/{{login}}", api(collaborator), methods=["PUT"]),
+            Route(f"{repo}/collaborators/{{login}}/permission", api(permission)),
+            Route("/_twin/users", api(users, auth=False), methods=["POST"]),
+            Route(
+                "/_twin/repos/{owner}/{repo}/pulls", api(record_pull, auth=False), methods=["POST"]
             ),
             Route(f"{repo}/hooks", api(hooks), methods=["GET", "POST"]),
             Route(f"{repo}/hooks/{{hook_id}}", api(delete_hook), methods=["DELETE"]),

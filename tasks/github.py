@@ -1,4 +1,5 @@
-"""GitHub's REST API: commit statuses, deployments and deployment statuses.
+"""GitHub's REST API: commit statuses, deployments and deployment statuses; for approvals
+by comment, comments (commit and issue/PR), pull requests and collaborator permissions.
 
 The token comes from a Prefect Secret block (``settings.github_token_block``). Transient
 trouble (5xx, 429, connection errors, timeouts) is retried with backoff inside the client;
@@ -28,6 +29,7 @@ COMMIT_STATES = ("pending", "success", "failure", "error")
 DEPLOYMENT_STATES = ("queued", "in_progress", "success", "failure", "error", "inactive")
 _REPO = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
 _SHA = re.compile(r"^[0-9a-f]{40}$")
+_LOGIN = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9]|-(?=[A-Za-z0-9])){0,38}$")
 _RETRYABLE = {429, 500, 502, 503, 504}
 DESCRIPTION_LIMIT = 140  # GitHub answers 422 above this
 
@@ -83,8 +85,9 @@ class GitHubClient:
     def __exit__(self, *exc: object) -> None:
         self._http.close()
 
-    def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        """Send, retrying transient failures; return the decoded JSON body."""
+    def request(self, method: str, path: str, *, missing_ok: bool = False, **kwargs: Any) -> Any:
+        """Send, retrying transient failures; return the decoded JSON body (None for a 404
+        when ``missing_ok``)."""
         what = f"{method} {path}"
         for attempt in range(self.retries + 1):
             last_try = attempt == self.retries
@@ -100,6 +103,8 @@ class GitHubClient:
             else:
                 if response.status_code < 400:
                     return response.json() if response.content else None
+                if response.status_code == 404 and missing_ok:
+                    return None
                 if response.status_code not in _RETRYABLE or last_try:
                     raise GitHubError(self._explain(what, response, attempt + 1))
             time.sleep(self.backoff * 2**attempt)
@@ -198,6 +203,41 @@ class GitHubClient:
             "POST", f"/repos/{repo}/deployments/{deployment_id}/statuses", json=body
         )
         return result
+
+    # -- approvals by comment ------------------------------------------------------------
+
+    def collaborator_permission(self, repo: str, login: str) -> str:
+        """``admin``, ``write``, ``read`` or ``none`` (GitHub's ``permission`` field; an
+        unknown login is ``none``). ``maintain`` reads as ``write``, ``triage`` as ``read``."""
+        check_repo(repo)
+        if not _LOGIN.match(login):
+            raise InvalidInput(f"not a GitHub login: {login!r}")
+        found = self.request(
+            "GET", f"/repos/{repo}/collaborators/{login}/permission", missing_ok=True
+        )
+        if not isinstance(found, dict):
+            return "none"
+        return str(found.get("permission") or "none")
+
+    def create_commit_comment(self, repo: str, sha: str, body: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request(
+            "POST",
+            f"/repos/{check_repo(repo)}/commits/{check_sha(sha)}/comments",
+            json={"body": body},
+        )
+        return result
+
+    def create_issue_comment(self, repo: str, number: int, body: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request(
+            "POST", f"/repos/{check_repo(repo)}/issues/{int(number)}/comments", json={"body": body}
+        )
+        return result
+
+    def pull_request(self, repo: str, number: int) -> dict[str, Any] | None:
+        found = self.request(
+            "GET", f"/repos/{check_repo(repo)}/pulls/{int(number)}", missing_ok=True
+        )
+        return found if isinstance(found, dict) else None
 
 
 def load_token(block_name: str | None = None) -> str:
