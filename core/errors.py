@@ -127,9 +127,10 @@ class PushConflict(GitOpsError):
 
 
 class LeaseHeld(GitOpsError):
-    def __init__(self, lease: str, holder: str, expires: str):
-        super().__init__(f"lease {lease} is held by {holder} until {expires}")
-        self.lease, self.holder, self.expires = lease, holder, expires
+    def __init__(self, lease: str, holder: str, expires: str, *, train: str | None = None):
+        who = f"release train {train} (run {holder})" if train else holder
+        super().__init__(f"lease {lease} is held by {who} until {expires}")
+        self.lease, self.holder, self.expires, self.train = lease, holder, expires, train
 
 
 class LeaseLost(LeaseHeld):
@@ -142,6 +143,7 @@ class LeaseLost(LeaseHeld):
             "written; the holder answers for production",
         )
         self.lease, self.holder, self.expires, self.me = lease, holder, "", me
+        self.train = None
 
 
 class ArgoCDError(RoboticsCDError):

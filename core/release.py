@@ -152,6 +152,14 @@ class LeaseStep(BaseModel):
     commit: str = Field(description="The manifests commit that wrote this step.")
 
 
+class TrainRef(BaseModel):
+    """The release train a lease was taken for, with every lease it took in the same push."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    name: str = Field(description="The train's name (its bundle).")
+    leases: list[str] = Field(description="Every lease of the train, in dependency order.")
+
+
 class LeaseRecord(BaseModel):
     """What the lease ref's commit says (format 2; format 1 had holder and times only)."""
 
@@ -184,6 +192,11 @@ class LeaseRecord(BaseModel):
         default=None,
         description="Why production is blocked: a restore that could not be verified. A "
         "blocked lease never expires; only an operator clears it, with a reason.",
+    )
+    train: TrainRef | None = Field(
+        default=None,
+        description="Set when a release train holds it: the train and all its leases, taken "
+        "and moved together in one atomic push.",
     )
     nonce: str = ""
 

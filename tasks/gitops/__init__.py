@@ -7,7 +7,9 @@ A package along its seams; every public name stays importable as ``tasks.gitops.
 - ``lease``: the release lock ``refs/leases/<svc>-<env>`` and its record (``Lease``);
 - ``overlay``: the checked overlay edits and their pushes (``ManifestsRepo``);
 - ``tasks``: the Prefect tasks the flows call, and ``manifests_repo()``, the factory of a
-  run's clone.
+  run's clone;
+- ``train``: a release train's leases (all in one atomic push) and its one-commit steps
+  (``TrainRepo``, ``TrainMember``).
 """
 
 from tasks.gitops.lease import EMPTY_TREE, LEASE_REFS, Lease, Leases, lease_ref
@@ -50,6 +52,7 @@ from tasks.gitops.tasks import (
     take_lease,
     take_over_lease,
 )
+from tasks.gitops.train import TrainFence, TrainMember, TrainRepo
 
 __all__ = [
     "EMPTY_TREE",
@@ -65,6 +68,9 @@ __all__ = [
     "ManifestsRepo",
     "Repository",
     "RollbackFacts",
+    "TrainFence",
+    "TrainMember",
+    "TrainRepo",
     "block_lease",
     "bump_image",
     "clear_lease",

@@ -156,7 +156,8 @@ class Leases(Repository):
         raise GitOpsError(f"cannot update lease {name} on {self.url}: {out.strip()}")
 
     def _held(self, lease: Lease) -> LeaseHeld:
-        return LeaseHeld(lease.name, lease.holder, lease.expires_at.isoformat())
+        train = lease.record.train.name if lease.record.train else None
+        return LeaseHeld(lease.name, lease.holder, lease.expires_at.isoformat(), train=train)
 
     def _blocked(self, lease: Lease) -> LeaseHeld:
         return LeaseHeld(

@@ -294,6 +294,34 @@ class ManifestsRepo(Leases):
         fence: Fence | None = None,
     ) -> CommitResult:
         """Write canary replicas/weight (and the canary image, and for a promotion the stable one)."""
+        edit = self.canary_edit(
+            overlay=overlay,
+            service=service,
+            image=image,
+            settings=settings,
+            subject=subject,
+            body=body,
+            flow_run_id=flow_run_id,
+            source_sha=source_sha,
+            stable_image=stable_image,
+        )
+        with self._session():
+            return self._commit(edit, fence)
+
+    def canary_edit(
+        self,
+        *,
+        overlay: str,
+        service: str,
+        image: ImageRef | None,
+        settings: CanarySettings,
+        subject: str,
+        body: str = "",
+        flow_run_id: str | None = None,
+        source_sha: str | None = None,
+        stable_image: ImageRef | None = None,
+    ) -> _Edit:
+        """The edit :meth:`set_canary` commits (a release train commits several at once)."""
         overlay = _check_relpath(overlay)
         canary_file = f"{overlay}/canary.yaml"
         kustomization = f"{overlay}/kustomization.yaml"
@@ -330,7 +358,7 @@ class ManifestsRepo(Leases):
             allowed += image_fields("Deployment", f"{service}-canary", image=str(image))
         if stable_image is not None:
             allowed += image_fields(image=str(stable_image))
-        edit = _Edit(
+        return _Edit(
             overlay=overlay,
             apply=apply,
             allowed=allowed,
@@ -339,8 +367,6 @@ class ManifestsRepo(Leases):
             trailers=_trailers(flow_run_id, source_sha, stable_image or image),
             existing=existing,
         )
-        with self._session():
-            return self._commit(edit, fence)
 
     def restore(
         self,
