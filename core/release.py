@@ -29,6 +29,7 @@ from core.approval import ApprovalDecision
 from core.catalog import CanaryPolicy, Catalog
 from core.errors import InvalidInput
 from core.images import parse_reference, validate_sha
+from core.ordering import MeasuredWindow
 
 _SHA = re.compile(r"^[0-9a-f]{40}$")
 LEASE_FORMAT = 2
@@ -74,6 +75,7 @@ class ReleaseRecord(BaseModel):
     watch: list[IntervalVerdict] = []
     rollback_commit: str = ""
     rollback_verification: list[dict[str, Any]] = []
+    measured: list[MeasuredWindow] = []  # which pods each verification window measured
     notes: list[str] = []
     outcome: str = "in progress"
 

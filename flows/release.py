@@ -25,12 +25,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import anyio
 from prefect import flow, get_run_logger
 from prefect.cache_policies import NO_CACHE
-from prefect.client.schemas.objects import State
+from prefect.client.schemas.objects import FlowRun, State
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
@@ -51,6 +51,7 @@ from core.errors import (
     Superseded,
     VerificationFailed,
 )
+from core.ordering import MeasuredWindow, measured_pods_verdict, staging_may_write
 from core.release import (
     CommandAction,
     EndingKind,
@@ -82,9 +83,16 @@ from tasks import (
     source,
 )
 from tasks import github as gh
-from tasks.approvals import expire_overdue, pending_commands, wait_for_decision
+from tasks.approvals import (
+    expire_overdue,
+    pending_commands,
+    supersede_run,
+    wait_for_decision,
+    waiting_releases,
+)
 from tasks.lifecycle import emit_release_event, start_rollback_for
 
+_T = TypeVar("_T")
 LOCK_WAIT = timedelta(hours=6)
 LOCK_POLL_SECONDS = 5.0
 
@@ -119,10 +127,12 @@ class Config:
 def once_per_run(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     """Cache key of a task whose inputs hold the clock (a window ending 'now + interval'): a
     resumed run gets the first answer instead of measuring again."""
-    return f"{context.task.name}-{context.task_run.flow_run_id}"
+    return f"{context.task.name}-{parameters.get('seen', '')}-{context.task_run.flow_run_id}"
 
 
 async def deploy_staging(plan: ReleasePlan, cfg: Config, record: ReleaseRecord) -> None:
+    """Staging in source order, verified on this release's image only; Superseded when a
+    newer release of the service got there first."""
     svc, policy = cfg.svc, cfg.policy
     target = svc.environments["staging"]
     run_url = report.flow_run_url(flow_run.id)
@@ -141,33 +151,59 @@ async def deploy_staging(plan: ReleasePlan, cfg: Config, record: ReleaseRecord) 
         environment_url=target.base_url,
         description="deploying",
     )
-    commit = gitops.bump_image(
-        "staging",
-        plan.service,
-        plan.pull_image,
-        source_sha=plan.source_sha,
-        **cfg.git("staging"),
-    )
-    record.staging_commit = commit.sha
-    synced = await sync_and_wait(cfg, target.argocd_app, commit.sha, automated=True)
-    record.staging_revision = synced.revision
     try:
+        commit = gitops.bump_image(
+            "staging",
+            plan.service,
+            plan.pull_image,
+            source_sha=plan.source_sha,
+            source_repo=svc.repo,
+            source_branch=svc.branch,
+            **cfg.git("staging"),
+        )
+        record.staging_commit = commit.sha
+        synced = await sync_and_wait(cfg, target.argocd_app, commit.sha, automated=True)
+        record.staging_revision = synced.revision
+        running = gitops.image_at(plan.service, "staging", synced.revision, **cfg.git("staging"))
+        if running is None or running.digest != plan.digest:
+            raise await staging_moved_on(
+                plan,
+                cfg,
+                f"Argo CD synced staging at {synced.revision[:12]}, which runs "
+                f"{(running.digest if running else None) or 'no pinned image'}, not "
+                f"{plan.digest[:19]}…",
+            )
         record.smoke = [r.model_dump() for r in smoke.smoke_test(target, svc.smoke)]
         # One canary interval of traffic on the new pods only: the window starts now.
-        window = policy.interval.total_seconds()
-        check = metrics.staging_check.with_options(cache_key_fn=once_per_run)(
-            plan.service,
-            target.namespace,
-            svc.metrics,
-            min_requests=1,
-            end_time=datetime.now(UTC) + policy.interval,
-            window_seconds=window,
-            track="stable",
-            target=_metrics_target(plan, svc, target.namespace),
+        check = await measured(
+            plan,
+            cfg,
+            record,
+            "staging",
+            "staging",
+            plan.digest,
+            lambda: metrics.staging_check.with_options(cache_key_fn=once_per_run)(
+                plan.service,
+                target.namespace,
+                svc.metrics,
+                min_requests=1,
+                end_time=datetime.now(UTC) + policy.interval,
+                window_seconds=policy.interval.total_seconds(),
+                track="stable",
+                target=_metrics_target(plan, svc, target.namespace),
+            ),
+            cached=True,
         )
+        if isinstance(check, str):
+            raise await staging_moved_on(plan, cfg, check)
         record.staging_metrics = check.analysis
         if check.verdict == Verdict.FAIL:
             raise VerificationFailed(f"staging metrics: {check.analysis.reason}")
+    except Superseded as exc:
+        gh.set_deployment_status(
+            plan.github, deployment_id, "inactive", log_url=run_url, description=str(exc)[:140]
+        )
+        raise
     except RoboticsCDError as exc:
         gh.set_deployment_status(
             plan.github, deployment_id, "failure", log_url=run_url, description=str(exc)[:140]
@@ -183,6 +219,110 @@ async def deploy_staging(plan: ReleasePlan, cfg: Config, record: ReleaseRecord) 
     )
 
 
+async def measured(
+    plan: ReleasePlan,
+    cfg: Config,
+    record: ReleaseRecord,
+    env: Literal["staging", "production"],
+    what: str,
+    digest: str | None,
+    measure: Callable[[], _T],
+    *,
+    cached: bool = False,
+) -> _T | str:
+    """Run ``measure`` (a metrics window) between two listings of the app's stable pods: its
+    result when every pod that served the window ran ``digest``, else the reason it did not
+    (the listings go to the record as evidence)."""
+    app = cfg.svc.environments[env].argocd_app
+    pods = argocd.measured_pods.with_options(
+        **({"cache_key_fn": once_per_run} if cached else {"cache_policy": NO_CACHE})
+    )
+    start = datetime.now(UTC)
+    before = await pods(app, "start")
+    result = measure()
+    after = await pods(app, "end")
+    record.measured.append(
+        MeasuredWindow(
+            what=what, digest=digest, start=start, end=datetime.now(UTC), pods=before + after
+        )
+    )
+    verdict = measured_pods_verdict(before + after, digest, what=what)
+    if verdict is not None:
+        get_run_logger().error("%s", verdict)
+        return verdict
+    return result
+
+
+async def staging_moved_on(plan: ReleasePlan, cfg: Config, why: str) -> RoboticsCDError:
+    """Staging runs (or measured) something other than this release: Superseded when its
+    overlay now records a newer source commit, else a verification failure."""
+    theirs = gitops.overlay_source(plan.service, "staging", **cfg.git("staging"))
+    if theirs is not None and theirs.source_sha != plan.source_sha:
+        relation = await source.source_relation(
+            cfg.svc.repo, plan.source_sha, theirs.source_sha, cfg.svc.branch
+        )
+        if not staging_may_write(relation):
+            return Superseded(f"staging now runs {theirs.describe()}, newer than this one ({why})")
+    return VerificationFailed(
+        f"{why}; no newer release explains it: something else changed staging"
+    )
+
+
+async def supersede_waiting_releases(plan: ReleasePlan, cfg: Config) -> list[str]:
+    """End the service's older releases that wait for approval: their forms describe a
+    staging that runs this release's image now. Each ends ``Superseded`` through the API (a
+    suspended run has no process), with its record line, event and chat message."""
+    log = get_run_logger()
+    ended = []
+    for run in await waiting_releases(plan.service, exclude=str(flow_run.id)):
+        params = run.parameters or {}
+        theirs, image = str(params.get("source_sha", "")), str(params.get("image", ""))
+        if image.endswith(plan.digest):
+            continue  # the same image: its form is still true
+        try:
+            relation = await source.source_relation(
+                cfg.svc.repo, plan.source_sha, theirs, cfg.svc.branch
+            )
+        except RoboticsCDError as exc:
+            log.warning("cannot place waiting release %s in the history: %s", run.id, exc)
+            continue
+        if not staging_may_write(relation):
+            log.warning("waiting release %s is newer than this one: left alone", run.id)
+            continue
+        why = (
+            f"{plan.service}:{plan.tag} (release {flow_run.id}) passed staging after it; "
+            "staging no longer runs this image"
+        )
+        if await supersede_run(run, why):
+            ended.append(str(run.id))
+            await announce_superseded(cfg, run, why)
+        else:
+            log.info("waiting release %s was decided meanwhile: left alone", run.id)
+    return ended
+
+
+async def announce_superseded(cfg: Config, run: FlowRun, why: str) -> None:
+    """The record line, event and chat message of a release this one superseded."""
+    params = run.parameters or {}
+    try:
+        other = plan_release(
+            cfg.catalog, str(params["service"]), str(params["image"]), str(params["source_sha"])
+        )
+    except (KeyError, RoboticsCDError) as exc:
+        get_run_logger().warning("superseded run %s has odd parameters: %s", run.id, exc)
+        return
+    result = ending(EndingKind.SUPERSEDED, other, why=why)
+    record = ReleaseRecord.start(other, str(run.id))
+    record.started_at = run.start_time or run.created or record.started_at
+    record.outcome = result.outcome
+    await report.publish_release_record_of(record, str(run.id))
+    emit_release_event(result.event, other, {"outcome": record.outcome}, flow_run_id=str(run.id))
+    notify.send_chat(
+        result.headline, report.release_summary(record), link=report.flow_run_url(run.id)
+    )
+    get_run_logger().warning("release %s ended Superseded: %s", run.id, why)
+
+
 # --- approval -----------------------------------------------------------------------------
 
 
@@ -193,6 +333,16 @@ async def await_approval(plan: ReleasePlan, cfg: Config, record: ReleaseRecord) 
         plan.service, plan.pull_image, **cfg.git("production")
     )
     description = report.approval_description(record, diff)
+    # A newer release may have passed staging while this one was finishing its own checks
+    # (before it waited, so that one could not end it): ask for approval only of what staging
+    # runs. Cached: a resumed run does not ask again.
+    staged = gitops.overlay_source.with_options(cache_key_fn=once_per_run)(
+        plan.service, "staging", **cfg.git("staging")
+    )
+    if staged is not None and staged.source_sha != plan.source_sha:
+        moved = await staging_moved_on(plan, cfg, f"staging runs {staged.describe()}")
+        if isinstance(moved, Superseded):
+            raise moved
     notify.send_chat(
         f"Approval needed: {plan.service}:{plan.tag}",
         f"{plan.service} `{plan.tag}` passed staging and waits for approval "
@@ -524,16 +674,26 @@ async def promote_and_watch(plan: ReleasePlan, cfg: Config, record: ReleaseRecor
     while datetime.now(UTC) < watch_end:
         end = min(watch_end, datetime.now(UTC) + policy.interval)
         window = max(1.0, (end - datetime.now(UTC)).total_seconds())
-        check = metrics.staging_check.with_options(cache_policy=NO_CACHE)(
-            plan.service,
-            target.namespace,
-            svc.metrics,
-            min_requests=policy.min_requests,
-            end_time=end,
-            window_seconds=window,
-            track="stable",
-            target=_metrics_target(plan, svc, target.namespace),
+        check = await measured(
+            plan,
+            cfg,
+            record,
+            "production",
+            f"post-release watch {len(record.watch) + 1}",
+            plan.digest,
+            lambda: metrics.staging_check.with_options(cache_policy=NO_CACHE)(
+                plan.service,
+                target.namespace,
+                svc.metrics,
+                min_requests=policy.min_requests,
+                end_time=end,  # noqa: B023 (called before the loop moves on)
+                window_seconds=window,  # noqa: B023
+                track="stable",
+                target=_metrics_target(plan, svc, target.namespace),
+            ),
         )
+        if isinstance(check, str):
+            raise CanaryFailed(f"post-release watch: {check}")
         record.watch.append(check.analysis)
         if check.verdict == Verdict.FAIL:
             raise CanaryFailed(f"post-release watch: {check.analysis.reason}")
@@ -561,7 +721,19 @@ async def roll_back(plan: ReleasePlan, cfg: Config, reason: str, record: Release
     await quarantine_rolled_back(plan, commit.sha, reason, record)
     synced = await sync_and_wait(cfg, target.argocd_app, commit.sha, automated=False, plan=plan)
     record.production_revisions.append(synced.revision)
-    record.rollback_verification = [r.model_dump() for r in smoke.smoke_test(target, cfg.svc.smoke)]
+    restored = gitops.image_at(plan.service, "production", synced.revision, **cfg.git("production"))
+    checked = await measured(
+        plan,
+        cfg,
+        record,
+        "production",
+        "rollback",
+        restored.digest if restored else None,
+        lambda: [r.model_dump() for r in smoke.smoke_test(target, cfg.svc.smoke)],
+    )
+    if isinstance(checked, str):
+        raise VerificationFailed(f"rollback not verified: {checked}")
+    record.rollback_verification = checked
 
 
 async def quarantine_rolled_back(
@@ -675,8 +847,12 @@ async def release(
     )
     emit_release_event("started", plan)
 
-    await deploy_staging(plan, cfg, record)
-    decision = await await_approval(plan, cfg, record)
+    try:
+        await deploy_staging(plan, cfg, record)
+        await supersede_waiting_releases(plan, cfg)
+        decision = await await_approval(plan, cfg, record)
+    except Superseded as exc:
+        return end(EndingKind.SUPERSEDED, plan, cfg, record, why=str(exc))
     record.decision = decision
     if not decision.approved:
         return end(EndingKind.REJECTED, plan, cfg, record, decision=decision)

@@ -35,6 +35,7 @@ from prefect.input.actions import acreate_flow_run_input
 
 from core.approval import TIMEOUT_APPROVER, ApprovalDecision, check_approver
 from core.errors import InvalidInput
+from core.settings import get_settings
 
 COMMAND_PREFIX = "command-"
 APPROVAL_KEY = "approval"
@@ -223,3 +224,29 @@ async def expire_overdue(
         else:
             logger.info("release %s (%s) was decided meanwhile", run.id, service)
     return expired
+
+
+async def waiting_releases(service: str, *, exclude: str) -> list[FlowRun]:
+    """The releases of ``service`` (runs of the release deployment) waiting for approval."""
+    deployment = get_settings().release_deployment.split("/")[-1]
+    return [
+        run
+        for run in await paused_release_runs(deployment)
+        if str(run.parameters.get("service", "")) == service and str(run.id) != exclude
+    ]
+
+
+async def supersede_run(run: FlowRun, why: str) -> bool:
+    """End a release that waits for approval in the terminal state ``Superseded``, through
+    the API (a suspended run has no process to do it); False if it no longer waits."""
+    from prefect.client.schemas.responses import SetStateStatus
+    from prefect.states import Failed
+
+    async with get_client() as client:
+        current = await client.read_flow_run(run.id)
+        if current.state is None or not current.state.is_paused():
+            return False
+        result: Any = await client.set_flow_run_state(
+            run.id, Failed(name="Superseded", message=f"superseded: {why}")
+        )
+    return bool(result.status == SetStateStatus.ACCEPT)

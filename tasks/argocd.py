@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core.durations import parse_duration
 from core.errors import ArgoCDRefused, ArgoCDUnavailable, InvalidInput, SyncFailed
+from core.ordering import MeasuredPod
 from core.settings import get_settings
 from tasks.logs import run_logger
 
@@ -287,6 +288,30 @@ class ArgoCDClient:
             return dict(json.loads(manifest)) if manifest else None
         except (ArgoCDRefused, ValueError):
             return None  # an older Argo CD or a twin without the endpoint: the health text stays
+
+    async def resource_tree(self, app: str) -> dict[str, Any]:
+        """``GET .../resource-tree``: the app's objects and what they own, as nodes."""
+        response = await self._send("GET", f"/api/v1/applications/{app}/resource-tree")
+        return dict(response.json())
+
+    async def pods(self, app: str, *, track: str | None = None) -> list[dict[str, Any]]:
+        """The live Pods of the app (optionally of one ``track`` label), without those being
+        deleted: the resource tree's Pod nodes, each read through ``.../resource``."""
+        tree = await self.resource_tree(app)
+        found = []
+        for node in tree.get("nodes") or []:
+            if node.get("kind") != "Pod" or node.get("group"):
+                continue
+            live = await self.live_resource(app, {**node, "version": node.get("version", "v1")})
+            if live is None:
+                continue  # gone between the tree and the read
+            meta = live.get("metadata") or {}
+            if meta.get("deletionTimestamp"):
+                continue
+            if track is not None and (meta.get("labels") or {}).get("track") != track:
+                continue
+            found.append(live)
+        return found
 
     # -- waiting
 
@@ -576,3 +601,22 @@ async def argocd_rollback(app: str, history_id: int) -> AppState:
 async def argocd_terminate(app: str) -> None:
     async with await client_from_settings() as argo:
         await argo.terminate(app)
+
+
+def measured_pod(pod: Mapping[str, Any], seen: str) -> MeasuredPod:
+    """A live Pod as the measurement rules see it: its containers' imageIDs and start time."""
+    meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+    return MeasuredPod(
+        name=str(meta.get("name", "")),
+        track=(meta.get("labels") or {}).get("track"),
+        image_ids=tuple(str(c.get("imageID", "")) for c in status.get("containerStatuses") or []),
+        started_at=_time(status.get("startTime")),
+        seen=seen,
+    )
+
+
+@task(name="argocd-measured-pods", task_run_name="pods of {app} at the window's {seen}")
+async def measured_pods(app: str, seen: str, *, track: str | None = "stable") -> list[MeasuredPod]:
+    """The app's pods (of ``track``), as listed now: the evidence of what a window measured."""
+    async with await client_from_settings() as argo:
+        return [measured_pod(p, seen) for p in await argo.pods(app, track=track)]

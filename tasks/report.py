@@ -403,6 +403,24 @@ def render_release_record(record: ReleaseLike, *, run_url: str | None = None) ->
                     f"| {v.end.astimezone(UTC):%H:%M:%S} | {v.verdict.label} | {requests} | "
                     f"{_cell(v.reason)} |"
                 )
+    measured = getattr(record, "measured", None) or []
+    if measured:
+        out += ["", "## Measured pods", "", "| window | pod | seen at | started | runs |"]
+        out.append("|---|---|---|---|---|")
+        for window in measured:
+            span = f"{window.what} {window.start:%H:%M:%S}–{window.end:%H:%M:%S}"
+            for pod in window.pods:
+                digests = ", ".join(sorted(pod.digests)) or "no digest"
+                judged = window.digest
+                ours = (
+                    digests
+                    if judged is None
+                    else "this digest"
+                    if pod.runs(judged)
+                    else f"**other**: {digests}"
+                )
+                started = f"{pod.started_at:%H:%M:%S}" if pod.started_at else "?"
+                out.append(f"| {span} | {pod.name} | {pod.seen} | {started} | {ours} |")
     if record.notes:
         out += ["", "## Notes", ""] + [f"- {n}" for n in record.notes]
     return "\n".join(out) + "\n"
@@ -462,6 +480,23 @@ def publish_release_record(record: ReleaseLike, key: str | None = None) -> UUID:
         key=artifact_key(key or f"release-{record.service}"),
         description=f"Release record of {record.service}: {record.outcome}",
     )
+
+
+async def publish_release_record_of(record: ReleaseLike, flow_run_id: str) -> None:
+    """The release record of *another* run (one ended through the API), attached to it."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import ArtifactCreate
+
+    async with get_client() as client:
+        await client.create_artifact(
+            ArtifactCreate(
+                key=artifact_key(f"release-{record.service}"),
+                type="markdown",
+                data=render_release_record(record),
+                description=f"Release record of {record.service}: {record.outcome}",
+                flow_run_id=UUID(flow_run_id),
+            )
+        )
 
 
 @task(name="release-record")

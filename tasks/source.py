@@ -11,9 +11,11 @@ naming the remote and the operation.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from pydantic import BaseModel, Field
 
 from core.errors import SourceError
 from core.images import validate_sha
+from core.ordering import SourceRelation, source_order
 from core.settings import get_settings
 from tasks.gitcmd import DEFAULT_TIMEOUT, git_token, redact, run_git, split_credentials
 
@@ -189,6 +192,41 @@ async def remove_checkout(path: str) -> None:
 _TAG_SHA7 = re.compile(r"^\d{8}-([0-9a-f]{7})$")
 
 
+@contextlib.contextmanager
+def _history(
+    repo_url: str,
+    refspec: str,
+    *,
+    workspace: Path,
+    timeout: float,
+    token: str | None,
+) -> Iterator[_Git]:
+    """A throwaway bare repo holding the commit graph (no blobs) of ``refspec``."""
+    path = workspace / "history" / uuid.uuid4().hex[:12]
+    path.mkdir(parents=True)
+    g = _Git(path, repo_url, timeout, token)
+    try:
+        g("init", "-q", "--bare")
+        g("fetch", "-q", "--no-tags", "--filter=blob:none", "--", g.url, refspec)
+        yield g
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _is_ancestor(g: _Git, ancestor: str, descendant: str) -> bool:
+    """``git merge-base --is-ancestor``; a commit the fetched history lacks is nobody's."""
+    code, out, err = g.status("merge-base", "--is-ancestor", ancestor, descendant)
+    # 1: not an ancestor; "not a valid commit" / "no such commit": not in the history at all
+    if code == 1 or (code == 128 and ("not a valid" in err.lower() or "no such" in err.lower())):
+        return False
+    if code != 0:
+        raise SourceError(
+            f"cannot compare {ancestor[:12]} with {descendant[:12]} in {g.url}: "
+            f"{(err or out).strip()}"
+        )
+    return True
+
+
 def is_superseded_sync(
     repo_url: str,
     source_sha: str,
@@ -204,35 +242,39 @@ def is_superseded_sync(
     match = _TAG_SHA7.match(running_tag)
     if match is None:  # not one of our tags (a seed or hand-made image): nothing to compare
         return False
-    path = workspace / "history" / uuid.uuid4().hex[:12]
-    path.mkdir(parents=True)
-    g = _Git(path, repo_url, timeout, token)
-    try:
-        g("init", "-q", "--bare")
-        g(
-            "fetch",
-            "-q",
-            "--no-tags",
-            "--filter=blob:none",
-            "--",
-            g.url,
-            "+refs/heads/*:refs/heads/*",
-        )
+    with _history(
+        repo_url, "+refs/heads/*:refs/heads/*", workspace=workspace, timeout=timeout, token=token
+    ) as g:
         code, out, _ = g.status("rev-parse", "--verify", "--quiet", f"{match.group(1)}^{{commit}}")
         if code != 0:
             return False  # built from a commit no branch holds any more
-        running = out.strip()
-        code, out, err = g.status("merge-base", "--is-ancestor", source_sha, running)
-        if code == 1:
-            return False
-        if code != 0:
-            raise SourceError(
-                f"cannot compare {source_sha[:12]} with {running[:12]} in {g.url}: "
-                f"{(err or out).strip()}"
-            )
-        return True
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+        return _is_ancestor(g, source_sha, out.strip())
+
+
+def source_relation_sync(
+    repo_url: str,
+    ours: str,
+    theirs: str,
+    branch: str,
+    *,
+    workspace: Path,
+    timeout: float = DEFAULT_TIMEOUT,
+    token: str | None = None,
+) -> SourceRelation:
+    """How commit ``ours`` relates to ``theirs`` in ``repo_url``, and which of them
+    ``branch`` still holds (one fetch of every branch's commit graph)."""
+    validate_sha(ours)
+    validate_sha(theirs)
+    _check_branch(branch)
+    with _history(
+        repo_url, "+refs/heads/*:refs/heads/*", workspace=workspace, timeout=timeout, token=token
+    ) as g:
+        order = source_order(ours, theirs, lambda a, b: _is_ancestor(g, a, b))
+        return SourceRelation(
+            order=order,
+            ours_on_branch=_is_ancestor(g, ours, f"refs/heads/{branch}"),
+            theirs_on_branch=_is_ancestor(g, theirs, f"refs/heads/{branch}"),
+        )
 
 
 @task(name="is-superseded")
@@ -252,6 +294,11 @@ async def is_superseded(repo_url: str, source_sha: str, running_tag: str) -> boo
     )
 
 
+def _check_branch(branch: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9._/-]+", branch) or ".." in branch:
+        raise SourceError(f"invalid branch name {branch!r} in the catalog")
+
+
 def is_on_branch_sync(
     repo_url: str,
     sha: str,
@@ -263,33 +310,15 @@ def is_on_branch_sync(
 ) -> bool:
     """True when ``sha`` is the tip of ``branch`` in ``repo_url`` or an ancestor of it."""
     validate_sha(sha)
-    if not re.fullmatch(r"[A-Za-z0-9._/-]+", branch) or ".." in branch:
-        raise SourceError(f"invalid branch name {branch!r} in the catalog")
-    path = workspace / "history" / uuid.uuid4().hex[:12]
-    path.mkdir(parents=True)
-    g = _Git(path, repo_url, timeout, token)
-    try:
-        g("init", "-q", "--bare")
-        g(
-            "fetch",
-            "-q",
-            "--no-tags",
-            "--filter=blob:none",
-            "--",
-            g.url,
-            f"+refs/heads/{branch}:refs/heads/{branch}",
-        )
-        code, out, err = g.status("merge-base", "--is-ancestor", sha, branch)
-        # 1: not an ancestor; "not a valid commit": not in the branch's history at all
-        if code == 1 or (code == 128 and "not a valid commit" in err.lower()):
-            return False
-        if code != 0:
-            raise SourceError(
-                f"cannot tell whether {sha[:12]} is on {branch} of {g.url}: {(err or out).strip()}"
-            )
-        return True
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+    _check_branch(branch)
+    with _history(
+        repo_url,
+        f"+refs/heads/{branch}:refs/heads/{branch}",
+        workspace=workspace,
+        timeout=timeout,
+        token=token,
+    ) as g:
+        return _is_ancestor(g, sha, branch)
 
 
 @task(
@@ -313,6 +342,24 @@ async def is_on_branch(repo_url: str, sha: str, branch: str) -> bool:
         lambda: is_on_branch_sync(
             repo_url,
             sha,
+            branch,
+            workspace=settings.workspace,
+            timeout=settings.git_timeout,
+            token=token,
+        )
+    )
+
+
+@task(name="source-relation", task_run_name="{ours:.7} against {theirs:.7}", cache_policy=NO_CACHE)
+async def source_relation(repo_url: str, ours: str, theirs: str, branch: str) -> SourceRelation:
+    """How this release's commit relates to another release's (see :func:`source_relation_sync`)."""
+    settings = get_settings()
+    token = git_token(repo_url)
+    return await anyio.to_thread.run_sync(
+        lambda: source_relation_sync(
+            repo_url,
+            ours,
+            theirs,
             branch,
             workspace=settings.workspace,
             timeout=settings.git_timeout,

@@ -141,6 +141,9 @@ def build_app(controller: Controller, sessions: Sessions) -> Starlette:
         live = controller.live_resource(request.path_params["name"], dict(request.query_params))
         return JSONResponse({"manifest": json.dumps(live)})
 
+    async def resource_tree(request: Request, user: str) -> Response:
+        return JSONResponse(controller.resource_tree(request.path_params["name"]))
+
     async def terminate(request: Request, user: str) -> Response:
         controller.terminate(request.path_params["name"])
         return JSONResponse({})
@@ -154,6 +157,7 @@ def build_app(controller: Controller, sessions: Sessions) -> Starlette:
             Route("/api/v1/applications", guarded(list_apps)),
             Route("/api/v1/applications/{name}", guarded(get_app)),
             Route("/api/v1/applications/{name}/resource", guarded(resource)),
+            Route("/api/v1/applications/{name}/resource-tree", guarded(resource_tree)),
             Route("/api/v1/applications/{name}/sync", guarded(sync), methods=["POST"]),
             Route("/api/v1/applications/{name}/rollback", guarded(rollback), methods=["POST"]),
             Route("/api/v1/applications/{name}/operation", guarded(terminate), methods=["DELETE"]),

@@ -158,6 +158,22 @@ class Controller:
             )
         return live
 
+    def resource_tree(self, name: str) -> JSON:
+        """``GET .../resource-tree``: the app's managed objects and, in its destination
+        namespace, what they own (ReplicaSets, Pods), as ``ResourceNode``s."""
+        app = self.get_app(name)
+        destination = (app["spec"].get("destination") or {}).get("namespace", "")
+        nodes = [_tree_node(obj) for obj in self._tracked(name)]
+        parents = {n["uid"]: n for n in nodes}
+        for api_version, kind in (("apps/v1", "ReplicaSet"), ("v1", "Pod")):
+            for obj in self.store.list(api_version, kind, destination or None):
+                refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+                if any(r.get("uid") in parents for r in refs):
+                    node = _tree_node(obj)
+                    nodes.append(node)
+                    parents[node["uid"]] = node
+        return {"nodes": nodes, "orphanedNodes": [], "hosts": []}
+
     def _write_status(self, name: str, update: Callable[[JSON], None]) -> JSON:
         """Read, modify and write an app's status in one synchronous step."""
         app = self.get_app(name)
@@ -846,3 +862,35 @@ def _seconds(duration: Any) -> float:
     if text and text[-1] in units:
         return float(text[:-1]) * units[text[-1]]
     return float(text or 0)
+
+
+def _tree_node(obj: JSON) -> JSON:
+    """An object as a ``ResourceNode`` of Argo CD's application tree."""
+    api_version = obj.get("apiVersion", "v1")
+    group, _, version = api_version.rpartition("/")
+    meta = obj.get("metadata") or {}
+    node: JSON = {
+        "group": group,
+        "version": version,
+        "kind": obj.get("kind", ""),
+        "namespace": meta.get("namespace", ""),
+        "name": meta.get("name", ""),
+        "uid": meta.get("uid", ""),
+        "resourceVersion": meta.get("resourceVersion", ""),
+        "createdAt": meta.get("creationTimestamp"),
+        "parentRefs": [
+            {
+                "group": r.get("apiVersion", "").rpartition("/")[0],
+                "kind": r.get("kind", ""),
+                "namespace": meta.get("namespace", ""),
+                "name": r.get("name", ""),
+                "uid": r.get("uid", ""),
+            }
+            for r in meta.get("ownerReferences") or []
+        ],
+    }
+    if obj.get("kind") == "Pod":
+        spec = obj.get("spec") or {}
+        node["images"] = [c.get("image", "") for c in spec.get("containers") or []]
+        node["info"] = [{"name": "Status Reason", "value": (obj.get("status") or {}).get("phase")}]
+    return node

@@ -73,6 +73,9 @@ class _Edit:
     body: str
     trailers: str
     existing: Callable[[], str | None]  # the commit that already made this state, if any
+    # Checked against each fetched head before the edit is applied (and again after a
+    # rejected push): raises to refuse the write, e.g. Superseded.
+    guard: Callable[[], None] | None = None
 
 
 class ManifestsRepo(Leases):
@@ -115,6 +118,8 @@ class ManifestsRepo(Leases):
         last_reason = ""
         for attempt in range(self.max_push_attempts):
             self._update()
+            if edit.guard is not None:
+                edit.guard()
             lease = self._fence_lease(fence) if fence else None
             if not self._apply(edit):
                 sha = edit.existing() or self._git("rev-parse", "HEAD").strip()
@@ -247,6 +252,7 @@ class ManifestsRepo(Leases):
         extra: Callable[[Path], None] | None = None,
         extra_allowed: list[FieldPattern] | None = None,
         fence: Fence | None = None,
+        guard: Callable[[], None] | None = None,
     ) -> CommitResult:
         """Point ``images[name=image_name]`` of ``overlay`` at ``image`` (plus ``extra`` edits)."""
         overlay = _check_relpath(overlay)
@@ -275,6 +281,7 @@ class ManifestsRepo(Leases):
             body=body,
             trailers=_trailers(flow_run_id, source_sha, image),
             existing=existing,
+            guard=guard,
         )
         with self._session():
             return self._commit(edit, fence)

@@ -31,6 +31,7 @@ from tasks.gitcmd import DEFAULT_TIMEOUT, GitCredentials, redact, run_git, split
 Environment = Literal["staging", "production"]
 IDENTITY = ("robotics-cd", "robotics-cd@robotics.local")
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 REJECTED_HINTS = (
     "[rejected]",
@@ -71,6 +72,20 @@ class RollbackFacts(BaseModel):
         description="Flow runs whose forward commits changed the overlay after the release's "
         "last commit, oldest first."
     )
+
+
+class OverlaySource(BaseModel):
+    """Which release last pinned an overlay's image: its commit's trailers."""
+
+    model_config = ConfigDict(frozen=True)
+    commit: str
+    source_sha: str
+    flow_run_id: str = ""
+    image: str = ""
+
+    def describe(self) -> str:
+        run = f" (release {self.flow_run_id})" if self.flow_run_id else ""
+        return f"{self.image or 'an image'} built from {self.source_sha[:12]}{run}"
 
 
 class CommitInfo(BaseModel):
@@ -414,3 +429,48 @@ class Repository:
                 if entry is not None:
                     history.append((sha, entry))
             return history
+
+    def overlay_source(self, overlay: str, revision: str = "HEAD") -> OverlaySource | None:
+        """The newest commit up to ``revision`` that changed ``overlay`` with a
+        ``Source-Commit`` trailer (None: no release wrote it yet, e.g. the seed)."""
+        overlay = _check_relpath(overlay)
+        self._full_history()
+        out = self._git(
+            "log",
+            "-1",
+            "--format=%H%x1f%(trailers:key=Source-Commit,valueonly,separator=%x2c)"
+            "%x1f%(trailers:key=Prefect-Flow-Run,valueonly,separator=%x2c)"
+            "%x1f%(trailers:key=Image,valueonly,separator=%x2c)",
+            "--grep=^Source-Commit: ",
+            revision,
+            "--",
+            overlay,
+        ).strip()
+        if not out:
+            return None
+        commit, source_sha, run_id, image = [*out.split("\x1f"), "", "", ""][:4]
+        if not _SHA_RE.match(source_sha.strip()):
+            return None
+        return OverlaySource(
+            commit=commit,
+            source_sha=source_sha.strip(),
+            flow_run_id=run_id.strip(),
+            image=image.strip(),
+        )
+
+    def image_at(self, overlay: str, image_name: str, revision: str) -> ImageEntry | None:
+        """The overlay's ``images[name=image_name]`` at ``revision`` of the manifests repo."""
+        path = f"{_check_relpath(overlay)}/kustomization.yaml"
+        with self._session():
+            self._update()
+            self._full_history()
+            code, text = self._git_status("show", f"{revision}:{path}")
+            if code != 0:
+                raise GitOpsError(f"{path} is not in revision {revision[:12]} of {self.url}")
+            return find_image(text, image_name)
+
+    def source_at(self, overlay: str, revision: str) -> OverlaySource | None:
+        """:meth:`overlay_source` as of ``revision`` (fetched first)."""
+        with self._session():
+            self._update()
+            return self.overlay_source(overlay, revision)

@@ -13,12 +13,14 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from core.catalog import load_catalog
 from core.durations import parse_duration
-from core.errors import InvalidInput
+from core.errors import InvalidInput, Superseded
 from core.images import validate_sha
 from core.kustomize import CanarySettings, ImageEntry
+from core.ordering import SourceRelation, staging_may_write
 from core.release import LeaseStep, StepKind
 from core.settings import get_settings
 from tasks.gitcmd import git_token
@@ -28,6 +30,7 @@ from tasks.gitops.repo import (
     CommitInfo,
     CommitResult,
     Environment,
+    OverlaySource,
     RollbackFacts,
     _as_image,
     _check_name,
@@ -136,8 +139,15 @@ def bump_image(
     overlay: str | None = None,
     repo_url: str | None = None,
     branch: str | None = None,
+    source_repo: str | None = None,
+    source_branch: str = "main",
 ) -> CommitResult:
-    """Pin ``image`` (name:tag@digest) in the service's overlay: ``deploy(<env>): <svc>:<tag>``."""
+    """Pin ``image`` (name:tag@digest) in the service's overlay: ``deploy(<env>): <svc>:<tag>``.
+
+    With ``source_repo`` (the service's git remote), the write keeps the overlay in source
+    order: before each attempt, the commit the overlay records is compared with
+    ``source_sha`` there, and a newer one makes this release ``Superseded`` before it writes.
+    """
     _check_name(service, "service")
     ref = _digest_required(_as_image(image))
     if source_sha is not None:
@@ -148,6 +158,11 @@ def bump_image(
     fence = (
         production_fence(service, env, run_id, StepKind.PROMOTE) if env == "production" else None
     )
+    guard = (
+        _source_order_guard(repo, path, source_sha, source_repo, source_branch)
+        if source_repo and source_sha
+        else None
+    )
     result = repo.set_image(
         overlay=path,
         image_name=service,
@@ -157,9 +172,84 @@ def bump_image(
         flow_run_id=run_id,
         source_sha=source_sha,
         fence=fence,
+        guard=guard,
     )
     _log(result)
     return result
+
+
+def _source_order_guard(
+    repo: ManifestsRepo, overlay: str, ours: str, source_repo: str, source_branch: str
+) -> Callable[[], None]:
+    """Raise Superseded when ``overlay`` (at the clone's head) records a newer source commit."""
+    from tasks.source import source_relation_sync
+
+    settings = get_settings()
+    token = git_token(source_repo)
+    known: dict[str, SourceRelation] = {}
+
+    def guard() -> None:
+        theirs = repo.overlay_source(overlay)
+        if theirs is None:
+            return
+        if theirs.source_sha not in known:
+            known[theirs.source_sha] = source_relation_sync(
+                source_repo,
+                ours,
+                theirs.source_sha,
+                source_branch,
+                workspace=settings.workspace,
+                timeout=settings.git_timeout,
+                token=token,
+            )
+        relation = known[theirs.source_sha]
+        if not staging_may_write(relation):
+            raise Superseded(
+                f"{overlay} already runs {theirs.describe()}, which is newer than "
+                f"{ours[:12]} ({relation.order.value} history): this release writes nothing"
+            )
+        if relation.order.value == "unrelated":
+            run_logger(__name__).warning(
+                "%s runs %s, unrelated to %s in the source history (a force-push?): "
+                "writing over it",
+                overlay,
+                theirs.describe(),
+                ours[:12],
+            )
+
+    return guard
+
+
+@task(name="gitops-overlay-source", cache_policy=NO_CACHE)
+def overlay_source(
+    service: str,
+    env: Environment,
+    revision: str = "HEAD",
+    *,
+    overlay: str | None = None,
+    repo_url: str | None = None,
+    branch: str | None = None,
+) -> OverlaySource | None:
+    """Which release's commit the overlay records at ``revision`` (its trailers)."""
+    _check_name(service, "service")
+    repo = manifests_repo(url=repo_url, branch=branch, run_id=_current_run_id())
+    return repo.source_at(_overlay(service, env, overlay), revision)
+
+
+@task(name="gitops-image-at", cache_policy=NO_CACHE)
+def image_at(
+    service: str,
+    env: Environment,
+    revision: str,
+    *,
+    overlay: str | None = None,
+    repo_url: str | None = None,
+    branch: str | None = None,
+) -> ImageEntry | None:
+    """The service's image entry in its ``env`` overlay at ``revision`` of the manifests repo."""
+    _check_name(service, "service")
+    repo = manifests_repo(url=repo_url, branch=branch, run_id=_current_run_id())
+    return repo.image_at(_overlay(service, env, overlay), service, revision)
 
 
 @task(name="gitops-set-canary")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,29 @@ FAST = {
     "ROBOTICS_CD_POST_RELEASE_WATCH": f"{INTERVAL}s",
     "PREFECT_RUNNER_POLL_FREQUENCY": "1",
 }
+
+
+@contextlib.contextmanager
+def served_releases(env: dict[str, str], logs: Path) -> Iterator[Path]:
+    """``robotics-cd serve`` of release and rollback, as the embedded default runs them;
+    yields its log."""
+    from sandbox.procs import spawn, stop_pid, wait_until
+
+    served = spawn(
+        [CLI, "serve", "--only", "release", "--only", "rollback"],
+        log=logs / "serve.log",
+        env=env,
+        cwd=ROOT,
+    )
+    try:
+        wait_until(
+            lambda: _deployed("release/release", "rollback/rollback"),
+            timeout=120,
+            what=f"served deployments (log: {logs / 'serve.log'})",
+        )
+        yield logs / "serve.log"
+    finally:
+        stop_pid(served.pid)
 
 
 def _deployed(*names: str) -> bool:
@@ -203,3 +227,24 @@ def _release_runs_since(since: Any) -> list[FlowRun]:
             return runs
 
     return anyio.run(read)
+
+
+def _record_of(run_id: Any) -> str:
+    """The release record (markdown) a run published, '' when none yet."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    async def read() -> str:
+        async with get_client() as client:
+            artifacts = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+            )
+        return "\n".join(str(a.data) for a in artifacts if (a.key or "").startswith("release-"))
+
+    return anyio.run(read)
+
+
+def _staging_image(sandbox: Any) -> str:
+    """The staging overlay's kustomization on the manifests branch."""
+    return _manifests(
+        sandbox, "show", "main:serving/api-gateway/overlays/staging/kustomization.yaml"
+    )

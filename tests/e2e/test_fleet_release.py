@@ -29,17 +29,15 @@ from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.deployments.flow_runs import arun_deployment
 
 from core.images import release_tag
-from sandbox.procs import spawn, stop_pid, wait_until
+from sandbox.procs import wait_until
 from tests.e2e.releases import (
-    CLI,
-    ROOT,
     _cli,
-    _deployed,
     _final,
     _manifests,
     _paused,
     _production_images,
     _wait,
+    served_releases,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
@@ -71,22 +69,8 @@ OTHER = {"business", "restarts", "memory", "cpu", "error_ratio", "p99_latency_se
 
 @pytest.fixture(scope="module")
 def runner(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    logs = tmp_path_factory.mktemp("fleet-runner")
-    served = spawn(
-        [CLI, "serve", "--only", "release", "--only", "rollback"],
-        log=logs / "serve.log",
-        env=env,
-        cwd=ROOT,
-    )
-    try:
-        wait_until(
-            lambda: _deployed("release/release", "rollback/rollback"),
-            timeout=120,
-            what=f"served deployments (log: {logs / 'serve.log'})",
-        )
-        yield logs / "serve.log"
-    finally:
-        stop_pid(served.pid)
+    with served_releases(env, tmp_path_factory.mktemp("fleet-runner")) as log:
+        yield log
 
 
 @pytest.fixture(scope="module")

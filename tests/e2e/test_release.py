@@ -32,15 +32,12 @@ import pytest
 from prefect.client.schemas.objects import StateType
 
 from core.kustomize import CanarySettings, parse_canary
-from sandbox.procs import pid_alive, spawn, stop_pid, wait_until
+from sandbox.procs import pid_alive, wait_until
 from tests.e2e.releases import (
-    CLI,
     OVERLAY,
-    ROOT,
     SERVICE,
     _approve,
     _cli,
-    _deployed,
     _digest,
     _events,
     _final,
@@ -52,6 +49,7 @@ from tests.e2e.releases import (
     _release_runs_since,
     _start,
     _wait,
+    served_releases,
 )
 from tests.e2e.routers import ROUTERS, use_router
 
@@ -91,22 +89,8 @@ def env(
 @pytest.fixture(scope="module")
 def runner(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """``robotics-cd serve`` of release and rollback, as the embedded default runs them."""
-    logs = tmp_path_factory.mktemp("release-runner")
-    served = spawn(
-        [CLI, "serve", "--only", "release", "--only", "rollback"],
-        log=logs / "serve.log",
-        env=env,
-        cwd=ROOT,
-    )
-    try:
-        wait_until(
-            lambda: _deployed("release/release", "rollback/rollback"),
-            timeout=120,
-            what=f"served deployments (log: {logs / 'serve.log'})",
-        )
-        yield logs / "serve.log"
-    finally:
-        stop_pid(served.pid)
+    with served_releases(env, tmp_path_factory.mktemp("release-runner")) as log:
+        yield log
 
 
 ROLLED_BACK: dict[str, str] = {}  # the image test_failing_canary_is_rolled_back rolled back
@@ -340,8 +324,11 @@ def test_an_older_commit_is_refused_as_superseded(sandbox, runner, env, build):
     promoted = _release(new_image, new_sha, env)
     assert promoted.state.name == "Promoted", promoted.state
     before_tree = _overlay_tree(sandbox)
-    done = _release(old_image, old_sha, env)
-    assert done.state.name == "Superseded" and "superseded" in done.state.message
+    # Issue #16: staging already runs the newer commit, so the older release is refused at
+    # staging, before any approval is asked for, and writes nothing anywhere.
+    done = _wait(_start(old_image, old_sha), _final, timeout=420, what="older release ended")
+    assert done.state.name == "Superseded", done.state
+    assert new_sha[:12] in done.state.message and "writes nothing" in done.state.message
     assert _overlay_tree(sandbox) == before_tree
 
 

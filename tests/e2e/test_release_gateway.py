@@ -22,18 +22,16 @@ import pytest
 from prefect.client.schemas.objects import StateType
 
 from core.kustomize import CanarySettings, parse_canary
-from sandbox.procs import spawn, stop_pid, wait_until
+from sandbox.procs import wait_until
 from tests.e2e.releases import (
-    CLI,
     OVERLAY,
-    ROOT,
     SERVICE,
-    _deployed,
     _digest,
     _manifests,
     _overlay_tree,
     _production_images,
     _release,
+    served_releases,
 )
 from tests.e2e.routers import _kubectl, use_router
 
@@ -64,22 +62,9 @@ def env(
 
 @pytest.fixture(scope="module")
 def runner(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    logs = tmp_path_factory.mktemp("release-runner-gateway")
-    served = spawn(
-        [CLI, "serve", "--only", "release", "--only", "rollback"],
-        log=logs / "serve.log",
-        env=env,
-        cwd=ROOT,
-    )
-    try:
-        wait_until(
-            lambda: _deployed("release/release", "rollback/rollback"),
-            timeout=120,
-            what=f"served deployments (log: {logs / 'serve.log'})",
-        )
-        yield logs / "serve.log"
-    finally:
-        stop_pid(served.pid)
+    """``robotics-cd serve`` of release and rollback, as the embedded default runs them."""
+    with served_releases(env, tmp_path_factory.mktemp("release-runner-gateway")) as log:
+        yield log
 
 
 def _envoy(sandbox: Any, promql: str) -> float:

@@ -225,3 +225,37 @@ async def _restore_staging(sb, repo: ManifestsRepo, before: str, is_descendant) 
         await client.wait_synced(
             STAGING_APP, restored.sha, is_descendant=is_descendant, deadline=120, poll_interval=1
         )
+
+
+async def test_pods_of_an_app_carry_the_digest_they_run_and_their_start(sandbox, tmp_path):
+    """``resource-tree`` + ``resource``: the evidence a measured window records."""
+    from core.ordering import measured_pods_verdict
+    from tasks.argocd import measured_pod
+
+    sb = sandbox
+    repo = manifests(sb, tmp_path, "pods")
+    pinned = repo.current_image(STAGING, "api-gateway")
+    assert pinned is not None
+    digest = pinned.digest or seed_digest(sb)  # the seed pins a tag only
+    async with argo(sb) as client:
+        head = repo.head_commit()
+        await client.sync_and_wait(
+            STAGING_APP,
+            head,
+            automated=True,
+            deadline=150,
+            is_descendant=lambda rev, c: rev == c or repo.is_ancestor(c, rev),
+        )
+        tree = await client.resource_tree(STAGING_APP)
+        kinds = {n["kind"] for n in tree["nodes"]}
+        pods = [measured_pod(p, "start") for p in await client.pods(STAGING_APP, track="stable")]
+        canary = await client.pods(STAGING_APP, track="canary")
+    assert {"Deployment", "ReplicaSet", "Pod"} <= kinds
+    assert pods and all(p.track == "stable" and p.started_at is not None for p in pods)
+    assert all(p.runs(digest) for p in pods), pods
+    assert all((p.get("metadata") or {}).get("labels", {}).get("track") == "canary" for p in canary)
+    ends = pods + [p.model_copy(update={"seen": "end"}) for p in pods]
+    assert measured_pods_verdict(ends, digest, what="staging") is None
+    assert measured_pods_verdict(ends, None, what="rollback") is None  # one digest, unpinned
+    other = "sha256:" + "0" * 64
+    assert "other than" in (measured_pods_verdict(ends, other, what="staging") or "")
