@@ -29,6 +29,7 @@ _COMMAND_MODULES = (
     "cli.sandbox",
     "cli.release",
     "cli.rerelease",
+    "cli.train_release",
     "cli.ops",
     "cli.recovery",
     "cli.train",

@@ -225,6 +225,14 @@ class LeaseRecord(BaseModel):
         return self.model_copy(update={"commits": commits, "step": step, "nonce": nonce})
 
 
+def describe_holder(record: LeaseRecord) -> str:
+    """Who holds a lease, for a person: a release, or a release train and its services."""
+    if record.train is not None:
+        services = ", ".join(n.removesuffix("-production") for n in record.train.leases)
+        return f"release train {record.train.name} (run {record.holder}; {services})"
+    return f"release {record.holder}"
+
+
 def encode_lease(name: str, record: LeaseRecord) -> str:
     """The lease commit's message: ``lease <name>``, a blank line, the record as JSON."""
     return f"lease {name}\n\n{record.model_dump_json()}\n"

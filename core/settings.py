@@ -78,6 +78,7 @@ class Settings(BaseSettings):
     rollback_deployment: str = "rollback/rollback"
     training_image_deployment: str = "training-image/training-image"
     train_deployment: str = "train/train"
+    release_train_deployment: str = "release-train/release-train"
 
 
 @lru_cache(maxsize=1)

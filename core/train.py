@@ -28,7 +28,7 @@ Bundle file::
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import PurePosixPath
 from typing import Annotated, Any
 
@@ -36,10 +36,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from core.analysis import Decision, IntervalVerdict, Verdict
+from core.approval import ApprovalDecision
 from core.catalog import NAME_RE, Catalog
 from core.dependencies import dependency_order, describe_cycle, find_cycle
 from core.errors import InvalidInput
 from core.images import parse_reference, validate_sha
+from core.release import ReleaseRecord
 
 BUNDLES_DIR = "bundles"
 
@@ -51,7 +53,10 @@ class BundleService(BaseModel):
     """One service of a bundle: the image to release (``registry/repo:tag@digest``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    image: str = Field(description="registry/repository:tag@sha256:... as pushed by CI.")
+    image: str = Field(
+        description="registry/repository:tag[@sha256:...] as pushed by CI; a train is started "
+        "with the digest the registry holds for the tag (pinned before anything is written)."
+    )
     source_sha: str | None = Field(
         default=None, description="The commit the image was built from (40 hex), if known."
     )
@@ -60,8 +65,8 @@ class BundleService(BaseModel):
     @classmethod
     def _pinned(cls, value: str) -> str:
         ref = parse_reference(value)
-        if not ref.tag or not ref.digest:
-            raise ValueError(f"image {value!r} must carry a tag and a digest (name:tag@sha256:...)")
+        if not ref.tag:
+            raise ValueError(f"image {value!r} must carry a tag (name:tag[@sha256:...])")
         return value
 
     @field_validator("source_sha")
@@ -427,3 +432,71 @@ def all_or_nothing(outcomes: Mapping[str, bool]) -> tuple[bool, list[str]]:
     service passed; otherwise every service rolls back, and these are the ones that failed."""
     failed = sorted(s for s, ok in outcomes.items() if not ok)
     return (not failed and bool(outcomes)), failed
+
+
+# --- the record -----------------------------------------------------------------------------
+
+
+class TrainRecord(BaseModel):
+    """The train's one record: each service's own release record (staging, analyses), and
+    what the train did as one: the bundle smoke test, the approval, its production commits,
+    its steps, the rollback."""
+
+    name: str
+    flow_run_id: str
+    reason: str
+    order: list[str] = Field(description="The services in dependency order.")
+    started_at: datetime
+    services: dict[str, ReleaseRecord] = Field(default_factory=dict)
+    bundle_smoke: list[dict[str, Any]] = Field(default_factory=list)
+    decision: ApprovalDecision | None = None
+    production_commits: list[str] = Field(default_factory=list)
+    steps: list[tuple[int, dict[str, int], datetime]] = Field(
+        default_factory=list, description="(train step %, each service's weight, when)."
+    )
+    rollback_commit: str = ""
+    failed: list[str] = Field(default_factory=list, description="The services that failed.")
+    notes: list[str] = Field(default_factory=list)
+    outcome: str = "in progress"
+
+
+def render_train_record(record: TrainRecord, *, run_url: str | None = None) -> str:
+    """The record as markdown (the train's artifact), linking each service's analyses."""
+    lines = [
+        f"# Release train {record.name}: {record.outcome}",
+        "",
+        f"- Run: {run_url or record.flow_run_id}",
+        f"- Reason: {record.reason or '(none given)'}",
+        f"- Order (rollback runs it backwards): {' → '.join(record.order)}",
+    ]
+    if record.decision is not None:
+        lines.append(f"- Approval: {record.decision.outcome()}")
+    if record.bundle_smoke:
+        ok = sum(1 for r in record.bundle_smoke if not r.get("error"))
+        lines.append(f"- Bundle smoke test: {ok}/{len(record.bundle_smoke)} passed")
+    lines += ["", "| service | image | staging commit | analyses |", "|---|---|---|---|"]
+    for name in record.order:
+        svc = record.services.get(name)
+        if svc is None:
+            continue
+        lines.append(
+            f"| {name} | `{svc.image}` | `{svc.staging_commit[:12]}` | "
+            f"{len(svc.analyses)} (artifact `train-{record.name}-{name}-analyses`) |"
+        )
+    if record.steps:
+        lines += ["", "| train step | weights | at |", "|---|---|---|"]
+        for step, weights, at in record.steps:
+            shown = ", ".join(f"{s} {w}%" for s, w in weights.items())
+            lines.append(f"| {step}% | {shown} | {at:%H:%M:%S} |")
+    if record.production_commits:
+        lines += [
+            "",
+            "Production commits: " + ", ".join(f"`{c[:12]}`" for c in record.production_commits),
+        ]
+    if record.rollback_commit:
+        lines.append(f"Rollback commit (one, for every service): `{record.rollback_commit[:12]}`")
+    if record.failed:
+        lines.append(f"Failed: {', '.join(record.failed)}")
+    for note in record.notes:
+        lines.append(f"- {note}")
+    return "\n".join(lines) + "\n"

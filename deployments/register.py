@@ -80,6 +80,15 @@ SPECS: tuple[DeploymentSpec, ...] = (
         ("release",),
     ),
     DeploymentSpec(
+        "release-train",
+        "flows.release_train",
+        "release_train",
+        "Release several services as one: staging in dependency order, one approval, every "
+        "production lease in one atomic push, lockstep canaries, one promotion or rollback "
+        "commit for all.",
+        ("release", "train"),
+    ),
+    DeploymentSpec(
         "rollback",
         "flows.rollback",
         "rollback",

@@ -61,6 +61,7 @@ from core.release import (
     ResumePoint,
     StepOutcome,
     commits_to_revert,
+    describe_holder,
     ending,
     lease_is_free,
     lease_ttl,
@@ -127,7 +128,10 @@ class Config:
 def once_per_run(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     """Cache key of a task whose inputs hold the clock (a window ending 'now + interval'): a
     resumed run gets the first answer instead of measuring again."""
-    return f"{context.task.name}-{parameters.get('seen', '')}-{context.task_run.flow_run_id}"
+    # Which service (or app) too: a release train checks several services in one run.
+    subject = parameters.get("service") or parameters.get("app") or ""
+    seen = parameters.get("seen", "")
+    return f"{context.task.name}-{seen}-{context.task_run.flow_run_id}-{subject}"
 
 
 async def deploy_staging(plan: ReleasePlan, cfg: Config, record: ReleaseRecord) -> None:
@@ -385,8 +389,8 @@ async def take_production_lock(plan: ReleasePlan, cfg: Config) -> gitops.Lease:
         if lease is not None and lease.holder != waiting_on:
             waiting_on = lease.holder
             await lifecycle.mark_waiting(
-                f"waiting for the production lock of {plan.service}, held by release "
-                f"{lease.holder} until {lease.expires_at:%Y-%m-%d %H:%M:%S} UTC"
+                f"waiting for the production lock of {plan.service}, held by "
+                f"{describe_holder(lease.record)} until {lease.expires_at:%Y-%m-%d %H:%M:%S} UTC"
             )
         await anyio.sleep(LOCK_POLL_SECONDS)
     if waiting_on:

@@ -462,3 +462,91 @@ __all__ = [
     "start_release",
     "with_ci_statuses",
 ]
+
+
+# --- release trains --------------------------------------------------------------------------
+
+
+class StartedTrain(BaseModel):
+    flow_run_id: str
+    flow_run_url: str | None
+    name: str
+    order: list[str] = Field(description="The services in dependency order.")
+    services: dict[str, str] = Field(description="Each service's image, pinned to its digest.")
+    source_shas: dict[str, str]
+
+
+async def train_parameters(
+    bundle: Any, *, lookup: ImageLookup = _lookup_in_registry
+) -> tuple[Any, dict[str, Any]]:
+    """The ``release-train`` run's parameters from a bundle, checked before anything starts:
+    the plan (every service in the catalog, no dependency cycle, each image the service's
+    own), then each image in the registry (its digest, and its source commit from the
+    revision label unless the bundle gives it). Returns (plan, parameters)."""
+    from core.images import parse_reference
+    from core.train import plan_train
+
+    plan = plan_train(load_catalog(get_settings().catalog), bundle)
+    images: dict[str, str] = {}
+    shas: dict[str, str] = {}
+    for svc in plan.services:
+        ref = parse_reference(svc.image)
+        found = await lookup(ref.registry, ref.repository, ref.tag or "")
+        if found is None:
+            raise InvalidInput(f"image {ref.tagged} ({svc.service}) is not in the registry")
+        if ref.digest and ref.digest != found.digest:
+            raise InvalidInput(
+                f"{ref.tagged} is {found.digest} in the registry {ref.registry}, not {ref.digest}"
+            )
+        sha = svc.source_sha or found.revision
+        if not sha:
+            raise InvalidInput(
+                f"{ref.tagged} has no revision label: give {svc.service}'s source_sha in a "
+                "bundle file"
+            )
+        images[svc.service] = str(ref.with_digest(found.digest))
+        shas[svc.service] = sha
+    parameters = {
+        "services": images,
+        "source_shas": shas,
+        "reason": plan.reason,
+        "name": plan.name,
+        "steps": list(plan.steps) if bundle.steps else None,
+    }
+    return plan, parameters
+
+
+async def start_release_train(
+    bundle: Any,
+    *,
+    operator: str = "",
+    deployment: str | None = None,
+    lookup: ImageLookup = _lookup_in_registry,
+) -> StartedTrain:
+    """Start the ``release-train`` deployment for a bundle (the CLI, or a bundle file pushed
+    to the manifests repo). One run per train name and bundle content: a replayed trigger
+    gets the same run."""
+    import hashlib
+
+    from prefect import get_client
+
+    plan, parameters = await train_parameters(bundle, lookup=lookup)
+    content = json.dumps(parameters, sort_keys=True).encode()
+    key = f"release-train-{plan.name}-{hashlib.sha256(content).hexdigest()[:16]}"
+    tags = ["train", f"train:{plan.name}"] + ([f"operator:{operator}"] if operator else [])
+    async with get_client() as client:
+        run, _ = await create_deployment_run(
+            client,
+            deployment or get_settings().release_train_deployment,
+            parameters=parameters,
+            idempotency_key=key,
+            tags=tags,
+        )
+    return StartedTrain(
+        flow_run_id=str(run.id),
+        flow_run_url=flow_run_url(run.id),
+        name=plan.name,
+        order=plan.order,
+        services=parameters["services"],
+        source_shas=parameters["source_shas"],
+    )

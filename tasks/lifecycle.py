@@ -72,6 +72,46 @@ def emit_release_event(
     )
 
 
+TRAIN_EVENTS = (
+    "started",
+    "awaiting-approval",
+    "step",
+    "promoted",
+    "rolled-back",
+    "rollback-failed",
+    "rejected",
+)
+
+
+def emit_train_event(
+    name: str, train: str, services: dict[str, str], payload: dict[str, Any] | None = None
+) -> None:
+    """``robotics.train.<name>``: the train as resource, each service (and the run) related.
+    ``services``: each service and its image."""
+    if name not in TRAIN_EVENTS:
+        raise ValueError(f"unknown train event {name!r}")
+    from prefect.runtime import flow_run
+
+    emit_event(
+        event=f"robotics.train.{name}",
+        resource={"prefect.resource.id": f"robotics.train.{train}", "prefect.resource.name": train},
+        related=[
+            {
+                "prefect.resource.id": f"prefect.flow-run.{flow_run.id}",
+                "prefect.resource.role": "flow-run",
+            },
+            *(
+                {
+                    "prefect.resource.id": f"robotics.service.{svc}",
+                    "prefect.resource.role": "service",
+                }
+                for svc in services
+            ),
+        ],
+        payload={"services": services, **(payload or {})},
+    )
+
+
 async def start_rollback(service: str, release_run_id: str, reason: str) -> str:
     """Start the ``rollback`` deployment for a release, at most once per release."""
     run = await arun_deployment(

@@ -499,6 +499,13 @@ async def publish_release_record_of(record: ReleaseLike, flow_run_id: str) -> No
         )
 
 
+def publish_markdown(key: str, markdown: str, description: str) -> UUID:
+    """A markdown artifact (e.g. a release train's record)."""
+    return _artifact(
+        create_markdown_artifact, markdown=markdown, key=artifact_key(key), description=description
+    )
+
+
 @task(name="release-record")
 def release_record(record: Any, key: str | None = None) -> UUID:
     """Publish the release record as a markdown artifact (a task, so it shows in the UI)."""

@@ -67,8 +67,10 @@ def manifests_repo(
     branch: str | None = None,
     run_id: str | None = None,
     token: str | None = None,
+    kind: type[ManifestsRepo] = ManifestsRepo,
 ) -> ManifestsRepo:
-    """The clone of this flow run (shared by its tasks), configured from settings and catalog."""
+    """The clone of this flow run (shared by its tasks), configured from settings and catalog.
+    ``kind``: a subclass with more operations on the same clone (a release train's)."""
     settings = get_settings()
     if url is None or branch is None:
         defaults = load_catalog().defaults
@@ -77,7 +79,7 @@ def manifests_repo(
     # Outside a flow run, one clone per process (reused by its calls).
     run = run_id or _current_run_id() or f"adhoc-{os.getpid()}"
     key = hashlib.sha256(url.encode()).hexdigest()[:10]
-    return ManifestsRepo(
+    return kind(
         url=url,
         branch=branch,
         workdir=settings.workspace / "manifests" / f"{key}-{run}",

@@ -32,6 +32,9 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
 from core.errors import GitOpsError, InvalidInput, LeaseLost, OverlayRefused, PushConflict
 from core.images import ImageRef
 from core.kustomize import CanarySettings, FieldPattern, parse_rendered
@@ -431,3 +434,119 @@ def _weight_of(members: list[TrainMember], weights: dict[str, int], lease: str) 
         if m.lease == lease:
             return weights[m.service]
     raise InvalidInput(f"lease {lease} is not one of the train's")
+
+
+# --- Prefect tasks ------------------------------------------------------------------------
+#
+# Reads see the world again on every call, and writes check the repo's state first (a step
+# already written is found, not written twice), so no task caches.
+
+
+def train_repo(
+    holder: str | None = None, *, repo_url: str | None = None, branch: str | None = None
+) -> tuple[str, TrainRepo]:
+    """The holder (given, or this flow run) and its clone as a :class:`TrainRepo`."""
+    from tasks.gitops.tasks import _current_run_id, manifests_repo
+
+    who = holder or _current_run_id()
+    if not who:
+        raise InvalidInput("a release train's git operation needs a holder (no flow run id)")
+    repo = manifests_repo(url=repo_url, branch=branch, run_id=who, kind=TrainRepo)
+    if not isinstance(repo, TrainRepo):
+        raise TypeError(f"expected a TrainRepo, got {type(repo).__name__}")
+    return who, repo
+
+
+@task(name="train-take-leases", cache_policy=NO_CACHE)
+def take_train_leases(
+    leases: list[str],
+    train: str,
+    ttl: float,
+    holder: str | None = None,
+    *,
+    repo_url: str | None = None,
+    branch: str | None = None,
+) -> dict[str, Lease]:
+    """Every production lease of the train in one atomic push, or LeaseHeld and none."""
+    who, repo = train_repo(holder, repo_url=repo_url, branch=branch)
+    return repo.take_train(leases, who, timedelta(seconds=ttl), train)
+
+
+@task(name="train-read-leases", cache_policy=NO_CACHE)
+def read_train_leases(
+    leases: list[str], *, repo_url: str | None = None, branch: str | None = None
+) -> dict[str, Lease | None]:
+    _, repo = train_repo(repo_url=repo_url, branch=branch)
+    return repo.read_leases(leases)
+
+
+def renew_train_leases(
+    leases: list[str],
+    ttl: float,
+    holder: str | None = None,
+    *,
+    repo_url: str | None = None,
+    branch: str | None = None,
+) -> dict[str, Lease]:
+    """Renew every lease at once (a plain function: called from a renewal loop's thread)."""
+    who, repo = train_repo(holder, repo_url=repo_url, branch=branch)
+    return repo.renew_train(leases, who, timedelta(seconds=ttl))
+
+
+@task(name="train-release-leases", cache_policy=NO_CACHE)
+def release_train_leases(
+    leases: list[str],
+    holder: str | None = None,
+    *,
+    repo_url: str | None = None,
+    branch: str | None = None,
+) -> bool:
+    who, repo = train_repo(holder, repo_url=repo_url, branch=branch)
+    return repo.release_train(leases, who)
+
+
+@task(name="train-canary-step", cache_policy=NO_CACHE)
+def train_canary_step(
+    train: str,
+    members: list[TrainMember],
+    weights: dict[str, int],
+    holder: str | None = None,
+    *,
+    repo_url: str | None = None,
+    branch: str | None = None,
+) -> CommitResult:
+    """One train step: one commit over every overlay, atomic with every lease."""
+    who, repo = train_repo(holder, repo_url=repo_url, branch=branch)
+    return repo.train_canary(train=train, members=members, weights=weights, holder=who)
+
+
+@task(name="train-promote", cache_policy=NO_CACHE)
+def train_promote(
+    train: str,
+    members: list[TrainMember],
+    holder: str | None = None,
+    *,
+    repo_url: str | None = None,
+    branch: str | None = None,
+) -> CommitResult:
+    """The train's one promotion commit."""
+    who, repo = train_repo(holder, repo_url=repo_url, branch=branch)
+    return repo.train_promote(train=train, members=members, holder=who)
+
+
+@task(name="train-revert", cache_policy=NO_CACHE)
+def train_revert(
+    train: str,
+    members: list[TrainMember],
+    commits: list[str],
+    reason: str,
+    holder: str | None = None,
+    *,
+    repo_url: str | None = None,
+    branch: str | None = None,
+) -> CommitResult:
+    """The train's one restoring commit, naming every commit it undoes."""
+    who, repo = train_repo(holder, repo_url=repo_url, branch=branch)
+    return repo.train_revert(
+        train=train, members=members, commits=commits, holder=who, reason=reason
+    )

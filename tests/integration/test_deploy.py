@@ -109,6 +109,7 @@ def test_prefect_yaml_declares_every_flow_in_both_pools():
     assert {s.flow_name for s in reg.SPECS} == {
         "ci",
         "release",
+        "release-train",
         "rollback",
         "expire-approvals",
         "reconcile",

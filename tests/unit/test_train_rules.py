@@ -158,7 +158,7 @@ def test_a_bundle_file_parses_with_its_name_from_the_file() -> None:
     ("text", "message"),
     [
         ("services: [a, b]\n", "must be a mapping with 'services'"),
-        ("services:\n  gateway: robotics/gateway:1.0\n", "tag and a digest"),
+        ("services:\n  gateway: robotics/gateway\n", "must carry a tag"),
         (f"services:\n  gateway: {{image: {image('robotics/gateway')}, colour: red}}\n", "colour"),
         (f"services:\n  gateway: {image('robotics/gateway')}\nsteps: [150]\n", "steps"),
         (f"name: other\nservices:\n  gateway: {image('robotics/gateway')}\n", "file name"),
@@ -345,3 +345,59 @@ def test_all_or_nothing() -> None:
     assert all_or_nothing({"a": True, "b": True}) == (True, [])
     assert all_or_nothing({"a": True, "b": False}) == (False, ["b"])
     assert all_or_nothing({}) == (False, [])
+
+
+# --- who holds a lease, and the train's record ------------------------------------------------
+
+
+def test_a_lease_held_by_a_train_says_so() -> None:
+    from core.release import LeaseRecord, TrainRef, describe_holder
+
+    record = LeaseRecord(
+        holder="run-7",
+        taken_at=END,
+        expires_at=END + timedelta(minutes=5),
+        train=TrainRef(
+            name="fleet-v2", leases=["fleet-planner-production", "api-gateway-production"]
+        ),
+    )
+    assert describe_holder(record) == (
+        "release train fleet-v2 (run run-7; fleet-planner, api-gateway)"
+    )
+    assert describe_holder(record.model_copy(update={"train": None})) == "release run-7"
+
+
+def test_the_train_record_names_order_steps_and_the_one_rollback_commit() -> None:
+    from core.release import ReleasePlan, ReleaseRecord
+    from core.train import TrainRecord, render_train_record
+
+    def rel(svc: str) -> ReleaseRecord:
+        plan = ReleasePlan(
+            service=svc,
+            image=image(f"robotics/{svc}"),
+            pull_image=image(f"robotics/{svc}"),
+            tag="t",
+            digest=DIGEST,
+            source_sha="a" * 40,
+            github="robotics/x",
+        )
+        return ReleaseRecord.start(plan, "run-7")
+
+    record = TrainRecord(
+        name="fleet-v2",
+        flow_run_id="run-7",
+        reason="v2",
+        order=["planner", "gateway"],
+        started_at=END,
+        services={"planner": rel("planner"), "gateway": rel("gateway")},
+        steps=[(20, {"planner": 20, "gateway": 10}, END)],
+        production_commits=["b" * 40],
+        rollback_commit="c" * 40,
+        failed=["gateway"],
+        outcome="rolled back: gateway failed",
+    )
+    text = render_train_record(record)
+    assert "# Release train fleet-v2: rolled back: gateway failed" in text
+    assert "planner → gateway" in text and "| 20% | planner 20%, gateway 10% |" in text
+    assert "Rollback commit (one, for every service): `cccccccccccc`" in text
+    assert "train-fleet-v2-gateway-analyses" in text
