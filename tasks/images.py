@@ -41,6 +41,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilterName,
 )
 from prefect.client.schemas.objects import FlowRun, State
+from prefect.client.schemas.sorting import FlowRunSort
 from prefect_docker import DockerHost, DockerRegistryCredentials
 from pydantic import BaseModel, Field
 
@@ -436,11 +437,14 @@ async def find_tagged_image(
 
 
 async def _ci_runs(service: str, sha: str) -> list[CIRun]:
-    """The ``ci`` runs of ``service`` at ``sha``, each with the digest its result names."""
+    """The ``ci`` runs of ``service`` at ``sha``, each with the digest its result names,
+    the last one to end first (a rebuild of the same commit pushes the same digest: the
+    record names the latest run that proved it)."""
     async with get_client() as client:
         runs: list[FlowRun] = await client.read_flow_runs(
             flow_filter=FlowFilter(name=FlowFilterName(any_=["ci"])),
             flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[f"ci-{service}-{sha[:7]}"])),
+            sort=FlowRunSort.END_TIME_DESC,
         )
     found: list[CIRun] = []
     for run in runs:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 from sandbox.prefect_server import prefect_env
 from sandbox.procs import free_port
@@ -36,3 +38,21 @@ pytest_plugins = [
     "tests.fixtures_sandbox",
     "tests.fixtures_runtime",
 ]
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Time spent per test module (setup, call and teardown together), slowest first: what
+    to trim or gate when CI nears its 45-minute budget (tests/matrix.py)."""
+    by_module: dict[str, float] = defaultdict(float)
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            nodeid = getattr(report, "nodeid", "")
+            duration = getattr(report, "duration", None)
+            if nodeid and isinstance(duration, float):
+                by_module[nodeid.split("::", 1)[0]] += duration
+    if not by_module:
+        return
+    terminalreporter.section("time per module")
+    for module, seconds in sorted(by_module.items(), key=lambda kv: -kv[1])[:30]:
+        terminalreporter.write_line(f"{seconds:8.1f}s  {module}")
+    terminalreporter.write_line(f"{sum(by_module.values()):8.1f}s  total")

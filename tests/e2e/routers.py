@@ -13,7 +13,6 @@ scenario (tests/e2e/test_release.py) and promote + rollback on gateway-api
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -22,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from tests.e2e.releases import ROOT
+from tests.matrix import FULL_MATRIX
 
-FULL_MATRIX = os.environ.get("ROBOTICS_CD_FULL_MATRIX", "") not in ("", "0", "false")
 ROUTERS = ["ingress-nginx", "gateway-api"] if FULL_MATRIX else ["ingress-nginx"]
 SERVICE = "api-gateway"
 HOST = "api.robotics.local"

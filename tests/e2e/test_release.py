@@ -52,6 +52,7 @@ from tests.e2e.releases import (
     served_releases,
 )
 from tests.e2e.routers import ROUTERS, use_router
+from tests.matrix import full_matrix
 
 # On the scale-out Prefect server (PostgreSQL + Redis, two API servers behind a balancer):
 # the demo replay (test_demo.py) and the other e2e modules keep the embedded SQLite one.
@@ -194,6 +195,7 @@ def test_failing_canary_is_rolled_back(sandbox, runner, env, build):
     assert _digest(image) in quarantine and rollback_sha in quarantine
 
 
+@full_matrix
 def test_a_rolled_back_digest_is_refused_until_lifted(sandbox, runner, env):
     if not ROLLED_BACK:
         pytest.skip("needs test_failing_canary_is_rolled_back's image")
@@ -234,6 +236,7 @@ def test_a_rolled_back_digest_is_refused_until_lifted(sandbox, runner, env):
         _wait(accepted, _final, timeout=120, what="release finished")
 
 
+@full_matrix
 def test_a_slower_canary_is_rolled_back_on_p99(sandbox, runner, env, build):
     before_tree = _overlay_tree(sandbox)
     image, sha = build(
@@ -245,6 +248,7 @@ def test_a_slower_canary_is_rolled_back_on_p99(sandbox, runner, env, build):
     assert _overlay_tree(sandbox) == before_tree
 
 
+@full_matrix
 def test_no_traffic_is_never_promoted(sandbox, runner, env, build):
     from sandbox.faults import FaultClient
 
@@ -300,6 +304,7 @@ def _last_sync(sandbox) -> tuple[object, object]:
     return history[-1].get("id"), (status.get("operationState") or {}).get("startedAt")
 
 
+@full_matrix
 def test_expired_approval_ends_rejected_timed_out(sandbox, runner, env, build, monkeypatch):
     from core.settings import get_settings
     from flows.release import expire_approvals
@@ -332,6 +337,7 @@ def test_an_older_commit_is_refused_as_superseded(sandbox, runner, env, build):
     assert _overlay_tree(sandbox) == before_tree
 
 
+@full_matrix
 def test_a_second_release_waits_for_the_lock(sandbox, runner, env, build):
     from tasks import gitops
 
@@ -356,6 +362,7 @@ def test_a_second_release_waits_for_the_lock(sandbox, runner, env, build):
     assert done.state.name == "Promoted", done.state
 
 
+@full_matrix
 def test_operators_can_promote_now_or_abort(sandbox, runner, env, build):
     """`robotics-cd promote RUN --now` skips the remaining steps (reason recorded);
     `robotics-cd abort RUN` rolls back at its next check. Both reach the run as flow run

@@ -34,6 +34,7 @@ from tests.e2e.releases import (
     served_releases,
 )
 from tests.e2e.routers import _kubectl, use_router
+from tests.matrix import full_matrix
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 
@@ -118,6 +119,7 @@ def test_good_image_is_promoted_through_the_gateway(sandbox, runner, env, build)
     )
 
 
+@full_matrix
 def test_failing_canary_is_rolled_back_through_the_gateway(sandbox, runner, env, build):
     before_tree = _overlay_tree(sandbox)
     stable_before = _production_images(sandbox)[SERVICE][0]

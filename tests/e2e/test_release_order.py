@@ -13,7 +13,6 @@ CI runs the two-commit race; the reverse order and the three-commit burst run wi
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,11 +31,10 @@ from tests.e2e.releases import (
     _wait,
     served_releases,
 )
+from tests.matrix import full_matrix
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 
-FULL = os.environ.get("ROBOTICS_CD_FULL_MATRIX") == "1"
-full_matrix = pytest.mark.skipif(not FULL, reason="full matrix: ROBOTICS_CD_FULL_MATRIX=1")
 # The pushes of the scenario: a merge, then another one a second later.
 PUSH_GAP_SECONDS = 1.0
 
