@@ -22,6 +22,8 @@ class ApprovalDecision:
     decision: Decision
     approver: str
     comment: str = ""
+    votes: tuple[Vote, ...] = ()
+    break_glass: BreakGlass | None = None
 
     @property
     def approved(self) -> bool:
@@ -31,6 +33,10 @@ class ApprovalDecision:
     @property
     def timed_out(self) -> bool:
         return self.approver == TIMEOUT_APPROVER
+
+    def paths(self) -> list[str]:
+        """Who decided and how, one line each (for the record): ``alice via github``."""
+        return [v.describe() for v in self.votes]
 
     def outcome(self) -> str:
         if self.approved:
@@ -291,3 +297,69 @@ def reminder_text(
         f"{service} `{tag}` has waited {waited_text} for approval{tail}; "
         f"approvers: {', '.join(approvers)}"
     )
+
+
+def decide(votes: list[Vote], required: int) -> ApprovalDecision | None:
+    """The decision the votes make (a reject, or the quorum met), or None: keep waiting."""
+    result = tally(votes, required)
+    if result.rejected_by is not None:
+        vote = result.rejected_by
+        return ApprovalDecision(
+            decision="reject", approver=vote.approver, comment=vote.comment, votes=tuple(votes)
+        )
+    if not result.met:
+        return None
+    counted = [v for v in votes if v.approver in result.approvers and v.decision == "approve"]
+    comments = [v.comment for v in counted if v.comment]
+    return ApprovalDecision(
+        decision="approve",
+        approver=", ".join(result.approvers),
+        comment="; ".join(dict.fromkeys(comments)),
+        votes=tuple(votes),
+        break_glass=break_glass(votes, required),
+    )
+
+
+WRITE_PERMISSIONS = frozenset({"write", "admin"})
+
+
+def authorize_login(
+    login: str, permission: str, approver: str | None, service: str
+) -> tuple[str | None, str]:
+    """Whether a GitHub login may decide for ``service``: (approver, "") or (None, why).
+
+    ``approver`` is what the catalog maps the login to (None: not on the allowlist);
+    ``permission`` what GitHub's collaborator permission API answered."""
+    if approver is None:
+        return None, f"@{login} is not on {service}'s GitHub approver allowlist"
+    if permission not in WRITE_PERMISSIONS:
+        return None, (
+            f"@{login} has {permission!r} permission on the repository; approving needs write"
+        )
+    return approver, ""
+
+
+def approval_heading(
+    flow_run_id: str, required: int, freeze: object | None, upcoming: datetime | None
+) -> str:
+    """The lines above the approval form and in the chat request: how to answer by comment,
+    the quorum, and the freeze (now, or the next one)."""
+    short = release_short_id(flow_run_id)
+    lines = [
+        f"**Release id `{short}`**: answer with a comment on the source commit or its pull "
+        f"request: `/approve {short}` or `/reject {short} <reason>`.",
+    ]
+    if required > 1:
+        lines.append(
+            f"Needs **{required} distinct approvers**; only authenticated approvals count "
+            "(GitHub comments, or this form behind an authenticating proxy)."
+        )
+    describe = getattr(freeze, "describe", None)
+    if callable(describe):
+        lines.append(
+            f"**Frozen**: {describe()}. Approved, it waits until then; to release during the "
+            f"freeze, at least two approvers comment `/break-glass {short} <reason>`."
+        )
+    elif upcoming is not None:
+        lines.append(f"Next freeze starts {upcoming:%Y-%m-%d %H:%M} UTC.")
+    return "\n\n".join(lines) + "\n\n"

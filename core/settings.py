@@ -54,6 +54,12 @@ class Settings(BaseSettings):
         default=timedelta(seconds=30), description="How often the reconciler runs."
     )
     webhook_secret_block: str = "robotics-cd-webhook-secret"
+    ui_authenticated: bool = Field(
+        default=False,
+        description="The Prefect UI sits behind an authenticating proxy, so an approval given "
+        "in its form proves who gave it and counts toward a quorum above 1 (open-source "
+        "Prefect authenticates nobody; leave this off otherwise).",
+    )
     prometheus_url: str = "http://prometheus.monitoring:9090"
     prometheus_auth_block: str = Field(
         default="robotics-cd-prometheus-auth",

@@ -14,6 +14,10 @@
 
 Prefect unreachable or a deployment missing → 503: GitHub shows the delivery as failed and
 it can be redelivered safely.
+
+``commit_comment`` and ``issue_comment`` deliveries are approvals by comment: they go to
+``deployments/comments.py`` (``/approve``, ``/reject``, ``/break-glass`` on a waiting
+release), which records a vote on the run and resumes it; a redelivery records nothing new.
 """
 
 from __future__ import annotations
@@ -28,20 +32,23 @@ from typing import Any, Protocol
 from urllib.parse import parse_qs
 
 import anyio
+import httpx
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from core.catalog import Catalog, load_catalog
-from core.errors import InvalidInput, WebhookSecretMissing
+from core.errors import GitHubError, InvalidInput, WebhookSecretMissing
 from core.settings import Settings, get_settings
 from core.webhooks import (
     DELIVERY_HEADER,
     EVENT_HEADER,
     PAYLOAD_MODELS,
     SIGNATURE_HEADER,
+    CommitCommentEvent,
     Decision,
+    IssueCommentEvent,
     PingEvent,
     RunRequest,
     Targets,
@@ -50,6 +57,7 @@ from core.webhooks import (
     validate_delivery_id,
     verify_signature,
 )
+from deployments.comments import CommentApprovals, PrefectReleaseRuns, RestGitHub
 
 log = logging.getLogger("robotics_cd.webhook")
 
@@ -163,6 +171,7 @@ class WebhookReceiver:
         starter: RunStarter,
         targets: Targets | None = None,
         max_body: int = DEFAULT_MAX_BODY,
+        comments: CommentApprovals | None = None,
     ) -> None:
         if not secret:
             raise WebhookSecretMissing("the webhook secret is empty")
@@ -171,6 +180,7 @@ class WebhookReceiver:
         self.starter = starter
         self.targets = targets or Targets()
         self.max_body = max_body
+        self.comments = comments
         self.stats = ReceiverStats()
 
     async def handle(self, request: Request) -> JSONResponse:
@@ -226,6 +236,8 @@ class WebhookReceiver:
             if isinstance(payload, PingEvent):
                 log.info("delivery %s: ping from hook %s", delivery, payload.hook_id)
                 return _answer(200, "pong", delivery=delivery, zen=payload.zen)
+            if isinstance(payload, CommitCommentEvent | IssueCommentEvent):
+                return await self._comment(delivery, event, payload)
             decision = route(event, payload, self.catalog, self.targets)
         except InvalidInput as exc:
             log.warning("delivery %s refused: %s", delivery, exc)
@@ -234,6 +246,27 @@ class WebhookReceiver:
             log.info("delivery %s (%s) ignored: %s", delivery, event, decision.ignored)
             return _answer(202, decision.ignored, delivery=delivery, runs=[])
         return await self._start(delivery, event, decision)
+
+    async def _comment(
+        self, delivery: str, event: str, payload: CommitCommentEvent | IssueCommentEvent
+    ) -> JSONResponse:
+        if self.comments is None:
+            return _answer(202, "approvals by comment are not configured", delivery=delivery)
+        try:
+            with anyio.fail_after(START_DEADLINE_SECONDS):
+                outcome = await self.comments.handle(payload)
+        except (GitHubError, DeploymentUnavailable, TimeoutError, OSError, httpx.HTTPError) as exc:
+            reason = str(exc) or f"no answer within {START_DEADLINE_SECONDS:.0f}s"
+            log.error("delivery %s (%s): comment not handled: %s", delivery, event, reason)
+            return _answer(503, reason, delivery=delivery)
+        log.info("delivery %s (%s): %s", delivery, event, outcome.message)
+        return _answer(
+            outcome.status,
+            outcome.message,
+            delivery=delivery,
+            flow_run_id=outcome.flow_run_id,
+            replied=outcome.replied,
+        )
 
     async def _start(self, delivery: str, event: str, decision: Decision) -> JSONResponse:
         started: list[StartedRun] = []
@@ -302,18 +335,26 @@ def create_app(
     starter: RunStarter | None = None,
     targets: Targets | None = None,
     max_body: int = DEFAULT_MAX_BODY,
+    comments: CommentApprovals | None = None,
 ) -> Starlette:
     """The ASGI app. Unset arguments come from settings: the catalog file, the Secret block
     (or env), the deployment names, and a Prefect client opened for the app's lifetime."""
     settings = get_settings()
     hooks: tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]] | None = None
+    catalog = catalog or load_catalog(settings.catalog)
     if starter is None:
         starter, open_client, close_client = prefect_starter()
         hooks = (open_client, close_client)
+        comments = comments or CommentApprovals(
+            catalog=catalog,
+            runs=PrefectReleaseRuns(settings.release_deployment),
+            github=RestGitHub(settings.github_api_url),
+        )
     receiver = WebhookReceiver(
         secret=secret if secret is not None else load_secret(settings),
-        catalog=catalog or load_catalog(settings.catalog),
+        catalog=catalog,
         starter=starter,
+        comments=comments,
         targets=targets
         or Targets(ci=settings.ci_deployment, training_image=settings.training_image_deployment),
         max_body=max_body,

@@ -36,7 +36,7 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 
 from core.analysis import AnalysisRun, Decision, TrackObservation, Verdict
-from core.approval import ApprovalDecision
+from core.approval import ApprovalDecision, approval_heading
 from core.catalog import CanaryPolicy, Catalog, Service, load_catalog
 from core.errors import (
     ApprovalRejected,
@@ -51,6 +51,7 @@ from core.errors import (
     Superseded,
     VerificationFailed,
 )
+from core.freeze import active_freeze, next_freeze
 from core.ordering import MeasuredWindow, measured_pods_verdict, staging_may_write
 from core.release import (
     CommandAction,
@@ -85,10 +86,12 @@ from tasks import (
 )
 from tasks import github as gh
 from tasks.approvals import (
-    expire_overdue,
+    WaitingPolicy,
+    hold_for_freeze,
     pending_commands,
     supersede_run,
-    wait_for_decision,
+    tend_waiting,
+    wait_for_votes,
     waiting_releases,
 )
 from tasks.lifecycle import emit_release_event, start_rollback_for
@@ -354,7 +357,40 @@ async def await_approval(plan: ReleasePlan, cfg: Config, record: ReleaseRecord) 
         link=run_url,
     )
     emit_release_event("awaiting-approval", plan, {"approvers": svc.approvers})
-    return await wait_for_decision(svc.approvers, description)
+    return await wait_for_approval(plan, cfg, description)
+
+
+async def wait_for_approval(plan: ReleasePlan, cfg: Config, description: str) -> ApprovalDecision:
+    """Votes until the quorum or a reject; then, approved during a freeze, ``Frozen`` until
+    the window ends (or a break-glass). Nothing of production is held meanwhile."""
+    svc, policy = cfg.svc, cfg.catalog.approval_policy(plan.service)
+    windows = cfg.catalog.freeze_windows(plan.service)
+    freeze = active_freeze(windows, datetime.now(UTC))
+    upcoming = next_freeze(windows, datetime.now(UTC))
+    heading = approval_heading(str(flow_run.id), policy.required, freeze, upcoming)
+    decision = await wait_for_votes(
+        svc.approvers,
+        heading + description,
+        required=policy.required,
+        ui_authenticated=cfg.settings.ui_authenticated,
+    )
+    if not decision.approved:
+        return decision
+    freeze = active_freeze(windows, datetime.now(UTC))
+    if freeze is None:
+        return decision
+    if decision.break_glass is not None:
+        glass = decision.break_glass.describe()
+        emit_release_event("break-glass", plan, {"freeze": freeze.describe(), "by": glass})
+        notify.send_chat(
+            f"Break-glass: {plan.service}:{plan.tag} releases during a freeze",
+            f"{glass}. {freeze.describe()}.",
+            link=report.flow_run_url(flow_run.id),
+        )
+        return decision
+    emit_release_event("frozen", plan, {"until": freeze.until.isoformat()})
+    await hold_for_freeze(svc.approvers, freeze, heading + description)
+    return decision  # not reached: the run re-executes from the top when resumed
 
 
 # --- production ---------------------------------------------------------------------------
@@ -1004,14 +1040,27 @@ def end(
 
 @flow(
     name="expire-approvals",
-    description="End the wait of releases whose approval waited longer than the catalog "
-    "allows: each release resumes and ends 'rejected: timed out'.",
+    description="The scheduled approvals flow: resume releases whose freeze is over, remind "
+    "approvers of releases that wait, and end waits longer than the catalog allows (each "
+    "such release resumes and ends 'rejected: timed out').",
 )
 async def expire_approvals() -> list[str]:
-    catalog = load_catalog(get_settings().catalog)
-    timeouts = {name: catalog.approval_policy(name).timeout for name in catalog.services}
-    deployment = get_settings().release_deployment.split("/")[-1]
-    expired: list[str] = await expire_overdue(
-        deployment, timeouts, catalog.defaults.approval.timeout
-    )
-    return expired
+    settings = get_settings()
+    catalog = load_catalog(settings.catalog)
+    policies = {
+        name: WaitingPolicy(
+            timeout=catalog.approval_policy(name).timeout,
+            remind_after=catalog.approval_policy(name).remind_after,
+            approvers=svc.approvers,
+            required=catalog.approval_policy(name).required,
+            freezes=catalog.freeze_windows(name),
+        )
+        for name, svc in catalog.services.items()
+    }
+    deployment = settings.release_deployment.split("/")[-1]
+    tended = await tend_waiting(deployment, policies, ui_authenticated=settings.ui_authenticated)
+    for run_id, service, text in tended.reminders:
+        notify.send_chat(
+            f"Reminder: {service} waits for approval", text, link=report.flow_run_url(run_id)
+        )
+    return tended.expired

@@ -35,6 +35,8 @@ RELEASE_EVENTS = (
     "rolled-back",
     "rollback-failed",
     "rejected",
+    "frozen",
+    "break-glass",
 )
 
 

@@ -346,6 +346,14 @@ def _decision_text(decision: Any) -> tuple[str, str]:
     return str(outcome), str(getattr(decision, "comment", "") or "")
 
 
+def _approval_paths(decision: Any) -> str:
+    """Each answer and the path it took (github / ui), and a break-glass if there was one."""
+    paths = decision.paths() if callable(getattr(decision, "paths", None)) else []
+    glass = getattr(decision, "break_glass", None)
+    text = "; ".join(paths) or "none recorded"
+    return f"{text}; **{glass.describe()}**" if glass is not None else text
+
+
 def render_release_record(record: ReleaseLike, *, run_url: str | None = None) -> str:
     """The release record as markdown, in the order a release goes: source commit → image
     digest → staging and production manifest commits → Argo CD revisions → analyses →
@@ -373,6 +381,7 @@ def render_release_record(record: ReleaseLike, *, run_url: str | None = None) ->
         ),
         ("Approval", approval),
         ("Comment", comment or "none"),
+        ("Approvals", _approval_paths(record.decision)),
         ("Production manifest commits", _shas(record.production_commits)),
         ("Production Argo CD revisions", _shas(record.production_revisions)),
         (

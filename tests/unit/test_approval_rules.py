@@ -207,3 +207,29 @@ def test_a_default_quorum_larger_than_a_services_approvers_is_refused() -> None:
         CatalogError, match=r"service 'api-gateway': defaults\.approval\.required is 3"
     ):
         parse(text)
+
+
+# --- decisions and who may decide by comment ----------------------------------------------
+
+
+def test_votes_decide_only_when_the_quorum_is_met_or_someone_rejects() -> None:
+    from core.approval import decide
+
+    assert decide([vote("alice")], 2) is None
+    both = decide([vote("alice", comment="ok"), vote("bob", path="ui")], 2)
+    assert both is not None and both.approved and both.approver == "alice, bob"
+    assert both.paths() == ["approve by alice via github: ok", "approve by bob via ui"]
+    assert both.break_glass is None
+    no = decide([vote("alice"), vote("bob", "reject", comment="not now")], 2)
+    assert no is not None and not no.approved and no.outcome() == "rejected by bob: not now"
+
+
+def test_only_an_allowlisted_login_with_write_permission_may_decide() -> None:
+    from core.approval import authorize_login
+
+    assert authorize_login("alice-gh", "write", "alice", "api") == ("alice", "")
+    assert authorize_login("root", "admin", "alice", "api") == ("alice", "")
+    who, why = authorize_login("mallory", "admin", None, "api")
+    assert who is None and "not on api's GitHub approver allowlist" in why
+    who, why = authorize_login("alice-gh", "read", "alice", "api")
+    assert who is None and "approving needs write" in why
