@@ -24,7 +24,7 @@ def register(app: typer.Typer) -> None:
 
         results = anyio.run(reconcile_once)
         if not results:
-            typer.echo("reconcile: no production lease is held")
+            typer.echo("reconcile: no production lease is held and no release run is dead")
         for done in results:
             commit = f", commit {done.commit[:12]}" if done.commit else ""
             typer.echo(f"{done.service}: {done.action.value} ({done.reason}){commit}")

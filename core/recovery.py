@@ -31,6 +31,7 @@ class Action(StrEnum):
     LEAVE = "leave"
     FREE = "free"
     RESTORE = "restore"
+    END_RUN = "end-run"  # a dead run holding no lease: marked Crashed, production untouched
 
 
 class RunPhase(StrEnum):

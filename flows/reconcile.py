@@ -247,7 +247,35 @@ async def reconcile_once(
             continue
         if done is not None:
             results.append(done)
+    results.extend(await end_dead_runs(holders={r.holder for r in results}))
     return results
+
+
+async def end_dead_runs(*, holders: set[str]) -> list[Reconciled]:
+    """Release runs that Prefect shows Running whose process on this host is dead, and
+    that hold no production lease (the lease pass above answers for those): a runner that
+    died in staging, or while waiting for the lock, changed nothing in production; the run
+    ends Crashed, saying so, instead of staying Running forever without the automations."""
+    try:
+        running = await lifecycle.running_runs("release")
+    except Exception as exc:  # the control plane, not the runs: judge nothing
+        log.warning("Prefect API did not answer; dead runs are judged next pass: %s", exc)
+        return []
+    ended: list[Reconciled] = []
+    for run in running:
+        if run.run_id in holders or process_alive(run.host, run.pid) is not False:
+            continue
+        why = f"its process {run.host}:{run.pid} is dead ({run.state_name}); it held no lease"
+        if await lifecycle.mark_crashed(
+            run.run_id, f"the reconciler ended it: {why}, production untouched"
+        ):
+            log.warning("release %s: %s; marked Crashed", run.run_id, why)
+            ended.append(
+                Reconciled(
+                    service=run.service, holder=run.run_id, action=Action.END_RUN, reason=why
+                )
+            )
+    return ended
 
 
 @flow(

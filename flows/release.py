@@ -873,6 +873,7 @@ async def release(
         svc=catalog.service(service),
         policy=catalog.canary_policy(service),
     )
+    await lifecycle.claim_process()  # the reconciler tells a dead run by it, not by heartbeats
     refusal = await quarantine.quarantine_refusal(plan.service, plan.image)
     if refusal is not None:
         return Failed(message=refusal, name="Quarantined", data=Quarantined(refusal))

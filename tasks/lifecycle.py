@@ -3,6 +3,9 @@ its run is cancelled or crashes."""
 
 from __future__ import annotations
 
+import os
+import socket
+from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
@@ -10,6 +13,8 @@ from prefect import get_client
 from prefect.client.schemas.filters import (
     DeploymentFilter,
     DeploymentFilterName,
+    FlowFilter,
+    FlowFilterName,
     FlowRunFilter,
     FlowRunFilterState,
     FlowRunFilterStateType,
@@ -211,3 +216,65 @@ async def last_run_of(deployment_name: str) -> FlowRun | None:
             limit=1,
         )
     return runs[0] if runs else None
+
+
+@dataclass(frozen=True)
+class RunningRun:
+    """A run Prefect shows Running, and the process that claimed it (None: not claimed)."""
+
+    run_id: str
+    service: str
+    state_name: str
+    host: str | None
+    pid: int | None
+
+
+async def claim_process() -> None:
+    """Record this flow process as the run's ``infrastructure_pid`` (``host:pid``, the
+    process worker's format), so a reconciler on the same host can tell a dead run from a
+    slow one without trusting heartbeats. A run that already names its infrastructure (a
+    worker's Job) is left as it is. Best effort: the release does not depend on it."""
+    from prefect.runtime import flow_run
+
+    if not flow_run.id:
+        return
+    try:
+        async with get_client() as client:
+            run = await client.read_flow_run(UUID(flow_run.id))
+            claimed = f"{socket.gethostname()}:{os.getpid()}"
+            if run.infrastructure_pid and not _is_process_claim(run.infrastructure_pid):
+                return
+            await client.update_flow_run(UUID(flow_run.id), infrastructure_pid=claimed)
+    except Exception as exc:
+        log.warning("could not record this run's process: %s", exc)
+
+
+def _is_process_claim(value: str) -> bool:
+    host, _, pid = value.rpartition(":")
+    return bool(host) and pid.isdigit()
+
+
+async def running_runs(flow_name: str) -> list[RunningRun]:
+    """The runs of ``flow_name`` that Prefect shows Running (AwaitingLock included), with
+    the process each claimed. Raises when the API does not answer: no answer is no proof."""
+    async with get_client() as client:
+        runs = await client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))
+            ),
+        )
+    found: list[RunningRun] = []
+    for run in runs:
+        claim = run.infrastructure_pid or ""
+        host: str | None = None
+        pid: int | None = None
+        if _is_process_claim(claim):
+            host, _, number = claim.rpartition(":")
+            pid = int(number)
+        name = (run.state.name if run.state else None) or "Running"
+        service = str((run.parameters or {}).get("service", "?"))
+        found.append(
+            RunningRun(run_id=str(run.id), service=service, state_name=name, host=host, pid=pid)
+        )
+    return found

@@ -35,6 +35,7 @@ from tests.e2e.releases import (
     _read,
     _start,
 )
+from tests.matrix import full_matrix
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 LONG_CANARY = {
@@ -133,3 +134,94 @@ def test_a_killed_release_is_restored(
     message = _read(run.id).state.message or ""
     assert "reconciler restored production" in message, message
     print(f"recovery ({recovery}): {recovered_in:.0f} s from the kill to production restored")
+
+
+STAGING_OVERLAY = "serving/api-gateway/overlays/staging"
+PRODUCTION_OVERLAY = "serving/api-gateway/overlays/production"
+
+
+def _task_started(run_id: object, name_part: str) -> bool:
+    import anyio
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def read() -> bool:
+        async with get_client() as client:
+            tasks = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
+            )
+        return any(name_part in t.name for t in tasks)
+
+    return anyio.run(read)
+
+
+def _wrote(sandbox, run_id: object, overlay: str, subject: str = "") -> bool:
+    log = _manifests(sandbox, "log", "-5", "--format=%s%n%b", "--", overlay)
+    return str(run_id) in log and subject in log
+
+
+@full_matrix
+@pytest.mark.parametrize("phase", ["staging", "promotion", "watch"])
+def test_a_release_killed_at_any_phase_ends_as_the_table_says(
+    sandbox, env, build, tmp_path, phase
+) -> None:
+    """docs/recovery.md's table, beyond the canary (CI's case above): a runner killed in
+    staging leaves production untouched and the run Crashed; killed after the promotion
+    commit (before its sync is verified) or in the post-release watch, production is
+    restored. Only the reconciler runs after the kill; it is the only way back."""
+    phase_env = {**env, **FAST, **LONG_CANARY, "ROBOTICS_CD_POST_RELEASE_WATCH": "90s"}
+    proc = _serve(phase_env, tmp_path / "runner.log")
+    wait_until(lambda: _deployed("release/release"), timeout=120, what="served release")
+    before_tree = _overlay_tree(sandbox)
+    stable_before = _production_images(sandbox)["api-gateway"][0]
+    image, sha = build({"www/faults.txt": f"killed in {phase}\n"}, f"faults: dies in {phase}")
+    try:
+        run = _start(image, sha)
+        if phase == "staging":
+            reached = lambda: _wrote(sandbox, run.id, STAGING_OVERLAY)  # noqa: E731
+        elif phase == "promotion":
+            _approve(run, phase_env)
+            reached = lambda: _wrote(sandbox, run.id, PRODUCTION_OVERLAY, "promote(")  # noqa: E731
+        else:
+            _approve(run, phase_env)
+            reached = lambda: (  # noqa: E731
+                _wrote(sandbox, run.id, PRODUCTION_OVERLAY, "promote(")
+                and _task_started(run.id, "api-gateway-production at the window's start")
+            )
+        wait_until(reached, timeout=600, what=f"the release in its {phase}")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        stop_pid(proc.pid)
+
+    done = subprocess.run(
+        [CLI, "reconcile"],
+        env={**os.environ, **phase_env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    wait_until(
+        lambda: _read(run.id).state.type == StateType.CRASHED,
+        timeout=60,
+        what="the dead release marked Crashed",
+    )
+    message = _read(run.id).state.message or ""
+    if phase == "staging":
+        assert "api-gateway: end-run" in done.stdout, done.stdout
+        assert "production untouched" in message, message
+    else:
+        assert "api-gateway: restore" in done.stdout, done.stdout
+        assert "reconciler restored production" in message, message
+    wait_until(
+        lambda: _overlay_tree(sandbox) == before_tree and not _lease_held(sandbox),
+        timeout=300,
+        what="production's overlay as before the release and the lease free",
+    )
+    wait_until(
+        lambda: _production_images(sandbox)["api-gateway"][0] == stable_before,
+        timeout=180,
+        what="production on the stable image",
+    )
