@@ -7,12 +7,21 @@
   the lease is blocked (no release may take production), ``status`` says BLOCKED; once Argo
   CD is back, ``robotics-cd lease clear`` unblocks it and the reconciler restores.
 - Argo CD answers malformed JSON (a failure that is not one of ours): restored as well.
+
+Full matrix only (``ROBOTICS_CD_FULL_MATRIX=1``), beside the 503 case above:
+- Argo CD hangs (answers nothing) mid-canary: the client's timeout turns it into a failed
+  step; the restore is retried until Argo CD answers again, then verified.
+- Prometheus dies mid-analysis: the intervals are inconclusive, never a pass; past the
+  inconclusive limit the release rolls back; production is restored.
+- The HTTP git remote hangs on a canary commit's push: the push is killed at the git
+  timeout; the release ends promoted or restored, never half.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +30,7 @@ import pytest
 from prefect.client.schemas.objects import StateType
 
 from sandbox.faults import FaultClient
-from sandbox.procs import spawn, stop_pid, wait_until
+from sandbox.procs import http_ok, spawn, stop_pid, wait_until
 from tests.e2e.releases import (
     CLI,
     FAST,
@@ -36,9 +45,9 @@ from tests.e2e.releases import (
     _start,
     _wait,
 )
+from tests.matrix import full_matrix
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
-FULL = os.environ.get("ROBOTICS_CD_FULL_MATRIX") == "1"
 APP = "/api/v1/applications/api-gateway-production"
 LEASE_REF = "refs/leases/api-gateway-production"
 LONG_CANARY = {"ROBOTICS_CD_CANARY_STEPS": "[10, 25, 50, 100]", "ROBOTICS_CD_CANARY_ANALYSES": "2"}
@@ -109,7 +118,7 @@ def _restored(sandbox, before_tree: str, stable: str) -> None:
     )
 
 
-@pytest.mark.skipif(not FULL, reason="full matrix only (ROBOTICS_CD_FULL_MATRIX=1)")
+@full_matrix
 def test_argocd_down_then_back_the_restore_is_retried_until_verified(
     sandbox, env, build, faults, tmp_path
 ) -> None:
@@ -194,3 +203,113 @@ def test_a_foreign_exception_in_a_canary_step_restores_production(
     assert done.state.type == StateType.FAILED, done.state
     assert done.state.message.startswith("rolled back:"), done.state.message
     _restored(sandbox, before_tree, stable)
+
+
+def _rolled_back_and_restored(done, sandbox, before_tree: str, stable: str) -> None:
+    assert done.state.type == StateType.FAILED and done.state.name != "RollbackFailed", (
+        done.state.name,
+        done.state.message,
+    )
+    assert done.state.message.startswith("rolled back:"), done.state.message
+    _restored(sandbox, before_tree, stable)
+
+
+@full_matrix
+def test_argocd_hanging_mid_canary_is_a_failed_step_and_production_is_restored(
+    sandbox, env, build, faults, tmp_path
+) -> None:
+    before_tree = _overlay_tree(sandbox)
+    stable = _production_images(sandbox)["api-gateway"][0]
+    runner = _runner(
+        env,
+        tmp_path / "runner.log",
+        ROBOTICS_CD_ROLLBACK_DEADLINE="900s",
+    )
+    try:
+        run = _into_canary(sandbox, env, build, "argocd hangs")
+        hang = faults.http_fault("argocd", path_prefix=APP, hang_seconds=120)
+        wait_until(
+            lambda: (
+                "rollback(production)" in _manifests(sandbox, "log", "-1", "--format=%s", "main")
+            ),
+            timeout=600,
+            what="the restoring commit written while Argo CD hangs",
+        )
+        assert _hits(faults, hang) >= 1
+        faults.clear("argocd")
+        done = _wait(run, _final, timeout=600, what="release finished")
+    finally:
+        stop_pid(runner.pid)  # type: ignore[attr-defined]
+    _rolled_back_and_restored(done, sandbox, before_tree, stable)
+
+
+def _kill_prometheus(sandbox) -> list[str]:
+    """SIGKILL the sandbox's Prometheus; returns its command line, to start it again."""
+    home = sandbox.state_dir / "prometheus"
+    pid = int((home / "prometheus.pid").read_text())
+    argv = [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+    os.kill(pid, signal.SIGKILL)
+    ready = f"{sandbox.prometheus_url}/-/ready"
+    wait_until(lambda: not http_ok(ready), timeout=30, what="Prometheus not answering")
+    return argv
+
+
+def _start_prometheus_again(sandbox, argv: list[str]) -> None:
+    home = sandbox.state_dir / "prometheus"
+    spawn(argv, log=home / "prometheus.log", pidfile=home / "prometheus.pid")
+    wait_until(
+        lambda: http_ok(f"{sandbox.prometheus_url}/-/ready"), timeout=120, what="Prometheus up"
+    )
+
+
+@full_matrix
+def test_prometheus_down_mid_analysis_is_never_a_pass(sandbox, env, build, tmp_path) -> None:
+    before_tree = _overlay_tree(sandbox)
+    stable = _production_images(sandbox)["api-gateway"][0]
+    runner = _runner(env, tmp_path / "runner.log")
+    argv: list[str] = []
+    try:
+        run = _into_canary(sandbox, env, build, "prometheus dies")
+        argv = _kill_prometheus(sandbox)
+        done = _wait(run, _final, timeout=600, what="release finished")
+    finally:
+        stop_pid(runner.pid)  # type: ignore[attr-defined]
+        if argv:
+            _start_prometheus_again(sandbox, argv)
+    _rolled_back_and_restored(done, sandbox, before_tree, stable)
+    assert "inconclusive" in done.state.message, done.state.message
+
+
+@full_matrix
+def test_git_remote_hanging_on_a_canary_push_never_leaves_production_half(
+    sandbox, env, build, faults, tmp_path
+) -> None:
+    before_tree = _overlay_tree(sandbox)
+    stable = _production_images(sandbox)["api-gateway"][0]
+    runner = _runner(env, tmp_path / "runner.log", ROBOTICS_CD_GIT_TIMEOUT="15")
+    try:
+        run = _into_canary(sandbox, env, build, "git remote hangs")
+        hang = faults.http_fault(
+            "git",
+            path_prefix="/robotics/robotics-k8s-manifests.git/git-receive-pack",
+            method="POST",
+            hang_seconds=45,
+            count=1,
+        )
+        wait_until(lambda: _hits(faults, hang) >= 1, timeout=300, what="a push hung")
+        done = _wait(run, _final, timeout=900, what="release finished")
+    finally:
+        faults.clear("git")
+        stop_pid(runner.pid)  # type: ignore[attr-defined]
+    assert _lease(sandbox) is None
+    assert done.state.name in ("Promoted", "Failed"), (done.state.name, done.state.message)
+    if done.state.name == "Promoted":
+        wait_until(
+            lambda: _production_images(sandbox)["api-gateway"][0] != stable,
+            timeout=180,
+            what="production on the released image",
+        )
+        assert _production_images(sandbox)["api-gateway-canary"][1] == 0
+    else:
+        _rolled_back_and_restored(done, sandbox, before_tree, stable)
+    print(f"git hang: release ended {done.state.name}: {done.state.message}")
