@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from core.catalog import Catalog, Service, TrainingImage
 from core.errors import InvalidInput
 from core.images import validate_sha
+from core.train import bundle_name, is_bundle_path
 
 SIGNATURE_HEADER = "X-Hub-Signature-256"
 EVENT_HEADER = "X-GitHub-Event"
@@ -273,6 +274,7 @@ class Targets:
 
     ci: str = "ci/ci"
     training_image: str = "training-image/training-image"
+    release_train: str = "release-train/release-train"
 
 
 @dataclass(frozen=True)
@@ -283,10 +285,11 @@ class RunRequest:
     parameters: dict[str, Any]
     reason: str
     tags: tuple[str, ...] = ()
+    key: str = ""  # when one delivery starts several runs of one deployment (bundle files)
 
     def idempotency_key(self, delivery_id: str) -> str:
         # Same delivery (a redelivery keeps its GUID) → same key → no second run.
-        return f"github-{delivery_id}-{self.deployment}"
+        return f"github-{delivery_id}-{self.deployment}" + (f"-{self.key}" if self.key else "")
 
 
 @dataclass(frozen=True)
@@ -329,6 +332,8 @@ def _lookup(catalog: Catalog, full_name: str) -> tuple[str, Service | TrainingIm
 
 def _route_push(push: PushEvent, catalog: Catalog, targets: Targets) -> Decision:
     repo = push.repository.full_name
+    if validate_full_name(repo).lower() == catalog.defaults.manifests_github.lower():
+        return _route_bundle_push(push, catalog, targets)
     found = _lookup(catalog, repo)
     if found is None:
         return _ignore(f"repository {repo} is not in the catalog", repo)
@@ -347,6 +352,48 @@ def _route_push(push: PushEvent, catalog: Catalog, targets: Targets) -> Decision
             subject=repo,
         )
     return _route_training_push(push, name, entry, sha, targets)
+
+
+def _route_bundle_push(push: PushEvent, catalog: Catalog, targets: Targets) -> Decision:
+    """A push to the manifests branch that adds or changes bundle files
+    (``bundles/<name>.yaml``): one ``release-train`` run per bundle, reading the file at the
+    pushed commit. Everything else pushed there (robotics-cd's own commits) starts nothing."""
+    repo = push.repository.full_name
+    validate_ref(push.ref)
+    if push.deleted or push.after == ZERO_SHA:
+        return _ignore(f"{push.ref} was deleted in {repo}", repo)
+    sha = validate_sha(push.after)
+    branch_ref = f"refs/heads/{catalog.defaults.manifests_branch}"
+    if push.ref != branch_ref:
+        return _ignore(f"{push.ref} is not {branch_ref}, the manifests branch", repo)
+    if len(push.commits) >= PUSH_COMMITS_CAP:
+        return _ignore(
+            f"{len(push.commits)} commits pushed to {repo} (list may be truncated): bundle "
+            "files unknown; start the train with `robotics-cd train-release`",
+            repo,
+        )
+    present: dict[str, bool] = {}  # each bundle path: still there after the last commit?
+    for commit in push.commits:
+        for path in (*commit.added, *commit.modified):
+            present[path] = True
+        for path in commit.removed:
+            present[path] = False
+    bundles = sorted(p for p, there in present.items() if there and is_bundle_path(p))
+    if not bundles:
+        return _ignore(f"no bundle file (bundles/<name>.yaml) changed in {repo}@{sha[:7]}", repo)
+    return Decision(
+        runs=tuple(
+            RunRequest(
+                targets.release_train,
+                {"bundle_file": path, "manifests_sha": sha},
+                f"bundle {path} changed in {repo}@{sha[:7]}",
+                ("push", "train", f"train:{bundle_name(path)}"),
+                key=bundle_name(path),
+            )
+            for path in bundles
+        ),
+        subject=repo,
+    )
 
 
 def _route_training_push(

@@ -356,7 +356,11 @@ def create_app(
         starter=starter,
         comments=comments,
         targets=targets
-        or Targets(ci=settings.ci_deployment, training_image=settings.training_image_deployment),
+        or Targets(
+            ci=settings.ci_deployment,
+            training_image=settings.training_image_deployment,
+            release_train=settings.release_train_deployment,
+        ),
         max_body=max_body,
     )
 

@@ -59,6 +59,7 @@ from core.train import (
     TrainAnalysis,
     TrainPlan,
     TrainRecord,
+    parse_bundle,
     plan_train,
     render_train_record,
 )
@@ -439,6 +440,26 @@ def _plans(catalog: Catalog, plan: TrainPlan, shas: dict[str, str]) -> dict[str,
     return out
 
 
+async def bundle_parameters(catalog: Catalog, path: str, revision: str | None) -> dict[str, Any]:
+    """The run's parameters from a pushed bundle file, checked before any write."""
+    from tasks import handoff
+
+    if not revision:
+        raise InvalidInput(f"bundle_file {path}: give manifests_sha, the commit that pushed it")
+    text = train_git.read_bundle_file(
+        path,
+        revision,
+        repo_url=catalog.defaults.manifests_repo,
+        branch=catalog.defaults.manifests_branch,
+    )
+    bundle = parse_bundle(text, file=path)
+    if not bundle.reason:
+        bundle = bundle.model_copy(update={"reason": f"bundle {path} at {revision[:12]}"})
+    # Read at call time: the registry lookup is the handoff's (tests replace it there).
+    _, parameters = await handoff.train_parameters(bundle, lookup=handoff._lookup_in_registry)
+    return parameters
+
+
 @flow(
     name="release-train",
     description="Several services released as one: staging in dependency order, one "
@@ -447,20 +468,31 @@ def _plans(catalog: Catalog, plan: TrainPlan, shas: dict[str, str]) -> dict[str,
     persist_result=True,
 )
 async def release_train(
-    services: dict[str, str],
+    services: dict[str, str] | None = None,
     source_shas: dict[str, str] | None = None,
     reason: str = "",
     name: str = "",
     steps: list[int] | None = None,
     provenance_override_reason: str | None = None,
+    bundle_file: str | None = None,
+    manifests_sha: str | None = None,
 ) -> State[Any]:
     """Release ``services`` (service → registry/repo:tag@digest) together.
 
     ``source_shas``: the commit each image was built from (``robotics-cd train-release``
     fills it from each image's revision label). ``name``: the train's (default: from the run).
+    ``bundle_file`` + ``manifests_sha`` (a push of ``bundles/<name>.yaml``, from the webhook):
+    the bundle is read from the manifests repo at that commit and checked as the CLI checks
+    it (catalog, cycle, each image in the registry) before anything is written.
     """
     settings = get_settings()
     catalog = load_catalog(settings.catalog)
+    if bundle_file:
+        given = await bundle_parameters(catalog, bundle_file, manifests_sha)
+        services, source_shas = given["services"], given["source_shas"]
+        reason, name, steps = given["reason"], given["name"], given["steps"]
+    if not services:
+        raise InvalidInput("a release train needs services (service: image) or a bundle_file")
     bundle = Bundle(
         name=name or f"train-{str(flow_run.id)[:8]}",
         services={s: BundleService(image=i) for s, i in services.items()},

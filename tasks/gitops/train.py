@@ -80,6 +80,17 @@ class _TrainEdit:
 class TrainRepo(ManifestsRepo):
     """The manifests clone of a release train."""
 
+    def file_at(self, path: str, revision: str) -> str:
+        """A file of the manifests repo at ``revision`` (a bundle file, as it was pushed)."""
+        path = _check_relpath(path)
+        with self._session():
+            self._update()
+            self._full_history()
+            code, out, _ = self._run("show", f"{revision}:{path}")
+        if code != 0:
+            raise InvalidInput(f"{path} is not in revision {revision[:12]} of {self.url}")
+        return out
+
     # -- leases, all at once
 
     def _cas_many(self, moves: Sequence[tuple[str, str | None, str | None]]) -> bool:
@@ -550,3 +561,12 @@ def train_revert(
     return repo.train_revert(
         train=train, members=members, commits=commits, holder=who, reason=reason
     )
+
+
+@task(name="train-read-bundle", cache_policy=NO_CACHE)
+def read_bundle_file(
+    path: str, revision: str, *, repo_url: str | None = None, branch: str | None = None
+) -> str:
+    """A bundle file as pushed (``bundles/<name>.yaml`` at ``revision``)."""
+    _, repo = train_repo(repo_url=repo_url, branch=branch)
+    return repo.file_at(path, revision)

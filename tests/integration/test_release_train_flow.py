@@ -28,7 +28,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from core.analysis import IntervalVerdict, Verdict
 from core.approval import ApprovalDecision
 from core.release import commits_to_revert
-from tests.integration.test_gitops import git, seed_manifests
+from tests.integration.test_gitops import git, push_from_other_clone, seed_manifests
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -266,3 +266,75 @@ def test_a_regression_in_the_second_service_rolls_both_back_in_one_commit(world:
     record = record_of("fleet-v3")
     assert "rolled back" in record and "Failed: api-gateway" in record
     assert "Rollback commit (one, for every service)" in record
+
+
+# --- a bundle file pushed to the manifests repo (what the webhook starts) ---------------------
+
+
+@dataclass
+class Found:
+    digest: str
+    revision: str
+
+
+def push_bundle(world: World, tmp_path: Path, name: str, text: str) -> str:
+    def write(clone: Path) -> None:
+        (clone / "bundles").mkdir(exist_ok=True)
+        (clone / "bundles" / f"{name}.yaml").write_text(text)
+
+    return push_from_other_clone(tmp_path, f"file://{world.bare}", write).strip()
+
+
+@pytest.fixture
+def registry(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The registry as the bundle's check sees it: every tag there, at its service's digest."""
+    from tasks import handoff
+
+    asked: list[str] = []
+
+    async def lookup(registry: str, repository: str, tag: str) -> Found:
+        asked.append(repository)
+        service = repository.rsplit("/", 1)[-1]
+        return Found(digest=DIGEST[service], revision="c" * 40)
+
+    monkeypatch.setattr(handoff, "_lookup_in_registry", lookup)
+    return asked
+
+
+def run_bundle(path: str, sha: str) -> Any:
+    from flows.release_train import release_train
+
+    return release_train(bundle_file=path, manifests_sha=sha, return_state=True)
+
+
+def test_a_pushed_bundle_file_is_released_as_a_train(
+    world: World, registry: list[str], tmp_path: Path
+) -> None:
+    text = (
+        "reason: the planner's v2 API and the gateway that calls it\n"
+        "services:\n"
+        + "".join(f"  {s}: {REGISTRY}/{REPO[s]}:{TAG}\n" for s in ORDER)  # tags, no digests
+    )
+    sha = push_bundle(world, tmp_path, "fleet-v4", text)
+    state = anyio.run(lambda: run_bundle("bundles/fleet-v4.yaml", sha))
+
+    assert state.is_completed() and state.name == "Promoted", state
+    assert sorted(registry) == sorted(REPO.values())  # every image pinned from the registry
+    assert world.log("-1", "--format=%s").startswith("promote(production): train fleet-v4: ")
+    for service in ORDER:  # production runs the digests the registry holds for the tags
+        text = git(world.bare, "show", f"main:{overlay(service)}/kustomization.yaml")
+        assert DIGEST[service] in text, text
+    assert "the planner's v2 API" in record_of("fleet-v4")
+
+
+def test_a_bundle_naming_an_unknown_service_is_refused_before_any_write(
+    world: World, registry: list[str], tmp_path: Path
+) -> None:
+    sha = push_bundle(
+        world, tmp_path, "bad", f"services:\n  ghost: {REGISTRY}/robotics-serving/ghost:{TAG}\n"
+    )
+    state = anyio.run(lambda: run_bundle("bundles/bad.yaml", sha))
+
+    assert state.is_failed() and "ghost not in the catalog" in str(state.message), state
+    assert world.log("-1", "--format=%H").strip() == sha  # nothing written after the push
+    assert leases(world) == "" and not world.staged and not registry

@@ -392,3 +392,71 @@ def test_delivery_id_must_look_like_a_guid():
     for bad in (None, "", "../x", "a" * 80, "id with space"):
         with pytest.raises(InvalidInput):
             validate_delivery_id(bad)
+
+
+# --- routing: the manifests repo (release-train bundle files) -------------------------------
+
+MANIFESTS_CATALOG = parse_catalog(
+    _CATALOG.format(service_repo="x/api", training_repo="x/train").replace(
+        "  manifests_repo: file:///tmp/none/manifests.git\n",
+        "  manifests_repo: file:///tmp/none/manifests.git\n"
+        "  manifests_branch: master\n"
+        "  manifests_github: Codertocat/Hello-World\n",
+    ),
+    env={},
+)
+
+
+def manifests_push(*commits: dict[str, list[str]]) -> dict[str, Any]:
+    data = copy.deepcopy(example("push.json"))
+    template = data["commits"][0]
+    data["commits"] = [
+        {**template, "added": [], "modified": [], "removed": [], **c} for c in commits
+    ]
+    return data
+
+
+def test_a_pushed_bundle_file_starts_one_train_per_bundle():
+    data = manifests_push(
+        {"added": ["bundles/fleet-v2.yaml", "README.md"]},
+        {"modified": ["bundles/nav.yml", "serving/api-gateway/overlays/staging/x.yaml"]},
+    )
+    decision = route("push", parse_payload("push", data), MANIFESTS_CATALOG, TARGETS)
+    sha = "6113728f27ae82c7b1a177c8d03f9e96e0adf246"
+    assert [r.parameters for r in decision.runs] == [
+        {"bundle_file": "bundles/fleet-v2.yaml", "manifests_sha": sha},
+        {"bundle_file": "bundles/nav.yml", "manifests_sha": sha},
+    ]
+    assert {r.deployment for r in decision.runs} == {"release-train/release-train"}
+    # One delivery, two runs of one deployment: each its own idempotency key.
+    keys = {r.idempotency_key("d-1") for r in decision.runs}
+    assert keys == {
+        "github-d-1-release-train/release-train-fleet-v2",
+        "github-d-1-release-train/release-train-nav",
+    }
+    assert "train:fleet-v2" in decision.runs[0].tags
+
+
+@pytest.mark.parametrize(
+    ("commits", "why"),
+    [
+        # robotics-cd's own commits (overlays, leases) start nothing.
+        ([{"modified": ["serving/api-gateway/overlays/production/canary.yaml"]}], "no bundle"),
+        # A bundle added then removed in the same push is not there to release.
+        ([{"added": ["bundles/x.yaml"]}, {"removed": ["bundles/x.yaml"]}], "no bundle"),
+        # Nested or other extensions are not bundle files.
+        ([{"added": ["bundles/old/x.yaml", "bundles/x.json"]}], "no bundle"),
+        ([{"added": ["bundles/x.yaml"]}] * 20, "may be truncated"),
+    ],
+)
+def test_a_manifests_push_without_a_bundle_file_starts_nothing(commits, why):
+    data = manifests_push(*commits)
+    decision = route("push", parse_payload("push", data), MANIFESTS_CATALOG, TARGETS)
+    assert not decision.starts_anything and why in decision.ignored
+
+
+def test_a_bundle_pushed_to_another_branch_of_the_manifests_repo_starts_nothing():
+    data = manifests_push({"added": ["bundles/fleet-v2.yaml"]})
+    data["ref"] = "refs/heads/feature"
+    decision = route("push", parse_payload("push", data), MANIFESTS_CATALOG, TARGETS)
+    assert not decision.starts_anything and "the manifests branch" in decision.ignored
