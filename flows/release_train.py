@@ -192,7 +192,11 @@ async def sync_all(train: Train, commit: str, order: list[str]) -> list[str]:
 async def stage_all(train: Train, plans: dict[str, ReleasePlan], record: TrainRecord) -> None:
     """Every service through staging in dependency order, then the bundle smoke test."""
     for name in train.plan.order:
-        await deploy_staging(plans[name], train.configs[name], record.services[name])
+        try:
+            await deploy_staging(plans[name], train.configs[name], record.services[name])
+        except RoboticsCDError:
+            record.failed = [name]
+            raise
     for name in train.plan.order:
         svc = train.configs[name].svc
         if svc.bundle_smoke:
@@ -525,7 +529,11 @@ async def release_train(
         )
     emit_train_event("started", plan.name, train.images(), {"order": plan.order})
 
-    await stage_all(train, plans, record)
+    try:
+        await stage_all(train, plans, record)
+    except RoboticsCDError as exc:  # nothing of production changed: the train ends here
+        what = ", ".join(record.failed) or "the bundle smoke test"
+        return end(train, record, "staging-failed", f"{what}: {exc}")
     decision = await approve_bundle(train, plans, record)
     record.decision = decision
     if not decision.approved:
@@ -575,6 +583,7 @@ def end(train: Train, record: TrainRecord, event: str, why: str) -> State[Any]:
         "rejected": why,
         "rolled-back": f"rolled back: {why}",
         "rollback-failed": f"rollback failed, production blocked: {why}",
+        "staging-failed": f"staging failed, production untouched: {why}",
     }[event]
     for name in train.plan.order:
         if record.services[name].analyses:
@@ -599,6 +608,8 @@ def end(train: Train, record: TrainRecord, event: str, why: str) -> State[Any]:
         return Completed(message=f"promoted {', '.join(train.plan.order)}", name="Promoted")
     if event == "rejected":
         return Completed(message=why, name="Rejected")
+    if event == "staging-failed":
+        return Failed(message=record.outcome, name="StagingFailed")
     if event == "rollback-failed":
         return Failed(message=record.outcome, name="RollbackFailed", data=RollbackFailed(why))
     return Failed(message=record.outcome, data=CanaryFailed(why))

@@ -35,6 +35,7 @@ log = get_logger("robotics_cd.lifecycle")
 
 RELEASE_EVENTS = (
     "started",
+    "staging-failed",
     "awaiting-approval",
     "promoted",
     "rolled-back",
@@ -81,6 +82,7 @@ def emit_release_event(
 
 TRAIN_EVENTS = (
     "started",
+    "staging-failed",
     "awaiting-approval",
     "step",
     "promoted",

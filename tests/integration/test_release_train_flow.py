@@ -27,6 +27,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
 from core.analysis import IntervalVerdict, Verdict
 from core.approval import ApprovalDecision
+from core.errors import VerificationFailed
 from core.release import commits_to_revert
 from tests.integration.test_gitops import git, push_from_other_clone, seed_manifests
 
@@ -63,6 +64,7 @@ class World:
 
     bare: Path
     failing: set[str] = field(default_factory=set)
+    failing_staging: set[str] = field(default_factory=set)
     staged: list[str] = field(default_factory=list)
     syncs: list[tuple[str, str]] = field(default_factory=list)
     judged: list[str] = field(default_factory=list)
@@ -123,6 +125,8 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_server: Any) 
 
     async def staging(plan: Any, cfg: Any, record: Any) -> None:
         w.staged.append(plan.service)
+        if plan.service in w.failing_staging:
+            raise VerificationFailed(f"staging metrics: {plan.service}: error_ratio 0.4 > 0.05")
         record.staging_commit = "5" * 40
 
     async def no_refusal(service: str, image: str) -> None:
@@ -266,6 +270,19 @@ def test_a_regression_in_the_second_service_rolls_both_back_in_one_commit(world:
     record = record_of("fleet-v3")
     assert "rolled back" in record and "Failed: api-gateway" in record
     assert "Rollback commit (one, for every service)" in record
+
+
+def test_a_service_failing_staging_ends_the_train_before_production(world: World) -> None:
+    world.failing_staging = {"fleet-planner"}
+    head = world.log("-1", "--format=%H").strip()
+    state = anyio.run(lambda: run_train("fleet-v5"))
+
+    assert state.is_failed() and state.name == "StagingFailed", state
+    assert "fleet-planner: staging metrics" in str(state.message)
+    assert world.staged == ["fleet-planner"]  # the gateway was never staged
+    assert world.log("-1", "--format=%H").strip() == head and leases(world) == ""
+    assert not world.syncs
+    assert "staging failed, production untouched" in record_of("fleet-v5")
 
 
 # --- a bundle file pushed to the manifests repo (what the webhook starts) ---------------------
