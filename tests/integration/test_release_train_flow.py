@@ -285,6 +285,44 @@ def test_a_service_failing_staging_ends_the_train_before_production(world: World
     assert "staging failed, production untouched" in record_of("fleet-v5")
 
 
+def test_a_train_waits_for_a_single_release_and_takes_nothing_meanwhile(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A single release of the gateway holds its production lease: the train, past staging
+    and approval, waits (its state says for whom), holds none of its leases meanwhile, and
+    goes on once the release is done."""
+    from datetime import timedelta
+
+    from flows import release_train as flow_module
+    from tasks.gitops.train import TrainRepo
+    from tests.integration.test_gitops import KUBECTL
+
+    single = TrainRepo(url=f"file://{world.bare}", workdir=tmp_path / "single", kubectl=KUBECTL)
+    single.take_lease("api-gateway-production", "release-9", timedelta(minutes=5))
+    monkeypatch.setattr(flow_module, "LOCK_POLL_SECONDS", 0.2)
+    waits: list[str | None] = []
+    held_meanwhile: list[str] = []
+    real = flow_module.lifecycle.mark_waiting
+
+    async def mark_waiting(message: str | None) -> None:
+        waits.append(message)
+        await real(message)
+        if message:  # the train waits: nothing of it is taken; then the release ends
+            held_meanwhile.extend(leases(world).split())
+            await anyio.to_thread.run_sync(
+                single.release_lease, "api-gateway-production", "release-9"
+            )
+
+    monkeypatch.setattr(flow_module.lifecycle, "mark_waiting", mark_waiting)
+    state = anyio.run(lambda: run_train("fleet-v6"))
+
+    assert state.is_completed() and state.name == "Promoted", state
+    assert waits[0] is not None and "api-gateway-production is held by release-9" in waits[0]
+    assert waits[-1] is None  # back to plain Running once every lease was taken
+    assert held_meanwhile == ["refs/leases/api-gateway-production"]  # the single release's
+    assert leases(world) == ""
+
+
 # --- a bundle file pushed to the manifests repo (what the webhook starts) ---------------------
 
 
