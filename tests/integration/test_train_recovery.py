@@ -1,0 +1,116 @@
+"""A release train that died mid-canary, recovered by today's reconciler (which judges one
+lease at a time and does not know trains), against real git and the real
+``kubectl kustomize``: what production looks like afterwards, and in how many commits.
+
+Argo CD, the smoke test and the Prefect API are stand-ins (the reconciler needs no Prefect
+API by design; the dead run is one Prefect does not know)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import anyio
+import pytest
+
+from core.images import parse_reference
+from core.recovery import Action, RunPhase
+from tasks.gitops.train import TrainMember, TrainRepo
+from tests.integration.test_gitops import KUBECTL, git, seed_manifests
+
+pytestmark = pytest.mark.integration
+
+ORDER = ["fleet-planner", "api-gateway"]
+LEASES = [f"{s}-production" for s in ORDER]
+IMAGE = {
+    "fleet-planner": "127.0.0.1:5000/robotics-fleet/fleet-planner:20261207-def5678@sha256:"
+    + "f1" * 32,
+    "api-gateway": "127.0.0.1:5000/robotics-serving/api-gateway:20261207-abc1234@sha256:"
+    + "a9" * 32,
+}
+
+
+def overlay(service: str) -> str:
+    return f"serving/{service}/overlays/production"
+
+
+@pytest.fixture
+def bare(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    from core.settings import get_settings
+    from flows import reconcile
+
+    url = seed_manifests(tmp_path)
+    monkeypatch.delenv("ROBOTICS_CD_CATALOG", raising=False)
+    monkeypatch.setenv("ROBOTICS_CD_GIT_BASE", f"file://{tmp_path}")
+    monkeypatch.setenv("ROBOTICS_CD_WORKSPACE", str(tmp_path / "workspace"))
+    get_settings.cache_clear()
+
+    async def phase(run_id: str) -> RunPhase:
+        return RunPhase.MISSING
+
+    async def crashed(run_id: str, message: str) -> bool:
+        return True
+
+    async def sync(app: str, revision: str, *args: Any, **kwargs: Any) -> Any:
+        return SimpleNamespace(revision=revision)
+
+    monkeypatch.setattr(reconcile.lifecycle, "run_phase", phase)
+    monkeypatch.setattr(reconcile.lifecycle, "mark_crashed", crashed)
+    monkeypatch.setattr(reconcile.argocd, "argocd_sync_and_wait", SimpleNamespace(fn=sync))
+    monkeypatch.setattr(reconcile.smoke, "smoke_test", SimpleNamespace(fn=lambda *a, **k: []))
+    monkeypatch.setattr(reconcile, "_quarantine", lambda *a, **k: None)
+    yield Path(url.removeprefix("file://"))
+    get_settings.cache_clear()
+
+
+def test_a_dead_train_mid_canary_is_restored_by_the_reconciler(bare: Path, tmp_path: Path) -> None:
+    from flows.reconcile import reconcile_once
+
+    before = {s: git(bare, "rev-parse", f"main:{overlay(s)}") for s in ORDER}
+    dead = TrainRepo(url=f"file://{bare}", workdir=tmp_path / "dead", kubectl=KUBECTL)
+    dead.take_train(LEASES, "train-run-dead", timedelta(seconds=1), "fleet-v2")
+    members = [
+        TrainMember(
+            service=s,
+            overlay=overlay(s),
+            lease=f"{s}-production",
+            image=parse_reference(IMAGE[s]),
+            replicas=2,
+        )
+        for s in ORDER
+    ]
+    step = dead.train_canary(
+        train="fleet-v2",
+        members=members,
+        weights={"fleet-planner": 50, "api-gateway": 50},
+        holder="train-run-dead",
+    )
+    assert {s: git(bare, "rev-parse", f"main:{overlay(s)}") for s in ORDER} != before
+    deadline = time.monotonic() + 30
+    while not all(
+        lease is not None and lease.expired(datetime.now(UTC))
+        for lease in dead.read_leases(LEASES).values()
+    ):
+        assert time.monotonic() < deadline, "the dead train's leases never expired"
+        time.sleep(0.2)
+
+    done = anyio.run(lambda: reconcile_once(me="reconciler-test"))
+
+    by_service = {r.service: r for r in done}
+    assert set(by_service) == set(ORDER), done
+    assert all(r.action == Action.RESTORE for r in done), done
+    # Production runs what it ran before the train, and every lease is free.
+    assert {s: git(bare, "rev-parse", f"main:{overlay(s)}") for s in ORDER} == before
+    assert git(bare, "for-each-ref", "refs/leases/") == ""
+    # The train's step commit touched both overlays: the first service's restore reverted
+    # all of it in ONE commit; the second found it undone and wrote nothing.
+    after = git(bare, "log", "--format=%H %s", f"{step.sha}..main").splitlines()
+    assert len(after) == 1 and after[0].split(" ", 1)[1].startswith("rollback(production)"), after
+    assert sum(1 for r in done if r.commit) == 1, done
+    # What it does not know: the commit names the first service of the catalog only, not the
+    # train (a train-aware restore is still to do; docs/release-trains.md).
+    print("RESULT restoring commit:", after[0].split(" ", 1)[1])
