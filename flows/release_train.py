@@ -31,6 +31,7 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 
 from core.analysis import Decision, IntervalVerdict, TrackObservation, Verdict
+from core.approval import ApprovalDecision, approval_heading
 from core.catalog import Catalog, load_catalog
 from core.errors import (
     CanaryFailed,
@@ -41,6 +42,7 @@ from core.errors import (
     RoboticsCDError,
     RollbackFailed,
 )
+from core.freeze import Freeze, FreezeWindow, active_freeze, next_freeze
 from core.images import parse_reference
 from core.release import (
     LeaseRecord,
@@ -65,7 +67,7 @@ from core.train import (
 )
 from flows.release import Config, deploy_staging
 from tasks import argocd, gitops, images, lifecycle, metrics, notify, quarantine, report, smoke
-from tasks.approvals import wait_for_decision
+from tasks.approvals import wait_for_votes
 from tasks.gitops import train as train_git
 from tasks.lifecycle import emit_train_event
 
@@ -110,6 +112,20 @@ class Train:
 
     def images(self) -> dict[str, str]:
         return {s.service: s.image for s in self.plan.services}
+
+    def freeze_windows(self) -> list[tuple[str, FreezeWindow]]:
+        """Every window that freezes any of the train's services (global ones once)."""
+        windows: list[tuple[str, FreezeWindow]] = []
+        for name in self.plan.order:
+            windows += [w for w in self.catalog.freeze_windows(name) if w not in windows]
+        return windows
+
+    def frozen(self) -> Freeze | None:
+        return active_freeze(self.freeze_windows(), datetime.now(UTC))
+
+    def required_approvals(self) -> int:
+        """The strictest quorum of the train's services."""
+        return max(self.catalog.approval_policy(s).required for s in self.plan.order)
 
 
 # --- the lock -------------------------------------------------------------------------------
@@ -204,7 +220,19 @@ async def stage_all(train: Train, plans: dict[str, ReleasePlan], record: TrainRe
             record.bundle_smoke += [{"service": name, **r.model_dump()} for r in results]
 
 
-async def approve_bundle(train: Train, plans: dict[str, ReleasePlan], record: TrainRecord) -> Any:
+async def approve_bundle(
+    train: Train, plans: dict[str, ReleasePlan], record: TrainRecord
+) -> ApprovalDecision:
+    """One form for the bundle: the strictest quorum of its services, and the freeze windows
+    of every service (a freeze in force is shown; the flow refuses to go on in it)."""
+    required = train.required_approvals()
+    windows = train.freeze_windows()
+    heading = approval_heading(
+        str(flow_run.id),
+        required,
+        active_freeze(windows, datetime.now(UTC)),
+        next_freeze(windows, datetime.now(UTC)),
+    )
     parts = [
         f"# Release train {train.plan.name}",
         "",
@@ -227,7 +255,12 @@ async def approve_bundle(train: Train, plans: dict[str, ReleasePlan], record: Tr
         link=report.flow_run_url(flow_run.id),
     )
     emit_train_event("awaiting-approval", train.plan.name, train.images())
-    return await wait_for_decision(train.plan.approvers, "\n".join(parts))
+    return await wait_for_votes(
+        train.plan.approvers,
+        heading + "\n".join(parts),
+        required=required,
+        ui_authenticated=train.settings.ui_authenticated,
+    )
 
 
 # --- production -----------------------------------------------------------------------------
@@ -538,6 +571,13 @@ async def release_train(
     record.decision = decision
     if not decision.approved:
         return end(train, record, "rejected", decision.outcome())
+    freeze = train.frozen()
+    if freeze is not None:
+        if decision.break_glass is None:
+            # Nothing of production is held or changed: the train is started again after
+            # the window (a single release waits suspended; a train does not, yet).
+            return end(train, record, "frozen", freeze.describe())
+        record.notes.append(f"break-glass during a freeze: {decision.break_glass.describe()}")
 
     leases = await take_train_lock(train)
     first_lease = leases[train.leases[0]].record
@@ -584,6 +624,7 @@ def end(train: Train, record: TrainRecord, event: str, why: str) -> State[Any]:
         "rolled-back": f"rolled back: {why}",
         "rollback-failed": f"rollback failed, production blocked: {why}",
         "staging-failed": f"staging failed, production untouched: {why}",
+        "frozen": f"not released, production is frozen: {why}; start the train again after it",
     }[event]
     for name in train.plan.order:
         if record.services[name].analyses:
@@ -608,6 +649,8 @@ def end(train: Train, record: TrainRecord, event: str, why: str) -> State[Any]:
         return Completed(message=f"promoted {', '.join(train.plan.order)}", name="Promoted")
     if event == "rejected":
         return Completed(message=why, name="Rejected")
+    if event == "frozen":
+        return Completed(message=record.outcome, name="Frozen")
     if event == "staging-failed":
         return Failed(message=record.outcome, name="StagingFailed")
     if event == "rollback-failed":

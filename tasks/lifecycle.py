@@ -89,6 +89,7 @@ TRAIN_EVENTS = (
     "rolled-back",
     "rollback-failed",
     "rejected",
+    "frozen",
 )
 
 

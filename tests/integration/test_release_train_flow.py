@@ -70,6 +70,7 @@ class World:
     judged: list[str] = field(default_factory=list)
     quarantined: list[str] = field(default_factory=list)
     chat: list[str] = field(default_factory=list)
+    forms: list[str] = field(default_factory=list)
 
     def log(self, *args: str) -> str:
         return git(self.bare, "log", *args, "main")
@@ -138,8 +139,11 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_server: Any) 
     async def quarantine(service: str, *args: Any, **kwargs: Any) -> None:
         w.quarantined.append(service)
 
-    async def approve(approvers: list[str], description: str) -> ApprovalDecision:
+    async def approve(
+        approvers: list[str], description: str, *, required: int, ui_authenticated: bool
+    ) -> ApprovalDecision:
         assert all(s in description for s in ORDER)
+        w.forms.append(description)
         return ApprovalDecision("approve", approvers[0], "train test")
 
     async def sync(app: str, revision: str, *args: Any, **kwargs: Any) -> Any:
@@ -162,7 +166,7 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_server: Any) 
         return []
 
     monkeypatch.setattr(flow_module, "deploy_staging", staging)
-    monkeypatch.setattr(flow_module, "wait_for_decision", approve)
+    monkeypatch.setattr(flow_module, "wait_for_votes", approve)
     monkeypatch.setattr(flow_module.quarantine, "quarantine_refusal", no_refusal)
     monkeypatch.setattr(flow_module.quarantine, "quarantine_image", quarantine)
     monkeypatch.setattr(flow_module.images, "verify_release_image", verified)
@@ -321,6 +325,30 @@ def test_a_train_waits_for_a_single_release_and_takes_nothing_meanwhile(
     assert waits[-1] is None  # back to plain Running once every lease was taken
     assert held_meanwhile == ["refs/leases/api-gateway-production"]  # the single release's
     assert leases(world) == ""
+
+
+def test_an_approved_train_in_a_freeze_is_not_released(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core.settings import get_settings
+
+    catalog = tmp_path / "services.yaml"
+    shipped = (Path(__file__).resolve().parents[2] / "services.yaml").read_text()
+    catalog.write_text(
+        shipped
+        + "\nfreeze:\n  - reason: year-end freeze\n"
+        + "    start: 2020-01-01T00:00:00Z\n    end: 2099-01-01T00:00:00Z\n"
+    )
+    monkeypatch.setenv("ROBOTICS_CD_CATALOG", str(catalog))
+    get_settings.cache_clear()
+    head = world.log("-1", "--format=%H").strip()
+    state = anyio.run(lambda: run_train("fleet-v7"))
+
+    assert state.is_completed() and state.name == "Frozen", state
+    assert "year-end freeze" in str(state.message)
+    assert "year-end freeze" in world.forms[0]  # the one form said so before anyone approved
+    assert world.log("-1", "--format=%H").strip() == head and leases(world) == ""
+    assert not world.syncs
 
 
 # --- a bundle file pushed to the manifests repo (what the webhook starts) ---------------------
