@@ -30,6 +30,7 @@ from core.approval import ApprovalDecision
 from core.errors import VerificationFailed
 from core.release import commits_to_revert
 from tests.integration.test_gitops import git, push_from_other_clone, seed_manifests
+from tests.matrix import full_matrix
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -390,6 +391,7 @@ def run_bundle(path: str, sha: str) -> Any:
     return release_train(bundle_file=path, manifests_sha=sha, return_state=True)
 
 
+@full_matrix  # a third full canary (~15 s); CI keeps the refused bundle, which reads one too
 def test_a_pushed_bundle_file_is_released_as_a_train(
     world: World, registry: list[str], tmp_path: Path
 ) -> None:
