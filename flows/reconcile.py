@@ -101,15 +101,24 @@ async def reconcile_service(
         return done
     release = record.owner
     try:
-        commit = await restore_release(
-            name,
-            svc,
-            catalog,
-            release,
-            me=me,
-            reason=f"reconciler: {verdict.reason}",
-            revert=verdict.action == Action.RESTORE,
-        )
+        if record.train is not None:
+            commit = await restore_train(
+                lease,
+                catalog,
+                me=me,
+                reason=f"reconciler: {verdict.reason}",
+                revert=verdict.action == Action.RESTORE,
+            )
+        else:
+            commit = await restore_release(
+                name,
+                svc,
+                catalog,
+                release,
+                me=me,
+                reason=f"reconciler: {verdict.reason}",
+                revert=verdict.action == Action.RESTORE,
+            )
     except LeaseHeld as exc:  # another reconciler (or rollback run) acts for it now
         return done.model_copy(update={"action": Action.LEAVE, "reason": str(exc)})
     if verdict.mark_crashed or phase == RunPhase.ACTIVE:
@@ -201,6 +210,63 @@ async def restore_release(
             )
             smoke.smoke_test.fn(target, svc.smoke)
     gitops.release_lease.fn(name, "production", me, **repo)
+    return commit
+
+
+async def restore_train(
+    lease: gitops.Lease, catalog: Catalog, *, me: str, reason: str, revert: bool = True
+) -> str | None:
+    """A dead release train: every lease it still holds taken over in ONE atomic push, ONE
+    commit reverting every commit it recorded across every overlay, syncs in reverse
+    dependency order, smoke tests, every lease freed. LeaseHeld when another live run holds
+    any of them. No image is quarantined: which service failed died with the train."""
+    from core.images import parse_reference
+    from core.release import commits_to_revert
+    from tasks.gitops import train as train_git
+
+    ref = lease.record.train
+    if ref is None:
+        raise ValueError(f"lease {lease.name} is not a release train's")
+    dead = lease.holder
+    repo_kw = _repo(catalog)
+    _, repo = train_git.train_repo(me, **repo_kw)
+    current = repo.read_leases(ref.leases)
+    names = [n for n, held in current.items() if held is not None and held.holder == dead]
+    recorded: list[str] = []
+    for n in names:
+        recorded += [c for c in current[n].commits if c not in recorded]  # type: ignore[union-attr]
+    repo.take_train(names, me, TAKEOVER_TTL, ref.name)  # compare-and-swap, all or none
+    services = [n.removesuffix("-production") for n in ref.leases]  # dependency order
+    commit: str | None = None
+    if revert and recorded:
+        members = [
+            train_git.TrainMember(
+                service=s,
+                overlay=str(catalog.service(s).environments["production"].path),
+                lease=f"{s}-production",
+                # Unused by a revert (it writes no image); a member names one all the same.
+                image=parse_reference(
+                    f"{catalog.defaults.pull_registry}/{catalog.service(s).image}:restore"
+                ),
+                replicas=0,
+            )
+            for s in reversed(services)
+        ]
+        written = repo.train_revert(
+            train=ref.name,
+            members=members,
+            commits=commits_to_revert(recorded, set()),
+            holder=me,
+            reason=reason,
+        )
+        commit = written.sha
+        for s in reversed(services):  # the callers first: reverse dependency order
+            target = catalog.service(s).environments["production"]
+            await argocd.argocd_sync_and_wait.fn(
+                target.argocd_app, commit, False, is_descendant=gitops.descendant_check(**repo_kw)
+            )
+            smoke.smoke_test.fn(target, catalog.service(s).smoke)
+    repo.release_train(names, me)
     return commit
 
 

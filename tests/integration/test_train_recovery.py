@@ -1,6 +1,6 @@
-"""A release train that died mid-canary, recovered by today's reconciler (which judges one
-lease at a time and does not know trains), against real git and the real
-``kubectl kustomize``: what production looks like afterwards, and in how many commits.
+"""A release train that died mid-canary, recovered by the reconciler against real git and
+the real ``kubectl kustomize``: every lease of the train taken over at once, one restoring
+commit naming the train and every commit it undoes, syncs in reverse dependency order.
 
 Argo CD, the smoke test and the Prefect API are stand-ins (the reconciler needs no Prefect
 API by design; the dead run is one Prefect does not know)."""
@@ -34,6 +34,9 @@ IMAGE = {
 }
 
 
+synced: list[tuple[str, str]] = []
+
+
 def overlay(service: str) -> str:
     return f"serving/{service}/overlays/production"
 
@@ -56,6 +59,7 @@ def bare(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
         return True
 
     async def sync(app: str, revision: str, *args: Any, **kwargs: Any) -> Any:
+        synced.append((app, revision))
         return SimpleNamespace(revision=revision)
 
     monkeypatch.setattr(reconcile.lifecycle, "run_phase", phase)
@@ -67,8 +71,12 @@ def bare(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     get_settings.cache_clear()
 
 
-def test_a_dead_train_mid_canary_is_restored_by_the_reconciler(bare: Path, tmp_path: Path) -> None:
+def test_a_dead_train_mid_canary_is_restored_whole_in_one_commit(
+    bare: Path, tmp_path: Path
+) -> None:
     from flows.reconcile import reconcile_once
+
+    synced.clear()
 
     before = {s: git(bare, "rev-parse", f"main:{overlay(s)}") for s in ORDER}
     dead = TrainRepo(url=f"file://{bare}", workdir=tmp_path / "dead", kubectl=KUBECTL)
@@ -100,17 +108,21 @@ def test_a_dead_train_mid_canary_is_restored_by_the_reconciler(bare: Path, tmp_p
 
     done = anyio.run(lambda: reconcile_once(me="reconciler-test"))
 
-    by_service = {r.service: r for r in done}
-    assert set(by_service) == set(ORDER), done
-    assert all(r.action == Action.RESTORE for r in done), done
+    # The first service of the catalog met the train's lease; the train was restored whole,
+    # so the second found nothing left to do.
+    assert [(r.service, r.action) for r in done] == [("api-gateway", Action.RESTORE)], done
     # Production runs what it ran before the train, and every lease is free.
     assert {s: git(bare, "rev-parse", f"main:{overlay(s)}") for s in ORDER} == before
     assert git(bare, "for-each-ref", "refs/leases/") == ""
-    # The train's step commit touched both overlays: the first service's restore reverted
-    # all of it in ONE commit; the second found it undone and wrote nothing.
     after = git(bare, "log", "--format=%H %s", f"{step.sha}..main").splitlines()
-    assert len(after) == 1 and after[0].split(" ", 1)[1].startswith("rollback(production)"), after
-    assert sum(1 for r in done if r.commit) == 1, done
-    # What it does not know: the commit names the first service of the catalog only, not the
-    # train (a train-aware restore is still to do; docs/release-trains.md).
-    print("RESULT restoring commit:", after[0].split(" ", 1)[1])
+    assert len(after) == 1, after
+    sha, subject = after[0].split(" ", 1)
+    assert subject == (
+        "rollback(production): train fleet-v2 (api-gateway, fleet-planner), reverting 1 commit"
+    )
+    assert f"Undoes: {step.sha}" in git(bare, "log", "-1", "--format=%b", sha)
+    assert done[0].commit == sha
+    # Synced in reverse dependency order: the caller first.
+    assert synced == [("api-gateway-production", sha), ("fleet-planner-production", sha)]
+    # A second pass finds nothing to do.
+    assert anyio.run(lambda: reconcile_once(me="reconciler-test")) == []
