@@ -101,15 +101,21 @@ async def reconcile_service(
         return done
     release = record.owner
     try:
-        if record.train is not None:
-            commit = await restore_train(
-                lease,
-                catalog,
-                me=me,
-                reason=f"reconciler: {verdict.reason}",
-                revert=verdict.action == Action.RESTORE,
-            )
-        else:
+        commit: str | None = None
+        whole = record.train is not None
+        if whole:
+            try:
+                commit = await restore_train(
+                    lease,
+                    catalog,
+                    me=me,
+                    reason=f"reconciler: {verdict.reason}",
+                    revert=verdict.action == Action.RESTORE,
+                )
+            except PartialTrain as exc:  # some lease freed by hand: this service on its own
+                log.warning("%s production: %s; restoring this service alone", name, exc)
+                whole = False
+        if not whole:
             commit = await restore_release(
                 name,
                 svc,
@@ -213,6 +219,10 @@ async def restore_release(
     return commit
 
 
+class PartialTrain(Exception):
+    """The dead train no longer holds every one of its leases: it is not restored whole."""
+
+
 async def restore_train(
     lease: gitops.Lease, catalog: Catalog, *, me: str, reason: str, revert: bool = True
 ) -> str | None:
@@ -232,6 +242,11 @@ async def restore_train(
     _, repo = train_git.train_repo(me, **repo_kw)
     current = repo.read_leases(ref.leases)
     names = [n for n, held in current.items() if held is not None and held.holder == dead]
+    if set(names) != set(ref.leases):
+        raise PartialTrain(
+            f"train {ref.name}'s run {dead} holds only {', '.join(names) or 'none'} of "
+            f"{', '.join(ref.leases)}"
+        )
     recorded: list[str] = []
     for n in names:
         recorded += [c for c in current[n].commits if c not in recorded]  # type: ignore[union-attr]

@@ -71,14 +71,8 @@ def bare(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     get_settings.cache_clear()
 
 
-def test_a_dead_train_mid_canary_is_restored_whole_in_one_commit(
-    bare: Path, tmp_path: Path
-) -> None:
-    from flows.reconcile import reconcile_once
-
-    synced.clear()
-
-    before = {s: git(bare, "rev-parse", f"main:{overlay(s)}") for s in ORDER}
+def die_mid_canary(bare: Path, tmp_path: Path) -> tuple[TrainRepo, str]:
+    """A train that took its leases and wrote its first step, then died."""
     dead = TrainRepo(url=f"file://{bare}", workdir=tmp_path / "dead", kubectl=KUBECTL)
     dead.take_train(LEASES, "train-run-dead", timedelta(seconds=1), "fleet-v2")
     members = [
@@ -97,7 +91,7 @@ def test_a_dead_train_mid_canary_is_restored_whole_in_one_commit(
         weights={"fleet-planner": 50, "api-gateway": 50},
         holder="train-run-dead",
     )
-    assert {s: git(bare, "rev-parse", f"main:{overlay(s)}") for s in ORDER} != before
+    assert step.changed
     deadline = time.monotonic() + 30
     while not all(
         lease is not None and lease.expired(datetime.now(UTC))
@@ -105,6 +99,19 @@ def test_a_dead_train_mid_canary_is_restored_whole_in_one_commit(
     ):
         assert time.monotonic() < deadline, "the dead train's leases never expired"
         time.sleep(0.2)
+    return dead, step.sha
+
+
+def test_a_dead_train_mid_canary_is_restored_whole_in_one_commit(
+    bare: Path, tmp_path: Path
+) -> None:
+    from flows.reconcile import reconcile_once
+
+    synced.clear()
+
+    before = {s: git(bare, "rev-parse", f"main:{overlay(s)}") for s in ORDER}
+    _, step_sha = die_mid_canary(bare, tmp_path)
+    step = SimpleNamespace(sha=step_sha)
 
     done = anyio.run(lambda: reconcile_once(me="reconciler-test"))
 
@@ -126,3 +133,25 @@ def test_a_dead_train_mid_canary_is_restored_whole_in_one_commit(
     assert synced == [("api-gateway-production", sha), ("fleet-planner-production", sha)]
     # A second pass finds nothing to do.
     assert anyio.run(lambda: reconcile_once(me="reconciler-test")) == []
+
+
+def test_a_dead_train_missing_a_lease_is_restored_service_by_service(
+    bare: Path, tmp_path: Path
+) -> None:
+    """One of its leases was freed by hand: the train is not taken over whole; the service
+    whose lease is left is restored as a single release is (its revert covers both
+    overlays: the train's commits do)."""
+    from flows.reconcile import reconcile_once
+
+    before = {s: git(bare, "rev-parse", f"main:{overlay(s)}") for s in ORDER}
+    dead, _ = die_mid_canary(bare, tmp_path)
+    assert dead.release_lease("fleet-planner-production", "train-run-dead")
+
+    done = anyio.run(lambda: reconcile_once(me="reconciler-test"))
+
+    assert [(r.service, r.action) for r in done] == [("api-gateway", Action.RESTORE)], done
+    assert {s: git(bare, "rev-parse", f"main:{overlay(s)}") for s in ORDER} == before
+    assert git(bare, "for-each-ref", "refs/leases/") == ""
+    assert git(bare, "log", "-1", "--format=%s", "main").startswith(
+        "rollback(production): api-gateway, reverting 1 commit"
+    )
