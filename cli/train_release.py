@@ -40,7 +40,9 @@ def register(app: typer.Typer) -> None:
     @app.command("train-release")
     def train_release(
         service: list[str] = typer.Option(
-            ..., "--service", help="SERVICE=IMAGE (registry/repo:tag[@digest]); repeat it."
+            ...,
+            "--service",
+            help="SERVICE=IMAGE (registry/repo:tag, or registry/repo:tag@sha256:...); repeat it.",
         ),
         reason: str = typer.Option(..., help="Why these services go together (recorded)."),
         name: str | None = typer.Option(None, help="The train's name (default: train-<UTC time>)."),
