@@ -26,6 +26,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar
+from uuid import UUID
 
 import anyio
 from prefect import flow, get_run_logger
@@ -89,6 +90,7 @@ from tasks.approvals import (
     WaitingPolicy,
     hold_for_freeze,
     pending_commands,
+    refused_attempts,
     supersede_run,
     tend_waiting,
     wait_for_votes,
@@ -895,6 +897,7 @@ async def release(
     except Superseded as exc:
         return end(EndingKind.SUPERSEDED, plan, cfg, record, why=str(exc))
     record.decision = decision
+    record.notes.extend(await refused_attempts(UUID(str(flow_run.id))))
     if not decision.approved:
         return end(EndingKind.REJECTED, plan, cfg, record, decision=decision)
 

@@ -34,6 +34,7 @@ from uuid import UUID, uuid4
 
 import pydantic
 from prefect import get_client, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.filters import (
     DeploymentFilter,
     DeploymentFilterName,
@@ -293,6 +294,24 @@ async def record_input_once(flow_run_id: UUID, key: str, value: dict[str, Any]) 
     return True
 
 
+async def refused_attempts(flow_run_id: UUID) -> list[str]:
+    """The comments refused on this run (``refused-`` inputs), one line each for the record:
+    who tried, what, why it was refused, and where."""
+    async with get_client() as client:
+        items = await client.filter_flow_run_input(
+            flow_run_id=flow_run_id, key_prefix=REFUSED_PREFIX, limit=200, exclude_keys=set()
+        )
+    ordered = sorted(items, key=lambda i: i.created or datetime.min.replace(tzinfo=UTC))
+    lines = []
+    for item in ordered:
+        value = dict(item.decoded_value)
+        lines.append(
+            f"refused {value.get('command', '?')} by @{value.get('login', '?')}: "
+            f"{value.get('reason', '')} ({value.get('comment', '')})"
+        )
+    return lines
+
+
 async def record_vote(flow_run_id: UUID, key: str, vote: Vote) -> bool:
     """Record a vote and resume the run so it counts it; False when already recorded."""
     if not await record_input_once(flow_run_id, VOTE_PREFIX + key, vote.model_dump(mode="json")):
@@ -424,7 +443,7 @@ async def _waiting_since(client: Any, run: FlowRun) -> datetime | None:
     return run.state.timestamp if run.state is not None else None
 
 
-@task(name="tend-waiting-releases")
+@task(name="tend-waiting-releases", cache_policy=NO_CACHE)  # a pass reads the clock
 async def tend_waiting(
     deployment_name: str,
     policies: dict[str, WaitingPolicy],

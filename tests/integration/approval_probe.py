@@ -37,8 +37,9 @@ async def approval_probe(
         if datetime.now(UTC) < until:
             freeze = Freeze(until=until, reasons=("probe freeze",), scopes=("global",))
             await hold_for_freeze(APPROVERS, freeze, f"probe release of {service}")
+    glass = f"; {decision.break_glass.describe()}" if decision.break_glass else ""
     return Completed(
-        message=decision.outcome(), name="Approved" if decision.approved else "Rejected"
+        message=decision.outcome() + glass, name="Approved" if decision.approved else "Rejected"
     )
 
 

@@ -405,3 +405,91 @@ async def test_comments_approve_with_proof_of_who_and_refuse_others(served_probe
     done = await _wait(run.id, _final, "probe ended after two GitHub approvals")
     assert done.state is not None and done.state.name == "Approved"
     assert done.state.message == "approved by alice, bob"
+
+
+# --- freezes, break-glass and reminders: the scheduled approvals flow's pass ------------------
+
+
+def _glass_vote(approver: str, comment_id: int, reason: str) -> Vote:
+    return _github_vote(approver, comment_id).model_copy(
+        update={"break_glass": True, "comment": reason}
+    )
+
+
+async def test_approved_during_a_freeze_waits_frozen_until_the_window_ends(served_probe):
+    from datetime import UTC, datetime, timedelta
+
+    from core.freeze import FreezeWindow
+    from tasks.approvals import FROZEN, WaitingPolicy, tend_waiting
+
+    end = datetime.now(UTC) + timedelta(seconds=30)
+    window = FreezeWindow(
+        reason="probe freeze", start=datetime.now(UTC) - timedelta(minutes=1), end=end
+    )
+    run = await _start(frozen_until=end.isoformat())
+    await _wait(run.id, _paused, "probe waiting for approval")
+
+    def policy(timeout: timedelta) -> dict[str, WaitingPolicy]:
+        return {
+            "api-gateway": WaitingPolicy(
+                timeout=timeout,
+                remind_after=timedelta(minutes=30),
+                approvers=APPROVERS,
+                required=1,
+                freezes=[("global", window)],
+            )
+        }
+
+    # Reminders: one per remind_after interval, each sent once however often the flow passes.
+    later = datetime.now(UTC) + timedelta(minutes=31)
+    first = await tend_waiting("approval-probe", policy(timedelta(hours=1)), now=later)
+    mine = [text for run_id, _, text in first.reminders if run_id == str(run.id)]
+    assert len(mine) == 1, first.reminders
+    assert "has waited 31 min for approval (0 of 1 approval); approvers: alice, bob" in mine[0]
+    again = await tend_waiting("approval-probe", policy(timedelta(hours=1)), now=later)
+    assert all(run_id != str(run.id) for run_id, _, _ in again.reminders)
+
+    # Approved during the freeze: suspended as Frozen (no process: a rescheduling pause).
+    assert await record_vote(run.id, "github-201", _github_vote("alice", 201))
+    frozen = await _wait(
+        run.id,
+        lambda r: _paused(r) and r.state.name == FROZEN,
+        "probe Frozen",  # type: ignore[union-attr]
+    )
+    assert frozen.state is not None
+    assert (frozen.state.message or "").startswith("production is frozen until")
+    assert frozen.state.state_details.pause_reschedule
+    # The scheduled pass leaves it frozen while the window lasts, and never expires it.
+    passed = await tend_waiting("approval-probe", policy(timedelta(seconds=1)))
+    assert str(run.id) not in passed.thawed + passed.expired
+    # After the window the pass resumes it, and it goes on approved.
+    deadline = time.monotonic() + 90
+    while True:
+        tended = await tend_waiting("approval-probe", policy(timedelta(hours=1)))
+        if str(run.id) in tended.thawed:
+            break
+        assert time.monotonic() < deadline, "the freeze never thawed"
+        await anyio.sleep(1)
+    done = await _wait(run.id, _final, "probe ended after the freeze")
+    assert done.state is not None and done.state.name == "Approved"
+    assert done.state.message == "approved by alice"
+
+
+async def test_a_break_glass_by_two_approvers_releases_during_the_freeze(served_probe):
+    from datetime import UTC, datetime, timedelta
+
+    end = datetime.now(UTC) + timedelta(hours=1)
+    run = await _start(required=2, frozen_until=end.isoformat())
+    await _wait(run.id, _paused, "probe waiting for approval")
+    assert await record_vote(run.id, "github-301", _glass_vote("alice", 301, "robot fleet down"))
+    await _wait(
+        run.id,
+        lambda r: _paused(r) and "1 of 2 approvals" in (r.state.message or ""),  # type: ignore[union-attr]
+        "suspended at 1 of 2",
+    )
+    assert await record_vote(run.id, "github-302", _glass_vote("bob", 302, "hotfix for the outage"))
+    done = await _wait(run.id, _final, "probe ended by break-glass")
+    assert done.state is not None and done.state.name == "Approved"
+    assert done.state.message == (
+        "approved by alice, bob; break-glass by alice, bob: robot fleet down; hotfix for the outage"
+    )

@@ -249,3 +249,31 @@ async def test_an_unsigned_comment_is_refused_before_anything(sides) -> None:
             },
         )
     assert answer.status_code == 401 and runs.inputs == {}
+
+
+def test_the_release_record_names_each_approver_its_path_and_a_break_glass() -> None:
+    from core.approval import decide
+    from tasks.report import render_release_record
+    from tests.unit.test_report import Record
+
+    def glass(approver: str, login: str, reason: str) -> Vote:
+        return Vote(
+            decision="approve",
+            approver=approver,
+            path="github",
+            authenticated=True,
+            login=login,
+            comment=reason,
+            break_glass=True,
+        )
+
+    decision = decide(
+        [glass("alice", "alice-gh", "fleet down"), glass("bob", "bob-gh", "hotfix")], 2
+    )
+    assert decision is not None and decision.break_glass is not None
+    text = render_release_record(Record(decision=decision))  # type: ignore[arg-type]
+    assert "Approval | approved by alice, bob" in text
+    assert (
+        "Approvals | approve by alice (@alice-gh) via github: fleet down; approve by bob "
+        "(@bob-gh) via github: hotfix; **break-glass by alice, bob: fleet down; hotfix**"
+    ) in text
