@@ -69,12 +69,12 @@ def _deployed(*names: str) -> bool:
         return False
 
 
-def _start(image: str, sha: str) -> FlowRun:
+def _start(image: str, sha: str, *, service: str = SERVICE) -> FlowRun:
     async def go() -> FlowRun:
         run: FlowRun = await arun_deployment(
             "release/release",
             parameters={
-                "service": SERVICE,
+                "service": service,
                 "image": image,
                 "source_sha": sha,
                 # built here with `docker build`, not by a ci run (issue #24, item 1)

@@ -23,10 +23,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
 from prefect.client.schemas.objects import FlowRun, StateType
-from prefect.deployments.flow_runs import arun_deployment
 
 from core.images import release_tag
 from sandbox.procs import wait_until
@@ -36,6 +34,7 @@ from tests.e2e.releases import (
     _manifests,
     _paused,
     _production_images,
+    _start,
     _wait,
     served_releases,
 )
@@ -122,21 +121,8 @@ def build_fleet(
     return make
 
 
-def _start(image: str, sha: str) -> FlowRun:
-    async def go() -> FlowRun:
-        run: FlowRun = await arun_deployment(
-            "release/release",
-            parameters={"service": SERVICE, "image": image, "source_sha": sha},
-            timeout=0,
-            as_subflow=False,
-        )
-        return run
-
-    return anyio.run(go)
-
-
 def _release(image: str, sha: str, env: dict[str, str]) -> FlowRun:
-    run = _start(image, sha)
+    run = _start(image, sha, service=SERVICE)
     _wait(run, _paused, timeout=420, what="fleet release waiting for approval")
     _cli("approve", str(run.id), "--approver", "carol", "--comment", "e2e", env=env)
     return _wait(run, _final, timeout=600, what="fleet release finished")
