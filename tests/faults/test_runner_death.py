@@ -169,7 +169,9 @@ def test_a_release_killed_at_any_phase_ends_as_the_table_says(
     staging leaves production untouched and the run Crashed; killed after the promotion
     commit (before its sync is verified) or in the post-release watch, production is
     restored. Only the reconciler runs after the kill; it is the only way back."""
-    phase_env = {**env, **FAST, **LONG_CANARY, "ROBOTICS_CD_POST_RELEASE_WATCH": "90s"}
+    # The e2e's compact canary (50 → 100, enough traffic at each step to pass) and a long
+    # watch, so the kill lands in it.
+    phase_env = {**env, **FAST, "ROBOTICS_CD_POST_RELEASE_WATCH": "90s"}
     proc = _serve(phase_env, tmp_path / "runner.log")
     wait_until(lambda: _deployed("release/release"), timeout=120, what="served release")
     before_tree = _overlay_tree(sandbox)
