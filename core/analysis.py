@@ -771,6 +771,20 @@ class SequentialCheck(_Model):
     reason: str
 
 
+def explained_by_restarts(check: SequentialCheck, restarts: float | None) -> SequentialCheck:
+    """A stop whose canary pods restarted since the step began names the restarts first:
+    a crash loop is why its requests fail or stall, and that is what the operator must fix.
+    The stop itself stays the sequential test's; restarts only explain it."""
+    if not check.abort or restarts is None or restarts < 0.5:
+        return check
+    return check.model_copy(
+        update={
+            "reason": f"on restarts: the canary restarted {restarts:.0f} time(s) since the "
+            f"step began; {check.reason}"
+        }
+    )
+
+
 def early_abort_tests(policy: CanaryPolicy) -> int:
     """How many sequential tests share the release's alpha: two signals per step below 100%
     (at 100 % stable serves nothing to compare with)."""

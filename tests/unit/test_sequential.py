@@ -154,3 +154,20 @@ def test_business_passes_when_equal_and_is_inconclusive_without_data():
         "business", BUSINESS, business(0.95, 200), business(None, None), min_requests=10
     )
     assert alone.verdict == Verdict.PASS and "no data for the relative bound" in alone.reason
+
+
+def test_an_early_abort_of_a_restarting_canary_names_the_restarts_first() -> None:
+    from core.analysis import SequentialCheck, explained_by_restarts
+
+    stop = SequentialCheck(
+        abort=True, metric="error_ratio", log_threshold=6.0, reason="early abort on error_ratio"
+    )
+    named = explained_by_restarts(stop, 2.0)
+    assert named.abort and named.metric == "error_ratio"
+    assert named.reason.startswith("on restarts: the canary restarted 2 time(s)")
+    assert named.reason.endswith("early abort on error_ratio")
+    # No restarts (or no answer), or no stop: the check is left as it is.
+    assert explained_by_restarts(stop, 0.0) == stop
+    assert explained_by_restarts(stop, None) == stop
+    going_on = stop.model_copy(update={"abort": False})
+    assert explained_by_restarts(going_on, 3.0) == going_on
