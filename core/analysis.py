@@ -23,7 +23,7 @@ Rules (docs/analysis.md explains them with numbers):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Protocol
@@ -771,17 +771,37 @@ class SequentialCheck(_Model):
     reason: str
 
 
-def explained_by_restarts(check: SequentialCheck, restarts: float | None) -> SequentialCheck:
-    """A stop whose canary pods restarted since the step began names the restarts first:
-    a crash loop is why its requests fail or stall, and that is what the operator must fix.
-    The stop itself stays the sequential test's; restarts only explain it."""
-    if not check.abort or restarts is None or restarts < 0.5:
+def canary_pod_trouble(pods: Sequence[Mapping[str, Any]]) -> str | None:
+    """What the canary's live Pods say about restarts: containers that restarted, exited,
+    or wait to be restarted (CrashLoopBackOff). None when every container runs untroubled.
+    The canary pods are new with the release, so any restart is the release's."""
+    found: list[str] = []
+    for pod in pods:
+        name = str((pod.get("metadata") or {}).get("name", "?"))
+        for status in (pod.get("status") or {}).get("containerStatuses") or []:
+            restarts = int(status.get("restartCount") or 0)
+            state = status.get("state") or {}
+            last = (status.get("lastState") or {}).get("terminated") or state.get("terminated")
+            waiting = (state.get("waiting") or {}).get("reason")
+            if not restarts and not last and waiting not in ("CrashLoopBackOff", "Error"):
+                continue
+            what = [f"restarted {restarts} time(s)"]
+            if last:
+                what.append(f"exited {last.get('reason', '?')} (code {last.get('exitCode', '?')})")
+            if waiting:
+                what.append(f"now {waiting}")
+            found.append(f"{name}: {', '.join(what)}")
+    return "; ".join(found) or None
+
+
+def explained_by_restarts(check: SequentialCheck, trouble: str | None) -> SequentialCheck:
+    """A stop whose canary pods restarted or exited names the restarts first: a crash loop
+    is why its requests fail, and that is what the operator must fix. The stop itself stays
+    the sequential test's; the pods only explain it."""
+    if not check.abort or not trouble:
         return check
     return check.model_copy(
-        update={
-            "reason": f"on restarts: the canary restarted {restarts:.0f} time(s) since the "
-            f"step began; {check.reason}"
-        }
+        update={"reason": f"on restarts: canary pods {trouble}; {check.reason}"}
     )
 
 

@@ -36,7 +36,13 @@ from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 
-from core.analysis import AnalysisRun, Decision, TrackObservation, Verdict
+from core.analysis import (
+    AnalysisRun,
+    Decision,
+    TrackObservation,
+    Verdict,
+    explained_by_restarts,
+)
 from core.approval import ApprovalDecision, approval_heading
 from core.catalog import CanaryPolicy, Catalog, Service, load_catalog
 from core.errors import (
@@ -658,6 +664,7 @@ class _EarlyAbort:
     ) -> None:
         self.plan, self.svc, self.policy, self.record = plan, svc, policy, record
         self.namespace = svc.environments["production"].namespace
+        self.app = svc.environments["production"].argocd_app
         self.new_step()
 
     def new_step(self) -> None:
@@ -697,6 +704,7 @@ class _EarlyAbort:
             log.warning("early abort: no look this time (%s); the interval judge still judges", exc)
             return
         if check.abort:
+            check = explained_by_restarts(check, await argocd.canary_trouble(self.app))
             self.record.notes.append(check.reason)
             log.warning("canary stopped: %s", check.reason)
             raise CanaryFailed(check.reason)

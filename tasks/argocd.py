@@ -26,6 +26,7 @@ from prefect import task
 from prefect.blocks.system import Secret
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.analysis import canary_pod_trouble
 from core.durations import parse_duration
 from core.errors import ArgoCDRefused, ArgoCDUnavailable, InvalidInput, SyncFailed
 from core.ordering import MeasuredPod
@@ -620,3 +621,15 @@ async def measured_pods(app: str, seen: str, *, track: str | None = "stable") ->
     """The app's pods (of ``track``), as listed now: the evidence of what a window measured."""
     async with await client_from_settings() as argo:
         return [measured_pod(p, seen) for p in await argo.pods(app, track=track)]
+
+
+async def canary_trouble(app: str) -> str | None:
+    """Restarts and exits of the app's canary pods, for a stop's reason (not a task: the
+    early abort calls it once, when it stops). None when Argo CD cannot say: the stop stands
+    on its own evidence."""
+    try:
+        async with await client_from_settings() as argo:
+            return canary_pod_trouble(await argo.pods(app, track="canary"))
+    except Exception as exc:  # only an explanation: never in the way of the stop
+        run_logger("robotics_cd.argocd").warning("could not read %s's canary pods: %s", app, exc)
+        return None

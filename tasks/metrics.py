@@ -39,7 +39,6 @@ from core.analysis import (
     TrackObservation,
     Verdict,
     enabled_rules,
-    explained_by_restarts,
     histogram_quantile,
     judge_interval,
     judge_track,
@@ -744,9 +743,4 @@ def early_abort_check(
     with prometheus(prometheus_url) as client:
         canary = _traffic(client, where, "canary", end, window)
         stable = _traffic(client, where, "stable", end, window)
-        check = sequential_check(canary, stable, rules, policy, cut=cut)
-        if not check.abort:
-            return check
-        values = where.placeholders("canary", prom_duration(window))
-        restarts = client.scalar(render(POD_TEMPLATES["restarts"], values), end)
-    return explained_by_restarts(check, restarts)
+    return sequential_check(canary, stable, rules, policy, cut=cut)

@@ -156,18 +156,40 @@ def test_business_passes_when_equal_and_is_inconclusive_without_data():
     assert alone.verdict == Verdict.PASS and "no data for the relative bound" in alone.reason
 
 
-def test_an_early_abort_of_a_restarting_canary_names_the_restarts_first() -> None:
-    from core.analysis import SequentialCheck, explained_by_restarts
+def test_an_early_abort_of_a_crash_looping_canary_names_the_restarts_first() -> None:
+    from core.analysis import SequentialCheck, canary_pod_trouble, explained_by_restarts
+
+    crashing = {
+        "metadata": {"name": "fleet-planner-canary-7d9-abcde"},
+        "status": {
+            "containerStatuses": [
+                {
+                    "restartCount": 2,
+                    "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                    "lastState": {"terminated": {"reason": "Error", "exitCode": 1}},
+                }
+            ]
+        },
+    }
+    healthy = {
+        "metadata": {"name": "fleet-planner-canary-7d9-fghij"},
+        "status": {"containerStatuses": [{"restartCount": 0, "state": {"running": {}}}]},
+    }
+    trouble = canary_pod_trouble([healthy, crashing])
+    assert trouble == (
+        "fleet-planner-canary-7d9-abcde: restarted 2 time(s), exited Error (code 1), "
+        "now CrashLoopBackOff"
+    )
+    assert canary_pod_trouble([healthy]) is None
 
     stop = SequentialCheck(
         abort=True, metric="error_ratio", log_threshold=6.0, reason="early abort on error_ratio"
     )
-    named = explained_by_restarts(stop, 2.0)
+    named = explained_by_restarts(stop, trouble)
     assert named.abort and named.metric == "error_ratio"
-    assert named.reason.startswith("on restarts: the canary restarted 2 time(s)")
+    assert named.reason.startswith("on restarts: canary pods fleet-planner-canary-7d9-abcde")
     assert named.reason.endswith("early abort on error_ratio")
-    # No restarts (or no answer), or no stop: the check is left as it is.
-    assert explained_by_restarts(stop, 0.0) == stop
+    # Untroubled pods, or no stop: the check is left as it is.
     assert explained_by_restarts(stop, None) == stop
     going_on = stop.model_copy(update={"abort": False})
-    assert explained_by_restarts(going_on, 3.0) == going_on
+    assert explained_by_restarts(going_on, trouble) == going_on
