@@ -29,8 +29,11 @@ from prefect.client.schemas.objects import FlowRun, StateType
 
 from sandbox.procs import http_ok, spawn, stop_pid, wait_until
 from tests.e2e.releases import _deployed
+from tests.matrix import full_matrix
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
+# The demo (tests/e2e/test_demo.py) drives the same path in CI: push, webhook, CI, release,
+# and a training push. This module's finer checks run with the full matrix.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200), full_matrix]
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = str(Path(sys.executable).parent / "robotics-cd")

@@ -269,6 +269,7 @@ def test_no_traffic_is_never_promoted(sandbox, runner, env, build):
     assert _overlay_tree(sandbox) == before_tree
 
 
+@full_matrix
 def test_reject_leaves_production_untouched(sandbox, runner, env, build):
     before_tree = _overlay_tree(sandbox)
     image, sha = build({"www/release-e2e.txt": "rejected\n"}, "e2e: to be rejected")
@@ -281,6 +282,7 @@ def test_reject_leaves_production_untouched(sandbox, runner, env, build):
     assert _overlay_tree(sandbox) == before_tree
 
 
+@full_matrix
 def test_a_rerun_makes_no_new_commit_and_no_new_sync(sandbox, runner, env, build):
     image, sha = build({"www/release-e2e.txt": "rerun\n"}, "e2e: released twice")
     first = _start(image, sha)
@@ -323,6 +325,7 @@ def test_expired_approval_ends_rejected_timed_out(sandbox, runner, env, build, m
     assert _overlay_tree(sandbox) == before_tree
 
 
+@full_matrix
 def test_an_older_commit_is_refused_as_superseded(sandbox, runner, env, build):
     old_image, old_sha = build({"www/release-e2e.txt": "older\n"}, "e2e: older")
     new_image, new_sha = build({"www/release-e2e.txt": "newer\n"}, "e2e: newer")
@@ -573,6 +576,7 @@ def test_dora_counts_the_releases_that_happened(sandbox, runner, env):
         assert f"deployments                      {len(expected)} " in text
 
 
+@full_matrix
 def test_no_automation_action_failed_after_rejected_and_promoted_releases(sandbox, runner, env):
     """The zombie automation counts any event of a run as a sign of life, so runs that ended
     in a custom-named state (Rejected, Promoted, Superseded ...) are not "marked Crashed"

@@ -84,6 +84,7 @@ def _live_weights(sandbox: Any) -> dict[str, int]:
     return {r["name"]: r.get("weight", 1) for r in route["spec"]["rules"][0]["backendRefs"]}
 
 
+@full_matrix
 def test_good_image_is_promoted_through_the_gateway(sandbox, runner, env, build):
     canary_before = _envoy(
         sandbox, f'sum(envoy_cluster_upstream_rq_total{{envoy_cluster_name="{CANARY}"}})'

@@ -29,6 +29,7 @@ from sandbox.runtime import state_label
 from tasks.gitcmd import run_git, split_credentials
 from tests.conftest import SESSION_DIR
 from tests.fixtures_sandbox import SandboxHandle
+from tests.matrix import full_matrix
 
 pytestmark = [pytest.mark.integration, pytest.mark.sandbox]
 
@@ -48,6 +49,7 @@ def _port_free(port: int) -> bool:
     return True
 
 
+@full_matrix
 def test_up_status_down_leaves_nothing_behind() -> None:
     state = SESSION_DIR / "sandbox-updown"
     lines: list[str] = []
