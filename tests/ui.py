@@ -33,7 +33,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from weakref import WeakKeyDictionary
 
-from playwright.sync_api import Browser, Locator, Page, sync_playwright
+from playwright.sync_api import Browser, Locator, Page, Response, sync_playwright
 from playwright.sync_api import Error as PlaywrightError
 
 from core.errors import InvalidInput, RoboticsCDError
@@ -137,8 +137,19 @@ def fill_approval_form(
 
 
 def submit_resume(page: Page, dialog: Locator) -> None:
-    """Submit the dialog; wait until it closes and the UI confirms the resume."""
-    dialog.get_by_role("button", name="Submit", exact=True).click()
+    """Submit the dialog; wait until it closes and the UI confirms the resume.
+
+    A server error on the resume call (a SQLite-backed server under load answers 500 when
+    its database is locked) leaves the dialog open with the UI's generic "Oops" toast; a
+    person presses Submit again, and so does this, once, saying so in the log.
+    """
+    for attempt in (1, 2):
+        with page.expect_response(_is_resume_call) as answer:
+            dialog.get_by_role("button", name="Submit", exact=True).click()
+        response = answer.value
+        if response.status < 500:
+            break
+        log.warning("the resume call answered %s (attempt %d)", _failed_call(response), attempt)
     try:
         dialog.wait_for(state="hidden")
         page.get_by_text(RESUMED_TOAST).first.wait_for(state="visible")
@@ -219,7 +230,7 @@ def _resume(
     except (PrefectUIError, PlaywrightError) as exc:
         saved = save_page(page, debug_dir, f"resume-{flow_run_id}")
         new_errors = errors[seen:]
-        scripts = f"; script errors: {new_errors[:3]}" if new_errors else ""
+        scripts = f"; script errors: {new_errors[:8]}" if new_errors else ""
         raise PrefectUIError(
             f"could not {decision} flow run {flow_run_id} in the Prefect UI at {ui_url} "
             f"after {time.monotonic() - started:.0f}s: {_first_line(exc)}{scripts} "
@@ -236,6 +247,8 @@ def script_errors(page: Page) -> list[str]:
         errors: list[str] = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
         page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+        # a console 404 does not say which URL; the response does (and the API's reason)
+        page.on("response", lambda r: errors.append(_failed_call(r)) if r.status >= 400 else None)
         _SCRIPT_ERRORS[page] = errors
     return _SCRIPT_ERRORS[page]
 
@@ -316,6 +329,19 @@ def _state_badge(page: Page, timeout: float | None = 2.0) -> str:
         return _heading_badge(page).inner_text(timeout=timeout and timeout * 1000).strip()
     except PlaywrightError:
         return "no state badge"
+
+
+def _is_resume_call(response: Response) -> bool:
+    return response.request.method == "POST" and response.url.rstrip("/").endswith("/resume")
+
+
+def _failed_call(response: Response) -> str:
+    try:
+        body = response.text()[:300]
+    except PlaywrightError:
+        body = ""
+    body = " ".join(body.split())
+    return f"{response.request.method} {response.url} -> {response.status} {body}".strip()
 
 
 def _visible_messages(page: Page) -> str:

@@ -42,6 +42,11 @@ for p in /proc/[0-9]*; do
   read -r comm < "$p/comm" 2>/dev/null && [ "$comm" = sleep ] && kill "${{p#/proc/}}"
 done
 wait 2>/dev/null
+# the killed sleepers are orphans: the container's init reaps them in its own time, and
+# until it does they still count against the pids limit. Wait (builtins only, bounded)
+i=0
+while set -- /proc/[0-9]*; [ $# -gt 8 ] && [ $i -lt 200000 ]; do i=$((i+1)); done
+echo "processes after the kill: $# (waited $i rounds)"
 
 # 2. burn CPU: two busy loops for {BURN_SECONDS}s, then the cgroup's own CPU account
 timeout {BURN_SECONDS} sh -c 'while :; do :; done' &
