@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -248,3 +249,34 @@ def _staging_image(sandbox: Any) -> str:
     return _manifests(
         sandbox, "show", "main:serving/api-gateway/overlays/staging/kustomization.yaml"
     )
+
+
+class ArgvWatch:
+    """Samples every process's argv while a release runs: does ``secret`` ever show?"""
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret.encode()
+        self.git_seen = 0
+        self.leaks: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            for pid in os.listdir("/proc"):
+                try:
+                    argv = Path(f"/proc/{pid}/cmdline").read_bytes() if pid.isdigit() else b""
+                except OSError:
+                    continue
+                self.git_seen += argv.startswith(b"git\0")
+                if self.secret in argv:
+                    self.leaks.append(argv.decode(errors="replace"))
+            time.sleep(0.01)
+
+    def __enter__(self) -> ArgvWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)

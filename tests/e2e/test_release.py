@@ -7,8 +7,9 @@ handed to the ``release`` deployment as CI would. The canary policy is compact (
 50 → 100, one analysis of a few seconds per step) through the catalog's environment overrides.
 
 Every scenario runs on ingress-nginx; with ``ROBOTICS_CD_FULL_MATRIX=1`` the module runs again
-with the service on the Gateway API (tests/e2e/routers.py; CI runs only promote and rollback
-there, in tests/e2e/test_release_gateway.py).
+with the service on the Gateway API (tests/e2e/routers.py). CI runs the Prefect server killed
+mid-canary and DORA here; promote and rollback run in CI through the demo (ingress-nginx) and
+tests/e2e/test_release_gateway.py (the Gateway API, with the token and quarantine checks).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import json
 import os
 import signal
 import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -36,6 +36,7 @@ from sandbox.procs import pid_alive, wait_until
 from tests.e2e.releases import (
     OVERLAY,
     SERVICE,
+    ArgvWatch,
     _approve,
     _cli,
     _digest,
@@ -100,37 +101,7 @@ ROLLED_BACK: dict[str, str] = {}  # the image test_failing_canary_is_rolled_back
 # --- scenarios (one service: they run in order) -------------------------------------------
 
 
-class ArgvWatch:
-    """Samples every process's argv while a release runs: does ``secret`` ever show?"""
-
-    def __init__(self, secret: str) -> None:
-        self.secret = secret.encode()
-        self.git_seen = 0
-        self.leaks: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            for pid in os.listdir("/proc"):
-                try:
-                    argv = Path(f"/proc/{pid}/cmdline").read_bytes() if pid.isdigit() else b""
-                except OSError:
-                    continue
-                self.git_seen += argv.startswith(b"git\0")
-                if self.secret in argv:
-                    self.leaks.append(argv.decode(errors="replace"))
-            time.sleep(0.01)
-
-    def __enter__(self) -> ArgvWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-
+@full_matrix  # CI: the demo promotes on ingress-nginx; test_release_gateway on the gateway
 def test_good_image_is_promoted(sandbox, runner, env, build):
     # The manifests and service repos are reached over the twin's HTTP git with the token.
     assert env["ROBOTICS_CD_GIT_BASE"].startswith("http://"), env["ROBOTICS_CD_GIT_BASE"]
@@ -160,6 +131,7 @@ def test_good_image_is_promoted(sandbox, runner, env, build):
     assert staging["status"]["health"]["status"] == "Healthy"
 
 
+@full_matrix  # CI: the demo rolls back on ingress-nginx; test_release_gateway on the gateway
 def test_failing_canary_is_rolled_back(sandbox, runner, env, build):
     before_tree = _overlay_tree(sandbox)
     stable_before = _production_images(sandbox)["api-gateway"][0]
