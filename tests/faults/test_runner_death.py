@@ -161,15 +161,25 @@ def _wrote(sandbox, run_id: object, overlay: str, subject: str = "") -> bool:
 
 
 @full_matrix
-@pytest.mark.parametrize("phase", ["staging", "promotion", "watch", "rollback"])
+@pytest.mark.parametrize(
+    ("phase", "recovery"),
+    # half with the runner restarted at once, half with only the reconciler (issue #15)
+    [
+        ("staging", "restart"),
+        ("promotion", "reconciler"),
+        ("watch", "restart"),
+        ("rollback", "reconciler"),
+    ],
+)
 def test_a_release_killed_at_any_phase_ends_as_the_table_says(
-    sandbox, env, build, tmp_path, phase
+    sandbox, env, build, tmp_path, phase, recovery
 ) -> None:
     """docs/recovery.md's table, beyond the canary (CI's case above): a runner killed in
     staging leaves production untouched and the run Crashed; killed after the promotion
     commit (before its sync is verified) or in the post-release watch, production is
-    restored; killed right after its rollback commit, the rollback completes. Only the
-    reconciler runs after the kill; it is the only way back."""
+    restored; killed right after its rollback commit, the rollback completes. After the
+    kill, either ``serve`` starts again (it reconciles at start) or only ``reconcile`` runs
+    from a separate process: either is the only way back."""
     # The e2e's compact canary (50 → 100, enough traffic at each step to pass) and a long
     # watch, so the kill lands in it.
     phase_env = {**env, **FAST, "ROBOTICS_CD_POST_RELEASE_WATCH": "90s"}
@@ -204,15 +214,46 @@ def test_a_release_killed_at_any_phase_ends_as_the_table_says(
     finally:
         stop_pid(proc.pid)
 
-    done = subprocess.run(
-        [CLI, "reconcile"],
-        env={**os.environ, **phase_env},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
+    restarted = None
+    if recovery == "restart":
+        log = tmp_path / "runner-2.log"
+        restarted = _serve({**phase_env, "PYTHONUNBUFFERED": "1"}, log)
+        # its reconcile at start prints one line per action once the whole pass is done
+        expected = "end-run" if phase == "staging" else "restore"
+        wait_until(
+            lambda: any(
+                line in log.read_text(errors="replace")
+                for line in (f"reconcile: api-gateway: {expected}", "reconcile at start failed")
+            ),
+            timeout=600,
+            what="the restarted runner's reconcile at start",
+        )
+        said = log.read_text(errors="replace")
+    else:
+        done = subprocess.run(
+            [CLI, "reconcile"],
+            env={**os.environ, **phase_env},
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=ROOT,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        said = done.stdout
+    try:
+        _ends_as_the_table_says(sandbox, run, phase, said, before_tree, stable_before)
+    finally:
+        if restarted is not None:
+            stop_pid(restarted.pid)
+    print(
+        f"recovery (killed in {phase}, {recovery}): {time.monotonic() - killed_at:.0f} s "
+        "from the kill to production on the stable image with the lease free"
     )
-    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _ends_as_the_table_says(
+    sandbox, run, phase: str, said: str, before_tree: str, stable_before: str
+) -> None:
     ended = _read(run.id).state
     finished_first = (
         phase == "rollback"
@@ -226,14 +267,14 @@ def test_a_release_killed_at_any_phase_ends_as_the_table_says(
             what="the dead release marked Crashed",
         )
     message = _read(run.id).state.message or ""
-    print(f"killed in {phase}: reconcile said {done.stdout.strip()!r}; the run: {message!r}")
+    print(f"killed in {phase}: reconcile said {said.strip()[-400:]!r}; the run: {message!r}")
     if finished_first:
         pass
     elif phase == "staging":
-        assert "api-gateway: end-run" in done.stdout, done.stdout
+        assert "api-gateway: end-run" in said, said
         assert "production untouched" in message, message
     else:
-        assert "api-gateway: restore" in done.stdout, done.stdout
+        assert "api-gateway: restore" in said, said
         assert "reconciler restored production" in message, message
     wait_until(
         lambda: _overlay_tree(sandbox) == before_tree and not _lease_held(sandbox),
@@ -244,8 +285,4 @@ def test_a_release_killed_at_any_phase_ends_as_the_table_says(
         lambda: _production_images(sandbox)["api-gateway"][0] == stable_before,
         timeout=180,
         what="production on the stable image",
-    )
-    print(
-        f"recovery (killed in {phase}, reconciler): {time.monotonic() - killed_at:.0f} s "
-        "from the kill to production on the stable image with the lease free"
     )
