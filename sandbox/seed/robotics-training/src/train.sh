@@ -58,10 +58,16 @@ rendezvous_timeout="${RENDEZVOUS_TIMEOUT:-120}"
 echo "vision-train: experiment=$experiment model=$model epochs=$epochs lr=$lr config=$config"
 echo "vision-train: rank=$rank world_size=$world_size master=$master_addr:$master_port"
 
-# Rendezvous, as torch.distributed does over TCP: rank 0 listens, the others check in.
+# Rendezvous, as torch.distributed does over TCP: rank 0 listens, the others check in and
+# wait for its "ack". One peer per connection; without the ack a peer whose connection was
+# only queued by the kernel (and reset when the one-shot listener closed) would believe it
+# had joined and never call again, and the master would wait for it until its deadline.
 if [ "$world_size" -gt 1 ]; then
   deadline=$(( $(date +%s) + rendezvous_timeout ))
   if [ "$rank" -eq 0 ]; then
+    JOINED="$(mktemp)"
+    export JOINED
+    echo "rank 0" > "$JOINED"
     joined=1
     while [ "$joined" -lt "$world_size" ]; do
       left=$(( deadline - $(date +%s) ))
@@ -69,14 +75,17 @@ if [ "$world_size" -gt 1 ]; then
         echo "rendezvous failed: $joined of $world_size ranks joined in ${rendezvous_timeout}s" >&2
         exit 1
       fi
-      peer="$(timeout "$left" nc -l -p "$master_port" || true)"
-      if [ -n "$peer" ]; then
-        joined=$(( joined + 1 ))
-        echo "rendezvous: $peer joined ($joined/$world_size)"
+      timeout "$left" nc -l -p "$master_port" \
+        -e sh -c 'read -r peer && echo "$peer" >> "$JOINED" && echo ack' || true
+      now="$(sort -u "$JOINED" | wc -l)"
+      if [ "$now" -gt "$joined" ]; then  # a peer that calls again is counted once
+        joined=$now
+        echo "rendezvous: $(tail -n 1 "$JOINED") joined ($joined/$world_size)"
       fi
     done
+    rm -f "$JOINED"
   else
-    until echo "rank $rank" | nc -w 2 "$master_addr" "$master_port" 2>/dev/null; do
+    until [ "$(echo "rank $rank" | nc -w 2 "$master_addr" "$master_port" 2>/dev/null)" = ack ]; do
       if [ "$(date +%s)" -ge "$deadline" ]; then
         echo "rendezvous failed: $master_addr:$master_port did not answer in ${rendezvous_timeout}s" >&2
         exit 1
