@@ -66,6 +66,20 @@ def runner(runner_env: dict[str, str], tmp_path: Path) -> Iterator[list[subproce
             stop_pid(proc.pid)
 
 
+def _reconcile(env: dict[str, str]) -> str:
+    """One ``robotics-cd reconcile`` pass from a separate process; what it printed."""
+    done = subprocess.run(
+        [CLI, "reconcile"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
 def _lease_held(sandbox) -> bool:
     return bool(_manifests(sandbox, "for-each-ref", "--format=%(refname)", LEASE_REF).strip())
 
@@ -100,16 +114,8 @@ def test_a_killed_release_is_restored(
         runner.append(_serve(runner_env, tmp_path / "runner-2.log"))
     else:
         # One pass restores: revert, Argo CD sync, rollout, smoke (minutes on a loaded machine).
-        done = subprocess.run(
-            [CLI, "reconcile"],
-            env={**os.environ, **runner_env},
-            capture_output=True,
-            text=True,
-            timeout=600,
-            cwd=ROOT,
-        )
-        assert done.returncode == 0, done.stdout + done.stderr
-        assert "api-gateway: restore" in done.stdout, done.stdout
+        said = _reconcile(runner_env)
+        assert "api-gateway: restore" in said, said
 
     wait_until(
         lambda: _overlay_tree(sandbox) == before_tree and not _lease_held(sandbox),
@@ -230,16 +236,7 @@ def test_a_release_killed_at_any_phase_ends_as_the_table_says(
         )
         said = log.read_text(errors="replace")
     else:
-        done = subprocess.run(
-            [CLI, "reconcile"],
-            env={**os.environ, **phase_env},
-            capture_output=True,
-            text=True,
-            timeout=600,
-            cwd=ROOT,
-        )
-        assert done.returncode == 0, done.stdout + done.stderr
-        said = done.stdout
+        said = _reconcile(phase_env)
     try:
         _ends_as_the_table_says(sandbox, run, phase, said, before_tree, stable_before)
     finally:
