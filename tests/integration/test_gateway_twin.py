@@ -179,17 +179,20 @@ def test_weighted_httproute_status_routing_and_envoy_metrics(runtime_twin: Runti
     metrics = httpx.get(f"{rt.control_url}/metrics", timeout=10).text
     assert 'envoy_cluster_name="httproute/production/fleet/rule/0/backend/1"' in metrics
     assert "envoy_cluster_upstream_rq_time_bucket{" in metrics
-    rt.wait_for(
-        "canary cluster in Prometheus",
-        lambda: rt.query(
-            'envoy_cluster_upstream_rq_total{envoy_cluster_name=~".*/rule/1/backend/0"}'
-        ),
-        timeout=15,
-    )
     target = Target(service="fleet", namespace=NS, route="fleet", router="gateway-api")
     with PrometheusClient(base_url=rt.prometheus.url) as prom:
         source = PrometheusSource(prom, target, MetricRules(cpu=None, memory=None))
-        seen = source.observe(datetime.now(UTC), 30)
+        # increase() needs two scrapes of each cluster inside the window; await the
+        # observation the analysis would make rather than the first sample of one series.
+        seen = rt.wait_for(
+            "both tracks observed in Prometheus",
+            lambda: (
+                (o := source.observe(datetime.now(UTC), 30)).canary.requests
+                and o.stable.requests
+                and o
+            ),
+            timeout=30,
+        )
     assert (seen.stable.requests or 0) > (seen.canary.requests or 0) > 0
     assert seen.canary.values["error_ratio"] == 0
     assert 0 < (seen.stable.values["p99_latency_seconds"] or 0) < 5

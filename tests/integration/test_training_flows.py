@@ -51,6 +51,7 @@ from sandbox.procs import free_port, stop_pid, wait_until
 from sandbox.runtime import cleanup, state_label
 from tests.conftest import SESSION_DIR
 from tests.fixtures_kube import KubeTwin, start_kube_twin
+from tests.matrix import full_matrix
 
 pytestmark = [
     pytest.mark.integration,
@@ -546,7 +547,11 @@ def robotics_cd(platform: TrainingPlatform, *args: str, timeout: float = 120) ->
     return done.stdout
 
 
-@pytest.mark.parametrize(("api", "ended"), [("pytorchjob", "Succeeded"), ("trainjob", "Complete")])
+# CI follows one API through the CLI; both APIs run to the end in the resume test.
+@pytest.mark.parametrize(
+    ("api", "ended"),
+    [pytest.param("pytorchjob", "Succeeded", marks=full_matrix), ("trainjob", "Complete")],
+)
 async def test_cli_starts_the_deployment_and_follows_it_to_the_end(
     platform: TrainingPlatform,
     first_image: tuple[str, Any],
@@ -575,7 +580,10 @@ async def test_cli_starts_the_deployment_and_follows_it_to_the_end(
 
 @pytest.mark.parametrize(
     ("api", "plural", "label"),
-    [("pytorchjob", "pytorchjobs", LABEL_JOB), ("trainjob", "trainjobs", LABEL_JOBSET)],
+    [
+        pytest.param("pytorchjob", "pytorchjobs", LABEL_JOB, marks=full_matrix),
+        ("trainjob", "trainjobs", LABEL_JOBSET),
+    ],
 )
 async def test_cancelling_the_run_deletes_the_job_and_its_pods(
     platform: TrainingPlatform,
