@@ -151,6 +151,16 @@ def _kubectl(sandbox: Any, *args: str) -> str:
     ).stdout
 
 
+def live_weights(sandbox: Any, service: str) -> dict[str, int]:
+    """The weights of the production HTTPRoute's rule 0, as the cluster has them."""
+    import json
+
+    route = json.loads(
+        _kubectl(sandbox, "get", "httproute", service, "-n", "production", "-o", "json")
+    )
+    return {r["name"]: r.get("weight", 1) for r in route["spec"]["rules"][0]["backendRefs"]}
+
+
 def _sync_production(sandbox: Any, revision: str) -> None:
     """As a person would after the migration commit: sync with prune (the old router's
     objects go), then wait for what ``argocd app wait`` checks."""

@@ -2,6 +2,10 @@
 each regression ends rolled back on the signal that names it, judged from the Prefect API
 (the run's final state and message), git (the production overlay restored) and the cluster.
 
+fleet-planner is seeded on the Gateway API (services.yaml ``traffic.router: gateway-api``):
+every scenario here is a canary through an HTTPRoute's weights, judged on Envoy Gateway's
+statistics and the pods' own metrics.
+
 CI runs two scenarios on one sandbox (the session's): ``business`` and ``restarts``. The
 rest (``memory``, ``cpu``, ``5xx``, ``p99``) run with ``ROBOTICS_CD_FULL_MATRIX=1``; the A/A
 run (ten good builds in a row, no early abort, no rollback) with ``ROBOTICS_CD_AA_RELEASES=10``.
@@ -30,6 +34,7 @@ from core.images import release_tag
 from sandbox.procs import wait_until
 from tests.e2e.releases import (
     _cli,
+    _digest,
     _final,
     _manifests,
     _paused,
@@ -38,16 +43,13 @@ from tests.e2e.releases import (
     _wait,
     served_releases,
 )
+from tests.e2e.routers import live_weights
+from tests.matrix import full_matrix
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
 SERVICE = "fleet-planner"
 OVERLAY = "serving/fleet-planner/overlays/production"
-FULL = os.environ.get("ROBOTICS_CD_FULL_MATRIX") == "1"
-# Both CI scenarios passed on the sandbox (docs/e2e-matrix.md), but with the Debian base
-# image and two releases they cost about 6 minutes that CI's 45-minute budget does not have:
-# ROBOTICS_CD_FLEET_E2E=1 (or the full matrix) runs them.
-CI_ON = FULL or os.environ.get("ROBOTICS_CD_FLEET_E2E") == "1"
 AA_RELEASES = int(os.environ.get("ROBOTICS_CD_AA_RELEASES", "0") or 0)
 
 # name -> (production-only config files, the words the rollback reason must carry, in CI?)
@@ -135,16 +137,7 @@ def _tree(sandbox: Any) -> str:
 
 def _scenarios() -> list[Any]:
     return [
-        pytest.param(
-            name,
-            marks=[]
-            if (in_ci and CI_ON) or FULL
-            else pytest.mark.skip(
-                "ROBOTICS_CD_FULL_MATRIX=1 runs it"
-                if not in_ci
-                else "ROBOTICS_CD_FLEET_E2E=1 runs it (out of CI for its time budget)"
-            ),
-        )
+        pytest.param(name, marks=[] if in_ci else [full_matrix])
         for name, (_, _, in_ci) in SCENARIOS.items()
     ]
 
@@ -170,12 +163,22 @@ def test_a_regression_is_rolled_back_on_its_signal(
     named = {s for s in OTHER if f"{s}:" in reason or f"on {s}" in reason}
     assert not named or any(w in named for w in words), f"{scenario}: {message}"
     assert _tree(sandbox) == before  # the overlay equals its pre-release tree
+    rollback = _manifests(sandbox, "log", "-1", "--format=%H%n%s%n%b", "--", OVERLAY)
+    assert "rollback(production)" in rollback and "Undoes:" in rollback, rollback
+    # Its digest is quarantined in git, naming the rollback commit.
+    quarantine = _manifests(sandbox, "show", f"main:quarantine/{SERVICE}.yaml")
+    assert _digest(image) in quarantine and rollback.split()[0] in quarantine, quarantine
     wait_until(
         lambda: _production_images(sandbox)[SERVICE][0] == stable_before,
         timeout=90,
         what="production back on the old image",
     )
     assert _production_images(sandbox)[f"{SERVICE}-canary"][1] == 0
+    wait_until(
+        lambda: live_weights(sandbox, SERVICE) == {SERVICE: 100, f"{SERVICE}-canary": 0},
+        timeout=60,
+        what="the production HTTPRoute back at stable 100 / canary 0",
+    )
     elapsed = (datetime.now(UTC) - started).total_seconds()
     print(f"\nRESULT {scenario}: {message[:300]} (release {elapsed:.0f} s)")
 

@@ -5,13 +5,15 @@ The sample service moves to ``traffic.router: gateway-api`` first (tests/e2e/rou
 manifests commit swapping its Ingresses for a Gateway and a weighted HTTPRoute, and a
 catalog saying so); canary steps then edit the HTTPRoute's weights, the twin's router splits
 by them, and the analysis reads Envoy Gateway's cluster statistics. The module moves the
-service back at the end. CI runs both (the demo drives ingress-nginx); every other release
+service back at the end. CI runs the promote (the demo drives ingress-nginx); every other release
 scenario on gateway-api: ``ROBOTICS_CD_FULL_MATRIX=1`` (tests/e2e/test_release.py).
+
+fleet-planner is seeded on the Gateway API (services.yaml): its release scenarios
+(tests/e2e/test_fleet_release.py) are rollbacks through the gateway, two of them in CI.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -35,7 +37,8 @@ from tests.e2e.releases import (
     _release,
     served_releases,
 )
-from tests.e2e.routers import _kubectl, use_router
+from tests.e2e.routers import live_weights, use_router
+from tests.matrix import full_matrix
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 
@@ -78,13 +81,6 @@ def _envoy(sandbox: Any, promql: str) -> float:
     return float(result[0]["value"][1]) if result else 0.0
 
 
-def _live_weights(sandbox: Any) -> dict[str, int]:
-    route = json.loads(
-        _kubectl(sandbox, "get", "httproute", SERVICE, "-n", "production", "-o", "json")
-    )
-    return {r["name"]: r.get("weight", 1) for r in route["spec"]["rules"][0]["backendRefs"]}
-
-
 def test_good_image_is_promoted_through_the_gateway(sandbox, runner, env, build):
     canary_before = _envoy(
         sandbox, f'sum(envoy_cluster_upstream_rq_total{{envoy_cluster_name="{CANARY}"}})'
@@ -114,7 +110,7 @@ def test_good_image_is_promoted_through_the_gateway(sandbox, runner, env, build)
     assert _digest(image) in images[SERVICE][0]
     assert images[f"{SERVICE}-canary"][1] == 0
     wait_until(
-        lambda: _live_weights(sandbox) == {SERVICE: 100, f"{SERVICE}-canary": 0},
+        lambda: live_weights(sandbox, SERVICE) == {SERVICE: 100, f"{SERVICE}-canary": 0},
         timeout=60,
         what="production HTTPRoute back at stable 100 / canary 0",
     )
@@ -129,6 +125,9 @@ def test_good_image_is_promoted_through_the_gateway(sandbox, runner, env, build)
     )
 
 
+# CI's rollbacks through the Gateway API are fleet-planner's (seeded on gateway-api:
+# tests/e2e/test_fleet_release.py); this one, of the migrated api-gateway, is full matrix.
+@full_matrix
 def test_failing_canary_is_rolled_back_through_the_gateway(sandbox, runner, env, build):
     before_tree = _overlay_tree(sandbox)
     stable_before = _production_images(sandbox)[SERVICE][0]
@@ -153,7 +152,7 @@ def test_failing_canary_is_rolled_back_through_the_gateway(sandbox, runner, env,
         what="production back on the old image",
     )
     wait_until(
-        lambda: _live_weights(sandbox) == {SERVICE: 100, f"{SERVICE}-canary": 0},
+        lambda: live_weights(sandbox, SERVICE) == {SERVICE: 100, f"{SERVICE}-canary": 0},
         timeout=60,
         what="production HTTPRoute back at stable 100 / canary 0",
     )
