@@ -23,6 +23,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -118,6 +119,14 @@ def _restored(sandbox, before_tree: str, stable: str) -> None:
     )
 
 
+def _recovery(case: str, fault_at: float, cleared_at: float | None = None) -> None:
+    """Print how long production took to be healthy again (restored or promoted, lease
+    free), from the fault and from its end: docs/benchmarks.md records these lines."""
+    healthy = time.monotonic()
+    since_clear = f"; fault cleared -> healthy {healthy - cleared_at:.0f} s" if cleared_at else ""
+    print(f"\nRECOVERY {case}: fault -> healthy {healthy - fault_at:.0f} s{since_clear}")
+
+
 @full_matrix
 def test_argocd_down_then_back_the_restore_is_retried_until_verified(
     sandbox, env, build, faults, tmp_path
@@ -128,6 +137,7 @@ def test_argocd_down_then_back_the_restore_is_retried_until_verified(
     try:
         run = _into_canary(sandbox, env, build, "argocd down then back")
         down = faults.http_fault("argocd", path_prefix=APP, status=503)
+        fault_at = time.monotonic()
         wait_until(
             lambda: (
                 "rollback(production)" in _manifests(sandbox, "log", "-1", "--format=%s", "main")
@@ -142,12 +152,14 @@ def test_argocd_down_then_back_the_restore_is_retried_until_verified(
             what="the restore's sync refused by Argo CD",
         )
         faults.clear("argocd")
+        cleared_at = time.monotonic()
         done = _wait(run, _final, timeout=420, what="release finished")
     finally:
         stop_pid(runner.pid)  # type: ignore[attr-defined]
     assert done.state.type == StateType.FAILED and done.state.name != "RollbackFailed"
     assert done.state.message.startswith("rolled back:"), done.state.message
     _restored(sandbox, before_tree, stable)
+    _recovery("argocd 503 then back", fault_at, cleared_at)
 
 
 def test_a_restore_that_never_verifies_blocks_production_until_cleared(
@@ -159,6 +171,7 @@ def test_a_restore_that_never_verifies_blocks_production_until_cleared(
     try:
         run = _into_canary(sandbox, env, build, "argocd down for good")
         faults.http_fault("argocd", path_prefix=APP, status=503)
+        fault_at = time.monotonic()
         done = _wait(run, _final, timeout=600, what="release finished")
     finally:
         stop_pid(runner.pid)  # type: ignore[attr-defined]
@@ -171,6 +184,7 @@ def test_a_restore_that_never_verifies_blocks_production_until_cleared(
     out = _cli("reconcile", env=env)
     assert "api-gateway: leave (blocked" in out, out
     faults.clear("argocd")
+    cleared_at = time.monotonic()
     # Clearing reconciles at once: revert, sync, rollout, smoke (minutes under load).
     cleared = subprocess.run(
         [CLI, "lease", "clear", "api-gateway", "--operator", "alice",
@@ -180,6 +194,7 @@ def test_a_restore_that_never_verifies_blocks_production_until_cleared(
     assert cleared.returncode == 0, cleared.stdout + cleared.stderr
     assert "reconcile: restore" in cleared.stdout, cleared.stdout
     _restored(sandbox, before_tree, stable)
+    _recovery("argocd down past the rollback deadline, then lease clear", fault_at, cleared_at)
 
 
 def test_a_foreign_exception_in_a_canary_step_restores_production(
@@ -195,14 +210,17 @@ def test_a_foreign_exception_in_a_canary_step_restores_production(
         garbage = faults.http_fault(
             "argocd", path_prefix=APP, method="GET", status=200, body="{not json"
         )
+        fault_at = time.monotonic()
         wait_until(lambda: _hits(faults, garbage) >= 1, timeout=300, what="garbage served")
         faults.clear("argocd")
+        cleared_at = time.monotonic()
         done = _wait(run, _final, timeout=420, what="release finished")
     finally:
         stop_pid(runner.pid)  # type: ignore[attr-defined]
     assert done.state.type == StateType.FAILED, done.state
     assert done.state.message.startswith("rolled back:"), done.state.message
     _restored(sandbox, before_tree, stable)
+    _recovery("argocd answers malformed JSON", fault_at, cleared_at)
 
 
 def _rolled_back_and_restored(done, sandbox, before_tree: str, stable: str) -> None:
@@ -228,6 +246,7 @@ def test_argocd_hanging_mid_canary_is_a_failed_step_and_production_is_restored(
     try:
         run = _into_canary(sandbox, env, build, "argocd hangs")
         hang = faults.http_fault("argocd", path_prefix=APP, hang_seconds=120)
+        fault_at = time.monotonic()
         wait_until(
             lambda: (
                 "rollback(production)" in _manifests(sandbox, "log", "-1", "--format=%s", "main")
@@ -237,10 +256,12 @@ def test_argocd_hanging_mid_canary_is_a_failed_step_and_production_is_restored(
         )
         assert _hits(faults, hang) >= 1
         faults.clear("argocd")
+        cleared_at = time.monotonic()
         done = _wait(run, _final, timeout=600, what="release finished")
     finally:
         stop_pid(runner.pid)  # type: ignore[attr-defined]
     _rolled_back_and_restored(done, sandbox, before_tree, stable)
+    _recovery("argocd hanging", fault_at, cleared_at)
 
 
 def _kill_prometheus(sandbox) -> list[str]:
@@ -271,6 +292,7 @@ def test_prometheus_down_mid_analysis_is_never_a_pass(sandbox, env, build, tmp_p
     try:
         run = _into_canary(sandbox, env, build, "prometheus dies")
         argv = _kill_prometheus(sandbox)
+        fault_at = time.monotonic()
         done = _wait(run, _final, timeout=600, what="release finished")
     finally:
         stop_pid(runner.pid)  # type: ignore[attr-defined]
@@ -278,6 +300,7 @@ def test_prometheus_down_mid_analysis_is_never_a_pass(sandbox, env, build, tmp_p
             _start_prometheus_again(sandbox, argv)
     _rolled_back_and_restored(done, sandbox, before_tree, stable)
     assert "inconclusive" in done.state.message, done.state.message
+    _recovery("prometheus killed mid-analysis", fault_at)
 
 
 @full_matrix
@@ -295,9 +318,11 @@ def test_git_remote_hanging_on_a_canary_push_never_leaves_production_half(
             method="POST",
             hang_seconds=45,
         )
+        fault_at = time.monotonic()
         # (A fault with a count leaves the registry once spent: clear it by hand instead.)
         wait_until(lambda: _hits(faults, hang) >= 1, timeout=300, what="a push hung")
         faults.clear("git")
+        cleared_at = time.monotonic()
         done = _wait(run, _final, timeout=900, what="release finished")
     finally:
         faults.clear("git")
@@ -314,3 +339,4 @@ def test_git_remote_hanging_on_a_canary_push_never_leaves_production_half(
     else:
         _rolled_back_and_restored(done, sandbox, before_tree, stable)
     print(f"git hang: release ended {done.state.name}: {done.state.message}")
+    _recovery(f"git remote hanging ({done.state.name})", fault_at, cleared_at)
