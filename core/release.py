@@ -17,7 +17,6 @@ takes is a function here, tested on plain data:
 from __future__ import annotations
 
 import json
-import re
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, Literal
@@ -28,10 +27,9 @@ from core.analysis import IntervalVerdict
 from core.approval import ApprovalDecision
 from core.catalog import CanaryPolicy, Catalog
 from core.errors import InvalidInput
-from core.images import parse_reference, validate_sha
+from core.images import SHA_RE, parse_reference, validate_sha
 from core.ordering import MeasuredWindow
 
-_SHA = re.compile(r"^[0-9a-f]{40}$")
 LEASE_FORMAT = 2
 
 
@@ -247,7 +245,7 @@ def decode_lease(message: str) -> LeaseRecord:
     except (ValueError, ValidationError) as exc:
         raise InvalidInput(f"not a lease record: {exc}") from exc
     for sha in [record.before or "0" * 40, *record.commits]:
-        if not _SHA.match(sha):
+        if not SHA_RE.match(sha):
             raise InvalidInput(f"lease record holds {sha!r}, not a commit id")
     return record
 
@@ -429,7 +427,7 @@ def commits_to_revert(recorded: list[str], already_reverted: set[str]) -> list[s
     """The release's own commits a rollback reverts, newest first: every recorded commit
     not yet reverted (duplicates once). Nobody else's commit is ever in this list."""
     for sha in recorded:
-        if not _SHA.match(sha):
+        if not SHA_RE.match(sha):
             raise InvalidInput(f"{sha!r} is not a commit id")
     ordered = list(dict.fromkeys(recorded))
     return [sha for sha in reversed(ordered) if sha not in already_reverted]

@@ -16,11 +16,11 @@ from typing import Any, Literal
 import httpx
 from prefect import task
 from prefect.blocks.system import Secret
-from prefect.exceptions import MissingContextError
-from prefect.logging import get_logger, get_run_logger
 
 from core.errors import GitHubError, InvalidInput
+from core.images import SHA_RE
 from core.settings import get_settings
+from tasks.logs import run_logger
 
 API_VERSION = "2022-11-28"
 CommitState = Literal["pending", "success", "failure", "error"]
@@ -28,17 +28,9 @@ DeploymentState = Literal["queued", "in_progress", "success", "failure", "error"
 COMMIT_STATES = ("pending", "success", "failure", "error")
 DEPLOYMENT_STATES = ("queued", "in_progress", "success", "failure", "error", "inactive")
 _REPO = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
-_SHA = re.compile(r"^[0-9a-f]{40}$")
 _LOGIN = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9]|-(?=[A-Za-z0-9])){0,38}$")
 _RETRYABLE = {429, 500, 502, 503, 504}
 DESCRIPTION_LIMIT = 140  # GitHub answers 422 above this
-
-
-def _logger() -> Any:
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return get_logger("robotics_cd.github")
 
 
 def check_repo(repo: str) -> str:
@@ -48,7 +40,7 @@ def check_repo(repo: str) -> str:
 
 
 def check_sha(sha: str) -> str:
-    if not _SHA.match(sha):
+    if not SHA_RE.match(sha):
         raise InvalidInput(f"commit sha must be 40 lowercase hex characters, got {sha!r}")
     return sha
 
@@ -275,7 +267,9 @@ def github_client(
 def _tolerate(what: str, required: bool, exc: GitHubError) -> None:
     if required:
         raise exc
-    _logger().warning("GitHub %s failed; the release goes on without it: %s", what, exc)
+    run_logger("robotics_cd.github").warning(
+        "GitHub %s failed; the release goes on without it: %s", what, exc
+    )
 
 
 @task(name="github-commit-status")

@@ -34,24 +34,16 @@ import anyio
 from prefect import Flow, task
 from prefect.artifacts import acreate_markdown_artifact
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterIdempotencyKey
-from prefect.exceptions import MissingContextError
-from prefect.logging import get_run_logger
 from pydantic import BaseModel, Field
 
 from core.catalog import load_catalog
 from core.errors import GitHubError, InvalidInput, RoboticsCDError, TriggerError
 from core.settings import get_settings
+from tasks.logs import run_logger
 
 CI_CONTEXT = "robotics-cd/ci"
 RELEASE_CONTEXT = "robotics-cd/release"
 _log = logging.getLogger("robotics_cd.handoff")
-
-
-def _logger() -> Any:
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return _log
 
 
 class Handoff(BaseModel):
@@ -178,7 +170,7 @@ async def hand_off(
     parameters = release_parameters(service, image, source_sha)
     key = release_key(service, source_sha)
     command = manual_command(deployment, parameters)
-    logger = _logger()
+    logger = run_logger("robotics_cd.handoff")
     state: Any = await start_release(deployment, parameters, key, return_state=True)  # type: ignore[misc]
     if state.is_completed():
         run_id, created = await state.aresult()
@@ -384,7 +376,7 @@ async def post_commit_status(
     from tasks.github import GitHubClient, check_repo, check_sha
 
     settings = get_settings()
-    logger = _logger()
+    logger = run_logger("robotics_cd.handoff")
     try:
         repo = check_repo(load_catalog(settings.catalog).service(service).github)
         check_sha(sha)

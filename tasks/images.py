@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import ipaddress
-import logging
 import re
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -32,7 +31,7 @@ import anyio.to_thread
 import docker
 import docker.errors
 import httpx
-from prefect import get_client, get_run_logger, task
+from prefect import get_client, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.filters import (
     FlowFilter,
@@ -56,6 +55,7 @@ from core.errors import (
 from core.images import ImageRef, parse_reference, validate_digest, validate_sha
 from core.provenance import CIRun, judge
 from core.settings import get_settings
+from tasks.logs import run_logger
 
 REVISION_LABEL = "org.opencontainers.image.revision"
 SOURCE_LABEL = "org.opencontainers.image.source"
@@ -103,10 +103,6 @@ def retry_on(*transient: type[BaseException]) -> Callable[[Any, Any, State], boo
     return should_retry
 
 
-def _logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
-    return get_run_logger()
-
-
 async def load_docker_host(block_name: str | None = None) -> DockerHost:
     """The ``DockerHost`` block named in settings, or one from the environment if unset."""
     name = block_name or get_settings().docker_host_block
@@ -114,7 +110,9 @@ async def load_docker_host(block_name: str | None = None) -> DockerHost:
         return await DockerHost.aload(name)
     except ValueError:
         # No block saved: fall back to DOCKER_HOST / the default socket, like the docker CLI.
-        _logger().info("no DockerHost block %r; using the Docker host from the environment", name)
+        run_logger("robotics_cd.images").info(
+            "no DockerHost block %r; using the Docker host from the environment", name
+        )
         return DockerHost()
 
 
@@ -373,7 +371,7 @@ async def find_pushed_image(
     ) as client:
         found = await client.manifest(repository, tag)
         if found is None:
-            _logger().info("%s is not in the registry yet", ref.tagged)
+            run_logger("robotics_cd.images").info("%s is not in the registry yet", ref.tagged)
             return None
         digest, manifest = found
         revision = (await client.labels(repository, manifest)).get(REVISION_LABEL, "")
@@ -383,7 +381,7 @@ async def find_pushed_image(
             "refusing to overwrite a pushed tag: delete it in the registry if it is wrong"
         )
     pushed = PushedImage(ref=str(ref.with_digest(digest)), tag=tag, digest=digest, revision=sha)
-    _logger().info("%s is already pushed: %s", ref.tagged, pushed.ref)
+    run_logger("robotics_cd.images").info("%s is already pushed: %s", ref.tagged, pushed.ref)
     return pushed
 
 
@@ -426,7 +424,7 @@ async def find_tagged_image(
     ) as client:
         found = await client.manifest(repository, tag)
         if found is None:
-            _logger().info("%s is not in the registry", ref.tagged)
+            run_logger("robotics_cd.images").info("%s is not in the registry", ref.tagged)
             return None
         digest, manifest = found
         revision = (await client.labels(repository, manifest)).get(REVISION_LABEL, "")
@@ -457,7 +455,9 @@ async def _ci_runs(service: str, sha: str) -> list[CIRun]:
             try:
                 result = await state.aresult(raise_on_failure=False)  # type: ignore[call-overload]
             except Exception as exc:  # an unreadable result is no proof; the warning says why
-                _logger().warning("cannot read the result of ci run %s: %s", run.id, exc)
+                run_logger("robotics_cd.images").warning(
+                    "cannot read the result of ci run %s: %s", run.id, exc
+                )
                 result = None
             value = getattr(result, "digest", None)
             digest = value if isinstance(value, str) else None
@@ -548,7 +548,7 @@ async def verify_release_image(
         ci_runs=runs,
         override_reason=override_reason,
     )
-    log = _logger()
+    log = run_logger("robotics_cd.images")
     if verdict.overridden:
         log.warning("provenance of %s OVERRIDDEN: %s", image, verdict.accepted_by)
     else:
@@ -586,7 +586,9 @@ async def keep_rollback_target(
             its pods); the canary does not start.
     """
     if not stable_image:
-        _logger().info("production runs no %s image yet: no rollback target to keep", service)
+        run_logger("robotics_cd.images").info(
+            "production runs no %s image yet: no rollback target to keep", service
+        )
         return None
     ref = parse_reference(stable_image)
     reference = ref.digest or ref.tag
@@ -615,7 +617,7 @@ async def keep_rollback_target(
             )
         await client.put_manifest(ref.repository, tag, body, media_type)
     kept = f"{registry}/{ref.repository}:{tag}@{digest}"
-    _logger().info("rollback target kept: %s", kept)
+    run_logger("robotics_cd.images").info("rollback target kept: %s", kept)
     return kept
 
 
@@ -733,7 +735,7 @@ async def build_image(
         SOURCE_LABEL: _USERINFO.sub("", source),
         CREATED_LABEL: created,
     }
-    logger = _logger()
+    logger = run_logger("robotics_cd.images")
     host = await load_docker_host(docker_host_block)
 
     def build() -> str:
@@ -818,7 +820,7 @@ async def push_image(
         raise InvalidInput(f"push_image wants registry/repository:tag, got {image!r}")
     credentials = await load_registry_credentials(credentials_block)
     _check_same_registry(ref, credentials)
-    logger = _logger()
+    logger = run_logger("robotics_cd.images")
     host = await load_docker_host(docker_host_block)
     client = await anyio.to_thread.run_sync(host.get_client)
     try:

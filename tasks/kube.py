@@ -28,10 +28,9 @@ from uuid import UUID
 import aiohttp
 from kubernetes_asyncio import watch
 from kubernetes_asyncio.client.exceptions import ApiException
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.artifacts import aupdate_progress_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.exceptions import MissingContextError
 from prefect_kubernetes import custom_objects
 from prefect_kubernetes.credentials import KubernetesCredentials
 from pydantic import BaseModel, Field
@@ -51,6 +50,7 @@ from core.training import (
     kind_of,
     progress_percent,
 )
+from tasks.logs import run_logger
 
 JSON = dict[str, Any]
 LogSink = Callable[[str], None]
@@ -84,14 +84,6 @@ get_namespaced_custom_object = custom_objects.get_namespaced_custom_object.with_
 delete_namespaced_custom_object = custom_objects.delete_namespaced_custom_object.with_options(
     cache_policy=NO_CACHE
 )
-
-
-def _logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
-    """The run's logger inside a flow or task; a module logger in hooks and scripts."""
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return logging.getLogger("robotics_cd.kube")
 
 
 async def load_credentials(block_name: str | None = None) -> KubernetesCredentials:
@@ -208,7 +200,7 @@ async def submit_training_job(body: JSON, *, credentials_block: str | None = Non
     meta = body["metadata"]
     name, namespace = meta["name"], meta["namespace"]
     credentials = await load_credentials(credentials_block)
-    logger = _logger()
+    logger = run_logger("robotics_cd.kube")
     try:
         created = await create_namespaced_custom_object(
             credentials,
@@ -271,7 +263,7 @@ async def delete_training_job(
     """Delete the job (its pods go with it); with ``wait``, until the API no longer has it."""
     credentials = await load_credentials(credentials_block)
     deleted = await delete_job(credentials, name, namespace, kind)
-    _logger().info(
+    run_logger("robotics_cd.kube").info(
         "deleted %s %s/%s and its pods" if deleted else "%s %s/%s was already gone",
         kind.kind,
         namespace,
@@ -367,7 +359,7 @@ async def watch_job(
     timeout, dropped connection) or answers 410 Gone, get it again and watch anew, so no
     change is missed and no wait depends on one connection staying up.
     """
-    logger = _logger()
+    logger = run_logger("robotics_cd.kube")
     async with credentials.get_client("custom_objects") as api:
         while True:
             try:
@@ -529,7 +521,7 @@ async def follow_training_job(
     lines of the log, with an ETA in its description; the whole node-0 log (its last
     ``KEPT_LINES`` lines) comes back in ``log``, for an artifact that outlives the pods.
     """
-    logger = _logger()
+    logger = run_logger("robotics_cd.kube")
     credentials = await load_credentials(credentials_block)
     progress = _Progress(progress_artifact_id, f"{kind.kind} {namespace}/{name}")
     last_phase = ""

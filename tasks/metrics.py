@@ -26,8 +26,6 @@ from typing import Any, Literal
 import httpx
 from prefect import task
 from prefect.blocks.system import Secret
-from prefect.exceptions import MissingContextError
-from prefect.logging import get_logger, get_run_logger
 from pydantic import BaseModel, ConfigDict
 
 from core.analysis import (
@@ -52,6 +50,7 @@ from core.catalog import CanaryPolicy, MetricRules
 from core.errors import InvalidInput, MetricsError
 from core.settings import get_settings
 from core.traffic import QUERIES, Router, cluster_matcher
+from tasks.logs import run_logger
 
 Track = Literal["canary", "stable"]
 
@@ -452,13 +451,6 @@ class IntervalResult(BaseModel):
         return self.analysis.verdict
 
 
-def _logger() -> Any:
-    try:
-        return get_run_logger()
-    except MissingContextError:  # called outside a run (``.fn`` in tests, scripts)
-        return get_logger("robotics_cd.metrics")
-
-
 @contextmanager
 def prometheus(
     url: str | None = None, *, transport: httpx.BaseTransport | None = None
@@ -533,7 +525,9 @@ def analyse_interval(
         except MetricsError as exc:
             if not unavailable_is_inconclusive:
                 raise
-            _logger().warning("%s/%s interval without data: %s", namespace, service, exc)
+            run_logger("robotics_cd.metrics").warning(
+                "%s/%s interval without data: %s", namespace, service, exc
+            )
             return IntervalResult(
                 service=service,
                 namespace=namespace,
@@ -550,7 +544,7 @@ def analyse_interval(
         observation = observation.model_copy(update={"stable": stable_baseline})
         rules = without_cross_load_bounds(rules)
     verdict = judge_interval(observation, rules, policy)
-    _logger().info(
+    run_logger("robotics_cd.metrics").info(
         "%s/%s interval ending %s: %s (%s)",
         namespace,
         service,

@@ -24,22 +24,14 @@ from urllib.parse import urlsplit
 import httpx
 from prefect import task
 from prefect.blocks.system import Secret
-from prefect.exceptions import MissingContextError
-from prefect.logging import get_logger, get_run_logger
 
 from core.errors import InvalidInput, NotifyError
 from core.settings import get_settings
+from tasks.logs import run_logger
 
 Platform = Literal["feishu", "dingtalk", "slack"]
 PLATFORMS: tuple[Platform, ...] = ("feishu", "dingtalk", "slack")
 LINK_TEXT = "Open in Prefect"
-
-
-def _logger() -> Any:
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return get_logger("robotics_cd.notify")
 
 
 def redact(url: str) -> str:
@@ -222,7 +214,7 @@ def send_chat(
     wanted = _check_channels(channels)
     if not title.strip():
         raise InvalidInput("a chat notification needs a title")
-    log = _logger()
+    log = run_logger("robotics_cd.notify")
     try:
         hooks = webhooks if webhooks is not None else load_webhooks()
     except NotifyError as exc:

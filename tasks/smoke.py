@@ -5,23 +5,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import httpx
 from prefect import task
-from prefect.exceptions import MissingContextError
-from prefect.logging import get_logger, get_run_logger
 from pydantic import BaseModel, ConfigDict
 
 from core.catalog import EnvironmentTarget
 from core.errors import InvalidInput, VerificationFailed
-
-
-def _logger() -> Any:
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return get_logger("robotics_cd.smoke")
+from tasks.logs import run_logger
 
 
 class SmokeResult(BaseModel):
@@ -138,7 +129,7 @@ def smoke_test(
         request_timeout=request_timeout,
         verify_tls=verify_tls,
     )
-    _logger().info(
+    run_logger("robotics_cd.smoke").info(
         "smoke tests passed on %s: %s",
         target.host,
         ", ".join(f"{r.path} {r.status} {r.latency_ms:.0f}ms" for r in results),

@@ -24,14 +24,13 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.errors import GitOpsError, InvalidInput, OverlayRefused
-from core.images import ImageRef, parse_reference, validate_sha
+from core.images import SHA_RE, ImageRef, parse_reference, validate_sha
 from core.kustomize import ImageEntry, find_image
 from tasks.gitcmd import DEFAULT_TIMEOUT, GitCredentials, redact, run_git, split_credentials
 
 Environment = Literal["staging", "production"]
 IDENTITY = ("robotics-cd", "robotics-cd@robotics.local")
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-_SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 REJECTED_HINTS = (
     "[rejected]",
@@ -449,7 +448,7 @@ class Repository:
         if not out:
             return None
         commit, source_sha, run_id, image = [*out.split("\x1f"), "", "", ""][:4]
-        if not _SHA_RE.match(source_sha.strip()):
+        if not SHA_RE.match(source_sha.strip()):
             return None
         return OverlaySource(
             commit=commit,
