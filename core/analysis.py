@@ -26,7 +26,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -542,8 +542,11 @@ def judge_track(
     min_requests: int,
     end: datetime,
     window_seconds: float,
+    track: Literal["canary", "stable"] = "stable",
 ) -> IntervalVerdict:
     """One track on its own (staging check, post-release watch): absolute bounds only.
+    Its request count is recorded as the track's (a watch of production's stable track
+    says "stable requests", not "canary").
 
     Metrics with only a relative bound are reported, not judged: there is nothing to
     compare with.
@@ -563,8 +566,8 @@ def judge_track(
         verdict=overall,
         reason=reason,
         metrics=metrics,
-        canary_requests=observation.requests,
-        stable_requests=None,
+        canary_requests=observation.requests if track == "canary" else None,
+        stable_requests=observation.requests if track == "stable" else None,
     )
 
 

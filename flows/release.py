@@ -32,7 +32,6 @@ import anyio
 from prefect import flow, get_run_logger
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import FlowRun, State
-from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 
@@ -102,6 +101,7 @@ from tasks.approvals import (
     wait_for_votes,
     waiting_releases,
 )
+from tasks.caching import once_per_run
 from tasks.lifecycle import emit_release_event, start_rollback_for
 
 _T = TypeVar("_T")
@@ -134,15 +134,6 @@ class Config:
 
 
 # --- staging ------------------------------------------------------------------------------
-
-
-def once_per_run(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    """Cache key of a task whose inputs hold the clock (a window ending 'now + interval'): a
-    resumed run gets the first answer instead of measuring again."""
-    # Which service (or app) too: a release train checks several services in one run.
-    subject = parameters.get("service") or parameters.get("app") or ""
-    seen = parameters.get("seen", "")
-    return f"{context.task.name}-{seen}-{context.task_run.flow_run_id}-{subject}"
 
 
 async def deploy_staging(plan: ReleasePlan, cfg: Config, record: ReleaseRecord) -> None:
@@ -197,7 +188,7 @@ async def deploy_staging(plan: ReleasePlan, cfg: Config, record: ReleaseRecord) 
             "staging",
             "staging",
             plan.digest,
-            lambda: metrics.staging_check.with_options(cache_key_fn=once_per_run)(
+            lambda: metrics.staging_check(
                 plan.service,
                 target.namespace,
                 svc.metrics,
@@ -344,9 +335,7 @@ async def announce_superseded(cfg: Config, run: FlowRun, why: str) -> None:
 async def await_approval(plan: ReleasePlan, cfg: Config, record: ReleaseRecord) -> ApprovalDecision:
     svc = cfg.svc
     run_url = report.flow_run_url(flow_run.id)
-    diff = gitops.preview_production_change.with_options(cache_policy=NO_CACHE)(
-        plan.service, plan.pull_image, **cfg.git("production")
-    )
+    diff = gitops.preview_production_change(plan.service, plan.pull_image, **cfg.git("production"))
     description = report.approval_description(record, diff)
     # A newer release may have passed staging while this one was finishing its own checks
     # (before it waited, so that one could not end it): ask for approval only of what staging
@@ -414,19 +403,15 @@ async def take_production_lock(plan: ReleasePlan, cfg: Config) -> gitops.Lease:
     deadline = datetime.now(UTC) + LOCK_WAIT
     waiting_on: str | None = None
     while True:
-        lease = gitops.lease_holder.with_options(cache_policy=NO_CACHE)(
-            plan.service, "production", **cfg.repo()
-        )
+        lease = gitops.lease_holder(plan.service, "production", **cfg.repo())
         if lease_is_free(lease.record if lease else None, me, datetime.now(UTC)):
             try:
-                taken: gitops.Lease = gitops.take_lease.with_options(cache_policy=NO_CACHE)(
+                taken: gitops.Lease = gitops.take_lease(
                     plan.service, "production", ttl=ttl, **cfg.repo()
                 )
                 break
             except LeaseHeld:  # another release won the race for the free lease
-                lease = gitops.lease_holder.with_options(cache_policy=NO_CACHE)(
-                    plan.service, "production", **cfg.repo()
-                )
+                lease = gitops.lease_holder(plan.service, "production", **cfg.repo())
         if datetime.now(UTC) >= deadline:
             holder = lease.holder if lease else "?"
             raise LeaseHeld(f"{plan.service}-production", holder, "after waiting " + str(LOCK_WAIT))
@@ -444,21 +429,15 @@ async def take_production_lock(plan: ReleasePlan, cfg: Config) -> gitops.Lease:
 
 def stable_image(plan: ReleasePlan, cfg: Config) -> str | None:
     """What production runs now: the image a rollback returns to."""
-    running = gitops.current_image.with_options(cache_policy=NO_CACHE)(
-        plan.service, "production", **cfg.git("production")
-    )
+    running = gitops.current_image(plan.service, "production", **cfg.git("production"))
     return running.reference if running else None
 
 
 async def refuse_if_superseded(plan: ReleasePlan, cfg: Config) -> None:
-    running = gitops.current_image.with_options(cache_policy=NO_CACHE)(
-        plan.service, "production", **cfg.git("production")
-    )
+    running = gitops.current_image(plan.service, "production", **cfg.git("production"))
     if running is None or not running.new_tag:
         return
-    if await source.is_superseded.with_options(cache_policy=NO_CACHE)(
-        cfg.svc.repo, plan.source_sha, running.new_tag
-    ):
+    if await source.is_superseded(cfg.svc.repo, plan.source_sha, running.new_tag):
         raise Superseded(
             f"production already runs {plan.service}:{running.new_tag}, which contains "
             f"{plan.source_sha[:12]}; nothing to release"
@@ -494,7 +473,7 @@ async def run_canary(
             if command.action == CommandAction.PROMOTE:
                 record.notes.append(command.reason)
                 return StepOutcome(promoted=True, reason=command.reason)
-        result = metrics.analyse_interval.with_options(cache_policy=NO_CACHE)(
+        result = metrics.analyse_interval(
             plan.service,
             target.namespace,
             svc.metrics,
@@ -511,7 +490,7 @@ async def run_canary(
         record.analyses.append(result.analysis)
         progress.update(analysis)
         log.info("canary at %s%%: %s (%s)", weight, result.verdict, analysis.reason)
-        gitops.renew_lease.with_options(cache_policy=NO_CACHE)(
+        gitops.renew_lease(
             plan.service, "production", ttl=lease_ttl(policy).total_seconds(), **cfg.repo()
         )
         if decision == Decision.ROLLBACK:
@@ -731,14 +710,13 @@ async def promote_and_watch(plan: ReleasePlan, cfg: Config, record: ReleaseRecor
             "production",
             f"post-release watch {len(record.watch) + 1}",
             plan.digest,
-            lambda: metrics.staging_check.with_options(cache_policy=NO_CACHE)(
+            lambda: metrics.post_release_watch(
                 plan.service,
                 target.namespace,
                 svc.metrics,
                 min_requests=policy.min_requests,
                 end_time=end,  # noqa: B023 (called before the loop moves on)
                 window_seconds=window,  # noqa: B023
-                track="stable",
                 target=_metrics_target(plan, svc, target.namespace),
             ),
         )
@@ -753,9 +731,7 @@ async def roll_back(plan: ReleasePlan, cfg: Config, reason: str, record: Release
     """Compensation: one commit reverting the release's own commits (as its lease records
     them), written under the lease; sync; verify."""
     target = cfg.svc.environments["production"]
-    lease = gitops.lease_holder.with_options(cache_policy=NO_CACHE)(
-        plan.service, "production", **cfg.repo()
-    )
+    lease = gitops.lease_holder(plan.service, "production", **cfg.repo())
     recorded = lease.commits if lease is not None and lease.holder == str(flow_run.id) else []
     revert = commits_to_revert(recorded or record.production_commits, set())
     commit = gitops.revert_release(
@@ -963,7 +939,7 @@ async def release(
     finally:
         if holds_lease:
             let_go(plan, cfg)
-        gitops.remove_clone.with_options(cache_policy=NO_CACHE)(**cfg.repo())
+        gitops.remove_clone(**cfg.repo())
     return end(EndingKind.PROMOTED, plan, cfg, record)
 
 
@@ -976,9 +952,7 @@ def let_go(plan: ReleasePlan, cfg: Config) -> None:
     """Release the production lease; one taken over meanwhile is the new holder's (said
     loudly, never raised over the error that ended the release)."""
     try:
-        gitops.release_lease.with_options(cache_policy=NO_CACHE)(
-            plan.service, "production", **cfg.repo()
-        )
+        gitops.release_lease(plan.service, "production", **cfg.repo())
     except LeaseHeld as exc:
         get_run_logger().error("the production lease is not this run's any more: %s", exc)
 

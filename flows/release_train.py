@@ -25,7 +25,6 @@ from typing import Any
 
 import anyio
 from prefect import flow, get_run_logger
-from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
@@ -242,7 +241,7 @@ async def approve_bundle(
         "",
     ]
     for name in train.plan.order:
-        diff = gitops.preview_production_change.with_options(cache_policy=NO_CACHE)(
+        diff = gitops.preview_production_change(
             name, plans[name].pull_image, **train.configs[name].git("production")
         )
         parts.append(report.approval_description(record.services[name], diff))
@@ -313,7 +312,7 @@ async def run_lockstep(train: Train, record: TrainRecord, first: int) -> None:
         for name in train.plan.order:
             cfg = train.configs[name]
             namespace = cfg.svc.environments["production"].namespace
-            result = metrics.analyse_interval.with_options(cache_policy=NO_CACHE)(
+            result = metrics.analyse_interval(
                 name,
                 namespace,
                 cfg.svc.metrics,
@@ -364,14 +363,13 @@ async def promote_and_watch(train: Train, record: TrainRecord) -> None:
         for name in train.plan.order:
             cfg = train.configs[name]
             namespace = cfg.svc.environments["production"].namespace
-            check = metrics.staging_check.with_options(cache_policy=NO_CACHE)(
+            check = metrics.post_release_watch(
                 name,
                 namespace,
                 cfg.svc.metrics,
                 min_requests=cfg.policy.min_requests,
                 end_time=end,
                 window_seconds=window,
-                track="stable",
                 target=metrics.Target(
                     service=name, namespace=namespace, router=cfg.svc.traffic.router
                 ),
@@ -612,7 +610,7 @@ async def release_train(
                 train_git.release_train_leases(train.leases, **train.repo())
             except LeaseHeld as exc:
                 get_run_logger().error("a lease of the train is not this run's any more: %s", exc)
-        gitops.remove_clone.with_options(cache_policy=NO_CACHE)(**train.repo())
+        gitops.remove_clone(**train.repo())
     return end(train, record, "promoted", "")
 
 

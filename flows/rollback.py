@@ -20,7 +20,6 @@ from datetime import timedelta
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
-from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State
 from prefect.runtime import flow_run
 from prefect.states import Completed
@@ -64,12 +63,8 @@ async def rollback(
     ttl = ROLLBACK_LEASE_TTL.total_seconds()
 
     if release_run_id:
-        lease = gitops.take_over_lease.with_options(cache_policy=NO_CACHE)(
-            service, environment, release_run_id, ttl=ttl, **repo
-        )
-        facts = gitops.rollback_facts.with_options(cache_policy=NO_CACHE)(
-            service, environment, release_run_id, **where
-        )
+        lease = gitops.take_over_lease(service, environment, release_run_id, ttl=ttl, **repo)
+        facts = gitops.rollback_facts(service, environment, release_run_id, **where)
         recorded = lease.commits if lease.record.owner == release_run_id else []
         plan = rollback_plan(
             release_run_id,
@@ -81,7 +76,7 @@ async def rollback(
             later_releases=facts.later_runs,
         )
         if not plan.revert:
-            gitops.release_lease.with_options(cache_policy=NO_CACHE)(service, environment, **repo)
+            gitops.release_lease(service, environment, **repo)
             message = (
                 plan.refused or f"release {release_run_id} left nothing to revert in {environment}"
             )
@@ -107,9 +102,7 @@ async def rollback(
                 "staging", service, str(ref), message=f"rollback: {reason}", **where
             )
         else:
-            gitops.take_lease.with_options(cache_policy=NO_CACHE)(
-                service, environment, ttl=ttl, **repo
-            )
+            gitops.take_lease(service, environment, ttl=ttl, **repo)
             commit = gitops.promote(service, str(ref), message=f"rollback: {reason}", **where)
 
     synced = await argocd.argocd_sync_and_wait(
@@ -121,8 +114,8 @@ async def rollback(
     smoke.smoke_test(target, svc.smoke)
     # Verified: let the lease go. A restore that cannot be verified keeps it (and says so).
     if release_run_id or environment == "production":
-        gitops.release_lease.with_options(cache_policy=NO_CACHE)(service, environment, **repo)
-    gitops.remove_clone.with_options(cache_policy=NO_CACHE)(**repo)
+        gitops.release_lease(service, environment, **repo)
+    gitops.remove_clone(**repo)
     log.info(
         "%s %s back at %s (revision %s)",
         service,
@@ -154,7 +147,7 @@ async def _quarantine(
 def _previous_image(
     service: str, environment: Literal["staging", "production"], where: dict[str, str]
 ) -> str:
-    previous: str | None = gitops.previous_image.with_options(cache_policy=NO_CACHE)(
+    previous: str | None = gitops.previous_image(
         service,
         environment,  # type: ignore[arg-type]
         **where,

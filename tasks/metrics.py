@@ -26,6 +26,7 @@ from typing import Any, Literal
 import httpx
 from prefect import task
 from prefect.blocks.system import Secret
+from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict
 
 from core.analysis import (
@@ -50,6 +51,7 @@ from core.catalog import CanaryPolicy, MetricRules
 from core.errors import InvalidInput, MetricsError
 from core.settings import get_settings
 from core.traffic import QUERIES, Router, cluster_matcher
+from tasks.caching import once_per_run
 from tasks.logs import run_logger
 
 Track = Literal["canary", "stable"]
@@ -489,7 +491,7 @@ def new_analysis(policy: CanaryPolicy) -> AnalysisRun:
     return AnalysisRun.start(policy)
 
 
-@task(name="analyse-interval", retries=2, retry_delay_seconds=2)
+@task(name="analyse-interval", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def analyse_interval(
     service: str,
     namespace: str,
@@ -561,19 +563,22 @@ def analyse_interval(
     )
 
 
-def _check_track(
+def check_track(
     service: str,
     namespace: str,
     rules: MetricRules,
     *,
     min_requests: int,
-    end_time: datetime | None,
+    end_time: datetime | None = None,
     window_seconds: float,
-    track: Track,
-    target: Target | None,
-    prometheus_url: str | None,
-    scrape_lag_seconds: float,
+    track: Track = "stable",
+    target: Target | None = None,
+    prometheus_url: str | None = None,
+    scrape_lag_seconds: float = 2.0,
 ) -> IntervalResult:
+    """Error ratio, P99 (and the other absolute bounds) of one track over a window, judged
+    by the same rules as the canary (absolute bounds only: there is nothing to compare with).
+    """
     end = _end_and_window(end_time, window_seconds)
     wait_for_interval_end(end, scrape_lag_seconds=scrape_lag_seconds)
     where = target or Target(service=service, namespace=namespace)
@@ -581,7 +586,12 @@ def _check_track(
         source = PrometheusSource(client, where, rules)
         observed = source.track(track, end, window_seconds)
     verdict = judge_track(
-        observed, rules, min_requests=min_requests, end=end, window_seconds=window_seconds
+        observed,
+        rules,
+        min_requests=min_requests,
+        end=end,
+        window_seconds=window_seconds,
+        track=track,
     )
     empty = type(observed)()
     observation = IntervalObservation(
@@ -599,35 +609,15 @@ def _check_track(
     )
 
 
-@task(name="staging-metrics", retries=2, retry_delay_seconds=2)
-def staging_check(
-    service: str,
-    namespace: str,
-    rules: MetricRules,
-    *,
-    min_requests: int,
-    end_time: datetime | None = None,
-    window_seconds: float,
-    track: Track = "stable",
-    target: Target | None = None,
-    prometheus_url: str | None = None,
-    scrape_lag_seconds: float = 2.0,
-) -> IntervalResult:
-    """Error ratio, P99 (and the other absolute bounds) of one track over a window, judged
-    by the same rules as the canary (absolute bounds only: there is nothing to compare with).
-    Also the post-release watch of production's stable track."""
-    return _check_track(
-        service,
-        namespace,
-        rules,
-        min_requests=min_requests,
-        end_time=end_time,
-        window_seconds=window_seconds,
-        track=track,
-        target=target,
-        prometheus_url=prometheus_url,
-        scrape_lag_seconds=scrape_lag_seconds,
-    )
+# Two tasks, one measurement: each with its own name in the UI and its own cache rule.
+# The staging check is measured once per run (a run resumed after its approval keeps its
+# answer); each window of the post-release watch (production's stable track) is new.
+staging_check = task(
+    name="staging-metrics", retries=2, retry_delay_seconds=2, cache_key_fn=once_per_run
+)(check_track)
+post_release_watch = task(
+    name="post-release-watch", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE
+)(check_track)
 
 
 # --- the canary window, for the chart ------------------------------------------------------

@@ -398,16 +398,22 @@ def render_release_record(record: ReleaseLike, *, run_url: str | None = None) ->
         rows.append(("Flow run", f"[{record.flow_run_id}]({url})"))
     out = [f"# Release of {record.service}: {record.outcome}", "", "| | |", "|---|---|"]
     out += [f"| {name} | {_cell(value)} |" for name, value in rows]
-    for title, items in (
-        ("Canary analyses", record.analyses),
-        ("Post-release watch", record.watch),
+    for title, items, track in (
+        ("Canary analyses", record.analyses, "canary"),
+        ("Post-release watch", record.watch, "stable"),
     ):
         if items:
-            out += ["", f"## {title}", "", "| interval end | verdict | canary requests | reason |"]
+            out += [
+                "",
+                f"## {title}",
+                "",
+                f"| interval end | verdict | {track} requests | reason |",
+            ]
             out.append("|---|---|---|---|")
             for item in items:
                 v = as_verdict(item)
-                requests = "no data" if v.canary_requests is None else f"{v.canary_requests:.0f}"
+                count = v.canary_requests if track == "canary" else v.stable_requests
+                requests = "no data" if count is None else f"{count:.0f}"
                 out.append(
                     f"| {v.end.astimezone(UTC):%H:%M:%S} | {v.verdict.label} | {requests} | "
                     f"{_cell(v.reason)} |"

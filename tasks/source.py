@@ -277,7 +277,7 @@ def source_relation_sync(
         )
 
 
-@task(name="is-superseded")
+@task(name="is-superseded", cache_policy=NO_CACHE)
 async def is_superseded(repo_url: str, source_sha: str, running_tag: str) -> bool:
     """Is production already running ``source_sha`` or something built after it?"""
     settings = get_settings()

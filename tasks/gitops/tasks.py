@@ -400,7 +400,7 @@ def revert_release(
     return result
 
 
-@task(name="gitops-rollback-facts")
+@task(name="gitops-rollback-facts", cache_policy=NO_CACHE)
 def rollback_facts(
     service: str,
     env: Environment,
@@ -416,7 +416,7 @@ def rollback_facts(
     return repo.rollback_facts(_overlay(service, env, overlay), release_run_id)
 
 
-@task(name="gitops-remove-clone")
+@task(name="gitops-remove-clone", cache_policy=NO_CACHE)
 def remove_clone(
     flow_run_id: str | None = None, *, repo_url: str | None = None, branch: str | None = None
 ) -> bool:
@@ -427,7 +427,7 @@ def remove_clone(
     return manifests_repo(url=repo_url, branch=branch, run_id=run_id).remove_clone()
 
 
-@task(name="gitops-preview-production-change")
+@task(name="gitops-preview-production-change", cache_policy=NO_CACHE)
 def preview_production_change(
     service: str,
     image: str,
@@ -459,7 +459,7 @@ def release_commits(
     return repo.commits_of_run(_overlay(service, env, overlay), release_run_id)
 
 
-@task(name="gitops-previous-image")
+@task(name="gitops-previous-image", cache_policy=NO_CACHE)
 def previous_image(
     service: str,
     env: Environment,
@@ -495,7 +495,7 @@ def commits_touching(
     return manifests_repo(url=repo_url, branch=branch).commits_touching(path, since)
 
 
-@task(name="gitops-current-image")
+@task(name="gitops-current-image", cache_policy=NO_CACHE)
 def current_image(
     service: str,
     env: Environment,
@@ -508,7 +508,7 @@ def current_image(
     return repo.current_image(_overlay(service, env, overlay), service)
 
 
-@task(name="lease-take")
+@task(name="lease-take", cache_policy=NO_CACHE)
 def take_lease(
     service: str,
     env: Environment,
@@ -523,7 +523,7 @@ def take_lease(
     return repo.take_lease(lease_name(service, env), who, _ttl(ttl))
 
 
-@task(name="lease-take-over")
+@task(name="lease-take-over", cache_policy=NO_CACHE)
 def take_over_lease(
     service: str,
     env: Environment,
@@ -540,7 +540,7 @@ def take_over_lease(
     return repo.take_over_lease(lease_name(service, env), who, release_run_id, _ttl(ttl))
 
 
-@task(name="lease-renew")
+@task(name="lease-renew", cache_policy=NO_CACHE)
 def renew_lease(
     service: str,
     env: Environment,
@@ -554,7 +554,7 @@ def renew_lease(
     return repo.renew_lease(lease_name(service, env), who, _ttl(ttl))
 
 
-@task(name="lease-release")
+@task(name="lease-release", cache_policy=NO_CACHE)
 def release_lease(
     service: str,
     env: Environment,
@@ -599,7 +599,7 @@ def clear_lease(
     return repo.clear_lease(lease_name(service, env), operator, reason)
 
 
-@task(name="lease-holder")
+@task(name="lease-holder", cache_policy=NO_CACHE)
 def lease_holder(
     service: str, env: Environment, *, repo_url: str | None = None, branch: str | None = None
 ) -> Lease | None:

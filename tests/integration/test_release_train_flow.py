@@ -77,19 +77,6 @@ class World:
         return git(self.bare, "log", *args, "main")
 
 
-class _Task:
-    """A stand-in for a Prefect task called as ``task.with_options(...)(...)``."""
-
-    def __init__(self, fn: Any) -> None:
-        self.fn = fn
-
-    def with_options(self, **_: Any) -> Any:
-        return self.fn
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.fn(*args, **kwargs)
-
-
 def _verdict(world: World, service: str, end: datetime | None) -> IntervalVerdict:
     fails = service in world.failing
     return IntervalVerdict(
@@ -172,8 +159,8 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_server: Any) 
     monkeypatch.setattr(flow_module.quarantine, "quarantine_image", quarantine)
     monkeypatch.setattr(flow_module.images, "verify_release_image", verified)
     monkeypatch.setattr(flow_module.argocd, "argocd_sync_and_wait", sync)
-    monkeypatch.setattr(flow_module.metrics, "analyse_interval", _Task(analyse))
-    monkeypatch.setattr(flow_module.metrics, "staging_check", _Task(check))
+    monkeypatch.setattr(flow_module.metrics, "analyse_interval", analyse)
+    monkeypatch.setattr(flow_module.metrics, "post_release_watch", check)
     monkeypatch.setattr(flow_module.smoke, "smoke_test", lambda *a, **k: [])
     monkeypatch.setattr(flow_module.notify, "send_chat", chat)
     try:

@@ -180,3 +180,24 @@ def test_summary_and_approval_description():
     assert "Digest: `sha256:dddd" in text
     assert "| error_ratio | 0.3 | <= 0.05, <= 2x stable | Fail |" in text
     assert text.rstrip().endswith("+new\n```")
+
+
+def test_the_post_release_watch_counts_the_stable_track():
+    """The watch judges production's stable track: its rows say so and show that count."""
+    from core.analysis import TrackObservation, judge_track
+    from core.catalog import MetricRules
+
+    watched = judge_track(
+        TrackObservation(requests=412, errors=0),
+        MetricRules(cpu=None, memory=None),
+        min_requests=10,
+        end=END,
+        window_seconds=30,
+    )
+    assert (watched.stable_requests, watched.canary_requests) == (412, None)
+    text = render_release_record(Record(analyses=[Result(INTERVAL)], watch=[Result(watched)]))
+    watch = text[text.index("## Post-release watch") :]
+    assert "| interval end | verdict | stable requests | reason |" in watch
+    assert "| 12:30:05 | " in watch and " | 412 | " in watch
+    canary = text[text.index("## Canary analyses") : text.index("## Post-release watch")]
+    assert "canary requests" in canary and " | 300 | " in canary
