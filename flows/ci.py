@@ -23,12 +23,11 @@ from pydantic import BaseModel, Field
 
 from core.catalog import ScanPolicy, Service, load_catalog
 from core.errors import InvalidInput
-from core.images import release_tag, validate_sha
+from core.images import validate_sha
 from core.settings import get_settings
+from flows.ship import ship_image
 from tasks.checks import CheckLimits, run_check
 from tasks.handoff import hand_off, with_ci_statuses
-from tasks.images import build_image, find_pushed_image, push_image
-from tasks.scan import ScanReport, scan_image
 from tasks.source import Checkout, checkout, is_on_branch, redact_url, remove_checkout
 
 Event = Literal["push", "pull_request"]
@@ -162,41 +161,37 @@ async def _ship(
     result: CIResult,
 ) -> CIResult:
     """build → scan → push, or nothing if the commit is already in the registry."""
-    tag = release_tag(co.committed_at, co.sha)
-    async with clock.stage("find"):
-        existing = await find_pushed_image(registry, service.image, tag, co.sha)
-    if existing is not None:
+    shipped = await ship_image(
+        co,
+        registry=registry,
+        repository=service.image,
+        github=service.github,
+        build=service.build,
+        scan_policy=scan_policy,
+        stage=clock.stage,
+    )
+    if shipped.reused:
         for stage in ("build", "scan", "push"):
             clock.skip(stage, "already pushed")
         return result.model_copy(
-            update={"image": existing.ref, "tag": tag, "digest": existing.digest, "reused": True}
+            update={
+                "image": shipped.ref,
+                "tag": shipped.tag,
+                "digest": shipped.digest,
+                "reused": True,
+            }
         )
-    async with clock.stage("build"):
-        built = await build_image(
-            co.path,
-            registry=registry,
-            repository=service.image,
-            tag=tag,
-            sha=co.sha,
-            committed_at=co.committed_at,
-            source=f"https://github.com/{service.github}",
-            context=service.build.context,
-            dockerfile=service.build.dockerfile,
-        )
-    result = result.model_copy(update={"tag": tag, "built": True})
-    async with clock.stage("scan"):
-        report: ScanReport = await scan_image(
-            built.ref,
-            repo_path=co.path,
-            dockerfile=service.build.dockerfile,
-            policy=scan_policy,
-        )
-    result = result.model_copy(
-        update={"scan_counts": report.counts, "vuln_scanned": report.vuln_scanned}
+    scan = shipped.scan
+    return result.model_copy(
+        update={
+            "image": shipped.ref,
+            "tag": shipped.tag,
+            "digest": shipped.digest,
+            "built": True,
+            "pushed": True,
+            **({"scan_counts": scan.counts, "vuln_scanned": scan.vuln_scanned} if scan else {}),
+        }
     )
-    async with clock.stage("push"):
-        pushed = await push_image(built.ref)
-    return result.model_copy(update={"image": pushed.ref, "digest": pushed.digest, "pushed": True})
 
 
 @flow(name="ci", flow_run_name="ci-{service}-{sha:.7}", persist_result=True)

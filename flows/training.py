@@ -42,7 +42,7 @@ from pydantic import BaseModel, Field
 
 from core.catalog import Catalog, TrainingImage, load_catalog
 from core.errors import InvalidInput, TrainingFailed
-from core.images import ImageRef, release_tag, validate_sha
+from core.images import ImageRef, validate_sha
 from core.training import (
     ANNOTATION_RESUMED_FROM,
     BUILDERS,
@@ -61,7 +61,8 @@ from core.training import (
     parse_train_params,
     summary_markdown,
 )
-from tasks.images import build_image, find_pushed_image, find_tagged_image, push_image
+from flows.ship import ship_image
+from tasks.images import find_tagged_image
 from tasks.kube import (
     delete_job,
     delete_training_job,
@@ -73,7 +74,6 @@ from tasks.kube import (
     submit_training_job,
 )
 from tasks.notify import send_chat
-from tasks.scan import scan_image
 from tasks.source import checkout, remove_checkout
 
 READY_TITLE = "新训练镜像已就绪"
@@ -165,36 +165,24 @@ async def training_image(
     registry = catalog.defaults.push_registry
     co = await checkout(entry.repo, sha, label=image)
     try:
-        tag = release_tag(co.committed_at, co.sha)
-        pushed = await find_pushed_image(registry, entry.image, tag, co.sha)
-        if pushed is None:
-            built = await build_image(
-                co.path,
-                registry=registry,
-                repository=entry.image,
-                tag=tag,
-                sha=co.sha,
-                committed_at=co.committed_at,
-                source=f"https://github.com/{entry.github}",
-                context=entry.build.context,
-                dockerfile=entry.build.dockerfile,
-            )
-            await scan_image(
-                built.ref,
-                repo_path=co.path,
-                dockerfile=entry.build.dockerfile,
-                policy=catalog.scan_policy(image),
-            )
-            pushed = await push_image(built.ref)
-        else:
-            logger.info("%s is already in the registry: nothing to build or push", pushed.ref)
+        shipped = await ship_image(
+            co,
+            registry=registry,
+            repository=entry.image,
+            github=entry.github,
+            build=entry.build,
+            scan_policy=catalog.scan_policy(image),
+        )
+        if shipped.reused:
+            logger.info("%s is already in the registry: nothing to build or push", shipped.ref)
     finally:
         await remove_checkout(co.path)
+    tag = shipped.tag
     record = TrainingImageRecord(
         image=image,
-        ref=pushed.ref,
+        ref=shipped.ref,
         tag=tag,
-        digest=pushed.digest,
+        digest=shipped.digest,
         sha=co.sha,
         committed_at=co.committed_at,
     )
