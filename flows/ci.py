@@ -170,28 +170,14 @@ async def _ship(
         scan_policy=scan_policy,
         stage=clock.stage,
     )
+    found = {"image": shipped.ref, "tag": shipped.tag, "digest": shipped.digest}
     if shipped.reused:
         for stage in ("build", "scan", "push"):
             clock.skip(stage, "already pushed")
-        return result.model_copy(
-            update={
-                "image": shipped.ref,
-                "tag": shipped.tag,
-                "digest": shipped.digest,
-                "reused": True,
-            }
-        )
+        return result.model_copy(update={**found, "reused": True})
     scan = shipped.scan
-    return result.model_copy(
-        update={
-            "image": shipped.ref,
-            "tag": shipped.tag,
-            "digest": shipped.digest,
-            "built": True,
-            "pushed": True,
-            **({"scan_counts": scan.counts, "vuln_scanned": scan.vuln_scanned} if scan else {}),
-        }
-    )
+    scanned = {"scan_counts": scan.counts, "vuln_scanned": scan.vuln_scanned} if scan else {}
+    return result.model_copy(update={**found, **scanned, "built": True, "pushed": True})
 
 
 @flow(name="ci", flow_run_name="ci-{service}-{sha:.7}", persist_result=True)
