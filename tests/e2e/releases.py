@@ -48,7 +48,7 @@ def served_releases(env: dict[str, str], logs: Path) -> Iterator[Path]:
     )
     try:
         wait_until(
-            lambda: _deployed("release/release", "rollback/rollback"),
+            lambda: deployed("release/release", "rollback/rollback"),
             timeout=120,
             what=f"served deployments (log: {logs / 'serve.log'})",
         )
@@ -57,7 +57,7 @@ def served_releases(env: dict[str, str], logs: Path) -> Iterator[Path]:
         stop_pid(served.pid)
 
 
-def _deployed(*names: str) -> bool:
+def deployed(*names: str) -> bool:
     async def read() -> bool:
         async with get_client() as client:
             for name in names:
@@ -70,7 +70,7 @@ def _deployed(*names: str) -> bool:
         return False
 
 
-def _start(image: str, sha: str, *, service: str = SERVICE) -> FlowRun:
+def start_release(image: str, sha: str, *, service: str = SERVICE) -> FlowRun:
     async def go() -> FlowRun:
         run: FlowRun = await arun_deployment(
             "release/release",
@@ -89,7 +89,7 @@ def _start(image: str, sha: str, *, service: str = SERVICE) -> FlowRun:
     return anyio.run(go)
 
 
-def _read(run_id: Any) -> FlowRun:
+def read_run(run_id: Any) -> FlowRun:
     async def go() -> FlowRun:
         async with get_client() as client:
             return await client.read_flow_run(run_id)
@@ -97,9 +97,11 @@ def _read(run_id: Any) -> FlowRun:
     return anyio.run(go)
 
 
-def _wait(run: FlowRun, done: Callable[[FlowRun], bool], *, timeout: float, what: str) -> FlowRun:
+def wait_run(
+    run: FlowRun, done: Callable[[FlowRun], bool], *, timeout: float, what: str
+) -> FlowRun:
     deadline = time.monotonic() + timeout
-    current = _read(run.id)
+    current = read_run(run.id)
     while not done(current):
         state = current.state
         if state is not None and state.is_final() and not done(current):
@@ -110,19 +112,19 @@ def _wait(run: FlowRun, done: Callable[[FlowRun], bool], *, timeout: float, what
                 f"{state.name if state else None}: {state.message if state else ''})"
             )
         time.sleep(1)
-        current = _read(run.id)
+        current = read_run(run.id)
     return current
 
 
-def _paused(run: FlowRun) -> bool:
+def is_paused(run: FlowRun) -> bool:
     return run.state is not None and run.state.type == StateType.PAUSED
 
 
-def _final(run: FlowRun) -> bool:
+def is_final(run: FlowRun) -> bool:
     return run.state is not None and run.state.is_final()
 
 
-def _cli(*args: str, env: dict[str, str]) -> str:
+def cli(*args: str, env: dict[str, str]) -> str:
     proc = subprocess.run(
         [CLI, *args],
         env={**os.environ, **env},
@@ -135,17 +137,17 @@ def _cli(*args: str, env: dict[str, str]) -> str:
     return proc.stdout
 
 
-def _manifests(sandbox: Any, *args: str) -> str:
+def manifests_git(sandbox: Any, *args: str) -> str:
     return str(
         sandbox.git("--git-dir", str(sandbox.git_base / "robotics-k8s-manifests.git"), *args)
     )
 
 
-def _overlay_tree(sandbox: Any) -> str:
-    return _manifests(sandbox, "rev-parse", f"main:{OVERLAY}")
+def overlay_tree(sandbox: Any) -> str:
+    return manifests_git(sandbox, "rev-parse", f"main:{OVERLAY}")
 
 
-def _production_images(sandbox: Any) -> dict[str, Any]:
+def production_images(sandbox: Any) -> dict[str, Any]:
     out = subprocess.run(
         [
             str(Path(sys.executable).parent / "kubectl"),
@@ -172,22 +174,22 @@ def _production_images(sandbox: Any) -> dict[str, Any]:
     }
 
 
-def _approve(run: FlowRun, env: dict[str, str]) -> None:
-    _wait(run, _paused, timeout=300, what="release waiting for approval after staging")
-    _cli("approve", str(run.id), "--approver", "alice", "--comment", "e2e", env=env)
+def approve_run(run: FlowRun, env: dict[str, str]) -> None:
+    wait_run(run, is_paused, timeout=300, what="release waiting for approval after staging")
+    cli("approve", str(run.id), "--approver", "alice", "--comment", "e2e", env=env)
 
 
-def _release(image: str, sha: str, env: dict[str, str]) -> FlowRun:
-    run = _start(image, sha)
-    _approve(run, env)
-    return _wait(run, _final, timeout=420, what="release finished")
+def release_approved(image: str, sha: str, env: dict[str, str]) -> FlowRun:
+    run = start_release(image, sha)
+    approve_run(run, env)
+    return wait_run(run, is_final, timeout=420, what="release finished")
 
 
-def _digest(image: str) -> str:
+def digest_of(image: str) -> str:
     return image.split("@", 1)[1]
 
 
-def _events(name: str, since: Any) -> list[Any]:
+def events_named(name: str, since: Any) -> list[Any]:
     """Every event of this name on the Prefect server since ``since`` (the server pages by 50
     at most)."""
     from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter
@@ -210,7 +212,7 @@ def _events(name: str, since: Any) -> list[Any]:
     return anyio.run(read)
 
 
-def _release_runs_since(since: Any) -> list[FlowRun]:
+def release_runs_since(since: Any) -> list[FlowRun]:
     """Every run of the release deployment created since ``since``."""
     from prefect.client.schemas.filters import (
         DeploymentFilter,
@@ -230,7 +232,7 @@ def _release_runs_since(since: Any) -> list[FlowRun]:
     return anyio.run(read)
 
 
-def _record_of(run_id: Any) -> str:
+def record_of(run_id: Any) -> str:
     """The release record (markdown) a run published, '' when none yet."""
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
@@ -244,9 +246,9 @@ def _record_of(run_id: Any) -> str:
     return anyio.run(read)
 
 
-def _staging_image(sandbox: Any) -> str:
+def staging_image(sandbox: Any) -> str:
     """The staging overlay's kustomization on the manifests branch."""
-    return _manifests(
+    return manifests_git(
         sandbox, "show", "main:serving/api-gateway/overlays/staging/kustomization.yaml"
     )
 

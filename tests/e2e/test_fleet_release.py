@@ -33,15 +33,15 @@ from prefect.client.schemas.objects import FlowRun, StateType
 from core.images import release_tag
 from sandbox.procs import wait_until
 from tests.e2e.releases import (
-    _cli,
-    _digest,
-    _final,
-    _manifests,
-    _paused,
-    _production_images,
-    _start,
-    _wait,
+    cli,
+    digest_of,
+    is_final,
+    is_paused,
+    manifests_git,
+    production_images,
     served_releases,
+    start_release,
+    wait_run,
 )
 from tests.e2e.routers import live_weights
 from tests.matrix import full_matrix
@@ -125,14 +125,14 @@ def build_fleet(
 
 
 def _release(image: str, sha: str, env: dict[str, str]) -> FlowRun:
-    run = _start(image, sha, service=SERVICE)
-    _wait(run, _paused, timeout=420, what="fleet release waiting for approval")
-    _cli("approve", str(run.id), "--approver", "carol", "--comment", "e2e", env=env)
-    return _wait(run, _final, timeout=600, what="fleet release finished")
+    run = start_release(image, sha, service=SERVICE)
+    wait_run(run, is_paused, timeout=420, what="fleet release waiting for approval")
+    cli("approve", str(run.id), "--approver", "carol", "--comment", "e2e", env=env)
+    return wait_run(run, is_final, timeout=600, what="fleet release finished")
 
 
 def _tree(sandbox: Any) -> str:
-    return _manifests(sandbox, "rev-parse", f"main:{OVERLAY}")
+    return manifests_git(sandbox, "rev-parse", f"main:{OVERLAY}")
 
 
 def _scenarios() -> list[Any]:
@@ -148,7 +148,7 @@ def test_a_regression_is_rolled_back_on_its_signal(
 ) -> None:
     files, words, _ = SCENARIOS[scenario]
     before = _tree(sandbox)
-    stable_before = _production_images(sandbox)[SERVICE][0]
+    stable_before = production_images(sandbox)[SERVICE][0]
     image, sha = build_fleet(files, f"e2e: fleet-planner {scenario} regression in production")
     started = datetime.now(UTC)
     done = _release(image, sha, env)
@@ -163,17 +163,17 @@ def test_a_regression_is_rolled_back_on_its_signal(
     named = {s for s in OTHER if f"{s}:" in reason or f"on {s}" in reason}
     assert not named or any(w in named for w in words), f"{scenario}: {message}"
     assert _tree(sandbox) == before  # the overlay equals its pre-release tree
-    rollback = _manifests(sandbox, "log", "-1", "--format=%H%n%s%n%b", "--", OVERLAY)
+    rollback = manifests_git(sandbox, "log", "-1", "--format=%H%n%s%n%b", "--", OVERLAY)
     assert "rollback(production)" in rollback and "Undoes:" in rollback, rollback
     # Its digest is quarantined in git, naming the rollback commit.
-    quarantine = _manifests(sandbox, "show", f"main:quarantine/{SERVICE}.yaml")
-    assert _digest(image) in quarantine and rollback.split()[0] in quarantine, quarantine
+    quarantine = manifests_git(sandbox, "show", f"main:quarantine/{SERVICE}.yaml")
+    assert digest_of(image) in quarantine and rollback.split()[0] in quarantine, quarantine
     wait_until(
-        lambda: _production_images(sandbox)[SERVICE][0] == stable_before,
+        lambda: production_images(sandbox)[SERVICE][0] == stable_before,
         timeout=90,
         what="production back on the old image",
     )
-    assert _production_images(sandbox)[f"{SERVICE}-canary"][1] == 0
+    assert production_images(sandbox)[f"{SERVICE}-canary"][1] == 0
     wait_until(
         lambda: live_weights(sandbox, SERVICE) == {SERVICE: 100, f"{SERVICE}-canary": 0},
         timeout=60,

@@ -28,7 +28,7 @@ from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterNam
 from prefect.client.schemas.objects import FlowRun, StateType
 
 from sandbox.procs import http_ok, spawn, stop_pid, wait_until
-from tests.e2e.releases import _deployed
+from tests.e2e.releases import deployed
 from tests.matrix import full_matrix
 
 # The demo (tests/e2e/test_demo.py) drives the same path in CI: push, webhook, CI, release,
@@ -68,7 +68,7 @@ def triggers(sandbox: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             what=f"webhook receiver (log: {logs / 'webhook.log'})",
         )
         wait_until(
-            lambda: _deployed(*[f"{n}/{n}" for n in SERVED]),
+            lambda: deployed(*[f"{n}/{n}" for n in SERVED]),
             timeout=90,
             what=f"served deployments (log: {logs / 'serve.log'})",
         )

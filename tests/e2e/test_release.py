@@ -37,20 +37,20 @@ from tests.e2e.releases import (
     OVERLAY,
     SERVICE,
     ArgvWatch,
-    _approve,
-    _cli,
-    _digest,
-    _events,
-    _final,
-    _manifests,
-    _overlay_tree,
-    _paused,
-    _production_images,
-    _release,
-    _release_runs_since,
-    _start,
-    _wait,
+    approve_run,
+    cli,
+    digest_of,
+    events_named,
+    is_final,
+    is_paused,
+    manifests_git,
+    overlay_tree,
+    production_images,
+    release_approved,
+    release_runs_since,
     served_releases,
+    start_release,
+    wait_run,
 )
 from tests.e2e.routers import ROUTERS, use_router
 from tests.matrix import full_matrix
@@ -107,9 +107,9 @@ def test_good_image_is_promoted(sandbox, runner, env, build):
     assert env["ROBOTICS_CD_GIT_BASE"].startswith("http://"), env["ROBOTICS_CD_GIT_BASE"]
     image, sha = build({"www/release-e2e.txt": "good\n"}, "e2e: a good change")
     with ArgvWatch(sandbox.github_token) as watch:
-        run = _start(image, sha)
-        _approve(run, env)
-        done = _wait(run, _final, timeout=420, what="release finished")
+        run = start_release(image, sha)
+        approve_run(run, env)
+        done = wait_run(run, is_final, timeout=420, what="release finished")
     # The token was in no process's argv, and is in no file under the work directory.
     assert watch.git_seen > 0 and watch.leaks == [], watch.leaks
     workspace = Path(env["ROBOTICS_CD_WORKSPACE"])
@@ -119,13 +119,13 @@ def test_good_image_is_promoted(sandbox, runner, env, build):
     assert leaked.stdout == "", leaked.stdout
 
     assert done.state.type == StateType.COMPLETED and done.state.name == "Promoted", done.state
-    kustomization = _manifests(sandbox, "show", f"main:{OVERLAY}/kustomization.yaml")
-    canary = _manifests(sandbox, "show", f"main:{OVERLAY}/canary.yaml")
+    kustomization = manifests_git(sandbox, "show", f"main:{OVERLAY}/kustomization.yaml")
+    canary = manifests_git(sandbox, "show", f"main:{OVERLAY}/canary.yaml")
     stable_entry = kustomization.split("- name: api-gateway\n", 1)[1].split("- name:", 1)[0]
-    assert _digest(image) in stable_entry
+    assert digest_of(image) in stable_entry
     assert parse_canary(canary, SERVICE) == CanarySettings(replicas=0, weight=0)
-    images = _production_images(sandbox)
-    assert _digest(image) in images["api-gateway"][0]
+    images = production_images(sandbox)
+    assert digest_of(image) in images["api-gateway"][0]
     assert images["api-gateway-canary"][1] == 0
     staging = sandbox.app("api-gateway-staging")
     assert staging["status"]["health"]["status"] == "Healthy"
@@ -133,38 +133,38 @@ def test_good_image_is_promoted(sandbox, runner, env, build):
 
 @full_matrix  # CI: the demo rolls back on ingress-nginx; test_release_gateway on the gateway
 def test_failing_canary_is_rolled_back(sandbox, runner, env, build):
-    before_tree = _overlay_tree(sandbox)
-    stable_before = _production_images(sandbox)["api-gateway"][0]
+    before_tree = overlay_tree(sandbox)
+    stable_before = production_images(sandbox)["api-gateway"][0]
     image, sha = build(
         {"config/fail_rate.production": "30\n"}, "e2e: /v1/status fails 30% in production"
     )
-    run = _start(image, sha)
-    _approve(run, env)
-    done = _wait(run, _final, timeout=420, what="release finished")
+    run = start_release(image, sha)
+    approve_run(run, env)
+    done = wait_run(run, is_final, timeout=420, what="release finished")
 
     assert done.state.type == StateType.FAILED, done.state
     assert done.state.message.startswith("rolled back:"), done.state.message
-    rollback_sha = _manifests(sandbox, "log", "-1", "--format=%H", "--", OVERLAY)
+    rollback_sha = manifests_git(sandbox, "log", "-1", "--format=%H", "--", OVERLAY)
     ROLLED_BACK.update(image=image, sha=sha, rollback=rollback_sha)
-    assert _overlay_tree(sandbox) == before_tree  # the folder equals its pre-release tree
-    log = _manifests(sandbox, "log", "-3", "--format=%s%n%b", "--", OVERLAY)
+    assert overlay_tree(sandbox) == before_tree  # the folder equals its pre-release tree
+    log = manifests_git(sandbox, "log", "-3", "--format=%s%n%b", "--", OVERLAY)
     assert "rollback(production)" in log and "Undoes:" in log
     wait_until(
-        lambda: _production_images(sandbox)["api-gateway"][0] == stable_before,
+        lambda: production_images(sandbox)["api-gateway"][0] == stable_before,
         timeout=60,
         what="production back on the old image",
     )
-    assert _production_images(sandbox)["api-gateway-canary"][1] == 0
+    assert production_images(sandbox)["api-gateway-canary"][1] == 0
     # Rolled back at its first step (early abort or the failure limit), never advanced.
     # Counted in commits, not seconds: wall time on a shared machine says nothing of the rule.
-    mine = _manifests(
+    mine = manifests_git(
         sandbox, "log", "--format=%s", f"--grep={done.id}", "--", OVERLAY
     ).splitlines()
     canary_steps = [subject for subject in mine if subject.startswith("canary(production)")]
     assert len(canary_steps) == 1 and "weight=100" not in canary_steps[0], mine
     # Its digest is quarantined in git, naming the rollback commit.
-    quarantine = _manifests(sandbox, "show", f"main:quarantine/{SERVICE}.yaml")
-    assert _digest(image) in quarantine and rollback_sha in quarantine
+    quarantine = manifests_git(sandbox, "show", f"main:quarantine/{SERVICE}.yaml")
+    assert digest_of(image) in quarantine and rollback_sha in quarantine
 
 
 @full_matrix
@@ -172,104 +172,104 @@ def test_a_rolled_back_digest_is_refused_until_lifted(sandbox, runner, env):
     if not ROLLED_BACK:
         pytest.skip("needs test_failing_canary_is_rolled_back's image")
     image, sha, rollback = ROLLED_BACK["image"], ROLLED_BACK["sha"], ROLLED_BACK["rollback"]
-    head = _manifests(sandbox, "rev-parse", "main")
-    refused = _wait(_start(image, sha), _final, timeout=120, what="release refused")
+    head = manifests_git(sandbox, "rev-parse", "main")
+    refused = wait_run(start_release(image, sha), is_final, timeout=120, what="release refused")
     assert refused.state.name == "Quarantined", refused.state
-    assert rollback[:12] in refused.state.message and _digest(image) in refused.state.message
-    assert _manifests(sandbox, "rev-parse", "main") == head  # refused before staging
-    listed = _cli("quarantine", "list", SERVICE, env=env)
-    assert _digest(image) in listed and rollback[:12] in listed
+    assert rollback[:12] in refused.state.message and digest_of(image) in refused.state.message
+    assert manifests_git(sandbox, "rev-parse", "main") == head  # refused before staging
+    listed = cli("quarantine", "list", SERVICE, env=env)
+    assert digest_of(image) in listed and rollback[:12] in listed
 
-    _cli(
+    cli(
         "quarantine",
         "lift",
         SERVICE,
-        _digest(image),
+        digest_of(image),
         "--reason",
         "e2e: fault injected",
         "--by",
         "alice",
         env=env,
     )
-    lift = _manifests(sandbox, "log", "-1", "--format=%an|%s%n%b", "--", "quarantine/")
-    assert lift.startswith(f"alice|quarantine({SERVICE}): lift {_digest(image)}")
+    lift = manifests_git(sandbox, "log", "-1", "--format=%an|%s%n%b", "--", "quarantine/")
+    assert lift.startswith(f"alice|quarantine({SERVICE}): lift {digest_of(image)}")
     assert "e2e: fault injected" in lift
-    assert _digest(image) not in _cli("quarantine", "list", SERVICE, env=env)
-    accepted = _start(image, sha)  # accepted: on to staging and the approval
-    at = _wait(
+    assert digest_of(image) not in cli("quarantine", "list", SERVICE, env=env)
+    accepted = start_release(image, sha)  # accepted: on to staging and the approval
+    at = wait_run(
         accepted,
-        lambda r: _paused(r) or _final(r),
+        lambda r: is_paused(r) or is_final(r),
         timeout=300,
         what="release of the lifted digest past the quarantine check",
     )
     assert at.state.name != "Quarantined" and "quarantined" not in (at.state.message or "")
-    if _paused(at):
-        _cli("reject", str(accepted.id), "--approver", "bob", "--comment", "e2e: enough", env=env)
-        _wait(accepted, _final, timeout=120, what="release finished")
+    if is_paused(at):
+        cli("reject", str(accepted.id), "--approver", "bob", "--comment", "e2e: enough", env=env)
+        wait_run(accepted, is_final, timeout=120, what="release finished")
 
 
 @full_matrix
 def test_a_slower_canary_is_rolled_back_on_p99(sandbox, runner, env, build):
-    before_tree = _overlay_tree(sandbox)
+    before_tree = overlay_tree(sandbox)
     image, sha = build(
         {"config/status_delay_ms.production": "300\n"}, "e2e: +300 ms per request in production"
     )
-    done = _release(image, sha, env)
+    done = release_approved(image, sha, env)
     assert done.state.type == StateType.FAILED, done.state
     assert done.state.message.startswith("rolled back:") and "p99" in done.state.message
-    assert _overlay_tree(sandbox) == before_tree
+    assert overlay_tree(sandbox) == before_tree
 
 
 @full_matrix
 def test_no_traffic_is_never_promoted(sandbox, runner, env, build):
     from sandbox.faults import FaultClient
 
-    before_tree = _overlay_tree(sandbox)
+    before_tree = overlay_tree(sandbox)
     image, sha = build({"www/release-e2e.txt": "nobody calls\n"}, "e2e: no traffic")
-    run = _start(image, sha)
-    _wait(run, _paused, timeout=300, what="release waiting for approval")
+    run = start_release(image, sha)
+    wait_run(run, is_paused, timeout=300, what="release waiting for approval")
     faults = FaultClient(sandbox.control_url)
     faults.stop_load(namespace="production")
     try:
-        _cli("approve", str(run.id), "--approver", "alice", env=env)
-        done = _wait(run, _final, timeout=420, what="release finished")
+        cli("approve", str(run.id), "--approver", "alice", env=env)
+        done = wait_run(run, is_final, timeout=420, what="release finished")
     finally:
         faults.start_load(namespace="production")
         faults.close()
     assert done.state.type == StateType.FAILED, done.state
     assert "inconclusive" in done.state.message, done.state.message
-    assert _overlay_tree(sandbox) == before_tree
+    assert overlay_tree(sandbox) == before_tree
 
 
 @full_matrix
 def test_reject_leaves_production_untouched(sandbox, runner, env, build):
-    before_tree = _overlay_tree(sandbox)
+    before_tree = overlay_tree(sandbox)
     image, sha = build({"www/release-e2e.txt": "rejected\n"}, "e2e: to be rejected")
-    run = _start(image, sha)
-    _wait(run, _paused, timeout=300, what="release waiting for approval")
-    said = _cli("reject", str(run.id), "--approver", "bob", "--comment", "not today", env=env)
+    run = start_release(image, sha)
+    wait_run(run, is_paused, timeout=300, what="release waiting for approval")
+    said = cli("reject", str(run.id), "--approver", "bob", "--comment", "not today", env=env)
     assert said.startswith(f"rejected release {run.id}")
-    done = _wait(run, _final, timeout=120, what="release finished")
+    done = wait_run(run, is_final, timeout=120, what="release finished")
     assert done.state.name == "Rejected" and "rejected by bob" in done.state.message
-    assert _overlay_tree(sandbox) == before_tree
+    assert overlay_tree(sandbox) == before_tree
 
 
 @full_matrix
 def test_a_rerun_makes_no_new_commit_and_no_new_sync(sandbox, runner, env, build):
     image, sha = build({"www/release-e2e.txt": "rerun\n"}, "e2e: released twice")
-    first = _start(image, sha)
-    _wait(first, _paused, timeout=300, what="first release waiting for approval")
-    _cli("reject", str(first.id), "--approver", "bob", env=env)
-    _wait(first, _final, timeout=120, what="first release finished")
-    head = _manifests(sandbox, "rev-parse", "main")
+    first = start_release(image, sha)
+    wait_run(first, is_paused, timeout=300, what="first release waiting for approval")
+    cli("reject", str(first.id), "--approver", "bob", env=env)
+    wait_run(first, is_final, timeout=120, what="first release finished")
+    head = manifests_git(sandbox, "rev-parse", "main")
     last_sync = _last_sync(sandbox)
 
-    again = _start(image, sha)  # the same parameters, a new run from the top
-    _wait(again, _paused, timeout=300, what="second release waiting for approval")
-    assert _manifests(sandbox, "rev-parse", "main") == head  # no new commit
+    again = start_release(image, sha)  # the same parameters, a new run from the top
+    wait_run(again, is_paused, timeout=300, what="second release waiting for approval")
+    assert manifests_git(sandbox, "rev-parse", "main") == head  # no new commit
     assert _last_sync(sandbox) == last_sync  # no new sync
-    _cli("reject", str(again.id), "--approver", "bob", env=env)
-    _wait(again, _final, timeout=120, what="second release finished")
+    cli("reject", str(again.id), "--approver", "bob", env=env)
+    wait_run(again, is_final, timeout=120, what="second release finished")
 
 
 def _last_sync(sandbox) -> tuple[object, object]:
@@ -283,33 +283,35 @@ def test_expired_approval_ends_rejected_timed_out(sandbox, runner, env, build, m
     from core.settings import get_settings
     from flows.release import expire_approvals
 
-    before_tree = _overlay_tree(sandbox)
+    before_tree = overlay_tree(sandbox)
     image, sha = build({"www/release-e2e.txt": "expires\n"}, "e2e: nobody decides")
-    run = _start(image, sha)
-    _wait(run, _paused, timeout=300, what="release waiting for approval")
+    run = start_release(image, sha)
+    wait_run(run, is_paused, timeout=300, what="release waiting for approval")
     monkeypatch.setenv("ROBOTICS_CD_APPROVAL_TIMEOUT", "1s")
     get_settings.cache_clear()
     time.sleep(1.5)  # older than the 1 s limit, whatever the clocks' rounding
     expired = anyio.run(expire_approvals)
     assert str(run.id) in expired
-    done = _wait(run, _final, timeout=120, what="release finished")
+    done = wait_run(run, is_final, timeout=120, what="release finished")
     assert done.state.name == "Rejected" and done.state.message == "rejected: timed out"
-    assert _overlay_tree(sandbox) == before_tree
+    assert overlay_tree(sandbox) == before_tree
 
 
 @full_matrix
 def test_an_older_commit_is_refused_as_superseded(sandbox, runner, env, build):
     old_image, old_sha = build({"www/release-e2e.txt": "older\n"}, "e2e: older")
     new_image, new_sha = build({"www/release-e2e.txt": "newer\n"}, "e2e: newer")
-    promoted = _release(new_image, new_sha, env)
+    promoted = release_approved(new_image, new_sha, env)
     assert promoted.state.name == "Promoted", promoted.state
-    before_tree = _overlay_tree(sandbox)
+    before_tree = overlay_tree(sandbox)
     # Issue #16: staging already runs the newer commit, so the older release is refused at
     # staging, before any approval is asked for, and writes nothing anywhere.
-    done = _wait(_start(old_image, old_sha), _final, timeout=420, what="older release ended")
+    done = wait_run(
+        start_release(old_image, old_sha), is_final, timeout=420, what="older release ended"
+    )
     assert done.state.name == "Superseded", done.state
     assert new_sha[:12] in done.state.message and "writes nothing" in done.state.message
-    assert _overlay_tree(sandbox) == before_tree
+    assert overlay_tree(sandbox) == before_tree
 
 
 @full_matrix
@@ -320,20 +322,20 @@ def test_a_second_release_waits_for_the_lock(sandbox, runner, env, build):
     holder = f"other-release-{uuid.uuid4().hex[:6]}"
     gitops.take_lease.fn(SERVICE, "production", holder=holder, ttl=600)
     try:
-        run = _start(image, sha)
-        _approve(run, env)
-        waiting = _wait(
+        run = start_release(image, sha)
+        approve_run(run, env)
+        waiting = wait_run(
             run,
             lambda r: bool(r.state and r.state.name == "AwaitingLock"),
             timeout=180,
             what="release waiting on the lock",
         )
         assert holder in (waiting.state.message or "")
-        status = _cli("status", SERVICE, env=env)
+        status = cli("status", SERVICE, env=env)
         assert holder in status
     finally:
         gitops.release_lease.fn(SERVICE, "production", holder=holder)
-    done = _wait(run, _final, timeout=420, what="release finished after the lock")
+    done = wait_run(run, is_final, timeout=420, what="release finished after the lock")
     assert done.state.name == "Promoted", done.state
 
 
@@ -343,10 +345,10 @@ def test_operators_can_promote_now_or_abort(sandbox, runner, env, build):
     `robotics-cd abort RUN` rolls back at its next check. Both reach the run as flow run
     inputs; the compact canary leaves about 25 s between the first canary commit and the end."""
     image, sha = build({"www/release-e2e.txt": "promote now\n"}, "e2e: promoted by hand")
-    run = _start(image, sha)
-    _approve(run, env)
+    run = start_release(image, sha)
+    approve_run(run, env)
     _wait_canary_commit(sandbox, str(run.id))
-    _cli(
+    cli(
         "promote",
         str(run.id),
         "--now",
@@ -356,23 +358,23 @@ def test_operators_can_promote_now_or_abort(sandbox, runner, env, build):
         "hotfix, metrics look fine",
         env=env,
     )
-    done = _wait(run, _final, timeout=300, what="release promoted by hand")
+    done = wait_run(run, is_final, timeout=300, what="release promoted by hand")
     assert done.state.name == "Promoted", done.state
-    subject = _manifests(sandbox, "log", "-1", "--format=%s", "--", OVERLAY)
+    subject = manifests_git(sandbox, "log", "-1", "--format=%s", "--", OVERLAY)
     assert subject.startswith("promote(production)")
     record = _latest_release_record()
     assert "hotfix, metrics look fine" in record and "alice" in record
 
-    before_tree = _overlay_tree(sandbox)
+    before_tree = overlay_tree(sandbox)
     image, sha = build({"www/release-e2e.txt": "abort\n"}, "e2e: aborted by hand")
-    run = _start(image, sha)
-    _approve(run, env)
+    run = start_release(image, sha)
+    approve_run(run, env)
     _wait_canary_commit(sandbox, str(run.id))
-    _cli("abort", str(run.id), "--operator", "bob", "--reason", "wrong build", env=env)
-    done = _wait(run, _final, timeout=300, what="release aborted")
+    cli("abort", str(run.id), "--operator", "bob", "--reason", "wrong build", env=env)
+    done = wait_run(run, is_final, timeout=300, what="release aborted")
     assert done.state.type == StateType.FAILED and "aborted by bob" in done.state.message
     assert "wrong build" in done.state.message
-    assert _overlay_tree(sandbox) == before_tree
+    assert overlay_tree(sandbox) == before_tree
 
 
 def test_a_prefect_server_killed_mid_canary_loses_nothing(
@@ -386,14 +388,14 @@ def test_a_prefect_server_killed_mid_canary_loses_nothing(
     from prefect.client.schemas.objects import StateType as ST
 
     from sandbox import prefect_server
-    from tests.e2e.releases import _read
+    from tests.e2e.releases import read_run
 
     home = prefect_for_module.home
     servers = prefect_server._stack(home).get("servers", {})
     victim = "services" if "services" in servers else "server"
     image, sha = build({"www/release-e2e.txt": "server restart\n"}, "e2e: Prefect restarts")
-    run = _start(image, sha)
-    _approve(run, env)
+    run = start_release(image, sha)
+    approve_run(run, env)
     _wait_canary_commit(sandbox, str(run.id))
     killed_at = datetime.now(UTC)
     pid = prefect_server.part_pid(home, victim)
@@ -403,14 +405,14 @@ def test_a_prefect_server_killed_mid_canary_loses_nothing(
     restarted = time.monotonic()
     restarted_at = datetime.now(UTC)
 
-    done = _wait(run, _final, timeout=420, what="release finished after the restart")
+    done = wait_run(run, is_final, timeout=420, what="release finished after the restart")
     assert done.state.type == ST.COMPLETED and done.state.name == "Promoted", done.state
 
     record = anyio.run(_run_record, run.id, killed_at, restarted_at)
     assert not record["bad_states"], record["bad_states"]
     assert record["task_runs"] and not record["unfinished_tasks"], record["unfinished_tasks"]
     assert record["outage_events"], "no event of the run from the outage was persisted"
-    ours = _manifests(sandbox, "log", "--format=%H", f"--grep={run.id}", "--", OVERLAY).split()
+    ours = manifests_git(sandbox, "log", "--format=%H", f"--grep={run.id}", "--", OVERLAY).split()
     assert ours and all(c[:7] in record["release_record"] for c in ours), (ours, record)
 
     # The zombie automation expects a heartbeat (every 30 s) within its limit: wait past it,
@@ -418,7 +420,7 @@ def test_a_prefect_server_killed_mid_canary_loses_nothing(
     zombie_after = float(env.get("ROBOTICS_CD_ZOMBIE_AFTER_SECONDS", "90"))
     while time.monotonic() < restarted + zombie_after + 15:
         time.sleep(5)
-        assert _read(run.id).state.name == "Promoted"
+        assert read_run(run.id).state.name == "Promoted"
     record = anyio.run(_run_record, run.id, killed_at, restarted_at)
     assert not record["bad_states"], record["bad_states"]
     assert not record["rollback_runs"], record["rollback_runs"]
@@ -501,7 +503,7 @@ def _latest_release_record() -> str:
 
 def _wait_canary_commit(sandbox, run_id: str) -> None:
     wait_until(
-        lambda: run_id in _manifests(sandbox, "log", "-3", "--format=%b", "--", OVERLAY),
+        lambda: run_id in manifests_git(sandbox, "log", "-3", "--format=%b", "--", OVERLAY),
         timeout=300,
         what="the release's first canary commit",
     )
@@ -510,7 +512,7 @@ def _wait_canary_commit(sandbox, run_id: str) -> None:
 def test_dora_counts_the_releases_that_happened(sandbox, runner, env):
     """`robotics-cd dora` over this module's window: every release that reached production
     is there, promoted or failed as Prefect saw it end; rejected and superseded ones are not."""
-    runs = [r for r in _release_runs_since(MODULE_START) if r.parameters.get("service") == SERVICE]
+    runs = [r for r in release_runs_since(MODULE_START) if r.parameters.get("service") == SERVICE]
     runs = [r for r in runs if r.state and r.state.is_final()]
     expected = {}
     for run in runs:
@@ -518,7 +520,7 @@ def test_dora_counts_the_releases_that_happened(sandbox, runner, env):
             expected[str(run.id)] = "promoted"
         elif (run.state.message or "").startswith("rolled back:"):
             expected[str(run.id)] = "failed"
-    out = _cli("dora", "--service", SERVICE, "--since", MODULE_START.isoformat(), "--json", env=env)
+    out = cli("dora", "--service", SERVICE, "--since", MODULE_START.isoformat(), "--json", env=env)
     report = json.loads(out)
     seen = {r["release_id"]: r["status"] for r in report["releases"]}
     assert seen == expected
@@ -544,7 +546,7 @@ def test_dora_counts_the_releases_that_happened(sandbox, runner, env):
     for before, after in itertools.pairwise(ordered):
         assert after["rework"] == (before["status"] == "failed")
     if expected:
-        text = _cli("dora", "--service", SERVICE, "--since", MODULE_START.isoformat(), env=env)
+        text = cli("dora", "--service", SERVICE, "--since", MODULE_START.isoformat(), env=env)
         assert f"deployments                      {len(expected)} " in text
 
 
@@ -560,7 +562,7 @@ def test_no_automation_action_failed_after_rejected_and_promoted_releases(sandbo
 
     ended = [
         r
-        for r in _release_runs_since(MODULE_START)
+        for r in release_runs_since(MODULE_START)
         if r.state and r.state.name in ("Rejected", "Promoted")
     ]
     assert {r.state.name for r in ended if r.state} == {"Rejected", "Promoted"}
@@ -571,5 +573,5 @@ def test_no_automation_action_failed_after_rejected_and_promoted_releases(sandbo
         timeout=ZOMBIE_AFTER.total_seconds() + 60,
         what="the zombie window after the last release",
     )
-    failed = _events("prefect.automation.action.failed", MODULE_START)
+    failed = events_named("prefect.automation.action.failed", MODULE_START)
     assert failed == [], [(e.resource.get("prefect.resource.name"), e.payload) for e in failed]

@@ -29,15 +29,15 @@ from tests.e2e.releases import (
     CLI,
     FAST,
     ROOT,
-    _approve,
-    _deployed,
-    _final,
-    _manifests,
-    _overlay_tree,
-    _production_images,
-    _read,
-    _start,
-    _wait,
+    approve_run,
+    deployed,
+    is_final,
+    manifests_git,
+    overlay_tree,
+    production_images,
+    read_run,
+    start_release,
+    wait_run,
 )
 
 pytestmark = [
@@ -69,7 +69,7 @@ def runners(env: dict[str, str], tmp_path: Path) -> Iterator[subprocess.Popen[by
         cwd=ROOT,
     )
     wait_until(
-        lambda: _deployed("release/release", "rollback/rollback"),
+        lambda: deployed("release/release", "rollback/rollback"),
         timeout=120,
         what="served deployments and automations",
     )
@@ -102,15 +102,15 @@ def _rollback_runs(release_id: str) -> list[FlowRun]:
 
 
 def test_a_killed_release_is_rolled_back_without_a_human(sandbox, env, build, runners):
-    before_tree = _overlay_tree(sandbox)
-    stable_before = _production_images(sandbox)["api-gateway"][0]
+    before_tree = overlay_tree(sandbox)
+    stable_before = production_images(sandbox)["api-gateway"][0]
     image, sha = build({"www/release-e2e.txt": "killed\n"}, "e2e: its runner dies")
-    run = _start(image, sha)
-    _approve(run, {**env, **CRASH})
+    run = start_release(image, sha)
+    approve_run(run, {**env, **CRASH})
     wait_until(
         lambda: (
             str(run.id)
-            in _manifests(
+            in manifests_git(
                 sandbox, "log", "-5", "--format=%b", "--", "serving/api-gateway/overlays/production"
             )
         ),
@@ -119,7 +119,7 @@ def test_a_killed_release_is_rolled_back_without_a_human(sandbox, env, build, ru
     )
     os.killpg(runners.pid, signal.SIGKILL)
 
-    crashed = _wait(
+    crashed = wait_run(
         run,
         lambda r: bool(r.state and r.state.type == StateType.CRASHED),
         timeout=180,
@@ -128,27 +128,27 @@ def test_a_killed_release_is_rolled_back_without_a_human(sandbox, env, build, ru
     assert crashed.state is not None
     deadline = time.monotonic() + 300
     while True:
-        done = [r for r in _rollback_runs(str(run.id)) if _final(r)]
+        done = [r for r in _rollback_runs(str(run.id)) if is_final(r)]
         if done:
             break
         assert time.monotonic() < deadline, "no rollback run finished for the killed release"
         time.sleep(2)
     assert done[0].state.type == StateType.COMPLETED, done[0].state
     assert len(_rollback_runs(str(run.id))) == 1  # one rollback per release
-    assert _overlay_tree(sandbox) == before_tree
-    log = _manifests(
+    assert overlay_tree(sandbox) == before_tree
+    log = manifests_git(
         sandbox, "log", "-1", "--format=%s%n%b", "--", "serving/api-gateway/overlays/production"
     )
     assert "rollback(production)" in log and str(run.id) in log
     wait_until(
-        lambda: _production_images(sandbox)["api-gateway"][0] == stable_before,
+        lambda: production_images(sandbox)["api-gateway"][0] == stable_before,
         timeout=60,
         what="production back on the old image",
     )
-    assert _read(run.id).state.type == StateType.CRASHED
+    assert read_run(run.id).state.type == StateType.CRASHED
     # The recovery quarantines the killed release's digest, naming its restoring commit.
-    restore = _manifests(
+    restore = manifests_git(
         sandbox, "log", "-1", "--format=%H", "--", "serving/api-gateway/overlays/production"
     )
-    quarantine = _manifests(sandbox, "show", "main:quarantine/api-gateway.yaml")
+    quarantine = manifests_git(sandbox, "show", "main:quarantine/api-gateway.yaml")
     assert image.split("@", 1)[1] in quarantine and restore in quarantine

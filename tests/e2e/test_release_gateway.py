@@ -30,11 +30,11 @@ from tests.e2e.releases import (
     OVERLAY,
     SERVICE,
     ArgvWatch,
-    _digest,
-    _manifests,
-    _overlay_tree,
-    _production_images,
-    _release,
+    digest_of,
+    manifests_git,
+    overlay_tree,
+    production_images,
+    release_approved,
     served_releases,
 )
 from tests.e2e.routers import live_weights, use_router
@@ -89,7 +89,7 @@ def test_good_image_is_promoted_through_the_gateway(sandbox, runner, env, build)
         {"www/release-e2e.txt": "good via gateway\n"}, "e2e: a good change (gateway-api)"
     )
     with ArgvWatch(sandbox.github_token) as watch:
-        done = _release(image, sha, env)
+        done = release_approved(image, sha, env)
     # The token was in no process's argv, and is in no file under the work directory.
     assert watch.git_seen > 0 and watch.leaks == [], watch.leaks
     leaked = subprocess.run(
@@ -100,14 +100,14 @@ def test_good_image_is_promoted_through_the_gateway(sandbox, runner, env, build)
     assert leaked.stdout == "", leaked.stdout
 
     assert done.state.type == StateType.COMPLETED and done.state.name == "Promoted", done.state
-    canary = _manifests(sandbox, "show", f"main:{OVERLAY}/canary.yaml")
+    canary = manifests_git(sandbox, "show", f"main:{OVERLAY}/canary.yaml")
     assert "kind: HTTPRoute" in canary and "canary-weight" not in canary
     assert parse_canary(canary, SERVICE) == CanarySettings(replicas=0, weight=0)
     # Each canary step was a commit that edited the route's weights.
-    steps = _manifests(sandbox, "log", "-p", "--format=%s", "-6", "--", f"{OVERLAY}/canary.yaml")
+    steps = manifests_git(sandbox, "log", "-p", "--format=%s", "-6", "--", f"{OVERLAY}/canary.yaml")
     assert "+      weight: 50" in steps and "+      weight: 100" in steps
-    images = _production_images(sandbox)
-    assert _digest(image) in images[SERVICE][0]
+    images = production_images(sandbox)
+    assert digest_of(image) in images[SERVICE][0]
     assert images[f"{SERVICE}-canary"][1] == 0
     wait_until(
         lambda: live_weights(sandbox, SERVICE) == {SERVICE: 100, f"{SERVICE}-canary": 0},
@@ -129,25 +129,25 @@ def test_good_image_is_promoted_through_the_gateway(sandbox, runner, env, build)
 # tests/e2e/test_fleet_release.py); this one, of the migrated api-gateway, is full matrix.
 @full_matrix
 def test_failing_canary_is_rolled_back_through_the_gateway(sandbox, runner, env, build):
-    before_tree = _overlay_tree(sandbox)
-    stable_before = _production_images(sandbox)[SERVICE][0]
+    before_tree = overlay_tree(sandbox)
+    stable_before = production_images(sandbox)[SERVICE][0]
     image, sha = build(
         {"config/fail_rate.production": "30\n"},
         "e2e: /v1/status fails 30% in production (gateway-api)",
     )
-    done = _release(image, sha, env)
+    done = release_approved(image, sha, env)
 
     assert done.state.type == StateType.FAILED, done.state
     assert done.state.message.startswith("rolled back:"), done.state.message
-    assert _overlay_tree(sandbox) == before_tree
-    log = _manifests(sandbox, "log", "-3", "--format=%s%n%b", "--", OVERLAY)
+    assert overlay_tree(sandbox) == before_tree
+    log = manifests_git(sandbox, "log", "-3", "--format=%s%n%b", "--", OVERLAY)
     assert "rollback(production)" in log and "Undoes:" in log
     # Its digest is quarantined in git, naming the rollback commit.
-    rollback_sha = _manifests(sandbox, "log", "-1", "--format=%H", "--", OVERLAY)
-    quarantine = _manifests(sandbox, "show", f"main:quarantine/{SERVICE}.yaml")
-    assert _digest(image) in quarantine and rollback_sha in quarantine
+    rollback_sha = manifests_git(sandbox, "log", "-1", "--format=%H", "--", OVERLAY)
+    quarantine = manifests_git(sandbox, "show", f"main:quarantine/{SERVICE}.yaml")
+    assert digest_of(image) in quarantine and rollback_sha in quarantine
     wait_until(
-        lambda: _production_images(sandbox)[SERVICE][0] == stable_before,
+        lambda: production_images(sandbox)[SERVICE][0] == stable_before,
         timeout=60,
         what="production back on the old image",
     )

@@ -22,15 +22,15 @@ from typing import Any
 import pytest
 
 from tests.e2e.releases import (
-    _cli,
-    _digest,
-    _final,
-    _paused,
-    _record_of,
-    _staging_image,
-    _start,
-    _wait,
+    cli,
+    digest_of,
+    is_final,
+    is_paused,
+    record_of,
     served_releases,
+    staging_image,
+    start_release,
+    wait_run,
 )
 from tests.matrix import full_matrix
 
@@ -54,7 +54,7 @@ def _race(build: Any, env: dict[str, str], labels: list[str], start_order: list[
     for n, i in enumerate(start_order):
         if n:
             time.sleep(PUSH_GAP_SECONDS)  # the scenario's gap between the two hand-overs
-        runs[i] = _start(*built[i])
+        runs[i] = start_release(*built[i])
     return [b[0] for b in built], [b[1] for b in built], runs
 
 
@@ -64,14 +64,14 @@ def _settle(runs: dict[int, Any], newest: int, env: dict[str, str]) -> dict[int,
     ended = {}
     for i, run in runs.items():
         if i != newest:
-            ended[i] = _wait(run, _final, timeout=600, what=f"older release {i} ended")
-    _wait(runs[newest], _paused, timeout=600, what="newest release waiting for approval")
+            ended[i] = wait_run(run, is_final, timeout=600, what=f"older release {i} ended")
+    wait_run(runs[newest], is_paused, timeout=600, what="newest release waiting for approval")
     return ended
 
 
 def _reject(run: Any, env: dict[str, str]) -> Any:
-    _cli("reject", str(run.id), "--approver", "bob", "--comment", "e2e: ordering done", env=env)
-    return _wait(run, _final, timeout=180, what="rejected release ended")
+    cli("reject", str(run.id), "--approver", "bob", "--comment", "e2e: ordering done", env=env)
+    return wait_run(run, is_final, timeout=180, what="rejected release ended")
 
 
 def _assert_staging_measured_only(record: str, digest: str) -> None:
@@ -88,8 +88,8 @@ def _check(
 ) -> None:
     ended = _settle(runs, newest, env)
     newest_image = images[newest]
-    staging = _staging_image(sandbox)
-    assert _digest(newest_image) in staging, staging
+    staging = staging_image(sandbox)
+    assert digest_of(newest_image) in staging, staging
     for i, run in ended.items():
         assert run.state.name == "Superseded", (i, run.state.name, run.state.message)
         assert "superseded" in (run.state.message or "")
@@ -97,12 +97,12 @@ def _check(
         assert any(tag in (run.state.message or "") for tag in later) or str(runs[newest].id) in (
             run.state.message or ""
         ), run.state.message
-        assert _digest(images[i]) not in staging
+        assert digest_of(images[i]) not in staging
     done = _reject(runs[newest], env)
     assert done.state.name == "Rejected"
-    _assert_staging_measured_only(_record_of(runs[newest].id), _digest(newest_image))
+    _assert_staging_measured_only(record_of(runs[newest].id), digest_of(newest_image))
     # Exactly one terminal state per commit: each run ended once, none still waits.
-    assert all(_final(r) for r in [*ended.values(), done])
+    assert all(is_final(r) for r in [*ended.values(), done])
 
 
 @full_matrix

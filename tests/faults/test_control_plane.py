@@ -36,15 +36,15 @@ from tests.e2e.releases import (
     CLI,
     FAST,
     ROOT,
-    _approve,
-    _cli,
-    _deployed,
-    _final,
-    _manifests,
-    _overlay_tree,
-    _production_images,
-    _start,
-    _wait,
+    approve_run,
+    cli,
+    deployed,
+    is_final,
+    manifests_git,
+    overlay_tree,
+    production_images,
+    start_release,
+    wait_run,
 )
 from tests.matrix import full_matrix
 
@@ -71,18 +71,18 @@ def _runner(env: dict[str, str], log: Path, **extra: str) -> object:
         env={**env, **FAST, **LONG_CANARY, **extra},
         cwd=ROOT,
     )
-    wait_until(lambda: _deployed("release/release"), timeout=120, what="served release")
+    wait_until(lambda: deployed("release/release"), timeout=120, what="served release")
     return proc
 
 
 def _into_canary(sandbox, env, build, note: str):
     image, sha = build({"www/faults.txt": f"{note}\n"}, f"faults: {note}")
-    run = _start(image, sha)
-    _approve(run, {**env, **FAST, **LONG_CANARY})
+    run = start_release(image, sha)
+    approve_run(run, {**env, **FAST, **LONG_CANARY})
     wait_until(
         lambda: (
             str(run.id)
-            in _manifests(
+            in manifests_git(
                 sandbox, "log", "-3", "--format=%b", "--", "serving/api-gateway/overlays/production"
             )
         ),
@@ -93,9 +93,9 @@ def _into_canary(sandbox, env, build, note: str):
 
 
 def _lease(sandbox) -> dict | None:
-    if not _manifests(sandbox, "for-each-ref", "--format=%(refname)", LEASE_REF).strip():
+    if not manifests_git(sandbox, "for-each-ref", "--format=%(refname)", LEASE_REF).strip():
         return None
-    body = _manifests(sandbox, "log", "-1", "--format=%B", LEASE_REF)
+    body = manifests_git(sandbox, "log", "-1", "--format=%B", LEASE_REF)
     return json.loads(body.split("\n\n", 1)[1])
 
 
@@ -108,12 +108,12 @@ def _hits(faults: FaultClient, fault_id: int) -> int:
 
 def _restored(sandbox, before_tree: str, stable: str) -> None:
     wait_until(
-        lambda: _overlay_tree(sandbox) == before_tree and _lease(sandbox) is None,
+        lambda: overlay_tree(sandbox) == before_tree and _lease(sandbox) is None,
         timeout=300,
         what="production's overlay restored and the lease free",
     )
     wait_until(
-        lambda: _production_images(sandbox)["api-gateway"][0] == stable,
+        lambda: production_images(sandbox)["api-gateway"][0] == stable,
         timeout=180,
         what="production back on the stable image",
     )
@@ -131,8 +131,8 @@ def _recovery(case: str, fault_at: float, cleared_at: float | None = None) -> No
 def test_argocd_down_then_back_the_restore_is_retried_until_verified(
     sandbox, env, build, faults, tmp_path
 ) -> None:
-    before_tree = _overlay_tree(sandbox)
-    stable = _production_images(sandbox)["api-gateway"][0]
+    before_tree = overlay_tree(sandbox)
+    stable = production_images(sandbox)["api-gateway"][0]
     runner = _runner(env, tmp_path / "runner.log", ROBOTICS_CD_ROLLBACK_DEADLINE="600s")
     try:
         run = _into_canary(sandbox, env, build, "argocd down then back")
@@ -140,7 +140,7 @@ def test_argocd_down_then_back_the_restore_is_retried_until_verified(
         fault_at = time.monotonic()
         wait_until(
             lambda: (
-                "rollback(production)" in _manifests(sandbox, "log", "-1", "--format=%s", "main")
+                "rollback(production)" in manifests_git(sandbox, "log", "-1", "--format=%s", "main")
             ),
             timeout=300,
             what="the restoring commit written while Argo CD is down",
@@ -153,7 +153,7 @@ def test_argocd_down_then_back_the_restore_is_retried_until_verified(
         )
         faults.clear("argocd")
         cleared_at = time.monotonic()
-        done = _wait(run, _final, timeout=420, what="release finished")
+        done = wait_run(run, is_final, timeout=420, what="release finished")
     finally:
         stop_pid(runner.pid)  # type: ignore[attr-defined]
     assert done.state.type == StateType.FAILED and done.state.name != "RollbackFailed"
@@ -165,23 +165,23 @@ def test_argocd_down_then_back_the_restore_is_retried_until_verified(
 def test_a_restore_that_never_verifies_blocks_production_until_cleared(
     sandbox, env, build, faults, tmp_path
 ) -> None:
-    before_tree = _overlay_tree(sandbox)
-    stable = _production_images(sandbox)["api-gateway"][0]
+    before_tree = overlay_tree(sandbox)
+    stable = production_images(sandbox)["api-gateway"][0]
     runner = _runner(env, tmp_path / "runner.log", ROBOTICS_CD_ROLLBACK_DEADLINE="20s")
     try:
         run = _into_canary(sandbox, env, build, "argocd down for good")
         faults.http_fault("argocd", path_prefix=APP, status=503)
         fault_at = time.monotonic()
-        done = _wait(run, _final, timeout=600, what="release finished")
+        done = wait_run(run, is_final, timeout=600, what="release finished")
     finally:
         stop_pid(runner.pid)  # type: ignore[attr-defined]
     assert done.state.name == "RollbackFailed", (done.state.name, done.state.message)
     lease = _lease(sandbox)
     assert lease is not None and lease["blocked"], lease
-    status = _cli("status", "api-gateway", env=env)
+    status = cli("status", "api-gateway", env=env)
     assert "BLOCKED" in status, status
     # Nothing else may take production while it is blocked.
-    out = _cli("reconcile", env=env)
+    out = cli("reconcile", env=env)
     assert "api-gateway: leave (blocked" in out, out
     faults.clear("argocd")
     cleared_at = time.monotonic()
@@ -200,8 +200,8 @@ def test_a_restore_that_never_verifies_blocks_production_until_cleared(
 def test_a_foreign_exception_in_a_canary_step_restores_production(
     sandbox, env, build, faults, tmp_path
 ) -> None:
-    before_tree = _overlay_tree(sandbox)
-    stable = _production_images(sandbox)["api-gateway"][0]
+    before_tree = overlay_tree(sandbox)
+    stable = production_images(sandbox)["api-gateway"][0]
     runner = _runner(env, tmp_path / "runner.log")
     try:
         run = _into_canary(sandbox, env, build, "argocd answers garbage")
@@ -214,7 +214,7 @@ def test_a_foreign_exception_in_a_canary_step_restores_production(
         wait_until(lambda: _hits(faults, garbage) >= 1, timeout=300, what="garbage served")
         faults.clear("argocd")
         cleared_at = time.monotonic()
-        done = _wait(run, _final, timeout=420, what="release finished")
+        done = wait_run(run, is_final, timeout=420, what="release finished")
     finally:
         stop_pid(runner.pid)  # type: ignore[attr-defined]
     assert done.state.type == StateType.FAILED, done.state
@@ -236,8 +236,8 @@ def _rolled_back_and_restored(done, sandbox, before_tree: str, stable: str) -> N
 def test_argocd_hanging_mid_canary_is_a_failed_step_and_production_is_restored(
     sandbox, env, build, faults, tmp_path
 ) -> None:
-    before_tree = _overlay_tree(sandbox)
-    stable = _production_images(sandbox)["api-gateway"][0]
+    before_tree = overlay_tree(sandbox)
+    stable = production_images(sandbox)["api-gateway"][0]
     runner = _runner(
         env,
         tmp_path / "runner.log",
@@ -249,7 +249,7 @@ def test_argocd_hanging_mid_canary_is_a_failed_step_and_production_is_restored(
         fault_at = time.monotonic()
         wait_until(
             lambda: (
-                "rollback(production)" in _manifests(sandbox, "log", "-1", "--format=%s", "main")
+                "rollback(production)" in manifests_git(sandbox, "log", "-1", "--format=%s", "main")
             ),
             timeout=600,
             what="the restoring commit written while Argo CD hangs",
@@ -257,7 +257,7 @@ def test_argocd_hanging_mid_canary_is_a_failed_step_and_production_is_restored(
         assert _hits(faults, hang) >= 1
         faults.clear("argocd")
         cleared_at = time.monotonic()
-        done = _wait(run, _final, timeout=600, what="release finished")
+        done = wait_run(run, is_final, timeout=600, what="release finished")
     finally:
         stop_pid(runner.pid)  # type: ignore[attr-defined]
     _rolled_back_and_restored(done, sandbox, before_tree, stable)
@@ -285,15 +285,15 @@ def _start_prometheus_again(sandbox, argv: list[str]) -> None:
 
 @full_matrix
 def test_prometheus_down_mid_analysis_is_never_a_pass(sandbox, env, build, tmp_path) -> None:
-    before_tree = _overlay_tree(sandbox)
-    stable = _production_images(sandbox)["api-gateway"][0]
+    before_tree = overlay_tree(sandbox)
+    stable = production_images(sandbox)["api-gateway"][0]
     runner = _runner(env, tmp_path / "runner.log")
     argv: list[str] = []
     try:
         run = _into_canary(sandbox, env, build, "prometheus dies")
         argv = _kill_prometheus(sandbox)
         fault_at = time.monotonic()
-        done = _wait(run, _final, timeout=600, what="release finished")
+        done = wait_run(run, is_final, timeout=600, what="release finished")
     finally:
         stop_pid(runner.pid)  # type: ignore[attr-defined]
         if argv:
@@ -307,8 +307,8 @@ def test_prometheus_down_mid_analysis_is_never_a_pass(sandbox, env, build, tmp_p
 def test_git_remote_hanging_on_a_canary_push_never_leaves_production_half(
     sandbox, env, build, faults, tmp_path
 ) -> None:
-    before_tree = _overlay_tree(sandbox)
-    stable = _production_images(sandbox)["api-gateway"][0]
+    before_tree = overlay_tree(sandbox)
+    stable = production_images(sandbox)["api-gateway"][0]
     runner = _runner(env, tmp_path / "runner.log", ROBOTICS_CD_GIT_TIMEOUT="15")
     try:
         run = _into_canary(sandbox, env, build, "git remote hangs")
@@ -323,7 +323,7 @@ def test_git_remote_hanging_on_a_canary_push_never_leaves_production_half(
         wait_until(lambda: _hits(faults, hang) >= 1, timeout=300, what="a push hung")
         faults.clear("git")
         cleared_at = time.monotonic()
-        done = _wait(run, _final, timeout=900, what="release finished")
+        done = wait_run(run, is_final, timeout=900, what="release finished")
     finally:
         faults.clear("git")
         stop_pid(runner.pid)  # type: ignore[attr-defined]
@@ -331,11 +331,11 @@ def test_git_remote_hanging_on_a_canary_push_never_leaves_production_half(
     assert done.state.name in ("Promoted", "Failed"), (done.state.name, done.state.message)
     if done.state.name == "Promoted":
         wait_until(
-            lambda: _production_images(sandbox)["api-gateway"][0] != stable,
+            lambda: production_images(sandbox)["api-gateway"][0] != stable,
             timeout=180,
             what="production on the released image",
         )
-        assert _production_images(sandbox)["api-gateway-canary"][1] == 0
+        assert production_images(sandbox)["api-gateway-canary"][1] == 0
     else:
         _rolled_back_and_restored(done, sandbox, before_tree, stable)
     print(f"git hang: release ended {done.state.name}: {done.state.message}")

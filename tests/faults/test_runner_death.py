@@ -27,13 +27,13 @@ from tests.e2e.releases import (
     CLI,
     FAST,
     ROOT,
-    _approve,
-    _deployed,
-    _manifests,
-    _overlay_tree,
-    _production_images,
-    _read,
-    _start,
+    approve_run,
+    deployed,
+    manifests_git,
+    overlay_tree,
+    production_images,
+    read_run,
+    start_release,
 )
 from tests.matrix import full_matrix
 
@@ -58,7 +58,7 @@ def _serve(runner_env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
 @pytest.fixture
 def runner(runner_env: dict[str, str], tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
     procs = [_serve(runner_env, tmp_path / "runner-1.log")]
-    wait_until(lambda: _deployed("release/release"), timeout=120, what="served release")
+    wait_until(lambda: deployed("release/release"), timeout=120, what="served release")
     try:
         yield procs
     finally:
@@ -81,24 +81,24 @@ def _reconcile(env: dict[str, str]) -> str:
 
 
 def _lease_held(sandbox) -> bool:
-    return bool(_manifests(sandbox, "for-each-ref", "--format=%(refname)", LEASE_REF).strip())
+    return bool(manifests_git(sandbox, "for-each-ref", "--format=%(refname)", LEASE_REF).strip())
 
 
 @pytest.mark.parametrize("recovery", ["restart", "reconciler"])
 def test_a_killed_release_is_restored(
     sandbox, env, build, runner, runner_env, tmp_path, recovery
 ) -> None:
-    before_tree = _overlay_tree(sandbox)
-    stable_before = _production_images(sandbox)["api-gateway"][0]
+    before_tree = overlay_tree(sandbox)
+    stable_before = production_images(sandbox)["api-gateway"][0]
     image, sha = build(
         {"www/faults.txt": f"killed, {recovery}\n"}, f"faults: runner dies ({recovery})"
     )
-    run = _start(image, sha)
-    _approve(run, runner_env)
+    run = start_release(image, sha)
+    approve_run(run, runner_env)
     wait_until(
         lambda: (
             str(run.id)
-            in _manifests(
+            in manifests_git(
                 sandbox, "log", "-3", "--format=%b", "--", "serving/api-gateway/overlays/production"
             )
         ),
@@ -118,26 +118,26 @@ def test_a_killed_release_is_restored(
         assert "api-gateway: restore" in said, said
 
     wait_until(
-        lambda: _overlay_tree(sandbox) == before_tree and not _lease_held(sandbox),
+        lambda: overlay_tree(sandbox) == before_tree and not _lease_held(sandbox),
         timeout=300,
         what="production's overlay restored and the lease free",
     )
     wait_until(
-        lambda: _production_images(sandbox)["api-gateway"][0] == stable_before,
+        lambda: production_images(sandbox)["api-gateway"][0] == stable_before,
         timeout=180,
         what="production back on the stable image",
     )
     recovered_in = time.monotonic() - killed_at
-    log = _manifests(
+    log = manifests_git(
         sandbox, "log", "-1", "--format=%s%n%b", "--", "serving/api-gateway/overlays/production"
     )
     assert "rollback(production)" in log and str(run.id) in log
     wait_until(
-        lambda: _read(run.id).state.type == StateType.CRASHED,
+        lambda: read_run(run.id).state.type == StateType.CRASHED,
         timeout=60,
         what="the dead release marked Crashed",
     )
-    message = _read(run.id).state.message or ""
+    message = read_run(run.id).state.message or ""
     assert "reconciler restored production" in message, message
     print(f"recovery ({recovery}): {recovered_in:.0f} s from the kill to production restored")
 
@@ -162,7 +162,7 @@ def _task_started(run_id: object, name_part: str) -> bool:
 
 
 def _wrote(sandbox, run_id: object, overlay: str, subject: str = "") -> bool:
-    log = _manifests(sandbox, "log", "-5", "--format=%s%n%b", "--", overlay)
+    log = manifests_git(sandbox, "log", "-5", "--format=%s%n%b", "--", overlay)
     return str(run_id) in log and subject in log
 
 
@@ -190,25 +190,25 @@ def test_a_release_killed_at_any_phase_ends_as_the_table_says(
     # watch, so the kill lands in it.
     phase_env = {**env, **FAST, "ROBOTICS_CD_POST_RELEASE_WATCH": "90s"}
     proc = _serve(phase_env, tmp_path / "runner.log")
-    wait_until(lambda: _deployed("release/release"), timeout=120, what="served release")
-    before_tree = _overlay_tree(sandbox)
-    stable_before = _production_images(sandbox)["api-gateway"][0]
+    wait_until(lambda: deployed("release/release"), timeout=120, what="served release")
+    before_tree = overlay_tree(sandbox)
+    stable_before = production_images(sandbox)["api-gateway"][0]
     files = {"www/faults.txt": f"killed in {phase}\n"}
     if phase == "rollback":  # a canary that fails, so the release rolls back
         files["config/fail_rate.production"] = "30\n"
     image, sha = build(files, f"faults: dies in {phase}")
     try:
-        run = _start(image, sha)
+        run = start_release(image, sha)
         if phase == "staging":
             reached = lambda: _wrote(sandbox, run.id, STAGING_OVERLAY)  # noqa: E731
         elif phase == "promotion":
-            _approve(run, phase_env)
+            approve_run(run, phase_env)
             reached = lambda: _wrote(sandbox, run.id, PRODUCTION_OVERLAY, "promote(")  # noqa: E731
         elif phase == "rollback":
-            _approve(run, phase_env)
+            approve_run(run, phase_env)
             reached = lambda: _wrote(sandbox, run.id, PRODUCTION_OVERLAY, "rollback(")  # noqa: E731
         else:
-            _approve(run, phase_env)
+            approve_run(run, phase_env)
             reached = lambda: (  # noqa: E731
                 _wrote(sandbox, run.id, PRODUCTION_OVERLAY, "promote(")
                 and _task_started(run.id, "api-gateway-production at the window's start")
@@ -251,7 +251,7 @@ def test_a_release_killed_at_any_phase_ends_as_the_table_says(
 def _ends_as_the_table_says(
     sandbox, run, phase: str, said: str, before_tree: str, stable_before: str
 ) -> None:
-    ended = _read(run.id).state
+    ended = read_run(run.id).state
     finished_first = (
         phase == "rollback"
         and ended.type == StateType.FAILED
@@ -259,11 +259,11 @@ def _ends_as_the_table_says(
     )  # the rollback's own sync and smoke won the race with the kill: nothing left to do
     if not finished_first:
         wait_until(
-            lambda: _read(run.id).state.type == StateType.CRASHED,
+            lambda: read_run(run.id).state.type == StateType.CRASHED,
             timeout=60,
             what="the dead release marked Crashed",
         )
-    message = _read(run.id).state.message or ""
+    message = read_run(run.id).state.message or ""
     print(f"killed in {phase}: reconcile said {said.strip()[-400:]!r}; the run: {message!r}")
     if finished_first:
         pass
@@ -274,12 +274,12 @@ def _ends_as_the_table_says(
         assert "api-gateway: restore" in said, said
         assert "reconciler restored production" in message, message
     wait_until(
-        lambda: _overlay_tree(sandbox) == before_tree and not _lease_held(sandbox),
+        lambda: overlay_tree(sandbox) == before_tree and not _lease_held(sandbox),
         timeout=300,
         what="production's overlay as before the release and the lease free",
     )
     wait_until(
-        lambda: _production_images(sandbox)["api-gateway"][0] == stable_before,
+        lambda: production_images(sandbox)["api-gateway"][0] == stable_before,
         timeout=180,
         what="production on the stable image",
     )
