@@ -25,7 +25,7 @@ import anyio
 import typer
 
 from core.catalog import load_catalog
-from core.errors import CatalogError, RoboticsCDError
+from core.errors import CatalogError, InvalidInput, RoboticsCDError
 from core.settings import get_settings
 from deployments import register as reg
 
@@ -184,6 +184,17 @@ async def _serve_automations(deployments: list[Any]) -> dict[str, str]:
         return await _ensure_automations(client, applied)
 
 
+def parse_job_env(pairs: list[str]) -> dict[str, str]:
+    """``NAME=VALUE`` pairs of ``--job-env`` into a dict; a pair without ``=`` is refused."""
+    env: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise InvalidInput(f"--job-env takes NAME=VALUE, not {pair!r}")
+        env[name.strip()] = value
+    return env
+
+
 def register(app: typer.Typer) -> None:
     @app.command("deploy")
     def deploy(
@@ -204,18 +215,40 @@ def register(app: typer.Typer) -> None:
             "--service-account",
             help="Kubernetes service account of the flow-run Jobs.",
         ),
+        host_network: bool = typer.Option(
+            False,
+            "--host-network",
+            help="Kubernetes variant: run flow-run pods on their node's network, so they "
+            "reach services on its 127.0.0.1 (the sandbox).",
+        ),
+        job_env: list[str] = typer.Option(
+            [],
+            "--job-env",
+            help="Kubernetes variant: NAME=VALUE (repeatable) of a non-secret setting every "
+            "flow-run Job gets, e.g. ROBOTICS_CD_ARGOCD_URL=...; credentials are refused.",
+        ),
         only: list[str] = typer.Option(
             [], "--only", help="Deploy only these flows (repeatable), e.g. --only ci."
         ),
     ) -> None:
         """Register every flow as a deployment on a work pool, with the automations; only
         what differs changes. Start a worker for the pool afterwards (`prefect worker start
-        --pool`)."""
+        --pool`; for a Kubernetes pool with
+        PREFECT_INTEGRATIONS_KUBERNETES_WORKER_STORE_ENV_AS_SECRET=true)."""
         if pool_type not in ("process", "kubernetes"):
             raise _fail(f"--pool-type must be process or kubernetes, not {pool_type!r}")
-        kube = reg.KubernetesPoolOptions(
-            namespace=namespace, service_account=service_account, image=image
-        )
+        try:
+            kube = reg.KubernetesPoolOptions(
+                namespace=namespace,
+                service_account=service_account,
+                image=image,
+                host_network=host_network,
+                env=parse_job_env(job_env),
+            )
+            if pool_type == "kubernetes":
+                reg.kubernetes_base_job_template(kube)  # refuse credentials before any call
+        except RoboticsCDError as exc:
+            raise _fail(str(exc)) from None
         try:
             report = asyncio.run(
                 deploy_all(

@@ -19,6 +19,7 @@ from typing import Any, Literal
 from uuid import UUID
 
 from core.catalog import Catalog
+from core.errors import InvalidInput
 from core.settings import get_settings
 
 log = logging.getLogger("robotics_cd.register")
@@ -473,9 +474,35 @@ async def apply_deployment(
 HEARTBEAT_ENV = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
 
 
+# Start a Kubernetes worker with this in its environment: the worker then moves every plain
+# env value of a flow run's Job (PREFECT_API_URL, an API key or auth string, the settings
+# below) into a per-Job Secret owned by the Job, and the pod reads it with envFrom.
+KUBERNETES_WORKER_ENV = {"PREFECT_INTEGRATIONS_KUBERNETES_WORKER_STORE_ENV_AS_SECRET": "true"}
+
+# Words in an env name that mark a credential. Credentials live in Prefect blocks (read by
+# the flow at run time) or reach the Job through the worker's Secret, never in a pool's base
+# job template, which anyone reading the work pool sees.
+_CREDENTIAL_WORDS = ("TOKEN", "PASSWORD", "PASSWD", "SECRET", "KEY", "AUTH", "CREDENTIAL")
+
+
+def credential_like(name: str) -> bool:
+    """Whether an env variable's name says it carries a credential."""
+    upper = name.upper()
+    if upper.endswith("_BLOCK"):
+        return False  # the *name* of the block that holds one (ROBOTICS_CD_*_TOKEN_BLOCK)
+    return any(word in upper for word in _CREDENTIAL_WORDS)
+
+
 @dataclass(frozen=True)
 class KubernetesPoolOptions:
-    """What the Kubernetes variant's base job template fixes for every flow run's Job."""
+    """What the Kubernetes variant's base job template fixes for every flow run's Job.
+
+    ``host_network``: the Job's pod runs in its node's network namespace, so it reaches
+    services on the node's 127.0.0.1 (the sandbox: its Prefect API, registry, git, Argo CD
+    and Prometheus listen there); off on a real cluster. ``env``: plain, non-secret settings
+    every flow run needs (``ROBOTICS_CD_*``: URLs, block names); a name that looks like a
+    credential is refused.
+    """
 
     namespace: str = "robotics-cd"
     service_account: str = "robotics-cd-runner"
@@ -484,6 +511,8 @@ class KubernetesPoolOptions:
     cpu_limit: str = "2"
     memory_request: str = "1Gi"
     memory_limit: str = "4Gi"
+    host_network: bool = False
+    env: dict[str, str] = field(default_factory=dict)
 
 
 def _set_default(template: dict[str, Any], variable: str, value: Any) -> None:
@@ -508,7 +537,20 @@ def kubernetes_base_job_template(options: KubernetesPoolOptions) -> dict[str, An
     resources and heartbeats as defaults (each still overridable per deployment)."""
     from prefect_kubernetes.worker import KubernetesWorker
 
+    env = {**HEARTBEAT_ENV, **options.env}
+    refused = sorted(name for name in env if credential_like(name))
+    if refused:
+        raise InvalidInput(
+            f"{', '.join(refused)}: a credential must not be plain env in the work pool's job "
+            "template; keep it in a Prefect block, or let the worker store the Job's env as a "
+            f"Secret ({', '.join(KUBERNETES_WORKER_ENV)}=true)"
+        )
     template: dict[str, Any] = KubernetesWorker.get_default_base_job_template()
+    if options.host_network:
+        pod_spec = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+        pod_spec["hostNetwork"] = True
+        # Cluster DNS names still resolve from the host's network namespace.
+        pod_spec["dnsPolicy"] = "ClusterFirstWithHostNet"
     for variable, value in (
         ("namespace", options.namespace),
         ("service_account_name", options.service_account),
@@ -518,7 +560,7 @@ def kubernetes_base_job_template(options: KubernetesPoolOptions) -> dict[str, An
         ("cpu_limit", options.cpu_limit),
         ("memory_request", options.memory_request),
         ("memory_limit", options.memory_limit),
-        ("env", dict(HEARTBEAT_ENV)),
+        ("env", env),
         ("finished_job_ttl", 3600),
     ):
         _set_default(template, variable, value)

@@ -405,6 +405,8 @@ class PyTorchJobController:
             if exc.status == 404:
                 return  # deleted: the store's cascade took its pods and services
             raise
+        if job["metadata"].get("deletionTimestamp"):
+            return  # being deleted (foreground): its pods are going, none are made
         now = self.clock()
         stamp = _now_text(now)
         status: JSON = copy.deepcopy(job.get("status") or {})

@@ -500,6 +500,8 @@ class TrainJobController:
             if exc.status == 404:
                 return  # deleted: garbage collection took the JobSet and its pods
             raise
+        if job["metadata"].get("deletionTimestamp"):
+            return  # being deleted (foreground): its pods are going, none are made
         status: JSON = copy.deepcopy(job.get("status") or {})
         before = copy.deepcopy(status)
         if is_finished(status):

@@ -5,7 +5,8 @@ and kubernetes_asyncio (typed and custom-object clients, ``Watch``) need:
 
 - discovery: ``/version``, ``/api``, ``/apis``, ``/api/v1``, ``/apis/<group>[/<version>]``;
 - objects: list (label and field selectors, ``limit``/``continue``), get, create, replace,
-  patch (merge, strategic-as-merge, JSON patch), delete (cascading), deletecollection, with
+  patch (merge, strategic-as-merge, JSON patch), delete (cascading, ``propagationPolicy``
+  Background/Foreground/Orphan, graceful for pods: ``gracePeriodSeconds``), deletecollection, with
   ``?dryRun=All`` computed but not stored;
 - ``/status`` subresources (GET/PUT/PATCH), ``pods/<name>/log`` from ``store.log_source``;
 - ``?watch=true`` streams: resume from ``resourceVersion``, an ``ERROR`` event with a 410
@@ -534,16 +535,28 @@ class KubeApi:
                         f"Precondition failed: {fld} in precondition: {preconditions[fld]}, "
                         f"{fld} in object meta: {current['metadata'].get(key)}",
                     )
+        grace = _int_param(request, "gracePeriodSeconds")
+        if grace is None and options.get("gracePeriodSeconds") is not None:
+            grace = int(options["gracePeriodSeconds"])
         deleted = self.store.delete(
             rt.api_version,
             rt.kind,
             namespace,
             name,
             propagation_policy=policy,
+            graceful=True,
+            grace_period_seconds=grace,
             dry_run=_dry_run(request),
         )
-        if _is_custom(rt) or rt.kind in ("Pod", "Namespace"):
-            return _json_response(deleted)
+        try:
+            pending = "deletionTimestamp" in deleted["metadata"] and bool(
+                self.store.get(rt.api_version, rt.kind, namespace, name)
+            )
+        except ApiError:
+            pending = False  # gone already (a foreground owner whose dependents went at once)
+        if pending or _is_custom(rt) or rt.kind in ("Pod", "Namespace"):
+            # Still there (terminating, or waiting for its dependents): the object itself.
+            return _json_response(deleted, 202 if pending and rt.kind != "Pod" else 200)
         return _json_response(_success_status(rt, deleted))
 
     async def _delete_collection(

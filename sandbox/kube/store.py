@@ -14,12 +14,20 @@ Behaviour follows the real API server where a client can tell the difference: cr
 missing namespace is 404, a stale ``resourceVersion`` is 409 Conflict, a no-op update bumps
 nothing and emits no event, ``generation`` moves only when the desired state (anything but
 metadata and status) changes, and deleting an owner (or a namespace) deletes what it owns.
-Finalizers and graceful deletion are not modelled: deletes take effect at once.
+Deletes through the HTTP API are graceful where the API server's are: a Pod bound to a
+node (``spec.nodeName``, set by the runtime's kubelet) and not yet terminal is only marked
+(``deletionTimestamp``, ``deletionGracePeriodSeconds``); the kubelet stops its containers
+(SIGTERM, SIGKILL after the grace period) and then removes it with a grace period of 0.
+``propagationPolicy=Foreground`` marks the owner (``deletionTimestamp`` and the
+``foregroundDeletion`` finalizer), deletes what it owns, and removes the owner when the last
+dependent is gone. Other finalizers are not modelled, and the twin's own controllers delete
+at once (``graceful=False``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 import json
 import re
@@ -31,7 +39,7 @@ import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -825,6 +833,7 @@ class ObjectStore:
             )
             for transient in ("deletionTimestamp", "deletionGracePeriodSeconds", "managedFields"):
                 metadata.pop(transient, None)
+            _fold_string_data((rt.group, rt.kind), obj)
             if rt.kind == "Namespace":
                 obj.setdefault("spec", {"finalizers": ["kubernetes"]})
                 obj["status"] = {"phase": "Active"}
@@ -937,16 +946,34 @@ class ObjectStore:
         name: str,
         *,
         propagation_policy: str | None = None,
+        graceful: bool = False,
+        grace_period_seconds: int | None = None,
         dry_run: bool = False,
     ) -> JSON:
-        """Delete an object and (unless ``propagation_policy == "Orphan"``) all it owns."""
+        """Delete an object and (unless ``propagation_policy == "Orphan"``) all it owns.
+
+        ``graceful`` (the HTTP API's deletes) marks bound, running pods instead of removing
+        them, and honours ``propagation_policy == "Foreground"``; the result is then the
+        marked object, still stored. Without it everything goes at once.
+        """
         with self._lock:
             rt = resource_type(api_version, kind)
             key, current = self._current(rt, namespace, name)
             changes: Changes = []
-            if propagation_policy == "Orphan":
-                changes.extend(self._orphan(current["metadata"]["uid"]))
-            self._collect_deletes(key, current, changes, orphan=propagation_policy == "Orphan")
+            grace = grace_period_seconds if graceful else 0
+            if (
+                graceful
+                and propagation_policy == "Foreground"
+                and self._owned_by(current["metadata"]["uid"])
+            ):
+                self._foreground(key, current, changes, grace)
+            else:
+                if propagation_policy == "Orphan":
+                    changes.extend(self._orphan(current["metadata"]["uid"]))
+                self._collect_deletes(
+                    key, current, changes, orphan=propagation_policy == "Orphan", grace=grace
+                )
+            self._release_foreground_owners(changes)
             results = self._commit(changes, dry_run)
             if (rt.group, rt.kind) == CRD_GROUP_KIND and not dry_run:
                 spec = current.get("spec") or {}
@@ -955,9 +982,52 @@ class ObjectStore:
                 )
             return next(
                 r
-                for (t, k, _), r in zip(changes, results, strict=True)
-                if k == key and t == "DELETED"
+                for (t, k, _), r in reversed(list(zip(changes, results, strict=True)))
+                if k == key and t in ("DELETED", "MODIFIED")
             )
+
+    def _foreground(self, key: Key, obj: JSON, changes: Changes, grace: int | None) -> None:
+        """Mark the owner, delete its dependents; it goes when the last of them has gone."""
+        marked = copy.deepcopy(obj)
+        meta = marked["metadata"]
+        meta.setdefault("deletionTimestamp", _now())
+        meta.setdefault("deletionGracePeriodSeconds", 0)
+        finalizers = list(meta.get("finalizers") or [])
+        if FOREGROUND_FINALIZER not in finalizers:
+            meta["finalizers"] = [*finalizers, FOREGROUND_FINALIZER]
+        changes.append(("MODIFIED", key, marked))
+        for dep_key, dep in self._owned_by(meta["uid"]):
+            self._collect_deletes(dep_key, dep, changes, orphan=False, grace=grace)
+
+    def _release_foreground_owners(self, changes: Changes) -> None:
+        """Owners waiting in foreground deletion whose last dependent this change removes."""
+        gone = {k for t, k, _ in changes if t == "DELETED"}
+        checked: set[Key] = set()
+        index = 0
+        while index < len(changes):
+            type_, _, obj = changes[index]
+            index += 1
+            if type_ != "DELETED":
+                continue
+            for ref in obj["metadata"].get("ownerReferences") or []:
+                owner = next(
+                    (
+                        (k, o)
+                        for k, o in self._objects.items()
+                        if o["metadata"].get("uid") == ref.get("uid")
+                    ),
+                    None,
+                )
+                if owner is None or owner[0] in gone or owner[0] in checked:
+                    continue
+                owner_key, owner_obj = owner
+                pending = next((o for t, k, o in changes if k == owner_key), owner_obj)
+                if FOREGROUND_FINALIZER not in (pending["metadata"].get("finalizers") or []):
+                    continue
+                if all(k in gone for k, _ in self._owned_by(ref["uid"])):
+                    checked.add(owner_key)
+                    gone.add(owner_key)
+                    changes.append(("DELETED", owner_key, copy.deepcopy(pending)))
 
     def subscribe(self, since: int | None = None) -> Subscription:
         """Every change after resourceVersion ``since`` (or from now), across all kinds.
@@ -1012,11 +1082,20 @@ class ObjectStore:
         metadata = new["metadata"]
         old_meta = current["metadata"]
         # Fields the server owns: a client cannot change them.
-        for owned in ("uid", "creationTimestamp", "generation", "name", "resourceVersion"):
+        for owned in (
+            "uid",
+            "creationTimestamp",
+            "generation",
+            "name",
+            "resourceVersion",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+        ):
             if owned in old_meta:
                 metadata[owned] = old_meta[owned]
         if key[2]:
             metadata["namespace"] = key[2]
+        _fold_string_data(key[:2], new)
         if not status_only and _desired(new) != _desired(current):
             metadata["generation"] = int(old_meta.get("generation", 1)) + 1
         if new == current:
@@ -1048,10 +1127,25 @@ class ObjectStore:
             changes.append(("MODIFIED", key, updated))
         return changes
 
-    def _collect_deletes(self, key: Key, obj: JSON, changes: Changes, *, orphan: bool) -> None:
+    def _collect_deletes(
+        self,
+        key: Key,
+        obj: JSON,
+        changes: Changes,
+        *,
+        orphan: bool,
+        grace: int | None = 0,
+    ) -> None:
+        """``grace`` (seconds, None for the pod's own period) marks bound, running pods
+        terminating instead of removing them; 0 removes everything at once."""
         if any(k == key and t == "DELETED" for t, k, _ in changes):
             return
         is_namespace = key[0] == "" and key[1] == "Namespace"
+        if key[:2] == ("", "Pod"):
+            period = graceful_period(obj, grace)
+            if period > 0:
+                changes.append(("MODIFIED", key, terminating(obj, period)))
+                return
         if not is_namespace:
             # An owner goes first, then what it owns (background propagation).
             changes.append(("DELETED", key, copy.deepcopy(obj)))
@@ -1062,7 +1156,7 @@ class ObjectStore:
                     self._collect_deletes(other_key, other, changes, orphan=False)
         if not orphan:
             for dep_key, dep in self._owned_by(obj["metadata"]["uid"]):
-                self._collect_deletes(dep_key, dep, changes, orphan=False)
+                self._collect_deletes(dep_key, dep, changes, orphan=False, grace=grace)
         if key[:2] == CRD_GROUP_KIND:
             # Deleting a CRD deletes every object of its kind.
             spec = obj.get("spec") or {}
@@ -1072,3 +1166,50 @@ class ObjectStore:
                     self._collect_deletes(other_key, other, changes, orphan=False)
         if is_namespace:
             changes.append(("DELETED", key, copy.deepcopy(obj)))
+
+
+def _fold_string_data(group_kind: tuple[str, str], obj: JSON) -> None:
+    """A Secret's write-only ``stringData`` is stored base64-encoded in ``data``."""
+    if group_kind != ("", "Secret"):
+        return
+    string_data = obj.pop("stringData", None) or {}
+    if string_data:
+        data = dict(obj.get("data") or {})
+        for k, v in string_data.items():
+            data[k] = base64.b64encode(str(v).encode()).decode()
+        obj["data"] = data
+
+
+FOREGROUND_FINALIZER = "foregroundDeletion"
+DEFAULT_GRACE_SECONDS = 30
+
+
+def graceful_period(pod: JSON, requested: int | None) -> int:
+    """The grace period a pod delete gets, as the API server computes it: 0 (at once) for a
+    pod no node runs (unbound) or one already Succeeded/Failed; else the request's, else the
+    pod's ``terminationGracePeriodSeconds``, never longer than a deletion already under way."""
+    if requested == 0:
+        return 0
+    spec = pod.get("spec") or {}
+    if not spec.get("nodeName"):
+        return 0
+    if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+        return 0
+    period = requested
+    if period is None:
+        period = int(spec.get("terminationGracePeriodSeconds", DEFAULT_GRACE_SECONDS))
+    already = pod["metadata"].get("deletionGracePeriodSeconds")
+    if already is not None:
+        period = min(period, int(already))
+    return max(period, 1) if period > 0 else 0
+
+
+def terminating(pod: JSON, period: int) -> JSON:
+    """The pod marked for graceful deletion (what the kubelet acts on)."""
+    marked = copy.deepcopy(pod)
+    meta = marked["metadata"]
+    if meta.get("deletionGracePeriodSeconds") != period or "deletionTimestamp" not in meta:
+        deadline = datetime.now(UTC) + timedelta(seconds=period)
+        meta["deletionTimestamp"] = deadline.strftime("%Y-%m-%dT%H:%M:%SZ")
+        meta["deletionGracePeriodSeconds"] = period
+    return marked

@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from starlette.routing import Route
 from sandbox.faults import FAULTS, FaultRegistry, admin_routes
 from sandbox.kube.prometheus_sd import target_groups
 from sandbox.procs import free_port
+from sandbox.runtime import events
 from sandbox.runtime import gateway as gw
 from sandbox.runtime.config import RuntimeConfig
 from sandbox.runtime.engine import Engine, cleanup, in_thread, state_label
@@ -280,8 +282,12 @@ class Runtime:
                 log.exception("workload controllers failed; retrying")
 
     async def resync_loop(self) -> None:
+        expired_at = 0.0
         while True:
             try:
+                if time.monotonic() - expired_at > 60:
+                    events.expire(self.store)
+                    expired_at = time.monotonic()
                 if self.kubelet is not None:
                     await self.kubelet.resync()
                 for namespace in list(self.routers):

@@ -8,7 +8,12 @@ Keys (all optional but ``kube_port`` of the twin itself):
 - ``load``: ``{"enabled": true, "rps": 5, "paths": ["/v1/status"],
   "hosts": {"<namespace>/<host>": {"rps": 5, "paths": [...]}}}``;
 - ``restart_backoff``: ``{"initial": 1, "max": 10, "reset_after": 60}`` seconds;
-- ``resync_seconds``: how often every controller re-checks everything (default 2).
+- ``resync_seconds``: how often every controller re-checks everything (default 2);
+- ``graceful_deletion``: the kubelet binds the pods it runs to its node (``spec.nodeName``),
+  so API deletes are graceful (SIGTERM, SIGKILL after the grace period, the pod object gone
+  last, a Foreground owner after its pods). Off by default for now: the suite's other twin
+  tests were written against at-once deletion and have not run with it on (a PID-1 process
+  without a SIGTERM handler, e.g. busybox httpd, then takes its full grace period to go).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ class RuntimeConfig:
     backoff_max: float = 10.0
     backoff_reset_after: float = 60.0
     resync_seconds: float = 2.0
+    graceful_deletion: bool = False
 
     @classmethod
     def from_twin(cls, raw: dict[str, Any]) -> RuntimeConfig:
@@ -68,6 +74,7 @@ class RuntimeConfig:
             backoff_max=float(backoff.get("max", 10.0)),
             backoff_reset_after=float(backoff.get("reset_after", 60.0)),
             resync_seconds=float(raw.get("resync_seconds", 2.0)),
+            graceful_deletion=bool(raw.get("graceful_deletion", False)),
         )
 
     def next_backoff(self, previous: float, ran_seconds: float) -> float:

@@ -134,6 +134,9 @@ class ContainerSpec:
     mounts: list[tuple[str, str, bool]] = field(default_factory=list)
     working_dir: str | None = None
     user: str | None = None
+    # hostNetwork: the host's network namespace (127.0.0.1 is the host's); no network,
+    # aliases or published ports then.
+    host_network: bool = False
 
 
 def split_image(image: str) -> tuple[str, str | None, str | None]:
@@ -316,7 +319,10 @@ class Engine:
     # -- containers ----------------------------------------------------------------------
 
     def create(self, spec: ContainerSpec) -> str:
-        endpoint = self.client.api.create_endpoint_config(aliases=spec.aliases or None)
+        network: dict[str, Any] = {"network_mode": "host"}
+        if not spec.host_network:
+            endpoint = self.client.api.create_endpoint_config(aliases=spec.aliases or None)
+            network = {"network": spec.network, "networking_config": {spec.network: endpoint}}
         try:
             container = self.client.containers.create(
                 spec.image,
@@ -324,9 +330,11 @@ class Engine:
                 entrypoint=spec.entrypoint,
                 command=spec.command,
                 environment=spec.env,
-                hostname=spec.hostname[:63],
+                hostname=None if spec.host_network else spec.hostname[:63],
                 labels={**self.base_labels, **spec.labels},
-                ports={f"{p}/tcp": ("127.0.0.1", None) for p in spec.ports},
+                ports=None
+                if spec.host_network
+                else {f"{p}/tcp": ("127.0.0.1", None) for p in spec.ports},
                 nano_cpus=spec.nano_cpus,
                 mem_limit=spec.mem_limit,
                 volumes={
@@ -335,9 +343,8 @@ class Engine:
                 },
                 working_dir=spec.working_dir,
                 user=spec.user,
-                network=spec.network,
-                networking_config={spec.network: endpoint},
                 detach=True,
+                **network,
             )
         except docker.errors.APIError as exc:
             raise ContainerFailed(f"creating container {spec.name}: {exc.explanation}") from exc
@@ -354,6 +361,14 @@ class Engine:
             return dict(self.client.api.inspect_container(name))
         except docker.errors.NotFound:
             return None
+
+    def stop(self, name: str, grace_seconds: int) -> None:
+        """SIGTERM (or the image's STOPSIGNAL), then SIGKILL after ``grace_seconds``."""
+        try:
+            self.client.api.stop(name, timeout=max(0, grace_seconds))
+        except docker.errors.APIError as exc:
+            if exc.status_code not in (304, 404, 409):  # already stopped, or gone
+                raise
 
     def kill(self, name: str) -> None:
         try:

@@ -12,10 +12,18 @@ initContainerStatuses) the way the kubelet does. Volumes: emptyDir, configMap an
 named after the claim, kept. Env: value, valueFrom (fieldRef, configMapKeyRef,
 secretKeyRef), envFrom, ``$(VAR)`` expansion.
 
+With ``graceful_deletion`` on (twin config), the kubelet binds each pod it runs to its node
+(``spec.nodeName: twin-node``, as the scheduler would), so the API deletes it gracefully: on ``deletionTimestamp`` it stops the
+containers (SIGTERM, or the image's STOPSIGNAL, then SIGKILL after
+``deletionGracePeriodSeconds``), writes their final state, and removes the pod. A
+``hostNetwork: true`` pod runs in the host's network namespace, so it reaches services on
+127.0.0.1 as a node's host-network pod reaches the node's; its pod IP is 127.0.0.1 and its
+ports are not published (they are the host's). It records core/v1 Events (Scheduled,
+Pulled, Created, Started, Failed, Killing).
+
 Not modelled: a Service port different from its targetPort *inside* the cluster (names
 resolve straight to pod addresses, so in-cluster clients use the container port; the
-router does map Service ports), hostPath/projected/downwardAPI volumes, graceful
-termination (containers are killed), Events. Probes run at ``min(periodSeconds, 2)``
+router does map Service ports), hostPath/projected/downwardAPI volumes. Probes run at ``min(periodSeconds, 2)``
 (faster than a real node, so tests wait less) with a timeout of at least 2 s (slower, so an
 overloaded machine does not flap healthy pods).
 """
@@ -36,6 +44,7 @@ from typing import Any
 import httpx
 
 from sandbox.faults import FaultRegistry
+from sandbox.runtime import events
 from sandbox.runtime.config import RuntimeConfig
 from sandbox.runtime.engine import (
     CONTAINER_LABEL,
@@ -151,6 +160,7 @@ class PodWorker:
         self.grace_seconds = float((pod.get("spec") or {}).get("terminationGracePeriodSeconds", 30))
         self.last_status: JSON | None = None
         self.http = kubelet.http
+        self.host_network = bool((pod.get("spec") or {}).get("hostNetwork"))
 
     @property
     def key(self) -> PodKey:
@@ -200,6 +210,12 @@ class PodWorker:
 
     async def sync(self, pod: JSON) -> float:
         spec = pod.get("spec") or {}
+        if pod["metadata"].get("deletionTimestamp"):
+            await self.terminate(pod)
+            return 1.0
+        if not spec.get("nodeName") and self.kubelet.config.graceful_deletion:
+            await self.bind(pod)
+            return 0.05
         if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
             # Terminal pods stay as they ended; nothing runs again (as on a real node).
             self.kubelet.endpoints.pop(self.key, None)
@@ -232,6 +248,65 @@ class PodWorker:
         )
         return soonest
 
+    async def bind(self, pod: JSON) -> None:
+        """Schedule the pod on the twin's one node, as the scheduler's binding does."""
+        from sandbox.kube.store import ApiError
+
+        try:
+            self.kubelet.store.patch(
+                "v1", "Pod", self.namespace, self.name, {"spec": {"nodeName": events.NODE_NAME}}
+            )
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            return
+        events.record(
+            self.kubelet.store,
+            pod,
+            "Scheduled",
+            f"Successfully assigned {self.namespace}/{self.name} to {events.NODE_NAME}",
+            component="default-scheduler",
+        )
+
+    async def terminate(self, pod: JSON) -> None:
+        """Graceful deletion: stop every container (SIGTERM, SIGKILL after the grace
+        period), record how each ended, then remove the pod object (grace period 0)."""
+        from sandbox.kube.store import ApiError
+
+        grace = int(pod["metadata"].get("deletionGracePeriodSeconds") or 0)
+        self.grace_seconds = 0.0  # stopped already: teardown does not drain again
+        self.kubelet.endpoints.pop(self.key, None)
+        engine = self.kubelet.engine
+        running = []
+        for run in self.runs + self.init_runs:
+            info = await in_thread(engine.inspect, run.docker_name)
+            if info is not None and info["State"].get("Running"):
+                running.append(run)
+                events.record(
+                    self.kubelet.store,
+                    pod,
+                    "Killing",
+                    f"Stopping container {run.spec['name']}",
+                    field_path=f"spec.containers{{{run.spec['name']}}}",
+                )
+        await asyncio.gather(*(in_thread(engine.stop, run.docker_name, grace) for run in running))
+        for run in self.runs + self.init_runs:
+            run.info = await in_thread(engine.inspect, run.docker_name)
+            run.done = True
+            run.ready = False
+            run.waiting = None
+        if self.prepared:
+            await self.write_status(pod, "Never")
+        current = self.kubelet.get_pod(self.namespace, self.name)
+        if current is None or current["metadata"]["uid"] != self.uid:
+            return
+        try:
+            self.kubelet.store.delete("v1", "Pod", self.namespace, self.name)
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+        log.info("pod %s/%s terminated (grace %ss)", self.namespace, self.name, grace)
+
     async def sync_init(self, pod: JSON, policy: str, aliases: list[str]) -> None:
         """Init containers run one at a time, each to success, before the app containers;
         a failed one is retried unless the pod's restartPolicy is Never."""
@@ -256,7 +331,8 @@ class PodWorker:
     async def prepare(self, pod: JSON) -> None:
         spec = pod.get("spec") or {}
         engine = self.kubelet.engine
-        await in_thread(engine.ensure_network, self.kubelet.engine.network_name(self.namespace))
+        if not self.host_network:
+            await in_thread(engine.ensure_network, engine.network_name(self.namespace))
         self.volumes = await in_thread(self._ensure_volumes, spec)
         old = {c.get("name"): c for c in (pod.get("status") or {}).get("containerStatuses") or []}
         self.runs = []
@@ -375,7 +451,8 @@ class PodWorker:
                 log.info("fault: killing %s", run.docker_name)
                 await in_thread(engine.kill, run.docker_name)
                 return
-            await self.ensure_aliases(run, info, aliases)
+            if not self.host_network:
+                await self.ensure_aliases(run, info, aliases)
             await self.probe(run, info)
             return
         run.ready = False
@@ -427,6 +504,8 @@ class PodWorker:
             run.backoff = self.kubelet.config.next_backoff(run.backoff, 0)
             run.next_start = time.monotonic() + run.backoff
             run.waiting = ("ErrImagePull" if first else "ImagePullBackOff", str(exc))
+            if first:
+                self._event(pod, run, "Failed", f"Failed to pull image: {exc}", "Warning")
             return
         try:
             spec = self.container_spec(pod, run, aliases)
@@ -441,6 +520,21 @@ class PodWorker:
             return
         run.waiting = None
         run.info = await in_thread(engine.inspect, run.docker_name)
+        self._event(pod, run, "Pulled", f'Container image "{container.get("image", "")}" ready')
+        self._event(pod, run, "Created", f"Created container {container['name']}")
+        self._event(pod, run, "Started", f"Started container {container['name']}")
+
+    def _event(
+        self, pod: JSON, run: ContainerRun, reason: str, message: str, type_: str = "Normal"
+    ) -> None:
+        events.record(
+            self.kubelet.store,
+            pod,
+            reason,
+            message,
+            type_=type_,
+            field_path=f"spec.containers{{{run.spec['name']}}}",
+        )
 
     async def start_existing(self, run: ContainerRun) -> None:
         try:
@@ -511,7 +605,7 @@ class PodWorker:
         # At least 2 s: on a shared 2-core machine a busybox fork can take over a second,
         # and a probe timing out there would flap pods that are fine.
         timeout = max(float(spec.get("timeoutSeconds", 1)), 2.0)
-        ports = host_ports(info)
+        ports = self._host_ports(run, info)
         if "httpGet" in spec:
             action = spec["httpGet"]
             port = ports.get(self._port_number(run, action.get("port")))
@@ -543,6 +637,15 @@ class PodWorker:
             code = await in_thread(self._exec, run.docker_name, command)
             return code == 0
         return True
+
+    def _host_ports(self, run: ContainerRun, info: JSON) -> dict[int, int]:
+        """Container port -> where 127.0.0.1 reaches it (the same port on host network)."""
+        if self.host_network:
+            return {
+                int(p["containerPort"]): int(p["containerPort"])
+                for p in run.spec.get("ports") or []
+            }
+        return host_ports(info)
 
     def _exec(self, name: str, command: list[str]) -> int:
         try:
@@ -612,6 +715,7 @@ class PodWorker:
             mounts=mounts,
             working_dir=container.get("workingDir"),
             user=user,
+            host_network=self.host_network,
         )
 
     # -- status ----------------------------------------------------------------------------
@@ -715,8 +819,8 @@ class PodWorker:
         ready = "True" if all_ready else "False"
         conditions = set_condition(conditions, "ContainersReady", ready, reason, why)
         conditions = set_condition(conditions, "Ready", ready, reason, why)
-        ip = ""
-        for run in self.runs:
+        ip = "127.0.0.1" if self.host_network else ""
+        for run in [] if self.host_network else self.runs:
             if run.info is not None:
                 ip = network_ip(run.info, self.kubelet.engine.network_name(self.namespace)) or ip
                 break
@@ -772,7 +876,7 @@ class PodWorker:
                 if p.get("name"):
                     names[p["name"]] = int(p["containerPort"])
             if run.info is not None and run.info["State"].get("Running"):
-                ports.update(host_ports(run.info))
+                ports.update(self._host_ports(run, run.info))
         ready = bool(self.runs) and all(
             r.ready and r.info is not None and r.info["State"].get("Running") for r in self.runs
         )

@@ -16,6 +16,7 @@ import secrets
 import time
 from typing import Any
 
+from sandbox.runtime import events
 from sandbox.runtime.objects import (
     JSON,
     annotations_of,
@@ -76,6 +77,8 @@ class Controllers:
             ("PersistentVolumeClaim", "v1", self.reconcile_claim),
         ):
             for obj in self.store.list(api_version, kind):
+                if obj["metadata"].get("deletionTimestamp"):
+                    continue  # being deleted (foreground): its dependents are going, none new
                 try:
                     fn(obj)
                 except ApiError as exc:
@@ -117,7 +120,15 @@ class Controllers:
         }
         if not pod["metadata"]["annotations"]:
             del pod["metadata"]["annotations"]
-        self.store.create(pod)
+        created = self.store.create(pod)
+        if owner.get("kind") == "Job":
+            events.record(
+                self.store,
+                owner,
+                "SuccessfulCreate",
+                f"Created pod: {created['metadata']['name']}",
+                component="job-controller",
+            )
 
     # -- ReplicaSets -----------------------------------------------------------------------
 
@@ -487,6 +498,14 @@ class Controllers:
                 c.setdefault("lastProbeTime", now)
             status["conditions"] = conditions
             log.info("job %s/%s failed: %s", ns, name, fail_reason[0])
+            events.record(
+                self.store,
+                job,
+                fail_reason[0],
+                fail_reason[1],
+                type_="Warning",
+                component="job-controller",
+            )
         elif succeeded >= completions:
             status["completionTime"] = now
             conditions = set_condition(
@@ -507,6 +526,7 @@ class Controllers:
                 c.setdefault("lastProbeTime", now)
             status["conditions"] = conditions
             log.info("job %s/%s complete", ns, name)
+            events.record(self.store, job, "Completed", "Job completed", component="job-controller")
         else:
             want = min(parallelism, completions - succeeded) - len(active)
             if want > 0 and time.monotonic() >= self._job_backoff.get(uid, 0.0):
