@@ -220,7 +220,7 @@ def debian_mirror(sources: tuple[Path, ...] = APT_SOURCES, suite: str = DEBIAN_S
 
 
 @contextlib.contextmanager
-def _machine_lock(name: str) -> Iterator[None]:
+def machine_lock(name: str) -> Iterator[None]:
     """One maker at a time on this machine (sandboxes of several worktrees share dockerd)."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "robotics-cd"
     cache.mkdir(parents=True, exist_ok=True)
@@ -234,21 +234,32 @@ def _machine_lock(name: str) -> Iterator[None]:
 
 def _import_python_base(client: docker.DockerClient, *, timeout: float = 900.0) -> None:
     """debootstrap a minimal bookworm with Python and import it as ``PYTHON_BASE_IMAGE``."""
+    debootstrap_image(client, PYTHON_BASE_IMAGE, DEBOOTSTRAP_PACKAGES, timeout=timeout)
+
+
+def debootstrap_image(
+    client: docker.DockerClient,
+    image: str,
+    packages: tuple[str, ...],
+    *,
+    timeout: float = 900.0,
+) -> None:
+    """``debootstrap --variant=minbase --include=PACKAGES bookworm`` imported as ``image``."""
     debootstrap = shutil.which("debootstrap") or shutil.which("debootstrap", path="/usr/sbin")
     if debootstrap is None:
         raise EngineUnavailable(
             "debootstrap is missing; install it (`apt-get install debootstrap`)"
         )
     if os.geteuid() != 0:
-        raise EngineUnavailable(f"making {PYTHON_BASE_IMAGE} with debootstrap needs root")
+        raise EngineUnavailable(f"making {image} with debootstrap needs root")
     mirror = debian_mirror()
-    with tempfile.TemporaryDirectory(prefix="python-base-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="debootstrap-") as tmp:
         rootfs = Path(tmp) / "rootfs"
         proc = subprocess.run(
             [
                 debootstrap,
                 "--variant=minbase",
-                f"--include={','.join(DEBOOTSTRAP_PACKAGES)}",
+                f"--include={','.join(packages)}",
                 DEBIAN_SUITE,
                 str(rootfs),
                 mirror,
@@ -272,7 +283,7 @@ def _import_python_base(client: docker.DockerClient, *, timeout: float = 900.0) 
             check=True,
             timeout=timeout,
         ).stdout
-        repository, tag = PYTHON_BASE_IMAGE.rsplit(":", 1)
+        repository, tag = image.rsplit(":", 1)
         client.api.import_image_from_data(
             tar,
             repository=repository,
@@ -292,7 +303,7 @@ def ensure_python_base() -> bool:
     try:
         if _has_image(client, PYTHON_BASE_IMAGE):
             return False
-        with _machine_lock("python-base"):
+        with machine_lock("python-base"):
             if _has_image(client, PYTHON_BASE_IMAGE):  # made by another sandbox meanwhile
                 return False
             _import_python_base(client)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import threading
 import time
 import uuid
@@ -98,16 +99,16 @@ def host() -> Iterator[HostServer]:
     server.close()
 
 
-@pytest.fixture
-async def api(jobs_twin: KubeTwin) -> AsyncIterator[client.ApiClient]:
-    api_client = await config.new_client_from_config(config_file=str(jobs_twin.kubeconfig))
-    core = client.CoreV1Api(api_client)
+@contextlib.asynccontextmanager
+async def kube_api(twin: KubeTwin) -> AsyncIterator[client.ApiClient]:
+    """A real kubernetes_asyncio client from the twin's kubeconfig, the namespace made."""
+    api_client = await config.new_client_from_config(config_file=str(twin.kubeconfig))
     try:
-        await core.create_namespace({"metadata": {"name": NAMESPACE}})
-    except client.ApiException as exc:
-        if exc.status != 409:
-            raise
-    try:
+        try:
+            await client.CoreV1Api(api_client).create_namespace({"metadata": {"name": NAMESPACE}})
+        except client.ApiException as exc:
+            if exc.status != 409:
+                raise
         yield api_client
     finally:
         await api_client.close()
@@ -177,8 +178,13 @@ def terminated(pod: dict[str, Any]) -> dict[str, Any] | None:
 
 
 async def test_a_flow_run_job_on_host_network_with_env_from_a_secret(
-    api: client.ApiClient, host: HostServer
+    jobs_twin: KubeTwin, host: HostServer
 ) -> None:
+    async with kube_api(jobs_twin) as api:
+        await _flow_run_job_on_host_network(api, host)
+
+
+async def _flow_run_job_on_host_network(api: client.ApiClient, host: HostServer) -> None:
     core, batch = client.CoreV1Api(api), client.BatchV1Api(api)
     run_id = str(uuid.uuid4())
     secret = await core.create_namespaced_secret(
@@ -227,15 +233,21 @@ async def test_a_flow_run_job_on_host_network_with_env_from_a_secret(
     job_events = await core.list_namespaced_event(
         NAMESPACE, field_selector=f"involvedObject.name={job.metadata.name},involvedObject.kind=Job"
     )
-    assert [e.reason for e in job_events.items] == ["SuccessfulCreate", "Completed"]
+    in_order = sorted(job_events.items, key=lambda e: int(e.metadata.resource_version))
+    assert [e.reason for e in in_order] == ["SuccessfulCreate", "Completed"]
 
 
 @pytest.mark.parametrize("stubborn", [False, True], ids=["exits-on-sigterm", "ignores-sigterm"])
 async def test_the_workers_cancel_terminates_gracefully_then_kills(
-    api: client.ApiClient, host: HostServer, stubborn: bool
+    jobs_twin: KubeTwin, host: HostServer, stubborn: bool
 ) -> None:
     """The worker cancels a run by deleting its Job (Foreground, grace period): the pod gets
     SIGTERM and, if it does not exit, SIGKILL after the grace period; then the Job goes."""
+    async with kube_api(jobs_twin) as api:
+        await _cancel(api, host, stubborn)
+
+
+async def _cancel(api: client.ApiClient, host: HostServer, stubborn: bool) -> None:
     core, batch = client.CoreV1Api(api), client.BatchV1Api(api)
     run_id = str(uuid.uuid4())
     on_term = f"wget -q -O- {host.url('/term/' + run_id)}" + ("" if stubborn else "; exit 0")
