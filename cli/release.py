@@ -49,16 +49,39 @@ async def _read_release(run_id: UUID) -> FlowRun:
     return run
 
 
+def approvers_of(parameters: dict[str, Any]) -> list[str] | None:
+    """Who may decide a waiting run: a release's service's approvers; a release train's, every
+    approver of its services (its one form offers them all: ``core.train.plan_train``). None
+    for a train started from a bundle file (its services are in git, not in the parameters):
+    the server still refuses a name its form does not offer."""
+    catalog = load_catalog(get_settings().catalog)
+    if "service" in parameters:
+        return catalog.service(str(parameters["service"])).approvers
+    services = parameters.get("services")
+    if isinstance(services, dict) and services:
+        allowed: list[str] = []
+        for name in services:
+            allowed += [a for a in catalog.service(str(name)).approvers if a not in allowed]
+        return allowed
+    if parameters.get("bundle_file"):
+        return None
+    raise _fail("this flow run is neither a release nor a release train")
+
+
 def _decide(run_id: str, decision: str, approver: str, comment: str) -> None:
     rid = _run_id(run_id)
+    what = "release"
 
     async def go() -> None:
-        run = await _read_release(rid)
+        nonlocal what
+        async with get_client() as client:
+            run = await client.read_flow_run(rid)
+        if "service" not in run.parameters:
+            what = "release train"
+        allowed = approvers_of(run.parameters)
         if run.state is None or not run.state.is_paused():
             state = run.state.name if run.state else "unknown"
-            raise _fail(f"release {rid} is not waiting for approval (state: {state})")
-        service = str(run.parameters["service"])
-        allowed = load_catalog(get_settings().catalog).service(service).approvers
+            raise _fail(f"{what} {rid} is not waiting for approval (state: {state})")
         await resume_with_decision(rid, decision, approver, comment, allowed=allowed)
 
     try:
@@ -66,7 +89,7 @@ def _decide(run_id: str, decision: str, approver: str, comment: str) -> None:
     except RoboticsCDError as exc:
         raise _fail(str(exc)) from None
     done = {"approve": "approved", "reject": "rejected"}[decision]
-    typer.echo(f"{done} release {rid}: {flow_run_url(rid)}")
+    typer.echo(f"{done} {what} {rid}: {flow_run_url(rid)}")
 
 
 async def _runs_of(service: str | None, states: list[StateType]) -> list[FlowRun]:
@@ -160,10 +183,12 @@ def register(app: typer.Typer) -> None:
     @app.command("approve")
     def approve(
         run_id: str = typer.Argument(..., help="The suspended release's flow run id."),
-        approver: str = typer.Option(..., help="Who approves (from the service's approvers)."),
+        approver: str = typer.Option(
+            ..., help="Who approves (from the service's approvers; a train's: any service's)."
+        ),
         comment: str = typer.Option("", help="Kept in the release record."),
     ) -> None:
-        """Approve a release waiting in staging: its production canary starts."""
+        """Approve a release (or a release train) waiting in staging: its canary starts."""
         _decide(run_id, "approve", approver, comment)
 
     @app.command("reject")

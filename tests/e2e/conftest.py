@@ -1,5 +1,6 @@
 """Shared by the release e2e modules: the sandbox env with the compact canary policy, and
-images built from real commits of the sandbox's robotics-api repo."""
+images built from real commits of the sandbox's robotics-api (``build``) and robotics-fleet
+(``build_fleet``) repos."""
 
 from __future__ import annotations
 
@@ -153,5 +154,54 @@ def build(
         )
         shutil.rmtree(work, ignore_errors=True)
         return f"{image}@{digest}", sha
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def build_fleet(
+    sandbox: Any, docker_login: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Callable[..., tuple[str, str]]:
+    """Commit files to robotics-fleet, build and push its image; return (image@digest, sha)."""
+    work_root = tmp_path_factory.mktemp("fleet-builds")
+
+    def make(files: dict[str, str], message: str) -> tuple[str, str]:
+        work = work_root / uuid.uuid4().hex[:8]
+        sandbox.clone("robotics-fleet", work)
+        for leftover in (work / "config").glob("*.production"):  # earlier scenarios' faults
+            leftover.unlink()
+        unique = {"app/e2e-build.txt": f"{uuid.uuid4()}\n", **files}
+        sha = sandbox.commit_and_push(work, message, unique)
+        date = datetime.fromtimestamp(
+            int(sandbox.git("log", "-1", "--format=%ct", sha, cwd=work)), UTC
+        )
+        image = f"{sandbox.registry}/robotics-fleet/fleet-planner:{release_tag(date, sha)}"
+        docker_env = {**os.environ, **docker_login}
+        for argv in (
+            [
+                "docker",
+                "build",
+                "-q",
+                "--rm",
+                "--force-rm",
+                "-t",
+                image,
+                "--build-arg",
+                f"GIT_SHA={sha}",
+                str(work),
+            ],
+            ["docker", "push", image],
+        ):
+            subprocess.run(argv, env=docker_env, check=True, capture_output=True, timeout=300)
+        digest = subprocess.run(
+            ["docker", "inspect", "--format", "{{index .RepoDigests 0}}", image],
+            env=docker_env,
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout.strip()
+        shutil.rmtree(work, ignore_errors=True)
+        return f"{image}@{digest.split('@', 1)[1]}", sha
 
     return make

@@ -35,20 +35,23 @@ FAST = {
 
 
 @contextlib.contextmanager
-def served_releases(env: dict[str, str], logs: Path) -> Iterator[Path]:
-    """``robotics-cd serve`` of release and rollback, as the embedded default runs them;
-    yields its log."""
+def served_releases(
+    env: dict[str, str], logs: Path, *, also: tuple[str, ...] = ()
+) -> Iterator[Path]:
+    """``robotics-cd serve`` of release and rollback (and the flows named in ``also``, e.g.
+    ``release-train``), as the embedded default runs them; yields its log."""
     from sandbox.procs import spawn, stop_pid, wait_until
 
+    flows = ["release", "rollback", *also]
     served = spawn(
-        [CLI, "serve", "--only", "release", "--only", "rollback"],
+        [CLI, "serve", *(arg for name in flows for arg in ("--only", name))],
         log=logs / "serve.log",
         env=env,
         cwd=ROOT,
     )
     try:
         wait_until(
-            lambda: deployed("release/release", "rollback/rollback"),
+            lambda: deployed(*(f"{name}/{name}" for name in flows)),
             timeout=120,
             what=f"served deployments (log: {logs / 'serve.log'})",
         )

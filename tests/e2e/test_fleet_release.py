@@ -19,10 +19,7 @@ two failed intervals at 20 % — or sooner, by the early abort, for 5xx and late
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,7 +27,6 @@ from typing import Any
 import pytest
 from prefect.client.schemas.objects import FlowRun, StateType
 
-from core.images import release_tag
 from sandbox.procs import wait_until
 from tests.e2e.releases import (
     cli,
@@ -73,55 +69,6 @@ OTHER = {"business", "restarts", "memory", "cpu", "error_ratio", "p99_latency_se
 def runner(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     with served_releases(env, tmp_path_factory.mktemp("fleet-runner")) as log:
         yield log
-
-
-@pytest.fixture(scope="module")
-def build_fleet(
-    sandbox: Any, docker_login: dict[str, str], tmp_path_factory: pytest.TempPathFactory
-) -> Callable[..., tuple[str, str]]:
-    """Commit files to robotics-fleet, build and push its image; return (image@digest, sha)."""
-    work_root = tmp_path_factory.mktemp("fleet-builds")
-
-    def make(files: dict[str, str], message: str) -> tuple[str, str]:
-        work = work_root / uuid.uuid4().hex[:8]
-        sandbox.clone("robotics-fleet", work)
-        for leftover in (work / "config").glob("*.production"):  # earlier scenarios' faults
-            leftover.unlink()
-        unique = {"app/e2e-build.txt": f"{uuid.uuid4()}\n", **files}
-        sha = sandbox.commit_and_push(work, message, unique)
-        date = datetime.fromtimestamp(
-            int(sandbox.git("log", "-1", "--format=%ct", sha, cwd=work)), UTC
-        )
-        image = f"{sandbox.registry}/robotics-fleet/fleet-planner:{release_tag(date, sha)}"
-        docker_env = {**os.environ, **docker_login}
-        for argv in (
-            [
-                "docker",
-                "build",
-                "-q",
-                "--rm",
-                "--force-rm",
-                "-t",
-                image,
-                "--build-arg",
-                f"GIT_SHA={sha}",
-                str(work),
-            ],
-            ["docker", "push", image],
-        ):
-            subprocess.run(argv, env=docker_env, check=True, capture_output=True, timeout=300)
-        digest = subprocess.run(
-            ["docker", "inspect", "--format", "{{index .RepoDigests 0}}", image],
-            env=docker_env,
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        ).stdout.strip()
-        shutil.rmtree(work, ignore_errors=True)
-        return f"{image}@{digest.split('@', 1)[1]}", sha
-
-    return make
 
 
 def _release(image: str, sha: str, env: dict[str, str]) -> FlowRun:

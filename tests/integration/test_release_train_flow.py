@@ -8,8 +8,8 @@ sees afterwards: the run's final state, the manifests repo's history (one commit
 step over every overlay, one promotion commit, or one restoring commit naming everything it
 undoes), the production overlays, the leases, and the train's record on the server.
 
-The full sandbox version (real Argo CD twin, real containers and Prometheus) is not written
-yet; see the report of issue #22.
+The sandbox version (real Argo CD twin, real containers and Prometheus; promoted, and rolled
+back on a regression of one service) is tests/e2e/test_release_train.py (full matrix only).
 """
 
 from __future__ import annotations

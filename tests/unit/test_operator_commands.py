@@ -51,3 +51,25 @@ def test_manual_rollback_is_refused_before_a_run_starts(args, message, monkeypat
     result = CliRunner().invoke(app, ["rollback", "api-gateway", *args])
     assert result.exit_code == 2, result.output
     assert message in result.output
+
+
+@pytest.fixture
+def shipped_catalog(monkeypatch):
+    from core.settings import get_settings
+
+    monkeypatch.delenv("ROBOTICS_CD_CATALOG", raising=False)
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+@pytest.mark.usefixtures("shipped_catalog")
+def test_who_may_approve_a_release_and_a_release_train():
+    """``robotics-cd approve`` takes a train run too: its one form offers every approver of
+    its services (a bundle-file train's services are in git: the server checks the name)."""
+    from cli.release import approvers_of
+
+    assert approvers_of({"service": "api-gateway", "image": "x"}) == ["alice", "bob"]
+    train = {"services": {"api-gateway": "gw", "fleet-planner": "fp"}, "reason": "r"}
+    assert approvers_of(train) == ["alice", "bob", "carol", "dave"]
+    assert approvers_of({"bundle_file": "bundles/b.yaml", "services": None}) is None

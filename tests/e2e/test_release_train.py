@@ -1,0 +1,275 @@
+"""The release train on the sandbox (issue 22, "must be shown"): api-gateway and fleet-planner
+released as one through the served ``release-train`` deployment, on the real Argo CD twin,
+real containers and real Prometheus, approved once with ``robotics-cd approve``.
+
+- Both good: promoted, with exactly one promotion commit covering both production overlays;
+  production runs both new images, both canaries at 0.
+- fleet-planner (the second service on the command line) regressed in production only: both
+  rolled back in ONE restoring commit naming every commit of the train it undoes; production
+  runs both old images, both overlays equal their trees from before the train.
+
+Judged from the Prefect API (the run's final state, the train's record), git (the manifests
+repo's history and trees) and the cluster. The images are built here (``build``,
+``build_fleet``), not by a CI run, so the run carries ``provenance_override_reason`` as the
+single-release e2e does; otherwise it is started as ``robotics-cd train-release`` starts it
+(``tasks.handoff.train_parameters``: catalog, cycle, each image's digest in the registry).
+
+The compact policy: the env's ``FAST`` (6 s interval, 6 s watch); fleet-planner keeps its two
+analyses per step, so the train's own steps 50 → 100 take two windows each.
+
+Full matrix only (``ROBOTICS_CD_FULL_MATRIX=1``): two trains, about ten minutes with the
+builds; CI has no minutes left. docs/e2e-matrix.md has the command and the recorded result.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from prefect import get_client
+from prefect.client.schemas.objects import FlowRun, StateType
+
+from core.kustomize import CanarySettings, parse_canary
+from sandbox.procs import wait_until
+from tests.e2e.releases import (
+    cli,
+    digest_of,
+    is_final,
+    is_paused,
+    manifests_git,
+    production_images,
+    served_releases,
+    wait_run,
+)
+from tests.e2e.routers import live_weights
+from tests.matrix import full_matrix
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500), full_matrix]
+
+ORDER = ["fleet-planner", "api-gateway"]  # the gateway depends on the planner (services.yaml)
+STEPS = [50, 100]  # the train's own steps (fleet-planner's 20 is below the gateway's first)
+OVERRIDE = "e2e: images built by the test, not by ci"
+
+
+def overlay(service: str) -> str:
+    return f"serving/{service}/overlays/production"
+
+
+@pytest.fixture(scope="module")
+def runner(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """``robotics-cd serve`` of release, rollback and release-train."""
+    logs = tmp_path_factory.mktemp("train-runner")
+    with served_releases(env, logs, also=("release-train",)) as log:
+        yield log
+
+
+def start_train(name: str, images: dict[str, tuple[str, str]]) -> FlowRun:
+    """What ``robotics-cd train-release --steps 50,100`` does (the checks, then a run of the
+    release-train deployment), with the provenance override for test-built images."""
+    from core.settings import get_settings
+    from core.train import Bundle, BundleService
+    from tasks.handoff import create_deployment_run, train_parameters
+
+    bundle = Bundle(
+        name=name,
+        services={s: BundleService(image=i, source_sha=sha) for s, (i, sha) in images.items()},
+        reason="e2e: the planner and the gateway that calls it",
+        steps=STEPS,
+    )
+
+    async def go() -> FlowRun:
+        plan, parameters = await train_parameters(bundle)
+        assert plan.order == ORDER, plan.order  # dependency order, whatever the given order
+        async with get_client() as client:
+            run, created = await create_deployment_run(
+                client,
+                get_settings().release_train_deployment,
+                parameters={**parameters, "provenance_override_reason": OVERRIDE},
+                idempotency_key=f"release-train-{name}",
+                tags=["train", f"train:{name}"],
+            )
+        assert created
+        result: FlowRun = run
+        return result
+
+    return anyio.run(go)
+
+
+def run_train(name: str, images: dict[str, tuple[str, str]], approver: str, env: Any) -> FlowRun:
+    run = start_train(name, images)
+    wait_run(run, is_paused, timeout=900, what=f"train {name} waiting for its one approval")
+    out = cli("approve", str(run.id), "--approver", approver, "--comment", "e2e", env=env)
+    assert out.startswith(f"approved release train {run.id}"), out
+    return wait_run(run, is_final, timeout=900, what=f"train {name} finished")
+
+
+def train_commits(sandbox: Any, base: str, name: str) -> list[tuple[str, str]]:
+    """(sha, subject) of the train's production commits (steps, promotion, rollback) on the
+    manifests branch after ``base``, oldest first."""
+    out = manifests_git(sandbox, "log", "--reverse", "--format=%H %s", f"{base}..main")
+    kinds = ("canary(production)", "promote(production)", "rollback(production)")
+    return [
+        (line[:40], line[41:])
+        for line in out.splitlines()
+        if line[41:].startswith(kinds) and f" train {name}" in line
+    ]
+
+
+def touched(sandbox: Any, sha: str) -> set[str]:
+    """The production overlays a commit changes."""
+    files = manifests_git(sandbox, "show", "--name-only", "--format=", sha).split()
+    return {s for s in ORDER for f in files if f.startswith(overlay(s) + "/")}
+
+
+def tree(sandbox: Any, service: str) -> str:
+    return manifests_git(sandbox, "rev-parse", f"main:{overlay(service)}")
+
+
+def canary_in_git(sandbox: Any, service: str) -> CanarySettings:
+    return parse_canary(
+        manifests_git(sandbox, "show", f"main:{overlay(service)}/canary.yaml"), service
+    )
+
+
+def record_of(name: str) -> str:
+    """The train's one record (markdown), '' when none."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async def read() -> str:
+        async with get_client() as client:
+            found = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"train-{name}"]))
+            )
+        return str(sorted(found, key=lambda a: a.created)[-1].data) if found else ""
+
+    return anyio.run(read)
+
+
+def running(sandbox: Any, images: dict[str, str]) -> bool:
+    """Production's stable Deployments run exactly these images (by digest), canaries at 0."""
+    now = production_images(sandbox)
+    return all(
+        digest_of(image) in now[s][0] and now[f"{s}-canary"][1] == 0 for s, image in images.items()
+    )
+
+
+def test_two_services_released_together_are_promoted_in_one_commit(
+    sandbox: Any, runner: Path, env: dict[str, str], build: Any, build_fleet: Any
+) -> None:
+    name = f"e2e-promote-{uuid.uuid4().hex[:6]}"
+    images = {
+        "api-gateway": build({"www/train-e2e.txt": "good\n"}, f"e2e: {name}: gateway"),
+        "fleet-planner": build_fleet({"app/train-e2e.txt": "good\n"}, f"e2e: {name}: planner"),
+    }
+    head = manifests_git(sandbox, "rev-parse", "main")
+    started = time.monotonic()
+    done = run_train(name, images, "alice", env)  # a gateway approver; one for the bundle
+    took = time.monotonic() - started
+
+    assert done.state is not None
+    assert done.state.type == StateType.COMPLETED and done.state.name == "Promoted", done.state
+    mine = train_commits(sandbox, head, name)
+    promotions = [(sha, s) for sha, s in mine if s.startswith("promote(production)")]
+    assert len(promotions) == 1, mine
+    assert touched(sandbox, promotions[0][0]) == set(ORDER), promotions
+    assert not [s for _, s in mine if s.startswith("rollback(production)")], mine
+    # Every train step is one commit covering both overlays; the promotion is the last.
+    for sha, subject in mine:
+        assert touched(sandbox, sha) == set(ORDER), subject
+    assert mine[-1] == promotions[0], mine
+    for service, (image, _) in images.items():
+        kustomization = manifests_git(
+            sandbox, "show", f"main:{overlay(service)}/kustomization.yaml"
+        )
+        assert digest_of(image) in kustomization, kustomization
+        assert canary_in_git(sandbox, service) == CanarySettings(replicas=0, weight=0)
+    wait_until(
+        lambda: running(sandbox, {s: i for s, (i, _) in images.items()}),
+        timeout=120,
+        what="production on both new images, both canaries at 0 replicas",
+    )
+    assert live_weights(sandbox, "fleet-planner") == {
+        "fleet-planner": 100,
+        "fleet-planner-canary": 0,
+    }
+    record = record_of(name)
+    assert f"# Release train {name}: promoted" in record, record
+    assert "fleet-planner → api-gateway" in record, record
+    print(
+        f"\nRESULT promote: {done.state.type.value}/{done.state.name}: {done.state.message} "
+        f"(train {took:.0f} s, builds not counted)"
+    )
+    for sha, subject in mine:
+        print(f"  {sha[:12]} {subject}")
+
+
+def test_a_regression_in_the_second_service_rolls_both_back_in_one_commit(
+    sandbox: Any, runner: Path, env: dict[str, str], build: Any, build_fleet: Any
+) -> None:
+    name = f"e2e-rollback-{uuid.uuid4().hex[:6]}"
+    before = {s: tree(sandbox, s) for s in ORDER}
+    stable = {s: production_images(sandbox)[s][0] for s in ORDER}
+    images = {
+        "api-gateway": build({"www/train-e2e.txt": "good again\n"}, f"e2e: {name}: gateway"),
+        # 40 % of planned tasks fail, in production only: still HTTP 200, same latency.
+        "fleet-planner": build_fleet(
+            {"config/task_fail_percent.production": "40\n"}, f"e2e: {name}: planner regressed"
+        ),
+    }
+    head = manifests_git(sandbox, "rev-parse", "main")
+    started = time.monotonic()
+    done = run_train(name, images, "carol", env)  # a planner approver; one for the bundle
+    took = time.monotonic() - started
+
+    assert done.state is not None
+    message = done.state.message or ""
+    assert done.state.type == StateType.FAILED, done.state
+    assert message.startswith("rolled back:") and "fleet-planner" in message, message
+    mine = train_commits(sandbox, head, name)
+    rollbacks = [(sha, s) for sha, s in mine if s.startswith("rollback(production)")]
+    production = [sha for sha, s in mine if not s.startswith("rollback(production)")]
+    assert len(rollbacks) == 1 and mine[-1] == rollbacks[0], mine
+    assert production and not [s for _, s in mine if s.startswith("promote(")], mine
+    rollback_sha, subject = rollbacks[0]
+    assert f"train {name} (api-gateway, fleet-planner)" in subject, subject  # reverse order
+    assert touched(sandbox, rollback_sha) == set(ORDER), subject
+    body = manifests_git(sandbox, "log", "-1", "--format=%b", rollback_sha)
+    undone = [ln.removeprefix("Undoes: ") for ln in body.splitlines() if ln.startswith("Undoes: ")]
+    assert sorted(undone) == sorted(production), body  # every commit of the train, named
+    # Both overlays as before the train; production on both old images, canaries at 0.
+    assert {s: tree(sandbox, s) for s in ORDER} == before
+    for service in ORDER:
+        assert canary_in_git(sandbox, service) == CanarySettings(replicas=0, weight=0)
+    wait_until(
+        lambda: (
+            {s: production_images(sandbox)[s][0] for s in ORDER} == stable
+            and all(production_images(sandbox)[f"{s}-canary"][1] == 0 for s in ORDER)
+        ),
+        timeout=120,
+        what="production back on both old images, both canaries at 0 replicas",
+    )
+    assert live_weights(sandbox, "fleet-planner") == {
+        "fleet-planner": 100,
+        "fleet-planner-canary": 0,
+    }
+    # Only the service that failed carries the blame: its digest is quarantined, not the other.
+    quarantine = manifests_git(sandbox, "show", "main:quarantine/fleet-planner.yaml")
+    assert digest_of(images["fleet-planner"][0]) in quarantine, quarantine
+    listed = manifests_git(sandbox, "ls-tree", "--name-only", "main", "quarantine/")
+    if "quarantine/api-gateway.yaml" in listed.split():
+        gateway = manifests_git(sandbox, "show", "main:quarantine/api-gateway.yaml")
+        assert digest_of(images["api-gateway"][0]) not in gateway, gateway
+    record = record_of(name)
+    assert "Failed: fleet-planner" in record and "Rollback commit (one" in record, record
+    print(
+        f"\nRESULT rollback: {done.state.type.value}/{done.state.name}: {message[:400]} "
+        f"(train {took:.0f} s, builds not counted)"
+    )
+    for sha, subject in mine:
+        print(f"  {sha[:12]} {subject}")
+    print(f"  undoes: {', '.join(u[:12] for u in undone)}")
