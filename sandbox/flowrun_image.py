@@ -222,9 +222,10 @@ def build_context(deps: Path, wheel: Path, root: Path = PROJECT_ROOT) -> tuple[b
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
 
-        def add(path: Path, name: str) -> None:
+        def add(path: Path, name: str, *, hashed: bool = True) -> None:
             data = path.read_bytes()
-            digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+            if hashed:
+                digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
             info = tarfile.TarInfo(name)
             info.size, info.mode = len(data), path.stat().st_mode & 0o777
             tar.addfile(info, io.BytesIO(data))
@@ -235,7 +236,9 @@ def build_context(deps: Path, wheel: Path, root: Path = PROJECT_ROOT) -> tuple[b
         tar.addfile(info, io.BytesIO(dockerfile))
         for path in sorted(deps.glob("*.whl")):
             add(path, f"wheels/{path.name}")
-        add(wheel, f"wheels/{wheel.name}")
+        # The project wheel's bytes differ at each build (zip timestamps); what it is made
+        # of is hashed below, as the project tree.
+        add(wheel, f"wheels/{wheel.name}", hashed=False)
         for path in _project_files(root):
             add(path, f"project/{path.relative_to(root)}")
     return buf.getvalue(), digest.hexdigest()[:12]
@@ -284,7 +287,26 @@ def ensure_flow_run_image(cache: Path, root: Path = PROJECT_ROOT) -> FlowRunImag
         size = int(client.images.get(image).attrs.get("Size", 0))
     finally:
         client.close()
+    if built:
+        _remove_older(image)
     return FlowRunImage(image, built, time.monotonic() - started, size)
+
+
+def _remove_older(keep: str) -> None:
+    """Drop earlier flow-run images of this engine (1.3 GB each); one in use stays."""
+    client = docker_client()
+    try:
+        for image in client.images.list(name=FLOW_RUN_REPOSITORY):
+            if keep in image.tags:
+                continue
+            for tag in image.tags:
+                try:
+                    client.images.remove(tag)
+                except docker.errors.APIError as exc:
+                    if exc.status_code != 409:  # 409: a container still uses it
+                        raise
+    finally:
+        client.close()
 
 
 def _build(client: docker.DockerClient, context: bytes, image: str) -> None:

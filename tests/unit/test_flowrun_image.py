@@ -67,6 +67,8 @@ def test_the_same_tree_hashes_the_same_and_a_change_makes_a_new_image(tmp_path: 
     _, first = fi.build_context(deps, wheel, tmp_path)
     _, again = fi.build_context(deps, wheel, tmp_path)
     assert first == again
+    wheel.write_bytes(b"project, rebuilt: other zip timestamps")
+    assert fi.build_context(deps, wheel, tmp_path)[1] == first
     (tmp_path / "flows" / "ci.py").write_text("print('changed')\n")
     _, changed = fi.build_context(deps, wheel, tmp_path)
     assert changed != first
