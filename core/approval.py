@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
@@ -193,6 +194,8 @@ class Tally:
     rejected_by: Vote | None
     ignored: tuple[str, ...]
     break_glass: tuple[Vote, ...]
+    # Groups (a release train's services) that no counted approver belongs to yet.
+    uncovered: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def count(self) -> int:
@@ -200,7 +203,7 @@ class Tally:
 
     @property
     def met(self) -> bool:
-        return self.rejected_by is None and self.count >= self.required
+        return self.rejected_by is None and self.count >= self.required and not self.uncovered
 
     @property
     def decided(self) -> bool:
@@ -209,16 +212,23 @@ class Tally:
     def progress(self) -> str:
         """What the waiting run shows: ``1 of 2 approvals``."""
         noun = "approval" if self.required == 1 else "approvals"
-        return f"{self.count} of {self.required} {noun}"
+        text = f"{self.count} of {self.required} {noun}"
+        needed = [f"{group} ({', '.join(people)})" for group, people in self.uncovered]
+        return text + (f"; still needed: an approver of {', '.join(needed)}" if needed else "")
 
 
-def tally(votes: list[Vote], required: int) -> Tally:
+def tally(
+    votes: list[Vote], required: int, cover: Mapping[str, Collection[str]] | None = None
+) -> Tally:
     """Count ``votes`` (oldest first) toward a quorum of ``required`` distinct approvers.
 
     - One reject ends it (the first, whoever among the allowed sent it).
     - Above 1, only authenticated approvals count; an unauthenticated one is listed as
       ignored with why.
     - An approver counts once, whatever path they used and however often.
+    - ``cover`` (group → its approvers; a release train's services): the quorum is met only
+      when every group has at least one counted approver of its own, so nobody approves a
+      service they may not approve alone by approving the bundle.
     """
     if required < 1:
         raise InvalidInput(f"a quorum needs at least 1 approval, not {required}")
@@ -239,7 +249,12 @@ def tally(votes: list[Vote], required: int) -> Tally:
         approvers.append(vote.approver)
         if vote.break_glass:
             glass.append(vote)
-    return Tally(required, tuple(approvers), None, tuple(ignored), tuple(glass))
+    uncovered = tuple(
+        (group, tuple(people))
+        for group, people in (cover or {}).items()
+        if not any(a in people for a in approvers)
+    )
+    return Tally(required, tuple(approvers), None, tuple(ignored), tuple(glass), uncovered)
 
 
 @dataclass(frozen=True)
@@ -299,9 +314,11 @@ def reminder_text(
     )
 
 
-def decide(votes: list[Vote], required: int) -> ApprovalDecision | None:
+def decide(
+    votes: list[Vote], required: int, cover: Mapping[str, Collection[str]] | None = None
+) -> ApprovalDecision | None:
     """The decision the votes make (a reject, or the quorum met), or None: keep waiting."""
-    result = tally(votes, required)
+    result = tally(votes, required, cover)
     if result.rejected_by is not None:
         vote = result.rejected_by
         return ApprovalDecision(

@@ -122,6 +122,11 @@ class Train:
     def frozen(self) -> Freeze | None:
         return active_freeze(self.freeze_windows(), datetime.now(UTC))
 
+    def approvers_by_service(self) -> dict[str, list[str]]:
+        """Each service's own approvers: the bundle's approval needs one of each (a service's
+        change is never approved by someone only another service trusts)."""
+        return {s: self.catalog.service(s).approvers for s in self.plan.order}
+
     def required_approvals(self) -> int:
         """The strictest quorum of the train's services."""
         return max(self.catalog.approval_policy(s).required for s in self.plan.order)
@@ -249,8 +254,10 @@ async def approve_bundle(
         parts.append(f"Bundle smoke test: {len(record.bundle_smoke)} path(s) passed")
     notify.send_chat(
         f"Approval needed: release train {train.plan.name}",
-        f"{', '.join(train.plan.order)} passed staging together and wait for one approval "
-        f"by one of {', '.join(train.plan.approvers)}.",
+        f"{', '.join(train.plan.order)} passed staging together and wait for approval "
+        "by an approver of each: "
+        + "; ".join(f"{s}: {', '.join(a)}" for s, a in train.approvers_by_service().items())
+        + ".",
         link=report.flow_run_url(flow_run.id),
     )
     emit_train_event("awaiting-approval", train.plan.name, train.images())
@@ -259,6 +266,7 @@ async def approve_bundle(
         heading + "\n".join(parts),
         required=required,
         ui_authenticated=train.settings.ui_authenticated,
+        cover=train.approvers_by_service(),
     )
 
 

@@ -27,6 +27,7 @@ touching the form.
 from __future__ import annotations
 
 import json
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -375,20 +376,24 @@ async def wait_for_votes(
     *,
     required: int = 1,
     ui_authenticated: bool = False,
+    cover: Mapping[str, Collection[str]] | None = None,
 ) -> ApprovalDecision:
-    """Suspend (fresh round each time) until the votes decide, or the expiry ends the wait."""
+    """Suspend (fresh round each time) until the votes decide, or the expiry ends the wait.
+    ``cover``: groups that each need an approver of their own (a train's services)."""
     from prefect.runtime import flow_run
 
     run_id = UUID(str(flow_run.id))
     votes = await read_votes(run_id, ui_authenticated=ui_authenticated)
-    decided = decide(votes, required)
+    decided = decide(votes, required, cover)
     if decided is not None:
         return decided
     expired = await expiry_decision(run_id, answered=False)
     if expired is not None:
         return expired
-    progress = tally(votes, required).progress()
-    text = description if required == 1 else f"**{progress}** so far.\n\n{description}"
+    progress = tally(votes, required, cover).progress()
+    text = (
+        description if required == 1 and not cover else f"**{progress}** so far.\n\n{description}"
+    )
     form = approval_form(approvers, text)
     answer = await suspend_as(form, name=WAITING, message=f"waiting for approval: {progress}")
     # Only reached when the round had been answered before (not a fresh key): count again.
@@ -402,7 +407,7 @@ async def wait_for_votes(
             break_glass=answer.break_glass,
         )
     )
-    return decide(votes, required) or ApprovalDecision(
+    return decide(votes, required, cover) or ApprovalDecision(
         decision="reject", approver=TIMEOUT_APPROVER, comment="no decision"
     )
 

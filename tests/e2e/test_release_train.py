@@ -1,6 +1,6 @@
 """The release train on the sandbox (issue 22, "must be shown"): api-gateway and fleet-planner
 released as one through the served ``release-train`` deployment, on the real Argo CD twin,
-real containers and real Prometheus, approved once with ``robotics-cd approve``.
+real containers and real Prometheus, approved with ``robotics-cd approve`` by one approver of each service.
 
 - Both good: promoted, with exactly one promotion commit covering both production overlays;
   production runs both new images, both canaries at 0.
@@ -100,11 +100,21 @@ def start_train(name: str, images: dict[str, tuple[str, str]]) -> FlowRun:
     return anyio.run(go)
 
 
-def run_train(name: str, images: dict[str, tuple[str, str]], approver: str, env: Any) -> FlowRun:
+def run_train(
+    name: str, images: dict[str, tuple[str, str]], approvers: list[str], env: Any
+) -> FlowRun:
+    """Start the train; one approver of each service approves it, one after the other (the
+    bundle's approval needs an approver of every service)."""
     run = start_train(name, images)
-    wait_run(run, is_paused, timeout=900, what=f"train {name} waiting for its one approval")
-    out = cli("approve", str(run.id), "--approver", approver, "--comment", "e2e", env=env)
-    assert out.startswith(f"approved release train {run.id}"), out
+    for count, approver in enumerate(approvers):
+        wait_run(
+            run,
+            lambda r, n=count: is_paused(r) and f"{n} of " in (r.state.message or ""),  # type: ignore[misc]
+            timeout=900,
+            what=f"train {name} waiting for approval {count + 1}",
+        )
+        out = cli("approve", str(run.id), "--approver", approver, "--comment", "e2e", env=env)
+        assert out.startswith(f"approved release train {run.id}"), out
     return wait_run(run, is_final, timeout=900, what=f"train {name} finished")
 
 
@@ -168,7 +178,7 @@ def test_two_services_released_together_are_promoted_in_one_commit(
     }
     head = manifests_git(sandbox, "rev-parse", "main")
     started = time.monotonic()
-    done = run_train(name, images, "alice", env)  # a gateway approver; one for the bundle
+    done = run_train(name, images, ["alice", "carol"], env)  # one approver of each service
     took = time.monotonic() - started
 
     assert done.state is not None
@@ -223,7 +233,7 @@ def test_a_regression_in_the_second_service_rolls_both_back_in_one_commit(
     }
     head = manifests_git(sandbox, "rev-parse", "main")
     started = time.monotonic()
-    done = run_train(name, images, "carol", env)  # a planner approver; one for the bundle
+    done = run_train(name, images, ["carol", "alice"], env)  # one approver of each service
     took = time.monotonic() - started
 
     assert done.state is not None

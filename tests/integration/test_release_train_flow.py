@@ -128,9 +128,16 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_server: Any) 
         w.quarantined.append(service)
 
     async def approve(
-        approvers: list[str], description: str, *, required: int, ui_authenticated: bool
+        approvers: list[str],
+        description: str,
+        *,
+        required: int,
+        ui_authenticated: bool,
+        cover: dict[str, list[str]],
     ) -> ApprovalDecision:
         assert all(s in description for s in ORDER)
+        # The bundle's approval needs an approver of each service (their own lists).
+        assert set(cover) == set(ORDER) and all(cover.values()), cover
         w.forms.append(description)
         return ApprovalDecision("approve", approvers[0], "train test")
 

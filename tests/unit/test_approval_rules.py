@@ -10,6 +10,7 @@ import pytest
 from core.approval import (
     Vote,
     break_glass,
+    decide,
     parse_command,
     release_short_id,
     reminder_due,
@@ -213,8 +214,6 @@ def test_a_default_quorum_larger_than_a_services_approvers_is_refused() -> None:
 
 
 def test_votes_decide_only_when_the_quorum_is_met_or_someone_rejects() -> None:
-    from core.approval import decide
-
     assert decide([vote("alice")], 2) is None
     both = decide([vote("alice", comment="ok"), vote("bob", path="ui")], 2)
     assert both is not None and both.approved and both.approver == "alice, bob"
@@ -233,3 +232,29 @@ def test_only_an_allowlisted_login_with_write_permission_may_decide() -> None:
     assert who is None and "not on api's GitHub approver allowlist" in why
     who, why = authorize_login("alice-gh", "read", "alice", "api")
     assert who is None and "approving needs write" in why
+
+
+# --- a release train: one approver of each service --------------------------------------------
+
+TRAIN = {"api-gateway": ["alice", "bob"], "fleet-planner": ["carol", "dave"]}
+
+
+def test_a_train_needs_an_approver_of_each_service() -> None:
+    only_gateway = tally([vote("alice")], 1, TRAIN)
+    assert not only_gateway.met and not only_gateway.decided
+    assert only_gateway.progress() == (
+        "1 of 1 approval; still needed: an approver of fleet-planner (carol, dave)"
+    )
+    assert decide([vote("alice")], 1, TRAIN) is None
+    both = decide([vote("alice"), vote("carol")], 1, TRAIN)
+    assert both is not None and both.approved and both.approver == "alice, carol"
+
+
+def test_one_person_on_every_services_list_covers_the_train() -> None:
+    shared = {"api-gateway": ["alice", "erin"], "fleet-planner": ["carol", "erin"]}
+    assert tally([vote("erin")], 1, shared).met
+
+
+def test_a_reject_from_either_service_ends_the_train() -> None:
+    no = decide([vote("alice"), vote("dave", "reject", comment="planner not ready")], 1, TRAIN)
+    assert no is not None and not no.approved and no.approver == "dave"
