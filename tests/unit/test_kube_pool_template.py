@@ -81,3 +81,33 @@ def test_deploy_refuses_a_credential_before_reaching_prefect() -> None:
     )
     assert result.exit_code == 2
     assert "PREFECT_API_KEY" in result.output
+
+
+async def test_the_worker_renders_our_template_into_a_host_network_job() -> None:
+    """What prefect-kubernetes makes of the pool's template for one flow run (the worker's
+    own rendering, no cluster): the image, hostNetwork, the run's labels on the pod."""
+    from uuid import uuid4
+
+    from prefect.client.schemas.objects import FlowRun
+    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
+
+    options = reg.KubernetesPoolOptions(
+        image="127.0.0.1:5000/robotics-cd/flow-run:0.1.0-abc", host_network=True
+    )
+    template = reg.kubernetes_base_job_template(options)
+    values = {
+        name: prop["default"]
+        for name, prop in template["variables"]["properties"].items()
+        if "default" in prop
+    }
+    configuration = await KubernetesWorkerJobConfiguration.from_template_and_values(
+        template, values
+    )
+    run = FlowRun(id=uuid4(), name="calm-otter", flow_id=uuid4())
+    configuration.prepare_for_flow_run(run)
+    manifest = configuration.job_manifest
+    pod = manifest["spec"]["template"]
+    assert pod["spec"]["hostNetwork"] is True
+    assert pod["spec"]["containers"][0]["image"] == options.image
+    assert pod["metadata"]["labels"]["prefect.io/flow-run-id"] == str(run.id)
+    assert manifest["metadata"]["namespace"] == "robotics-cd"
