@@ -429,7 +429,9 @@ async def test_failing_trainjob_fails_the_run_and_keeps_its_log(
     assert "Failed" in artifacts["train-tj-nan-summary"].data
 
 
-@pytest.mark.parametrize("api", ["trainjob", "pytorchjob"])
+# CI resumes a TrainJob; the PyTorchJob path (same flow code, its own controller) is
+# full matrix, and the demo trains a PyTorchJob to its end.
+@pytest.mark.parametrize("api", ["trainjob", pytest.param("pytorchjob", marks=full_matrix)])
 async def test_a_retried_train_resumes_from_its_last_checkpoint(
     platform: TrainingPlatform, first_image: tuple[str, Any], api: str
 ):
