@@ -797,15 +797,18 @@ def canary_pod_trouble(pods: Sequence[Mapping[str, Any]]) -> str | None:
     return "; ".join(found) or None
 
 
-def explained_by_restarts(check: SequentialCheck, trouble: str | None) -> SequentialCheck:
+def explained_stop(reason: str, trouble: str | None) -> str:
     """A stop whose canary pods restarted or exited names the restarts first: a crash loop
-    is why its requests fail, and that is what the operator must fix. The stop itself stays
-    the sequential test's; the pods only explain it."""
+    is why its requests fail, and that is what the operator must fix. The decision stays
+    the judge's (the interval analysis or the sequential test); the pods only explain it."""
+    return f"on restarts: canary pods {trouble}; {reason}" if trouble else reason
+
+
+def explained_by_restarts(check: SequentialCheck, trouble: str | None) -> SequentialCheck:
+    """:func:`explained_stop` for an early abort."""
     if not check.abort or not trouble:
         return check
-    return check.model_copy(
-        update={"reason": f"on restarts: canary pods {trouble}; {check.reason}"}
-    )
+    return check.model_copy(update={"reason": explained_stop(check.reason, trouble)})
 
 
 def early_abort_tests(policy: CanaryPolicy) -> int:

@@ -41,6 +41,7 @@ from core.analysis import (
     TrackObservation,
     Verdict,
     explained_by_restarts,
+    explained_stop,
 )
 from core.approval import ApprovalDecision, approval_heading
 from core.catalog import CanaryPolicy, Catalog, Service, load_catalog
@@ -494,7 +495,8 @@ async def run_canary(
             plan.service, "production", ttl=lease_ttl(policy).total_seconds(), **cfg.repo()
         )
         if decision == Decision.ROLLBACK:
-            raise CanaryFailed(analysis.reason)
+            trouble = await argocd.canary_trouble(target.argocd_app)
+            raise CanaryFailed(explained_stop(analysis.reason, trouble))
         if decision == Decision.PROMOTE:
             return StepOutcome(promoted=True, reason=analysis.reason)
         if decision == Decision.NEXT_STEP:

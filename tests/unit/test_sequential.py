@@ -193,3 +193,15 @@ def test_an_early_abort_of_a_crash_looping_canary_names_the_restarts_first() -> 
     assert explained_by_restarts(stop, None) == stop
     going_on = stop.model_copy(update={"abort": False})
     assert explained_by_restarts(going_on, trouble) == going_on
+
+
+def test_an_interval_rollback_of_a_crash_looping_canary_names_the_restarts_first():
+    """The interval judge may stop a crash-looping canary on its failing requests before the
+    restart counter moves (seen on the Gateway API: Envoy answers 503 for a pod that is not
+    ready); the stop then says why the requests failed."""
+    from core.analysis import explained_stop
+
+    judged = "2 failed intervals > failure limit 1 at 20%: error_ratio: canary 0.6 > max 0.05"
+    trouble = "fleet-planner-canary-7d9-abcde: restarted 2 time(s), now CrashLoopBackOff"
+    assert explained_stop(judged, trouble) == f"on restarts: canary pods {trouble}; {judged}"
+    assert explained_stop(judged, None) == judged
