@@ -11,6 +11,7 @@ import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -105,57 +106,49 @@ def docker_login(sandbox: Any, tmp_path_factory: pytest.TempPathFactory) -> dict
     return {"DOCKER_CONFIG": str(config)}
 
 
+def _builder(
+    sandbox: Any, docker_login: dict[str, str], work_root: Path, repo: str, image: str, marker: str
+) -> Callable[..., tuple[str, str]]:
+    """Commit files to a sandbox repo, build and push its image; (image@digest, sha)."""
+
+    def make(files: dict[str, str], message: str) -> tuple[str, str]:
+        work = work_root / uuid.uuid4().hex[:8]
+        sandbox.clone(repo, work)
+        for leftover in (work / "config").glob("*.production"):  # earlier scenarios' faults
+            leftover.unlink()
+        unique = {marker: f"{uuid.uuid4()}\n", **files}  # never an empty commit
+        sha = sandbox.commit_and_push(work, message, unique)
+        date = datetime.fromtimestamp(
+            int(sandbox.git("log", "-1", "--format=%ct", sha, cwd=work)), UTC
+        )
+        ref = f"{sandbox.registry}/{image}:{release_tag(date, sha)}"
+        docker_env = {**os.environ, **docker_login}
+        build = ["docker", "build", "-q", "--rm", "--force-rm", "-t", ref]
+        for argv in ([*build, "--build-arg", f"GIT_SHA={sha}", str(work)], ["docker", "push", ref]):
+            subprocess.run(argv, env=docker_env, check=True, capture_output=True, timeout=300)
+        inspect = ["docker", "inspect", "--format", "{{index .RepoDigests 0}}", ref]
+        out = subprocess.run(
+            inspect, env=docker_env, check=True, capture_output=True, text=True, timeout=60
+        )
+        shutil.rmtree(work, ignore_errors=True)
+        return f"{ref}@{out.stdout.strip().split('@', 1)[1]}", sha
+
+    return make
+
+
 @pytest.fixture(scope="module")
 def build(
     sandbox: Any, docker_login: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Callable[..., tuple[str, str]]:
     """Commit files to robotics-api, build and push its image; return (image@digest, sha)."""
-    work_root = tmp_path_factory.mktemp("builds")
-
-    def make(files: dict[str, str], message: str) -> tuple[str, str]:
-        work = work_root / uuid.uuid4().hex[:8]
-        sandbox.clone("robotics-api", work)
-        for leftover in (work / "config").glob("*.production"):  # earlier scenarios' faults
-            leftover.unlink()
-        unique = {"www/e2e-build.txt": f"{uuid.uuid4()}\n", **files}  # never an empty commit
-        sha = sandbox.commit_and_push(work, message, unique)
-        date = datetime.fromtimestamp(
-            int(sandbox.git("log", "-1", "--format=%ct", sha, cwd=work)), UTC
-        )
-        image = f"{sandbox.registry}/robotics-serving/api-gateway:{release_tag(date, sha)}"
-        docker_env = {**os.environ, **docker_login}
-        for argv in (
-            [
-                "docker",
-                "build",
-                "-q",
-                "--rm",
-                "--force-rm",
-                "-t",
-                image,
-                "--build-arg",
-                f"GIT_SHA={sha}",
-                str(work),
-            ],
-            ["docker", "push", image],
-        ):
-            subprocess.run(argv, env=docker_env, check=True, capture_output=True, timeout=300)
-        digest = (
-            subprocess.run(
-                ["docker", "inspect", "--format", "{{index .RepoDigests 0}}", image],
-                env=docker_env,
-                check=True,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-            .stdout.strip()
-            .split("@", 1)[1]
-        )
-        shutil.rmtree(work, ignore_errors=True)
-        return f"{image}@{digest}", sha
-
-    return make
+    return _builder(
+        sandbox,
+        docker_login,
+        tmp_path_factory.mktemp("builds"),
+        "robotics-api",
+        "robotics-serving/api-gateway",
+        "www/e2e-build.txt",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -163,45 +156,11 @@ def build_fleet(
     sandbox: Any, docker_login: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Callable[..., tuple[str, str]]:
     """Commit files to robotics-fleet, build and push its image; return (image@digest, sha)."""
-    work_root = tmp_path_factory.mktemp("fleet-builds")
-
-    def make(files: dict[str, str], message: str) -> tuple[str, str]:
-        work = work_root / uuid.uuid4().hex[:8]
-        sandbox.clone("robotics-fleet", work)
-        for leftover in (work / "config").glob("*.production"):  # earlier scenarios' faults
-            leftover.unlink()
-        unique = {"app/e2e-build.txt": f"{uuid.uuid4()}\n", **files}
-        sha = sandbox.commit_and_push(work, message, unique)
-        date = datetime.fromtimestamp(
-            int(sandbox.git("log", "-1", "--format=%ct", sha, cwd=work)), UTC
-        )
-        image = f"{sandbox.registry}/robotics-fleet/fleet-planner:{release_tag(date, sha)}"
-        docker_env = {**os.environ, **docker_login}
-        for argv in (
-            [
-                "docker",
-                "build",
-                "-q",
-                "--rm",
-                "--force-rm",
-                "-t",
-                image,
-                "--build-arg",
-                f"GIT_SHA={sha}",
-                str(work),
-            ],
-            ["docker", "push", image],
-        ):
-            subprocess.run(argv, env=docker_env, check=True, capture_output=True, timeout=300)
-        digest = subprocess.run(
-            ["docker", "inspect", "--format", "{{index .RepoDigests 0}}", image],
-            env=docker_env,
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        ).stdout.strip()
-        shutil.rmtree(work, ignore_errors=True)
-        return f"{image}@{digest.split('@', 1)[1]}", sha
-
-    return make
+    return _builder(
+        sandbox,
+        docker_login,
+        tmp_path_factory.mktemp("fleet-builds"),
+        "robotics-fleet",
+        "robotics-fleet/fleet-planner",
+        "app/e2e-build.txt",
+    )
