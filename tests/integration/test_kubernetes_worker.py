@@ -10,8 +10,8 @@ env (``PREFECT_API_URL`` among it) into a Secret the pod reads with ``envFrom``,
 plain env value is in the Job.
 
 Slow (the image: minutes the first time on a machine, then cached), so it runs in the full
-matrix only: ``ROBOTICS_CD_FULL_MATRIX=1``. Not yet passed as of 2026-12-07 (see
-docs/e2e-matrix.md).
+matrix only: ``ROBOTICS_CD_FULL_MATRIX=1``. Passed 2026-12-07: 13.6 s from worker
+start to Completed (docs/e2e-matrix.md).
 """
 
 from __future__ import annotations
