@@ -624,9 +624,9 @@ async def measured_pods(app: str, seen: str, *, track: str | None = "stable") ->
 
 
 async def canary_trouble(app: str) -> str | None:
-    """Restarts and exits of the app's canary pods, for a stop's reason (not a task: the
-    early abort calls it once, when it stops). None when Argo CD cannot say: the stop stands
-    on its own evidence."""
+    """Restarts and exits of the app's canary pods, for a stop's reason (not a task: called
+    once, when the early abort or an interval's verdict stops the canary). None when Argo CD
+    cannot say: the stop stands on its own evidence."""
     try:
         async with await client_from_settings() as argo:
             return canary_pod_trouble(await argo.pods(app, track="canary"))
