@@ -66,6 +66,12 @@ class Controllers:
         self.backoff_max = backoff_max
         # Job uid -> monotonic time before which no replacement pod is created.
         self._job_backoff: dict[str, float] = {}
+        # Job uid -> the uids of its pods already counted in status.succeeded/failed (the
+        # job controller's finalizer accounting: a pod is counted once, and stays counted
+        # after it is deleted).
+        self._job_counted: dict[str, set[str]] = {}
+        # Job uid -> the uids of every pod of it seen (one that vanishes uncounted failed).
+        self._job_seen: dict[str, set[str]] = {}
 
     def reconcile_all(self) -> None:
         from sandbox.kube.store import ApiError
@@ -122,6 +128,9 @@ class Controllers:
             del pod["metadata"]["annotations"]
         created = self.store.create(pod)
         if owner.get("kind") == "Job":
+            self._job_seen.setdefault(owner["metadata"]["uid"], set()).add(
+                created["metadata"]["uid"]
+            )
             events.record(
                 self.store,
                 owner,
@@ -460,8 +469,7 @@ class Controllers:
         restart_policy = (template.get("spec") or {}).get("restartPolicy", "Never")
         pods = self._pods_of(job)
         active = [p for p in pods if pod_active(p)]
-        succeeded = sum(1 for p in pods if (p.get("status") or {}).get("phase") == "Succeeded")
-        failed_pods = sum(1 for p in pods if (p.get("status") or {}).get("phase") == "Failed")
+        succeeded, failed_pods = self._count_finished(uid, old, pods)
         restarts = sum(
             int(cs.get("restartCount", 0))
             for p in pods
@@ -552,6 +560,44 @@ class Controllers:
             if status[key] == 0:
                 del status[key]
         self._update_status(job, status)
+
+    def _count_finished(self, uid: str, old: JSON, pods: list[JSON]) -> tuple[int, int]:
+        """status.succeeded and status.failed, cumulative as the job controller keeps them:
+        each pod counted once, when it finishes; a pod deleted before it succeeded counts as
+        failed from its deletionTimestamp on (no podFailurePolicy), so a Job whose running
+        pod is deleted does not start a new pod past its backoffLimit (0: the Job fails)."""
+        seen = self._job_seen.setdefault(uid, set())
+        counted = self._job_counted.get(uid)
+        if counted is None:
+            # First look at this Job since the twin started: what it has counted so far is
+            # in its status, including the finished pods still present.
+            counted = {
+                p["metadata"]["uid"]
+                for p in pods
+                if (p.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+            }
+            self._job_counted[uid] = counted
+            if not old:
+                counted.clear()
+        succeeded, failed = int(old.get("succeeded", 0)), int(old.get("failed", 0))
+        present = {p["metadata"]["uid"] for p in pods}
+        gone = seen - present - counted  # removed at once (no grace) before it finished
+        failed += len(gone)
+        counted |= gone
+        seen |= present
+        for pod in pods:
+            pod_uid = pod["metadata"]["uid"]
+            if pod_uid in counted:
+                continue
+            phase = (pod.get("status") or {}).get("phase")
+            if phase == "Succeeded":
+                succeeded += 1
+            elif phase == "Failed" or pod["metadata"].get("deletionTimestamp"):
+                failed += 1
+            else:
+                continue
+            counted.add(pod_uid)
+        return succeeded, failed
 
     def _job_ttl(self, job: JSON) -> None:
         ttl = (job.get("spec") or {}).get("ttlSecondsAfterFinished")

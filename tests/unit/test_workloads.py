@@ -163,3 +163,41 @@ def test_job_with_parallelism_runs_to_its_completions(store: ObjectStore) -> Non
     assert peak == 2
     assert job["status"]["succeeded"] == 3
     assert {c["type"] for c in job["status"]["conditions"]} >= {"Complete", "SuccessCriteriaMet"}
+
+
+@pytest.mark.parametrize("graceful", [True, False])
+def test_a_jobs_deleted_pod_counts_as_failed_and_backoff_limit_0_fails_the_job(
+    store: ObjectStore, graceful: bool
+) -> None:
+    """As the job controller counts them (finalizer accounting, no podFailurePolicy): a pod
+    deleted before it succeeded is a failure, from its deletionTimestamp on, and stays
+    counted once it is gone; with backoffLimit 0 the Job fails and no second pod starts
+    (a flow-run Job whose pod is deleted must not run the flow twice)."""
+    controllers = Controllers(store)
+    store.create(
+        {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {"name": "flow-run", "namespace": NS},
+            "spec": {
+                "backoffLimit": 0,
+                "template": {
+                    "spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "x"}]}
+                },
+            },
+        }
+    )
+    controllers.reconcile_all()
+    [pod] = _pods(store)
+    name = pod["metadata"]["name"]
+    store.update_status("v1", "Pod", NS, name, {"phase": "Running"})
+    if graceful:  # bound to a node: marked, the kubelet stops it and removes it later
+        current = store.get("v1", "Pod", NS, name)
+        store.replace({**current, "spec": {**current["spec"], "nodeName": "n"}})
+    store.delete("v1", "Pod", NS, name, graceful=graceful, grace_period_seconds=30)
+    for _ in range(3):
+        controllers.reconcile_all()
+    job = store.get("batch/v1", "Job", NS, "flow-run")
+    assert job["status"]["failed"] == 1
+    assert "Failed" in {c["type"] for c in job["status"]["conditions"]}
+    assert [p["metadata"]["name"] for p in store.list("v1", "Pod", NS)] in ([], [name])
