@@ -227,6 +227,13 @@ def register(app: typer.Typer) -> None:
             help="Kubernetes variant: NAME=VALUE (repeatable) of a non-secret setting every "
             "flow-run Job gets, e.g. ROBOTICS_CD_ARGOCD_URL=...; credentials are refused.",
         ),
+        results_claim: str | None = typer.Option(
+            None,
+            "--results-claim",
+            help="Kubernetes variant: PersistentVolumeClaim every flow-run Job mounts as "
+            "Prefect's result storage (ReadWriteMany), so a release resumed in a new Job "
+            "finds what its first Job persisted.",
+        ),
         only: list[str] = typer.Option(
             [], "--only", help="Deploy only these flows (repeatable), e.g. --only ci."
         ),
@@ -244,6 +251,7 @@ def register(app: typer.Typer) -> None:
                 image=image,
                 host_network=host_network,
                 env=parse_job_env(job_env),
+                results_claim=results_claim,
             )
             if pool_type == "kubernetes":
                 reg.kubernetes_base_job_template(kube)  # refuse credentials before any call

@@ -472,6 +472,8 @@ async def apply_deployment(
 # --- work pools ----------------------------------------------------------------------------
 
 HEARTBEAT_ENV = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
+# Where a Kubernetes pool's flow-run pods mount the results claim (Prefect's local storage).
+RESULTS_MOUNT = "/var/lib/robotics-cd/results"
 
 
 # Start a Kubernetes worker with this in its environment: the worker then moves every plain
@@ -501,7 +503,10 @@ class KubernetesPoolOptions:
     services on the node's 127.0.0.1 (the sandbox: its Prefect API, registry, git, Argo CD
     and Prometheus listen there); off on a real cluster. ``env``: plain, non-secret settings
     every flow run needs (``ROBOTICS_CD_*``: URLs, block names); a name that looks like a
-    credential is refused.
+    credential is refused. ``results_claim``: a PersistentVolumeClaim (ReadWriteMany on a
+    cluster of several nodes: NAS on ACK) mounted at ``RESULTS_MOUNT`` as Prefect's result
+    storage, so a release resumed after its approval in a *new* Job finds the results its
+    first Job persisted (without it, every task before the approval runs again).
     """
 
     namespace: str = "robotics-cd"
@@ -513,6 +518,7 @@ class KubernetesPoolOptions:
     memory_limit: str = "4Gi"
     host_network: bool = False
     env: dict[str, str] = field(default_factory=dict)
+    results_claim: str | None = None
 
 
 def _set_default(template: dict[str, Any], variable: str, value: Any) -> None:
@@ -538,6 +544,8 @@ def kubernetes_base_job_template(options: KubernetesPoolOptions) -> dict[str, An
     from prefect_kubernetes.worker import KubernetesWorker
 
     env = {**HEARTBEAT_ENV, **options.env}
+    if options.results_claim:
+        env["PREFECT_LOCAL_STORAGE_PATH"] = RESULTS_MOUNT
     refused = sorted(name for name in env if credential_like(name))
     if refused:
         raise InvalidInput(
@@ -551,6 +559,14 @@ def kubernetes_base_job_template(options: KubernetesPoolOptions) -> dict[str, An
         pod_spec["hostNetwork"] = True
         # Cluster DNS names still resolve from the host's network namespace.
         pod_spec["dnsPolicy"] = "ClusterFirstWithHostNet"
+    if options.results_claim:
+        pod_spec = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+        pod_spec["volumes"] = [
+            {"name": "results", "persistentVolumeClaim": {"claimName": options.results_claim}}
+        ]
+        pod_spec["containers"][0]["volumeMounts"] = [
+            {"name": "results", "mountPath": RESULTS_MOUNT}
+        ]
     for variable, value in (
         ("namespace", options.namespace),
         ("service_account_name", options.service_account),

@@ -111,3 +111,20 @@ async def test_the_worker_renders_our_template_into_a_host_network_job() -> None
     assert pod["spec"]["containers"][0]["image"] == options.image
     assert pod["metadata"]["labels"]["prefect.io/flow-run-id"] == str(run.id)
     assert manifest["metadata"]["namespace"] == "robotics-cd"
+
+
+def test_a_results_claim_is_every_jobs_result_storage() -> None:
+    """A release resumed after its approval runs in a new Job: the results its first Job
+    persisted must be on a volume both mount, not in the first pod's filesystem."""
+    options = reg.KubernetesPoolOptions(results_claim="robotics-cd-results")
+    template = reg.kubernetes_base_job_template(options)
+    spec = pod_spec(template)
+    assert spec["volumes"] == [
+        {"name": "results", "persistentVolumeClaim": {"claimName": "robotics-cd-results"}}
+    ]
+    assert spec["containers"][0]["volumeMounts"] == [
+        {"name": "results", "mountPath": reg.RESULTS_MOUNT}
+    ]
+    env = template["variables"]["properties"]["env"]["default"]
+    assert env["PREFECT_LOCAL_STORAGE_PATH"] == reg.RESULTS_MOUNT
+    assert "volumes" not in pod_spec(reg.kubernetes_base_job_template(reg.KubernetesPoolOptions()))
