@@ -33,6 +33,7 @@ from core.recovery import Action, HolderFacts, LeaseFacts, RunPhase, judge
 from core.release import rollback_plan
 from core.settings import Settings, get_settings
 from tasks import argocd, gitops, lifecycle, quarantine, smoke
+from tasks.blocking import in_thread
 
 log = get_logger("robotics_cd.reconcile")
 TAKEOVER_TTL = timedelta(minutes=15)
@@ -76,7 +77,7 @@ async def reconcile_service(
     target = svc.environments.get("production")
     if target is None:
         return None
-    lease = gitops.lease_holder.fn(name, "production", **_repo(catalog))
+    lease = await in_thread(gitops.lease_holder.fn, name, "production", **_repo(catalog))
     if lease is None:
         return None
     record = lease.record
@@ -177,13 +178,19 @@ async def restore_release(
     was nothing to revert. LeaseHeld when another live run holds production."""
     target = svc.environments["production"]
     repo = _repo(catalog)
-    taken = gitops.take_over_lease.fn(
-        name, "production", release, me, ttl=TAKEOVER_TTL.total_seconds(), **repo
+    taken = await in_thread(
+        gitops.take_over_lease.fn,
+        name,
+        "production",
+        release,
+        me,
+        ttl=TAKEOVER_TTL.total_seconds(),
+        **repo,
     )
     commit: str | None = None
     if revert:
         overlay = {"overlay": str(target.path), **repo}
-        facts = gitops.rollback_facts.fn(name, "production", release, **overlay)
+        facts = await in_thread(gitops.rollback_facts.fn, name, "production", release, **overlay)
         plan = rollback_plan(
             release,
             me=me,
@@ -194,7 +201,8 @@ async def restore_release(
             later_releases=facts.later_runs,
         )
         if plan.revert:
-            written = gitops.revert_release.fn(
+            written = await in_thread(
+                gitops.revert_release.fn,
                 name,
                 "production",
                 plan.revert,
@@ -210,12 +218,12 @@ async def restore_release(
             # production is restored only once Argo CD runs it.
             await argocd.argocd_sync_and_wait.fn(
                 target.argocd_app,
-                commit or gitops.head_commit.fn(**repo),
+                commit if commit else await in_thread(gitops.head_commit.fn, **repo),
                 False,
                 is_descendant=gitops.descendant_check(**repo),
             )
-            smoke.smoke_test.fn(target, svc.smoke)
-    gitops.release_lease.fn(name, "production", me, **repo)
+            await in_thread(smoke.smoke_test.fn, target, svc.smoke)
+    await in_thread(gitops.release_lease.fn, name, "production", me, **repo)
     return commit
 
 
@@ -280,7 +288,7 @@ async def restore_train(
             await argocd.argocd_sync_and_wait.fn(
                 target.argocd_app, commit, False, is_descendant=gitops.descendant_check(**repo_kw)
             )
-            smoke.smoke_test.fn(target, catalog.service(s).smoke)
+            await in_thread(smoke.smoke_test.fn, target, catalog.service(s).smoke)
     repo.release_train(names, me)
     return commit
 

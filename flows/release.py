@@ -102,6 +102,7 @@ from tasks.approvals import (
     wait_for_votes,
     waiting_releases,
 )
+from tasks.blocking import in_thread
 from tasks.caching import once_per_run
 from tasks.lifecycle import emit_release_event, start_rollback_for
 
@@ -143,14 +144,16 @@ async def deploy_staging(plan: ReleasePlan, cfg: Config, record: ReleaseRecord) 
     svc, policy = cfg.svc, cfg.policy
     target = svc.environments["staging"]
     run_url = report.flow_run_url(flow_run.id)
-    deployment_id = gh.create_deployment(
+    deployment_id = await in_thread(
+        gh.create_deployment,
         plan.github,
         plan.source_sha,
         "staging",
         f"{plan.service}:{plan.tag}",
         payload={"flow_run_id": str(flow_run.id), "image": plan.image},
     )
-    gh.set_deployment_status(
+    await in_thread(
+        gh.set_deployment_status,
         plan.github,
         deployment_id,
         "in_progress",
@@ -159,7 +162,8 @@ async def deploy_staging(plan: ReleasePlan, cfg: Config, record: ReleaseRecord) 
         description="deploying",
     )
     try:
-        commit = gitops.bump_image(
+        commit = await in_thread(
+            gitops.bump_image,
             "staging",
             plan.service,
             plan.pull_image,
@@ -171,7 +175,9 @@ async def deploy_staging(plan: ReleasePlan, cfg: Config, record: ReleaseRecord) 
         record.staging_commit = commit.sha
         synced = await sync_and_wait(cfg, target.argocd_app, commit.sha, automated=True)
         record.staging_revision = synced.revision
-        running = gitops.image_at(plan.service, "staging", synced.revision, **cfg.git("staging"))
+        running = await in_thread(
+            gitops.image_at, plan.service, "staging", synced.revision, **cfg.git("staging")
+        )
         if running is None or running.digest != plan.digest:
             raise await staging_moved_on(
                 plan,
@@ -180,7 +186,9 @@ async def deploy_staging(plan: ReleasePlan, cfg: Config, record: ReleaseRecord) 
                 f"{(running.digest if running else None) or 'no pinned image'}, not "
                 f"{plan.digest[:19]}…",
             )
-        record.smoke = [r.model_dump() for r in smoke.smoke_test(target, svc.smoke)]
+        record.smoke = [
+            r.model_dump() for r in await in_thread(smoke.smoke_test, target, svc.smoke)
+        ]
         # One canary interval of traffic on the new pods only: the window starts now.
         check = await measured(
             plan,
@@ -207,16 +215,27 @@ async def deploy_staging(plan: ReleasePlan, cfg: Config, record: ReleaseRecord) 
         if check.verdict == Verdict.FAIL:
             raise VerificationFailed(f"staging metrics: {check.analysis.reason}")
     except Superseded as exc:
-        gh.set_deployment_status(
-            plan.github, deployment_id, "inactive", log_url=run_url, description=str(exc)[:140]
+        await in_thread(
+            gh.set_deployment_status,
+            plan.github,
+            deployment_id,
+            "inactive",
+            log_url=run_url,
+            description=str(exc)[:140],
         )
         raise
     except RoboticsCDError as exc:
-        gh.set_deployment_status(
-            plan.github, deployment_id, "failure", log_url=run_url, description=str(exc)[:140]
+        await in_thread(
+            gh.set_deployment_status,
+            plan.github,
+            deployment_id,
+            "failure",
+            log_url=run_url,
+            description=str(exc)[:140],
         )
         raise
-    gh.set_deployment_status(
+    await in_thread(
+        gh.set_deployment_status,
         plan.github,
         deployment_id,
         "success",
@@ -246,7 +265,7 @@ async def measured(
     )
     start = datetime.now(UTC)
     before = await pods(app, "start")
-    result = measure()
+    result = await in_thread(measure)
     after = await pods(app, "end")
     record.measured.append(
         MeasuredWindow(
@@ -263,7 +282,7 @@ async def measured(
 async def staging_moved_on(plan: ReleasePlan, cfg: Config, why: str) -> RoboticsCDError:
     """Staging runs (or measured) something other than this release: Superseded when its
     overlay now records a newer source commit, else a verification failure."""
-    theirs = gitops.overlay_source(plan.service, "staging", **cfg.git("staging"))
+    theirs = await in_thread(gitops.overlay_source, plan.service, "staging", **cfg.git("staging"))
     if theirs is not None and theirs.source_sha != plan.source_sha:
         relation = await source.source_relation(
             cfg.svc.repo, plan.source_sha, theirs.source_sha, cfg.svc.branch
@@ -324,8 +343,11 @@ async def announce_superseded(cfg: Config, run: FlowRun, why: str) -> None:
     record.outcome = result.outcome
     await report.publish_release_record_of(record, str(run.id))
     emit_release_event(result.event, other, {"outcome": record.outcome}, flow_run_id=str(run.id))
-    notify.send_chat(
-        result.headline, report.release_summary(record), link=report.flow_run_url(run.id)
+    await in_thread(
+        notify.send_chat,
+        result.headline,
+        report.release_summary(record),
+        link=report.flow_run_url(run.id),
     )
     get_run_logger().warning("release %s ended Superseded: %s", run.id, why)
 
@@ -336,7 +358,9 @@ async def announce_superseded(cfg: Config, run: FlowRun, why: str) -> None:
 async def await_approval(plan: ReleasePlan, cfg: Config, record: ReleaseRecord) -> ApprovalDecision:
     svc = cfg.svc
     run_url = report.flow_run_url(flow_run.id)
-    diff = gitops.preview_production_change(plan.service, plan.pull_image, **cfg.git("production"))
+    diff = await in_thread(
+        gitops.preview_production_change, plan.service, plan.pull_image, **cfg.git("production")
+    )
     description = report.approval_description(record, diff)
     # A newer release may have passed staging while this one was finishing its own checks
     # (before it waited, so that one could not end it): ask for approval only of what staging
@@ -348,7 +372,8 @@ async def await_approval(plan: ReleasePlan, cfg: Config, record: ReleaseRecord) 
         moved = await staging_moved_on(plan, cfg, f"staging runs {staged.describe()}")
         if isinstance(moved, Superseded):
             raise moved
-    notify.send_chat(
+    await in_thread(
+        notify.send_chat,
         f"Approval needed: {plan.service}:{plan.tag}",
         f"{plan.service} `{plan.tag}` passed staging and waits for approval "
         f"by one of {', '.join(svc.approvers)}.",
@@ -380,7 +405,8 @@ async def wait_for_approval(plan: ReleasePlan, cfg: Config, description: str) ->
     if decision.break_glass is not None:
         glass = decision.break_glass.describe()
         emit_release_event("break-glass", plan, {"freeze": freeze.describe(), "by": glass})
-        notify.send_chat(
+        await in_thread(
+            notify.send_chat,
             f"Break-glass: {plan.service}:{plan.tag} releases during a freeze",
             f"{glass}. {freeze.describe()}.",
             link=report.flow_run_url(flow_run.id),
@@ -404,15 +430,17 @@ async def take_production_lock(plan: ReleasePlan, cfg: Config) -> gitops.Lease:
     deadline = datetime.now(UTC) + LOCK_WAIT
     waiting_on: str | None = None
     while True:
-        lease = gitops.lease_holder(plan.service, "production", **cfg.repo())
+        lease = await in_thread(gitops.lease_holder, plan.service, "production", **cfg.repo())
         if lease_is_free(lease.record if lease else None, me, datetime.now(UTC)):
             try:
-                taken: gitops.Lease = gitops.take_lease(
-                    plan.service, "production", ttl=ttl, **cfg.repo()
+                taken: gitops.Lease = await in_thread(
+                    gitops.take_lease, plan.service, "production", ttl=ttl, **cfg.repo()
                 )
                 break
             except LeaseHeld:  # another release won the race for the free lease
-                lease = gitops.lease_holder(plan.service, "production", **cfg.repo())
+                lease = await in_thread(
+                    gitops.lease_holder, plan.service, "production", **cfg.repo()
+                )
         if datetime.now(UTC) >= deadline:
             holder = lease.holder if lease else "?"
             raise LeaseHeld(f"{plan.service}-production", holder, "after waiting " + str(LOCK_WAIT))
@@ -435,7 +463,9 @@ def stable_image(plan: ReleasePlan, cfg: Config) -> str | None:
 
 
 async def refuse_if_superseded(plan: ReleasePlan, cfg: Config) -> None:
-    running = gitops.current_image(plan.service, "production", **cfg.git("production"))
+    running = await in_thread(
+        gitops.current_image, plan.service, "production", **cfg.git("production")
+    )
     if running is None or not running.new_tag:
         return
     if await source.is_superseded(cfg.svc.repo, plan.source_sha, running.new_tag):
@@ -474,7 +504,8 @@ async def run_canary(
             if command.action == CommandAction.PROMOTE:
                 record.notes.append(command.reason)
                 return StepOutcome(promoted=True, reason=command.reason)
-        result = metrics.analyse_interval(
+        result = await in_thread(
+            metrics.analyse_interval,
             plan.service,
             target.namespace,
             svc.metrics,
@@ -491,8 +522,12 @@ async def run_canary(
         record.analyses.append(result.analysis)
         progress.update(analysis)
         log.info("canary at %s%%: %s (%s)", weight, result.verdict, analysis.reason)
-        gitops.renew_lease(
-            plan.service, "production", ttl=lease_ttl(policy).total_seconds(), **cfg.repo()
+        await in_thread(
+            gitops.renew_lease,
+            plan.service,
+            "production",
+            ttl=lease_ttl(policy).total_seconds(),
+            **cfg.repo(),
         )
         if decision == Decision.ROLLBACK:
             trouble = await argocd.canary_trouble(target.argocd_app)
@@ -509,7 +544,8 @@ async def run_canary(
 async def _set_canary_weight(
     plan: ReleasePlan, cfg: Config, weight: int, record: ReleaseRecord
 ) -> None:
-    commit = gitops.set_canary(
+    commit = await in_thread(
+        gitops.set_canary,
         plan.service,
         plan.pull_image,
         cfg.policy.canary_replicas,
@@ -694,8 +730,12 @@ class _EarlyAbort:
 async def promote_and_watch(plan: ReleasePlan, cfg: Config, record: ReleaseRecord) -> None:
     svc, policy = cfg.svc, cfg.policy
     target = svc.environments["production"]
-    commit = gitops.promote(
-        plan.service, plan.pull_image, source_sha=plan.source_sha, **cfg.git("production")
+    commit = await in_thread(
+        gitops.promote,
+        plan.service,
+        plan.pull_image,
+        source_sha=plan.source_sha,
+        **cfg.git("production"),
     )
     if commit.sha not in record.production_commits:
         record.production_commits.append(commit.sha)
@@ -733,10 +773,11 @@ async def roll_back(plan: ReleasePlan, cfg: Config, reason: str, record: Release
     """Compensation: one commit reverting the release's own commits (as its lease records
     them), written under the lease; sync; verify."""
     target = cfg.svc.environments["production"]
-    lease = gitops.lease_holder(plan.service, "production", **cfg.repo())
+    lease = await in_thread(gitops.lease_holder, plan.service, "production", **cfg.repo())
     recorded = lease.commits if lease is not None and lease.holder == str(flow_run.id) else []
     revert = commits_to_revert(recorded or record.production_commits, set())
-    commit = gitops.revert_release(
+    commit = await in_thread(
+        gitops.revert_release,
         plan.service,
         "production",
         revert,
@@ -749,7 +790,9 @@ async def roll_back(plan: ReleasePlan, cfg: Config, reason: str, record: Release
     await quarantine_rolled_back(plan, commit.sha, reason, record)
     synced = await sync_and_wait(cfg, target.argocd_app, commit.sha, automated=False, plan=plan)
     record.production_revisions.append(synced.revision)
-    restored = gitops.image_at(plan.service, "production", synced.revision, **cfg.git("production"))
+    restored = await in_thread(
+        gitops.image_at, plan.service, "production", synced.revision, **cfg.git("production")
+    )
     checked = await measured(
         plan,
         cfg,
@@ -881,11 +924,11 @@ async def release(
         await supersede_waiting_releases(plan, cfg)
         decision = await await_approval(plan, cfg, record)
     except Superseded as exc:
-        return end(EndingKind.SUPERSEDED, plan, cfg, record, why=str(exc))
+        return await in_thread(end, EndingKind.SUPERSEDED, plan, cfg, record, why=str(exc))
     record.decision = decision
     record.notes.extend(await refused_attempts(UUID(str(flow_run.id))))
     if not decision.approved:
-        return end(EndingKind.REJECTED, plan, cfg, record, decision=decision)
+        return await in_thread(end, EndingKind.REJECTED, plan, cfg, record, decision=decision)
 
     lease = await take_production_lock(plan, cfg)
     resume = resume_point(lease.record, cfg.policy)
@@ -906,16 +949,16 @@ async def release(
         if resume.at == Resume.ROLLED_BACK:
             why = "rolled back before this re-execution (the lease records the rollback)"
             await roll_back(plan, cfg, why, record)
-            return end(EndingKind.ROLLED_BACK, plan, cfg, record, why=why)
+            return await in_thread(end, EndingKind.ROLLED_BACK, plan, cfg, record, why=why)
         if resume.at == Resume.START:
             await refuse_if_superseded(plan, cfg)
-            await images.keep_rollback_target(service, stable_image(plan, cfg))
+            await images.keep_rollback_target(service, await in_thread(stable_image, plan, cfg))
         if resume.at in (Resume.START, Resume.CANARY):
             outcome = await run_canary(plan, cfg, record, resume)
             record.notes.append(outcome.reason)
         await promote_and_watch(plan, cfg, record)
     except Superseded as exc:
-        return end(EndingKind.SUPERSEDED, plan, cfg, record, why=str(exc))
+        return await in_thread(end, EndingKind.SUPERSEDED, plan, cfg, record, why=str(exc))
     except LeaseLost as exc:
         # Another run owns production now: this run may write nothing more, not even a
         # rollback (the new holder, or the reconciler, answers for production).
@@ -935,14 +978,16 @@ async def release(
             await restore_until_verified(plan, cfg, why, record)
         except RollbackFailed as failed:
             holds_lease = False  # kept, blocked: nothing takes production until cleared
-            block_production(plan, cfg, str(failed))
-            return end(EndingKind.ROLLBACK_FAILED, plan, cfg, record, why=str(failed))
-        return end(EndingKind.ROLLED_BACK, plan, cfg, record, why=why)
+            await in_thread(block_production, plan, cfg, str(failed))
+            return await in_thread(
+                end, EndingKind.ROLLBACK_FAILED, plan, cfg, record, why=str(failed)
+            )
+        return await in_thread(end, EndingKind.ROLLED_BACK, plan, cfg, record, why=why)
     finally:
         if holds_lease:
-            let_go(plan, cfg)
-        gitops.remove_clone(**cfg.repo())
-    return end(EndingKind.PROMOTED, plan, cfg, record)
+            await in_thread(let_go, plan, cfg)
+        await in_thread(gitops.remove_clone, **cfg.repo())
+    return await in_thread(end, EndingKind.PROMOTED, plan, cfg, record)
 
 
 def _metrics_target(plan: ReleasePlan, svc: Service, namespace: str) -> metrics.Target:
@@ -1048,7 +1093,10 @@ async def expire_approvals() -> list[str]:
     deployment = settings.release_deployment.split("/")[-1]
     tended = await tend_waiting(deployment, policies, ui_authenticated=settings.ui_authenticated)
     for run_id, service, text in tended.reminders:
-        notify.send_chat(
-            f"Reminder: {service} waits for approval", text, link=report.flow_run_url(run_id)
+        await in_thread(
+            notify.send_chat,
+            f"Reminder: {service} waits for approval",
+            text,
+            link=report.flow_run_url(run_id),
         )
     return tended.expired

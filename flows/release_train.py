@@ -67,6 +67,7 @@ from core.train import (
 from flows.release import Config, deploy_staging
 from tasks import argocd, gitops, images, lifecycle, metrics, notify, quarantine, report, smoke
 from tasks.approvals import wait_for_votes
+from tasks.blocking import in_thread
 from tasks.gitops import train as train_git
 from tasks.lifecycle import emit_train_event
 
@@ -142,8 +143,12 @@ async def take_train_lock(train: Train) -> dict[str, gitops.Lease]:
     waiting_on: str | None = None
     while True:
         try:
-            taken: dict[str, gitops.Lease] = train_git.take_train_leases(
-                train.leases, train.plan.name, train.ttl.total_seconds(), **train.repo()
+            taken: dict[str, gitops.Lease] = await in_thread(
+                train_git.take_train_leases,
+                train.leases,
+                train.plan.name,
+                train.ttl.total_seconds(),
+                **train.repo(),
             )
             break
         except LeaseHeld as exc:
@@ -220,7 +225,9 @@ async def stage_all(train: Train, plans: dict[str, ReleasePlan], record: TrainRe
     for name in train.plan.order:
         svc = train.configs[name].svc
         if svc.bundle_smoke:
-            results = smoke.smoke_test(svc.environments["staging"], svc.bundle_smoke)
+            results = await in_thread(
+                smoke.smoke_test, svc.environments["staging"], svc.bundle_smoke
+            )
             record.bundle_smoke += [{"service": name, **r.model_dump()} for r in results]
 
 
@@ -246,13 +253,17 @@ async def approve_bundle(
         "",
     ]
     for name in train.plan.order:
-        diff = gitops.preview_production_change(
-            name, plans[name].pull_image, **train.configs[name].git("production")
+        diff = await in_thread(
+            gitops.preview_production_change,
+            name,
+            plans[name].pull_image,
+            **train.configs[name].git("production"),
         )
         parts.append(report.approval_description(record.services[name], diff))
     if record.bundle_smoke:
         parts.append(f"Bundle smoke test: {len(record.bundle_smoke)} path(s) passed")
-    notify.send_chat(
+    await in_thread(
+        notify.send_chat,
         f"Approval needed: release train {train.plan.name}",
         f"{', '.join(train.plan.order)} passed staging together and wait for approval "
         "by an approver of each: "
@@ -286,7 +297,9 @@ def start_index(train: Train, record: LeaseRecord) -> int:
 
 async def set_step(train: Train, index: int, record: TrainRecord) -> None:
     weights = train.plan.weights(index)
-    commit = train_git.train_canary_step(train.plan.name, train.members, weights, **train.repo())
+    commit = await in_thread(
+        train_git.train_canary_step, train.plan.name, train.members, weights, **train.repo()
+    )
     if commit.sha not in record.production_commits:
         record.production_commits.append(commit.sha)
     record.steps.append((train.plan.steps[index], weights, datetime.now(UTC)))
@@ -320,7 +333,8 @@ async def run_lockstep(train: Train, record: TrainRecord, first: int) -> None:
         for name in train.plan.order:
             cfg = train.configs[name]
             namespace = cfg.svc.environments["production"].namespace
-            result = metrics.analyse_interval(
+            result = await in_thread(
+                metrics.analyse_interval,
                 name,
                 namespace,
                 cfg.svc.metrics,
@@ -359,7 +373,9 @@ async def run_lockstep(train: Train, record: TrainRecord, first: int) -> None:
 
 
 async def promote_and_watch(train: Train, record: TrainRecord) -> None:
-    commit = train_git.train_promote(train.plan.name, train.members, **train.repo())
+    commit = await in_thread(
+        train_git.train_promote, train.plan.name, train.members, **train.repo()
+    )
     if commit.sha not in record.production_commits:
         record.production_commits.append(commit.sha)
     await sync_all(train, commit.sha, train.plan.order)
@@ -371,7 +387,8 @@ async def promote_and_watch(train: Train, record: TrainRecord) -> None:
         for name in train.plan.order:
             cfg = train.configs[name]
             namespace = cfg.svc.environments["production"].namespace
-            check = metrics.post_release_watch(
+            check = await in_thread(
+                metrics.post_release_watch,
                 name,
                 namespace,
                 cfg.svc.metrics,
@@ -391,7 +408,7 @@ async def promote_and_watch(train: Train, record: TrainRecord) -> None:
 async def roll_back(train: Train, reason: str, record: TrainRecord) -> None:
     """ONE commit reverting every commit of the train (as its leases record them), then the
     syncs in reverse dependency order, then each service's smoke test."""
-    leases = train_git.read_train_leases(train.leases, **train.repo())
+    leases = await in_thread(train_git.read_train_leases, train.leases, **train.repo())
     me = str(flow_run.id)
     recorded: list[str] = []
     for lease in leases.values():
@@ -400,7 +417,9 @@ async def roll_back(train: Train, reason: str, record: TrainRecord) -> None:
     revert = commits_to_revert(recorded or record.production_commits, set())
     order = train.plan.rollback_order
     members = sorted(train.members, key=lambda m: order.index(m.service))
-    commit = train_git.train_revert(train.plan.name, members, revert, reason, **train.repo())
+    commit = await in_thread(
+        train_git.train_revert, train.plan.name, members, revert, reason, **train.repo()
+    )
     record.rollback_commit = commit.sha
     for name in train.plan.order:
         await _quarantine(train, name, commit.sha, reason, record)
@@ -408,7 +427,8 @@ async def roll_back(train: Train, reason: str, record: TrainRecord) -> None:
     for name in order:
         svc = train.configs[name].svc
         record.services[name].rollback_verification = [
-            r.model_dump() for r in smoke.smoke_test(svc.environments["production"], svc.smoke)
+            r.model_dump()
+            for r in await in_thread(smoke.smoke_test, svc.environments["production"], svc.smoke)
         ]
 
 
@@ -489,7 +509,8 @@ async def bundle_parameters(catalog: Catalog, path: str, revision: str | None) -
 
     if not revision:
         raise InvalidInput(f"bundle_file {path}: give manifests_sha, the commit that pushed it")
-    text = train_git.read_bundle_file(
+    text = await in_thread(
+        train_git.read_bundle_file,
         path,
         revision,
         repo_url=catalog.defaults.manifests_repo,
@@ -572,17 +593,17 @@ async def release_train(
         await stage_all(train, plans, record)
     except RoboticsCDError as exc:  # nothing of production changed: the train ends here
         what = ", ".join(record.failed) or "the bundle smoke test"
-        return end(train, record, "staging-failed", f"{what}: {exc}")
+        return await in_thread(end, train, record, "staging-failed", f"{what}: {exc}")
     decision = await approve_bundle(train, plans, record)
     record.decision = decision
     if not decision.approved:
-        return end(train, record, "rejected", decision.outcome())
+        return await in_thread(end, train, record, "rejected", decision.outcome())
     freeze = train.frozen()
     if freeze is not None:
         if decision.break_glass is None:
             # Nothing of production is held or changed: the train is started again after
             # the window (a single release waits suspended; a train does not, yet).
-            return end(train, record, "frozen", freeze.describe())
+            return await in_thread(end, train, record, "frozen", freeze.describe())
         record.notes.append(f"break-glass during a freeze: {decision.break_glass.describe()}")
 
     leases = await take_train_lock(train)
@@ -592,7 +613,7 @@ async def release_train(
         if first_lease.step is not None and first_lease.step.kind == StepKind.ROLLBACK:
             why = "rolled back before this re-execution (the leases record the rollback)"
             await roll_back(train, why, record)
-            return end(train, record, "rolled-back", why)
+            return await in_thread(end, train, record, "rolled-back", why)
         record.production_commits = list(first_lease.commits)
         if first_lease.step is None or first_lease.step.kind == StepKind.CANARY:
             await run_lockstep(train, record, start_index(train, first_lease))
@@ -609,17 +630,17 @@ async def release_train(
             await restore_until_verified(train, why, record)
         except RollbackFailed as failed:
             holds = False
-            block_all(train, str(failed))
-            return end(train, record, "rollback-failed", str(failed))
-        return end(train, record, "rolled-back", why)
+            await in_thread(block_all, train, str(failed))
+            return await in_thread(end, train, record, "rollback-failed", str(failed))
+        return await in_thread(end, train, record, "rolled-back", why)
     finally:
         if holds:
             try:
-                train_git.release_train_leases(train.leases, **train.repo())
+                await in_thread(train_git.release_train_leases, train.leases, **train.repo())
             except LeaseHeld as exc:
                 get_run_logger().error("a lease of the train is not this run's any more: %s", exc)
-        gitops.remove_clone(**train.repo())
-    return end(train, record, "promoted", "")
+        await in_thread(gitops.remove_clone, **train.repo())
+    return await in_thread(end, train, record, "promoted", "")
 
 
 def end(train: Train, record: TrainRecord, event: str, why: str) -> State[Any]:

@@ -30,6 +30,7 @@ from core.images import parse_reference
 from core.release import rollback_plan
 from core.settings import get_settings
 from tasks import argocd, gitops, quarantine, smoke
+from tasks.blocking import in_thread
 
 ROLLBACK_LEASE_TTL = timedelta(hours=1)
 
@@ -63,8 +64,12 @@ async def rollback(
     ttl = ROLLBACK_LEASE_TTL.total_seconds()
 
     if release_run_id:
-        lease = gitops.take_over_lease(service, environment, release_run_id, ttl=ttl, **repo)
-        facts = gitops.rollback_facts(service, environment, release_run_id, **where)
+        lease = await in_thread(
+            gitops.take_over_lease, service, environment, release_run_id, ttl=ttl, **repo
+        )
+        facts = await in_thread(
+            gitops.rollback_facts, service, environment, release_run_id, **where
+        )
         recorded = lease.commits if lease.record.owner == release_run_id else []
         plan = rollback_plan(
             release_run_id,
@@ -76,13 +81,14 @@ async def rollback(
             later_releases=facts.later_runs,
         )
         if not plan.revert:
-            gitops.release_lease(service, environment, **repo)
+            await in_thread(gitops.release_lease, service, environment, **repo)
             message = (
                 plan.refused or f"release {release_run_id} left nothing to revert in {environment}"
             )
             log.info(message)
             return Completed(message=message, name="NothingToRollBack")
-        commit = gitops.revert_release(
+        commit = await in_thread(
+            gitops.revert_release,
             service,
             environment,
             plan.revert,
@@ -93,17 +99,24 @@ async def rollback(
         if environment == "production":
             await _quarantine(service, commit.sha, reason, release_run_id, plan.revert)
     else:
-        wanted = image or _previous_image(service, environment, where)
+        wanted = image if image else await in_thread(_previous_image, service, environment, where)
         ref = parse_reference(wanted)
         if ref.repository != svc.image or not ref.digest:
             raise InvalidInput(f"image {wanted!r} is not a pinned image of {svc.image!r}")
         if environment == "staging":
-            commit = gitops.bump_image(
-                "staging", service, str(ref), message=f"rollback: {reason}", **where
+            commit = await in_thread(
+                gitops.bump_image,
+                "staging",
+                service,
+                str(ref),
+                message=f"rollback: {reason}",
+                **where,
             )
         else:
-            gitops.take_lease(service, environment, ttl=ttl, **repo)
-            commit = gitops.promote(service, str(ref), message=f"rollback: {reason}", **where)
+            await in_thread(gitops.take_lease, service, environment, ttl=ttl, **repo)
+            commit = await in_thread(
+                gitops.promote, service, str(ref), message=f"rollback: {reason}", **where
+            )
 
     synced = await argocd.argocd_sync_and_wait(
         target.argocd_app,
@@ -111,11 +124,11 @@ async def rollback(
         environment == "staging",
         is_descendant=gitops.descendant_check(**repo),
     )
-    smoke.smoke_test(target, svc.smoke)
+    await in_thread(smoke.smoke_test, target, svc.smoke)
     # Verified: let the lease go. A restore that cannot be verified keeps it (and says so).
     if release_run_id or environment == "production":
-        gitops.release_lease(service, environment, **repo)
-    gitops.remove_clone(**repo)
+        await in_thread(gitops.release_lease, service, environment, **repo)
+    await in_thread(gitops.remove_clone, **repo)
     log.info(
         "%s %s back at %s (revision %s)",
         service,

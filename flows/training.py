@@ -62,6 +62,7 @@ from core.training import (
     summary_markdown,
 )
 from flows.ship import ship_image
+from tasks.blocking import in_thread
 from tasks.images import find_tagged_image
 from tasks.kube import (
     delete_job,
@@ -191,7 +192,8 @@ async def training_image(
         logger.info("a newer commit's image is the latest training image; %s not announced", tag)
         return record
     if not latest.notified:
-        send_chat(
+        await in_thread(
+            send_chat,
             READY_TITLE,
             _ready_message(latest, entry, co.subject),
             channels=entry.notify or None,
