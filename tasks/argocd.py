@@ -27,6 +27,7 @@ from prefect.blocks.system import Secret
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.analysis import canary_pod_trouble
+from core.backoff import Backoff
 from core.durations import parse_duration
 from core.errors import ArgoCDRefused, ArgoCDUnavailable, InvalidInput, SyncFailed
 from core.ordering import MeasuredPod
@@ -39,17 +40,10 @@ IsDescendant = Callable[[str, str], bool]
 """``is_descendant(revision, commit)``: True when ``revision`` is ``commit`` or comes after it."""
 
 
-class RetryPolicy(BaseModel):
+class RetryPolicy(Backoff):
     """The seed's Argo CD retry policy: ``limit: 3``, ``backoff: {5s, factor 2, max 3m}``."""
 
-    model_config = ConfigDict(frozen=True)
-    retries: int = Field(default=3, ge=0)
     base_delay: float = Field(default=5.0, ge=0, description="Seconds before the first retry.")
-    factor: float = Field(default=2.0, ge=1)
-    max_delay: float = Field(default=180.0, ge=0)
-
-    def delay(self, attempt: int) -> float:
-        return float(min(self.base_delay * self.factor**attempt, self.max_delay))
 
 
 class AppState(BaseModel):

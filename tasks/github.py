@@ -17,6 +17,7 @@ import httpx
 from prefect import task
 from prefect.blocks.system import Secret
 
+from core.backoff import Backoff
 from core.errors import GitHubError, InvalidInput
 from core.images import SHA_RE
 from core.settings import get_settings
@@ -66,7 +67,7 @@ class GitHubClient:
         if token:
             headers["Authorization"] = f"Bearer {token}"
         self.base_url = base_url.rstrip("/")
-        self.retries, self.backoff = retries, backoff_seconds
+        self.backoff = Backoff(retries=retries, base_delay=backoff_seconds)
         self._http = httpx.Client(
             base_url=self.base_url, headers=headers, timeout=timeout, transport=transport
         )
@@ -81,8 +82,8 @@ class GitHubClient:
         """Send, retrying transient failures; return the decoded JSON body (None for a 404
         when ``missing_ok``)."""
         what = f"{method} {path}"
-        for attempt in range(self.retries + 1):
-            last_try = attempt == self.retries
+        for attempt in range(self.backoff.attempts):
+            last_try = attempt == self.backoff.retries
             try:
                 response = self._http.request(method, path, **kwargs)
             except httpx.TransportError as exc:
@@ -99,8 +100,8 @@ class GitHubClient:
                     return None
                 if response.status_code not in _RETRYABLE or last_try:
                     raise GitHubError(self._explain(what, response, attempt + 1))
-            time.sleep(self.backoff * 2**attempt)
-        raise GitHubError(f"{what}: no attempt made (retries={self.retries})")
+            time.sleep(self.backoff.delay(attempt))
+        raise GitHubError(f"{what}: no attempt made (retries={self.backoff.retries})")
 
     @staticmethod
     def _explain(what: str, response: httpx.Response, tries: int) -> str:

@@ -9,7 +9,6 @@ lives in git beside the overlays, so it outlives anything that happens to Prefec
 from __future__ import annotations
 
 import hashlib
-import random
 import re
 import shutil
 import time
@@ -23,6 +22,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from core import quarantine as q
+from core.backoff import Backoff
 from core.catalog import load_catalog
 from core.errors import GitOpsError, InvalidInput, PushConflict, SourceError
 from core.images import parse_reference
@@ -55,6 +55,9 @@ class QuarantineRepo:
         self.mirror = Mirror(url, self.workspace / "mirror", timeout=timeout, token=token)
         self.url = self.mirror.url  # without credentials: git asks for them through askpass
         self.max_push_attempts = max_push_attempts
+        self.push_backoff = Backoff(
+            retries=max_push_attempts - 1, base_delay=0.2, max_delay=2.0, jitter=True
+        )
         self.clock = clock
 
     # -- reading
@@ -179,7 +182,7 @@ class QuarantineRepo:
                     return sha
                 if not any(hint in out for hint in _REJECTED):
                     raise GitOpsError(f"push of {path} to the manifests repo failed: {out.strip()}")
-                time.sleep(min(2.0, 0.2 * 2**attempt) * random.uniform(0.5, 1.5))
+                time.sleep(self.push_backoff.delay(attempt))
             raise PushConflict(
                 f"{subject}: push still rejected after {self.max_push_attempts} attempts; "
                 "the manifests branch is busy, try again"

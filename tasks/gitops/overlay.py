@@ -10,7 +10,6 @@ returns the commit that made it so.
 from __future__ import annotations
 
 import difflib
-import random
 import re
 import time
 import uuid
@@ -165,9 +164,7 @@ class ManifestsRepo(Leases):
             last_reason = out.strip()
             if fence is not None and lease is not None:
                 self._check_still_held(fence, lease)
-            # Someone else pushed first: back off with jitter so racers spread out.
-            delay = min(2.0, self.retry_base_delay * (2 ** min(attempt, 4)))
-            time.sleep(delay * random.uniform(0.5, 1.5))
+            time.sleep(self.push_backoff.delay(attempt))
         self._git("reset", "-q", "--hard", f"origin/{self.branch}")
         raise PushConflict(
             f"{edit.subject}: push still rejected after {self.max_push_attempts} attempts "

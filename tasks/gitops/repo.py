@@ -23,6 +23,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.backoff import Backoff
 from core.errors import GitOpsError, InvalidInput, OverlayRefused
 from core.images import SHA_RE, ImageRef, parse_reference, validate_sha
 from core.kustomize import ImageEntry, find_image
@@ -192,7 +193,10 @@ class Repository:
         self.branch = branch
         self.kubectl = kubectl
         self.max_push_attempts = max_push_attempts
-        self.retry_base_delay = retry_base_delay
+        # Someone else pushed first: back off with jitter so racers spread out.
+        self.push_backoff = Backoff(
+            retries=max_push_attempts - 1, base_delay=retry_base_delay, max_delay=2.0, jitter=True
+        )
         self.render_timeout = render_timeout
         self.git_timeout = git_timeout
         self.clock = clock

@@ -23,7 +23,6 @@ naming each (``Undoes: <sha>``); a second call finds it and commits nothing.
 from __future__ import annotations
 
 import os
-import random
 import socket
 import time
 import uuid
@@ -35,6 +34,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from core.backoff import Backoff
 from core.errors import GitOpsError, InvalidInput, LeaseLost, OverlayRefused, PushConflict
 from core.images import ImageRef
 from core.kustomize import CanarySettings, FieldPattern, parse_rendered
@@ -42,6 +42,10 @@ from core.release import LeaseStep, StepKind, TrainRef, new_lease
 from tasks.gitops.lease import Lease, _nonce, lease_ref
 from tasks.gitops.overlay import ManifestsRepo, _Edit
 from tasks.gitops.repo import REJECTED_HINTS, CommitResult, _check_relpath, _message, _trailers
+
+# Taking every lease of a train is one compare-and-swap of all refs; a racer that moved one
+# makes it fail as a whole, and the next try re-reads them all after a short spread-out wait.
+LEASES_CAS = Backoff(retries=4, base_delay=0.175, factor=1, jitter=True)
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,7 @@ class TrainRepo(ManifestsRepo):
         if len(set(names)) != len(names) or not names:
             raise InvalidInput(f"a train takes distinct leases, got {names}")
         with self._session():
-            for _ in range(5):
+            for attempt in range(LEASES_CAS.attempts):
                 current = self._read_leases(names)
                 now = self.clock()
                 for lease in current.values():
@@ -146,7 +150,7 @@ class TrainRepo(ManifestsRepo):
                     taken = self._read_leases(names)
                     if all(taken[n] is not None and taken[n].sha == new[n] for n in names):  # type: ignore[union-attr]
                         return {n: t for n, t in taken.items() if t is not None}
-                time.sleep(random.uniform(0.05, 0.3))
+                time.sleep(LEASES_CAS.delay(attempt))
             for lease in self._read_leases(names).values():
                 if lease is not None and lease.holder != holder:
                     raise self._held(lease)
@@ -238,8 +242,7 @@ class TrainRepo(ManifestsRepo):
                 if moved is None or moved.holder != fence.holder:
                     self._git("reset", "-q", "--hard", f"origin/{self.branch}")
                     raise LeaseLost(name, fence.holder, moved.holder if moved else "nobody")
-            delay = min(2.0, self.retry_base_delay * (2 ** min(attempt, 4)))
-            time.sleep(delay * random.uniform(0.5, 1.5))
+            time.sleep(self.push_backoff.delay(attempt))
         self._git("reset", "-q", "--hard", f"origin/{self.branch}")
         raise PushConflict(
             f"{edit.subject}: push still rejected after {self.max_push_attempts} attempts "
