@@ -24,7 +24,7 @@ import anyio.to_thread
 import httpx
 from prefect import task
 from prefect.blocks.system import Secret
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from core.analysis import canary_pod_trouble
 from core.backoff import Backoff
@@ -514,31 +514,55 @@ def is_done_and_good(app: Mapping[str, Any], commit: str, is_descendant: IsDesce
 # --- from settings ------------------------------------------------------------------------
 
 
-async def client_from_settings(*, retry: RetryPolicy | None = None) -> ArgoCDClient:
-    """The client configured by settings: URL, TLS verification, and the Secret block."""
-    settings = get_settings()
-    try:
-        secret: Secret[Any] = await Secret.aload(settings.argocd_token_block)
-    except ValueError as exc:
-        raise InvalidInput(
-            f"no Secret block {settings.argocd_token_block!r} with the Argo CD token; create it "
-            '(a token string, or {"username": ..., "password": ...})'
-        ) from exc
-    value: object = secret.get()
-    if isinstance(value, Mapping):
+class ArgoCDCredentials(BaseModel):
+    """Where Argo CD is and how to log in (a token, or a username and password for a
+    session): the one way the product builds an :class:`ArgoCDClient` (``get_client``).
+    Secrets are ``SecretStr``: a logged credentials object never shows them."""
+
+    model_config = ConfigDict(frozen=True)
+    base_url: str
+    token: SecretStr | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    verify_tls: bool = True
+
+    @classmethod
+    async def aload(cls, block_name: str | None = None) -> ArgoCDCredentials:
+        """From settings: the URL, TLS verification, and the Secret block (a token string,
+        or ``{"username": ..., "password": ...}``)."""
+        settings = get_settings()
+        name = block_name or settings.argocd_token_block
+        try:
+            secret: Secret[Any] = await Secret.aload(name)
+        except ValueError as exc:
+            raise InvalidInput(
+                f"no Secret block {name!r} with the Argo CD token; create it "
+                '(a token string, or {"username": ..., "password": ...})'
+            ) from exc
+        value: object = secret.get()
+        where = {"base_url": settings.argocd_url, "verify_tls": settings.argocd_verify_tls}
+        if isinstance(value, Mapping):
+            return cls(
+                **where,
+                username=str(value.get("username", "")),
+                password=SecretStr(str(value.get("password", ""))),
+            )
+        return cls(**where, token=SecretStr(str(value)))
+
+    def get_client(self, *, retry: RetryPolicy | None = None) -> ArgoCDClient:
         return ArgoCDClient(
-            base_url=settings.argocd_url,
-            username=str(value.get("username", "")),
-            password=str(value.get("password", "")),
-            verify_tls=settings.argocd_verify_tls,
+            base_url=self.base_url,
+            token=self.token.get_secret_value() if self.token else None,
+            username=self.username,
+            password=self.password.get_secret_value() if self.password else None,
+            verify_tls=self.verify_tls,
             retry=retry,
         )
-    return ArgoCDClient(
-        base_url=settings.argocd_url,
-        token=str(value),
-        verify_tls=settings.argocd_verify_tls,
-        retry=retry,
-    )
+
+
+async def client_from_settings(*, retry: RetryPolicy | None = None) -> ArgoCDClient:
+    """The client of settings' credentials."""
+    return (await ArgoCDCredentials.aload()).get_client(retry=retry)
 
 
 def _seconds(value: float | str) -> float:

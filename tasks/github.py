@@ -16,6 +16,7 @@ from typing import Any, Literal
 import httpx
 from prefect import task
 from prefect.blocks.system import Secret
+from pydantic import BaseModel, ConfigDict, SecretStr
 
 from core.backoff import Backoff
 from core.errors import GitHubError, InvalidInput
@@ -233,19 +234,63 @@ class GitHubClient:
         return found if isinstance(found, dict) else None
 
 
-def load_token(block_name: str | None = None) -> str:
-    name = block_name or get_settings().github_token_block
-    try:
-        block: Secret[Any] = Secret.load(name, _sync=True)  # type: ignore[call-arg,assignment]
-        value = block.get()
-    except ValueError as exc:  # Prefect raises ValueError for a missing block
-        raise GitHubError(
-            f"no Secret block {name!r} with the GitHub token; create it "
-            f"(Secret(value='<token>').save({name!r})) or set ROBOTICS_CD_GITHUB_TOKEN_BLOCK"
-        ) from exc
-    if not isinstance(value, str) or not value:
-        raise GitHubError(f"Secret block {name!r} must hold the GitHub token as a string")
-    return value
+class GitHubCredentials(BaseModel):
+    """Where GitHub's API is and the token to call it with: the one way the product builds
+    a :class:`GitHubClient` (``get_client``). The token is a ``SecretStr``, so a logged or
+    raised credentials object never shows it."""
+
+    model_config = ConfigDict(frozen=True)
+    base_url: str
+    token: SecretStr
+
+    @classmethod
+    def load(cls, block_name: str | None = None) -> GitHubCredentials:
+        """From settings: the API URL and the Secret block holding the token."""
+        name = block_name or get_settings().github_token_block
+        try:
+            block: Secret[Any] = Secret.load(name, _sync=True)  # type: ignore[call-arg,assignment]
+        except ValueError as exc:  # Prefect raises ValueError for a missing block
+            raise _no_token_block(name) from exc
+        return cls._of(name, block.get())
+
+    @classmethod
+    async def aload(cls, block_name: str | None = None) -> GitHubCredentials:
+        """:meth:`load` for async code (hooks, async tasks): the block is read without
+        blocking the loop."""
+        name = block_name or get_settings().github_token_block
+        try:
+            block: Secret[Any] = await Secret.aload(name)
+        except ValueError as exc:
+            raise _no_token_block(name) from exc
+        return cls._of(name, block.get())
+
+    @classmethod
+    def _of(cls, block: str, value: object) -> GitHubCredentials:
+        if not isinstance(value, str) or not value:
+            raise GitHubError(f"Secret block {block!r} must hold the GitHub token as a string")
+        return cls(base_url=get_settings().github_api_url, token=SecretStr(value))
+
+    def get_client(
+        self,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        retries: int = 3,
+        backoff_seconds: float = 1.0,
+    ) -> GitHubClient:
+        return GitHubClient(
+            base_url=self.base_url,
+            token=self.token.get_secret_value(),
+            transport=transport,
+            retries=retries,
+            backoff_seconds=backoff_seconds,
+        )
+
+
+def _no_token_block(name: str) -> GitHubError:
+    return GitHubError(
+        f"no Secret block {name!r} with the GitHub token; create it "
+        f"(Secret(value='<token>').save({name!r})) or set ROBOTICS_CD_GITHUB_TOKEN_BLOCK"
+    )
 
 
 def github_client(
@@ -256,12 +301,19 @@ def github_client(
     retries: int = 3,
     backoff_seconds: float = 1.0,
 ) -> GitHubClient:
-    return GitHubClient(
-        base_url=base_url or get_settings().github_api_url,
-        token=token if token is not None else load_token(),
-        transport=transport,
-        retries=retries,
-        backoff_seconds=backoff_seconds,
+    """A client from settings' credentials, or from the URL and token given (the comment
+    receiver holds its own)."""
+    credentials = (
+        GitHubCredentials.load()
+        if token is None
+        else GitHubCredentials(
+            base_url=base_url or get_settings().github_api_url, token=SecretStr(token)
+        )
+    )
+    if base_url is not None:
+        credentials = credentials.model_copy(update={"base_url": base_url})
+    return credentials.get_client(
+        transport=transport, retries=retries, backoff_seconds=backoff_seconds
     )
 
 

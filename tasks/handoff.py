@@ -371,20 +371,17 @@ async def post_commit_status(
     Runs the GitHub client in a worker thread with the token loaded asynchronously, so it
     works from async hooks and tasks alike.
     """
-    from prefect.blocks.system import Secret
-
-    from tasks.github import GitHubClient, check_repo, check_sha
+    from tasks.github import GitHubCredentials, check_repo, check_sha
 
     settings = get_settings()
     logger = run_logger("robotics_cd.handoff")
     try:
         repo = check_repo(load_catalog(settings.catalog).service(service).github)
         check_sha(sha)
-        block = await Secret.aload(settings.github_token_block)
-        token: Any = block.get()  # type: ignore[attr-defined]
+        credentials = await GitHubCredentials.aload()
 
         def post() -> None:
-            with GitHubClient(base_url=settings.github_api_url, token=str(token)) as gh:
+            with credentials.get_client() as gh:
                 gh.set_commit_status(repo, sha, state, context, description, target_url)  # type: ignore[arg-type]
 
         await anyio.to_thread.run_sync(post)

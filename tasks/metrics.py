@@ -13,6 +13,7 @@ Templates are plain PromQL with ``{placeholder}`` tokens (only the names in
 from __future__ import annotations
 
 import ipaddress
+import json
 import math
 import re
 import ssl
@@ -27,7 +28,7 @@ import httpx
 from prefect import task
 from prefect.blocks.system import Secret
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from core.analysis import (
     AnalysisRun,
@@ -225,16 +226,6 @@ class _Bearer(httpx.Auth):
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         request.headers["Authorization"] = f"Bearer {self._token}"
         yield request
-
-
-def load_prometheus_auth(block_name: str | None = None) -> httpx.Auth | None:
-    """Credentials from the Secret block named in settings; ``None`` when there is none."""
-    name = block_name or get_settings().prometheus_auth_block
-    try:
-        block: Secret[Any] = Secret.load(name, _sync=True)  # type: ignore[call-arg,assignment]
-    except ValueError:  # no such block: this Prometheus takes no credentials
-        return None
-    return prometheus_auth(block.get(), block=name)
 
 
 class PrometheusClient:
@@ -453,17 +444,53 @@ class IntervalResult(BaseModel):
         return self.analysis.verdict
 
 
+class PrometheusCredentials(BaseModel):
+    """Where Prometheus is, how to authenticate (none, basic or bearer: what the Secret block
+    holds) and the CA of its certificate: the one way the product builds a
+    :class:`PrometheusClient` (``get_client``). The secret value is kept as ``SecretStr``."""
+
+    model_config = ConfigDict(frozen=True)
+    base_url: str
+    auth_block: str = ""
+    auth_value: SecretStr | None = Field(
+        default=None, description="The Secret block's value as JSON (a token or a mapping)."
+    )
+    ca_bundle: str | None = None
+
+    @classmethod
+    def load(cls, url: str | None = None) -> PrometheusCredentials:
+        """From settings; a missing auth block means this Prometheus takes no credentials."""
+        settings = get_settings()
+        name = settings.prometheus_auth_block
+        value: Any = None
+        try:
+            block: Secret[Any] = Secret.load(name, _sync=True)  # type: ignore[call-arg,assignment]
+            value = block.get()
+        except ValueError:
+            pass
+        return cls(
+            base_url=url or settings.prometheus_url,
+            auth_block=name,
+            auth_value=SecretStr(json.dumps(value)) if value is not None else None,
+            ca_bundle=str(settings.prometheus_ca_bundle) if settings.prometheus_ca_bundle else None,
+        )
+
+    def get_client(self, *, transport: httpx.BaseTransport | None = None) -> PrometheusClient:
+        auth = (
+            prometheus_auth(json.loads(self.auth_value.get_secret_value()), block=self.auth_block)
+            if self.auth_value is not None
+            else None
+        )
+        return PrometheusClient(
+            base_url=self.base_url, auth=auth, ca_bundle=self.ca_bundle, transport=transport
+        )
+
+
 @contextmanager
 def prometheus(
     url: str | None = None, *, transport: httpx.BaseTransport | None = None
 ) -> Iterator[PrometheusClient]:
-    settings = get_settings()
-    client = PrometheusClient(
-        base_url=url or settings.prometheus_url,
-        auth=load_prometheus_auth(),
-        ca_bundle=str(settings.prometheus_ca_bundle) if settings.prometheus_ca_bundle else None,
-        transport=transport,
-    )
+    client = PrometheusCredentials.load(url).get_client(transport=transport)
     try:
         yield client
     finally:
