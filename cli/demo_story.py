@@ -862,7 +862,6 @@ def _pointed_at(sb: launcher.Sandbox, env: dict[str, str]) -> Iterator[None]:
 
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
-    get_settings.cache_clear()
     try:
         with temporary_settings(
             updates={PREFECT_API_URL: sb.prefect_api_url, PREFECT_UI_URL: sb.prefect_ui_url}
@@ -874,7 +873,6 @@ def _pointed_at(sb: launcher.Sandbox, env: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        get_settings.cache_clear()
 
 
 def which_git() -> None:

@@ -44,14 +44,12 @@ def engine_settings() -> Iterator[None]:
     saved = {k: os.environ.get(k) for k in ("ROBOTICS_CD_WORKSPACE", "ROBOTICS_CD_TRIVY_CACHE_DIR")}
     os.environ["ROBOTICS_CD_WORKSPACE"] = str(SESSION_DIR / "work")
     os.environ["ROBOTICS_CD_TRIVY_CACHE_DIR"] = str(SESSION_DIR / "trivy-cache")
-    get_settings.cache_clear()
     yield
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-    get_settings.cache_clear()
 
 
 @pytest.fixture(scope="session")
@@ -198,8 +196,6 @@ async def sample_service_repo(
         catalog_path = root / "services.yaml"
         catalog_path.write_text(yaml.safe_dump(catalog, sort_keys=False))
         monkeypatch.setenv("ROBOTICS_CD_CATALOG", str(catalog_path))
-        get_settings.cache_clear()
         return SampleService(bare, sha, catalog_path, load_catalog(catalog_path), image, registry)
 
     yield make
-    get_settings.cache_clear()

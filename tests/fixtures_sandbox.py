@@ -257,10 +257,7 @@ def sandbox_env(
     sandbox: SandboxHandle, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[dict[str, str]]:
     """The sandbox's env applied to ``os.environ`` for one test (settings cache cleared)."""
-    from core.settings import get_settings
 
     for key, value in sandbox.env.items():
         monkeypatch.setenv(key, value)
-    get_settings.cache_clear()
     yield sandbox.env
-    get_settings.cache_clear()

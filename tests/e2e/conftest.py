@@ -52,8 +52,6 @@ def env(sandbox: Any, prefect_for_module: Any) -> Iterator[dict[str, str]]:
     this process too (Prefect's settings are read at import: they are overridden here)."""
     from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 
-    from core.settings import get_settings
-
     values = {
         **sandbox.env,
         **FAST,
@@ -62,7 +60,6 @@ def env(sandbox: Any, prefect_for_module: Any) -> Iterator[dict[str, str]]:
     }
     saved = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
-    get_settings.cache_clear()
     settings = temporary_settings(
         updates={
             PREFECT_API_URL: prefect_for_module.api_url,
@@ -79,7 +76,6 @@ def env(sandbox: Any, prefect_for_module: Any) -> Iterator[dict[str, str]]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = old
-        get_settings.cache_clear()
 
 
 @pytest.fixture(scope="module")

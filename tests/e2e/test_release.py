@@ -74,17 +74,14 @@ def env(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[dict[str, str]]:
     """The sandbox env, with the service on each router of the matrix in turn."""
-    from core.settings import get_settings
 
     extra, undo = use_router(sandbox, request.param, tmp_path_factory.mktemp("router"))
     os.environ.update(extra)
-    get_settings.cache_clear()
     try:
         yield {**env, **extra}
     finally:
         for key in extra:
             os.environ.pop(key, None)
-        get_settings.cache_clear()
         undo()
 
 
@@ -280,7 +277,6 @@ def _last_sync(sandbox) -> tuple[object, object]:
 
 @full_matrix
 def test_expired_approval_ends_rejected_timed_out(sandbox, runner, env, build, monkeypatch):
-    from core.settings import get_settings
     from flows.release import expire_approvals
 
     before_tree = overlay_tree(sandbox)
@@ -288,7 +284,6 @@ def test_expired_approval_ends_rejected_timed_out(sandbox, runner, env, build, m
     run = start_release(image, sha)
     wait_run(run, is_paused, timeout=300, what="release waiting for approval")
     monkeypatch.setenv("ROBOTICS_CD_APPROVAL_TIMEOUT", "1s")
-    get_settings.cache_clear()
     time.sleep(1.5)  # older than the 1 s limit, whatever the clocks' rounding
     expired = anyio.run(expire_approvals)
     assert str(run.id) in expired

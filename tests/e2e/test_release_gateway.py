@@ -51,17 +51,14 @@ def env(
     env: dict[str, str], sandbox: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, str]]:
     """The sandbox env with api-gateway on the Gateway API (and back at the end)."""
-    from core.settings import get_settings
 
     extra, undo = use_router(sandbox, "gateway-api", tmp_path_factory.mktemp("router"))
     os.environ.update(extra)
-    get_settings.cache_clear()
     try:
         yield {**env, **extra}
     finally:
         for key in extra:
             os.environ.pop(key, None)
-        get_settings.cache_clear()
         undo()
 
 

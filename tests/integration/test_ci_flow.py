@@ -40,7 +40,6 @@ from core.errors import (
     ScannerUnavailable,
 )
 from core.images import parse_reference
-from core.settings import get_settings
 from flows.ci import CIResult, ci
 from sandbox.procs import free_port, wait_until
 from tasks.checks import run_check
@@ -294,7 +293,6 @@ async def test_wrong_registry_password_names_the_registry_and_leaks_nothing(
         username=sample.registry.username, password=wrong, registry_url=sample.registry.host
     ).asave(block)
     monkeypatch.setenv("ROBOTICS_CD_REGISTRY_BLOCK", block)
-    get_settings.cache_clear()
 
     state, run_id = await run_ci(sample)
     with pytest.raises(RegistryAuthFailed) as caught:
@@ -314,7 +312,6 @@ async def test_wrong_registry_password_names_the_registry_and_leaks_nothing(
     artifacts = str([(a.data, a.description) for a in await artifacts_of(run_id)])
     for secret in (wrong, sample.registry.password):  # ... without either password
         assert secret not in logs and secret not in artifacts and secret not in str(caught.value)
-    get_settings.cache_clear()
 
 
 async def test_pull_request_runs_isolated_checks_and_builds_nothing(

@@ -23,7 +23,6 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def two_services(tmp_path, monkeypatch, prefect_server) -> Iterator[Path]:
     """A catalog of api-gateway and a copy named nav-planner, over a seeded manifests repo."""
-    from core.settings import get_settings
 
     seed_manifests(tmp_path, services=("api-gateway", "nav-planner"))
     data = yaml.safe_load((ROOT / "services.yaml").read_text())
@@ -35,10 +34,8 @@ def two_services(tmp_path, monkeypatch, prefect_server) -> Iterator[Path]:
     monkeypatch.setenv("ROBOTICS_CD_CATALOG", str(catalog))
     monkeypatch.setenv("ROBOTICS_CD_GIT_BASE", f"file://{tmp_path}")
     monkeypatch.setenv("ROBOTICS_CD_WORKSPACE", str(tmp_path / "workspace"))
-    get_settings.cache_clear()
     yield catalog
     monkeypatch.undo()
-    get_settings.cache_clear()
 
 
 def test_status_without_a_service_lists_every_service(two_services):

@@ -19,15 +19,12 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def repos(tmp_path, monkeypatch):
-    from core.settings import get_settings
 
     build_history(tmp_path)
     monkeypatch.setenv("ROBOTICS_CD_GIT_BASE", f"file://{tmp_path}")
     monkeypatch.setenv("ROBOTICS_CD_WORKSPACE", str(tmp_path / "work"))
     monkeypatch.delenv("ROBOTICS_CD_CATALOG", raising=False)
-    get_settings.cache_clear()
     yield tmp_path
-    get_settings.cache_clear()
 
 
 def test_the_cli_prints_the_window_metrics(repos):

@@ -15,7 +15,6 @@ import uvicorn
 from prefect.blocks.system import Secret
 
 from core.errors import GitHubError
-from core.settings import get_settings
 from sandbox.faults import FAULTS, FaultInjector, HttpFault
 from sandbox.github import GitHubTwin, Store, build_app
 from sandbox.procs import free_port
@@ -92,10 +91,8 @@ def configured(twin, prefect_server, monkeypatch) -> Iterator[tuple[str, str]]:
     monkeypatch.setenv("ROBOTICS_CD_GITHUB_API_URL", url)
     monkeypatch.setenv("ROBOTICS_CD_GITHUB_TOKEN_BLOCK", token_block)
     monkeypatch.setenv("ROBOTICS_CD_CHAT_WEBHOOKS_BLOCK", chat_block)
-    get_settings.cache_clear()
     yield url, sha
     FAULTS.clear_http("github")
-    get_settings.cache_clear()
 
 
 def recorded(url: str) -> dict:
@@ -172,8 +169,4 @@ def test_chat_sink_down_is_a_warning(prefect_server, monkeypatch) -> None:
 
 def test_chat_without_the_block_is_a_warning(prefect_server, monkeypatch) -> None:
     monkeypatch.setenv("ROBOTICS_CD_CHAT_WEBHOOKS_BLOCK", f"missing-{secrets.token_hex(4)}")
-    get_settings.cache_clear()
-    try:
-        assert send_chat.fn("t", "x") == []
-    finally:
-        get_settings.cache_clear()
+    assert send_chat.fn("t", "x") == []

@@ -98,12 +98,9 @@ def manifests(tmp_path) -> str:
 @pytest.fixture
 def workspace(tmp_path, monkeypatch):
     """Flow runs clone under this test's temp dir, not the default workspace."""
-    from core.settings import get_settings
 
     monkeypatch.setenv("ROBOTICS_CD_WORKSPACE", str(tmp_path / "workspace"))
-    get_settings.cache_clear()
     yield tmp_path / "workspace"
-    get_settings.cache_clear()
 
 
 def client(tmp_path: Path, url: str, name: str = "clone", **kwargs) -> ManifestsRepo:

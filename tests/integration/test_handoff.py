@@ -31,7 +31,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from core.settings import get_settings
 from sandbox.procs import free_port, stop_pid, wait_until
 from tasks.handoff import RELEASE_CONTEXT, Handoff, hand_off, with_ci_statuses
 from tests.integration.handoff_probe import DEPLOYMENT
@@ -82,11 +81,9 @@ def github_settings(github_recorder, prefect_server, monkeypatch) -> Iterator[li
     received, port = github_recorder
     monkeypatch.setenv("ROBOTICS_CD_GITHUB_API_URL", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("ROBOTICS_CD_GITHUB_TOKEN_BLOCK", block)
-    get_settings.cache_clear()
     received.clear()
     yield received
     monkeypatch.undo()
-    get_settings.cache_clear()
 
 
 @pytest.fixture(scope="module")

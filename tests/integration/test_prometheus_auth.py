@@ -17,7 +17,6 @@ import yaml
 from prefect.blocks.system import Secret
 
 from core.errors import MetricsError
-from core.settings import get_settings
 from sandbox.kube.tls import ensure_tls
 from sandbox.procs import free_port, spawn, stop_pidfile, wait_until
 from tasks.metrics import prometheus
@@ -100,9 +99,7 @@ def auth_settings(
     block = f"prom-auth-{secrets.token_hex(4)}"
     monkeypatch.setenv("ROBOTICS_CD_PROMETHEUS_AUTH_BLOCK", block)
     monkeypatch.setenv("ROBOTICS_CD_PROMETHEUS_CA_BUNDLE", str(secured_prometheus["ca"]))
-    get_settings.cache_clear()
     yield block
-    get_settings.cache_clear()
 
 
 def test_prometheus_with_basic_auth_and_tls(
@@ -136,6 +133,5 @@ def test_prometheus_with_basic_auth_and_tls(
 
     # TLS is verified: without the private CA the same credentials go nowhere.
     monkeypatch.delenv("ROBOTICS_CD_PROMETHEUS_CA_BUNDLE")
-    get_settings.cache_clear()
     with prometheus(url) as client, pytest.raises(MetricsError, match="CERTIFICATE_VERIFY_FAILED"):
         client.query("up")

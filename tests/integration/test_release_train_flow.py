@@ -94,7 +94,6 @@ def _verdict(world: World, service: str, end: datetime | None) -> IntervalVerdic
 def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_server: Any) -> Iterator[World]:
     from types import SimpleNamespace
 
-    from core.settings import get_settings
     from flows import release_train as flow_module
 
     url = seed_manifests(tmp_path)
@@ -109,7 +108,6 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_server: Any) 
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    get_settings.cache_clear()
     w = World(bare=Path(url.removeprefix("file://")))
 
     async def staging(plan: Any, cfg: Any, record: Any) -> None:
@@ -170,10 +168,7 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_server: Any) 
     monkeypatch.setattr(flow_module.metrics, "post_release_watch", check)
     monkeypatch.setattr(flow_module.smoke, "smoke_test", lambda *a, **k: [])
     monkeypatch.setattr(flow_module.notify, "send_chat", chat)
-    try:
-        yield w
-    finally:
-        get_settings.cache_clear()
+    yield w
 
 
 def run_train(name: str) -> Any:
@@ -325,7 +320,6 @@ def test_a_train_waits_for_a_single_release_and_takes_nothing_meanwhile(
 def test_an_approved_train_in_a_freeze_is_not_released(
     world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from core.settings import get_settings
 
     catalog = tmp_path / "services.yaml"
     shipped = (Path(__file__).resolve().parents[2] / "services.yaml").read_text()
@@ -335,7 +329,6 @@ def test_an_approved_train_in_a_freeze_is_not_released(
         + "    start: 2020-01-01T00:00:00Z\n    end: 2099-01-01T00:00:00Z\n"
     )
     monkeypatch.setenv("ROBOTICS_CD_CATALOG", str(catalog))
-    get_settings.cache_clear()
     head = world.log("-1", "--format=%H").strip()
     state = anyio.run(lambda: run_train("fleet-v7"))
 

@@ -62,12 +62,9 @@ class ServiceRepo:
 
 @pytest.fixture
 def setup(tmp_path, monkeypatch):
-    from core.settings import get_settings
 
     monkeypatch.setenv("ROBOTICS_CD_WORKSPACE", str(tmp_path / "workspace"))
-    get_settings.cache_clear()
     yield seed_manifests(tmp_path), ServiceRepo(tmp_path)
-    get_settings.cache_clear()
 
 
 def stage(manifests: str, svc: ServiceRepo, n: int, sha: str, run: str) -> gitops.CommitResult:

@@ -43,14 +43,12 @@ def overlay(service: str) -> str:
 
 @pytest.fixture
 def bare(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    from core.settings import get_settings
     from flows import reconcile
 
     url = seed_manifests(tmp_path)
     monkeypatch.delenv("ROBOTICS_CD_CATALOG", raising=False)
     monkeypatch.setenv("ROBOTICS_CD_GIT_BASE", f"file://{tmp_path}")
     monkeypatch.setenv("ROBOTICS_CD_WORKSPACE", str(tmp_path / "workspace"))
-    get_settings.cache_clear()
 
     async def phase(run_id: str) -> RunPhase:
         return RunPhase.MISSING
@@ -68,7 +66,6 @@ def bare(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setattr(reconcile.smoke, "smoke_test", SimpleNamespace(fn=lambda *a, **k: []))
     monkeypatch.setattr(reconcile, "_quarantine", lambda *a, **k: None)
     yield Path(url.removeprefix("file://"))
-    get_settings.cache_clear()
 
 
 def die_mid_canary(bare: Path, tmp_path: Path) -> tuple[TrainRepo, str]:

@@ -44,7 +44,6 @@ from prefect.states import Cancelling
 from prefect.variables import Variable
 from prefect_kubernetes.credentials import KubernetesClusterConfig, KubernetesCredentials
 
-from core.settings import get_settings
 from core.training import TrainParams, job_name
 from flows.training import READY_TITLE, latest_variable, train, training_image
 from sandbox.procs import free_port, stop_pid, wait_until
@@ -173,7 +172,6 @@ async def platform(registry: Any, prefect_server: Any) -> Any:
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    get_settings.cache_clear()
     state = root / "twin"
     try:
         with start_kube_twin(state, **config) as twin:
@@ -199,7 +197,6 @@ async def platform(registry: Any, prefect_server: Any) -> Any:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        get_settings.cache_clear()
 
 
 @pytest.fixture(scope="module")

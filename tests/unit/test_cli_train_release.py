@@ -27,13 +27,10 @@ class Found:
 
 @pytest.fixture(autouse=True)
 def shipped_catalog(monkeypatch):
-    from core.settings import get_settings
 
     for var in ("ROBOTICS_CD_CATALOG", "ROBOTICS_CD_PUSH_REGISTRY", "ROBOTICS_CD_PULL_REGISTRY"):
         monkeypatch.delenv(var, raising=False)
-    get_settings.cache_clear()
     yield
-    get_settings.cache_clear()
 
 
 @pytest.mark.parametrize(

@@ -55,12 +55,9 @@ def test_manual_rollback_is_refused_before_a_run_starts(args, message, monkeypat
 
 @pytest.fixture
 def shipped_catalog(monkeypatch):
-    from core.settings import get_settings
 
     monkeypatch.delenv("ROBOTICS_CD_CATALOG", raising=False)
-    get_settings.cache_clear()
     yield
-    get_settings.cache_clear()
 
 
 @pytest.mark.usefixtures("shipped_catalog")

@@ -23,12 +23,10 @@ NOW = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
 def train(monkeypatch: pytest.MonkeyPatch) -> Iterator[Train]:
     for var in ("ROBOTICS_CD_CATALOG", "ROBOTICS_CD_CANARY_STEPS", "ROBOTICS_CD_CANARY_INTERVAL"):
         monkeypatch.delenv(var, raising=False)
-    get_settings.cache_clear()
     settings = get_settings()
     catalog = load_catalog(settings.catalog)
     bundle = bundle_from_args("fleet-v2", [f"api-gateway={GW}", f"fleet-planner={FP}"], "v2")
     yield Train(plan_train(catalog, bundle), catalog, settings)
-    get_settings.cache_clear()
 
 
 def lease(step: LeaseStep | None, commits: int = 1) -> LeaseRecord:
