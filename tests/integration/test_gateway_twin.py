@@ -14,7 +14,8 @@ import httpx
 import pytest
 
 from core.catalog import MetricRules
-from tasks.metrics import PrometheusClient, PrometheusSource, Target
+from tasks.metrics import PrometheusSource, Target
+from tasks.prometheus import PrometheusClient
 from tests.fixtures_runtime import RuntimeTwin, namespace, service, web_deployment
 
 pytestmark = pytest.mark.integration

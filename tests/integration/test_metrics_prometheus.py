@@ -20,7 +20,8 @@ from core.errors import MetricsError
 from sandbox.procs import free_port, wait_until
 from sandbox.prometheus import start_prometheus, stop_prometheus
 from sandbox.runtime.metrics import RequestMetrics, restart_metrics
-from tasks.metrics import PrometheusClient, analyse_interval, canary_window, staging_check
+from tasks.metrics import analyse_interval, canary_window, staging_check
+from tasks.prometheus import PrometheusClient
 
 pytestmark = pytest.mark.integration
 

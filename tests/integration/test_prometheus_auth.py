@@ -19,7 +19,7 @@ from prefect.blocks.system import Secret
 from core.errors import MetricsError
 from sandbox.kube.tls import ensure_tls
 from sandbox.procs import free_port, spawn, stop_pidfile, wait_until
-from tasks.metrics import prometheus
+from tasks.prometheus import prometheus
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

@@ -11,7 +11,7 @@ from pydantic import SecretStr
 from core.errors import MetricsError
 from tasks.argocd import ArgoCDCredentials
 from tasks.github import GitHubCredentials
-from tasks.metrics import PrometheusCredentials
+from tasks.prometheus import PrometheusCredentials
 
 TOKEN = "ghp_not-in-any-log-0123456789"
 

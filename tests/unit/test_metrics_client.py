@@ -9,7 +9,8 @@ import httpx
 import pytest
 
 from core.errors import InvalidInput, MetricsError
-from tasks.metrics import TEMPLATES, PrometheusClient, Target, prom_duration, render
+from tasks.metrics import TEMPLATES, Target, prom_duration, render
+from tasks.prometheus import PrometheusClient
 
 
 def client(handler) -> PrometheusClient:

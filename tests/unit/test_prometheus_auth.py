@@ -6,7 +6,7 @@ import httpx
 import pytest
 
 from core.errors import MetricsError
-from tasks.metrics import PrometheusClient, prometheus_auth
+from tasks.prometheus import PrometheusClient, prometheus_auth
 
 OK = {"status": "success", "data": {"resultType": "vector", "result": []}}
 

@@ -23,7 +23,7 @@ from core.kustomize import (
     unexpected_changes,
 )
 from core.traffic import QUERIES, envoy_cluster
-from tasks.metrics import Target, _buckets, render
+from tasks.metrics import Target, buckets_from_samples, render
 
 GOLDEN = Path(__file__).parent / "golden" / "kustomize"
 SVC = "fleet-planner"
@@ -175,10 +175,10 @@ def test_gateway_api_queries_read_envoy_gateway_cluster_stats():
 
 
 def test_envoy_latency_buckets_in_milliseconds_become_seconds():
-    from tasks.metrics import Sample
+    from tasks.prometheus import Sample
 
     samples = [Sample(labels={"le": "250"}, value=3.0), Sample(labels={"le": "+Inf"}, value=4.0)]
-    assert _buckets(samples, QUERIES["gateway-api"].le_seconds) == [
+    assert buckets_from_samples(samples, QUERIES["gateway-api"].le_seconds) == [
         (0.25, 3.0),
         (float("inf"), 4.0),
     ]
