@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 from uuid import UUID
 
 import httpx
@@ -42,6 +42,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymen
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.exceptions import ObjectNotFound
+from prefect_kubernetes.credentials import KubernetesCredentials
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -54,6 +55,7 @@ from core.training import TrainParams
 from sandbox import launcher
 from sandbox.procs import http_ok, spawn, stop_pid, stop_pidfile
 from tasks.approvals import resume_with_decision
+from tasks.kube import JSON, load_credentials, read_object
 
 T = TypeVar("T")
 
@@ -402,24 +404,20 @@ def manifests_log(sb: launcher.Sandbox, count: int = 12) -> list[str]:
 # --- sandbox reads ---------------------------------------------------------------------------
 
 
-def _get(client: httpx.Client, path: str) -> dict[str, Any] | None:
-    response = client.get(path)
-    if response.status_code == 404:
-        return None
-    response.raise_for_status()
-    return dict(response.json())
+def _get(kube: KubernetesCredentials, api_version: str, plural: str, name: str) -> JSON | None:
+    """Through the product's Kubernetes client, as the release's own reads go (the demo runs
+    no event loop of its own)."""
+    return asyncio.run(read_object(kube, api_version, plural, "production", name))
 
 
-def canary_weight(client: httpx.Client) -> str:
-    ingress = _get(
-        client, f"/apis/networking.k8s.io/v1/namespaces/production/ingresses/{SERVICE}-canary"
-    )
+def canary_weight(kube: KubernetesCredentials) -> str:
+    ingress = _get(kube, "networking.k8s.io/v1", "ingresses", f"{SERVICE}-canary")
     annotations = ((ingress or {}).get("metadata") or {}).get("annotations") or {}
     return str(annotations.get("nginx.ingress.kubernetes.io/canary-weight", "?"))
 
 
-def production_image(client: httpx.Client) -> str:
-    deployment = _get(client, f"/apis/apps/v1/namespaces/production/deployments/{SERVICE}")
+def production_image(kube: KubernetesCredentials) -> str:
+    deployment = _get(kube, "apps/v1", "deployments", SERVICE)
     containers = (((deployment or {}).get("spec") or {}).get("template") or {}).get("spec") or {}
     images = [c.get("image", "") for c in containers.get("containers", [])]
     return images[0] if images else ""
@@ -450,7 +448,7 @@ class Demo:
     options: DemoOptions
     sb: launcher.Sandbox
     runs: Runs
-    kube: httpx.Client
+    kube: KubernetesCredentials
     narrator: Narrator
     story: Story = field(default_factory=Story)
 
@@ -807,19 +805,16 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> int:
         with _pointed_at(sb, env):
             triggers = start_triggers(sb, env, logs)
             started = triggers
-            kube = launcher.KubeClient(Path(sb.kubeconfig))
-            try:
-                with get_client(sync_client=True) as client:
-                    runs = Runs(client)
-                    narrator.wait(
-                        "robotics-cd serve + robotics-cd webhook serve",
-                        lambda: triggers_ready(runs, sb, started),
-                        timeout=options.deadlines.triggers,
-                        where=f"{logs}/serve.log and {logs}/webhook.log",
-                    )
-                    _play(Demo(options, sb, runs, kube.client, narrator, story))
-            finally:
-                kube.close()
+            kube = asyncio.run(load_credentials())  # the sandbox's block, as a release reads it
+            with get_client(sync_client=True) as client:
+                runs = Runs(client)
+                narrator.wait(
+                    "robotics-cd serve + robotics-cd webhook serve",
+                    lambda: triggers_ready(runs, sb, started),
+                    timeout=options.deadlines.triggers,
+                    where=f"{logs}/serve.log and {logs}/webhook.log",
+                )
+                _play(Demo(options, sb, runs, kube, narrator, story))
     except (DemoFailed, RoboticsCDError) as exc:
         story.failed = str(exc)
     except KeyboardInterrupt:

@@ -98,6 +98,26 @@ async def load_credentials(block_name: str | None = None) -> KubernetesCredentia
         return KubernetesCredentials()
 
 
+async def read_object(
+    credentials: KubernetesCredentials, api_version: str, plural: str, namespace: str, name: str
+) -> JSON | None:
+    """One namespaced object of an API group (``apps/v1`` Deployments, ``networking.k8s.io/v1``
+    Ingresses, ``gateway.networking.k8s.io/v1`` HTTPRoutes, ...), or None when absent. The
+    CustomObjects API's path (``/apis/{group}/{version}/namespaces/...``) is the same for
+    every group, so one call reads them all; the core group (``v1``) is not served by it."""
+    group, _, version = api_version.rpartition("/")
+    if not group:
+        raise InvalidInput(f"{api_version!r}: read_object reads API groups, not the core group")
+    async with credentials.get_client("custom_objects") as api:
+        try:
+            found = await api.get_namespaced_custom_object(group, version, namespace, plural, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise _translate(exc, f"reading {plural} {namespace}/{name}") from exc
+    return dict(found)
+
+
 def _kind_of(body: JSON) -> JobKind:
     try:
         return kind_of(body)

@@ -150,6 +150,53 @@ def test_kubectl_lists_namespaces_and_creates_gets_and_deletes_a_deployment(
     assert gone.returncode != 0 and "NotFound" in gone.stderr
 
 
+async def test_the_product_reads_objects_of_any_api_group(kube_twin: KubeTwin, tmp_path: Path):
+    """tasks.kube.read_object (what the demo shows production with): a Deployment and an
+    Ingress through the one CustomObjects path; an absent object is None; the core group
+    is refused before any call."""
+    from core.errors import InvalidInput
+    from tasks.kube import read_object
+
+    namespace = fresh_namespace(kube_twin, tmp_path, "read")
+    ingress = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "Ingress",
+        "metadata": {
+            "name": "web-canary",
+            "namespace": namespace,
+            "annotations": {"nginx.ingress.kubernetes.io/canary-weight": "25"},
+        },
+        "spec": {"rules": [{"host": "web.local"}]},
+    }
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "web", "namespace": namespace, "labels": {"app": "web"}},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": {"labels": {"app": "web"}},
+                "spec": {"containers": [{"name": "web", "image": "registry.local/web:2"}]},
+            },
+        },
+    }
+    kube_twin.kubectl(
+        "create", "-f", str(write_yaml_json(tmp_path / "o.json", ingress, deployment))
+    )
+    creds = credentials(kube_twin)
+
+    read = await read_object(creds, "networking.k8s.io/v1", "ingresses", namespace, "web-canary")
+    assert read is not None
+    assert read["metadata"]["annotations"]["nginx.ingress.kubernetes.io/canary-weight"] == "25"
+    web = await read_object(creds, "apps/v1", "deployments", namespace, "web")
+    assert web is not None
+    assert web["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.local/web:2"
+    assert await read_object(creds, "apps/v1", "deployments", namespace, "absent") is None
+    with pytest.raises(InvalidInput, match="core group"):
+        await read_object(creds, "v1", "pods", namespace, "x")
+
+
 def test_kubectl_gets_pytorchjobs_in_training(kube_twin: KubeTwin, tmp_path: Path):
     existing = kube_twin.kubectl("get", "namespaces", "-o", "name").stdout.split()
     objects: list[dict[str, Any]] = []
