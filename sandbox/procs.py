@@ -28,12 +28,17 @@ def remembered_port(portfile: Path) -> int | None:
         port = int(portfile.read_text())
     except (OSError, ValueError):
         return None
+    return port if port_free(port) else None
+
+
+def port_free(port: int) -> bool:
+    """Nothing holds ``port`` on 127.0.0.1 (binding it would succeed)."""
     with socket.socket() as s:
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
-            return None
-    return port
+            return False
+    return True
 
 
 def wait_until(

@@ -29,7 +29,6 @@ import contextlib
 import json
 import logging
 import secrets
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -56,7 +55,7 @@ from sandbox.kube.store import (
     selects,
 )
 from sandbox.kube.tls import ensure_tls
-from sandbox.procs import free_port
+from sandbox.procs import free_port, port_free
 
 log = logging.getLogger("sandbox.kube.api")
 
@@ -893,21 +892,12 @@ def _pick_port(state_dir: Path, configured: Any) -> int:
     remembered = state_dir / "kube" / "port"
     if remembered.exists():
         port = int(remembered.read_text().strip() or 0)
-        if port and _port_free(port):
+        if port and port_free(port):
             return port
     port = free_port()
     remembered.parent.mkdir(parents=True, exist_ok=True)
     remembered.write_text(str(port))
     return port
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 async def start(ctx: Any) -> None:

@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from starlette.routing import Route
 
 from sandbox.faults import FAULTS, FaultRegistry, admin_routes
 from sandbox.kube.prometheus_sd import target_groups
-from sandbox.procs import free_port
+from sandbox.procs import free_port, port_free
 from sandbox.runtime import events
 from sandbox.runtime import gateway as gw
 from sandbox.runtime.config import RuntimeConfig
@@ -152,7 +151,7 @@ class Runtime:
             namespace, self.store, endpoints, self.metrics, self.faults, self.envoy
         )
         port = self.router_ports.get(namespace)
-        if not port or (namespace not in self.config.ingress_ports and not _port_free(port)):
+        if not port or (namespace not in self.config.ingress_ports and not port_free(port)):
             port = free_port()
         await self.ctx.serve(router, port, f"ingress:{namespace}")
         self.routers[namespace] = router
@@ -343,15 +342,6 @@ class Runtime:
             *admin_routes(self.faults),
         ]
         return Starlette(routes=routes)
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 async def start(ctx: Any) -> None:
