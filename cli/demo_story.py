@@ -654,7 +654,7 @@ class Demo:
         sha = push_commit(
             self.sb,
             TRAINING_REPO,
-            {"configs/demo.yaml": _training_config(stamp), "Dockerfile": _non_root},
+            {"configs/demo.yaml": _training_config(stamp), "Dockerfile": non_root},
             f"demo: configs/demo.yaml, trainer runs as non-root ({stamp})",
         )
         self.narrator.say(
@@ -717,7 +717,7 @@ def _index_html(stamp: str) -> str:
     )
 
 
-def _non_root(dockerfile: str) -> str:
+def non_root(dockerfile: str) -> str:
     """The training Dockerfile with a non-root user owning the checkpoint directory (once)."""
     if "\nUSER " in dockerfile:
         return dockerfile

@@ -91,7 +91,7 @@ class StageResult(BaseModel):
     seconds: float = 0.0
 
 
-def _tar_checkout(root: Path, out: IO[bytes]) -> None:
+def tar_checkout(root: Path, out: IO[bytes]) -> None:
     """Write the checkout (without .git) as ``workspace/...`` owned by the check user."""
     uid, gid = (int(x) for x in CHECK_USER.split(":"))
 
@@ -322,7 +322,7 @@ async def run_check(
         reaped = await anyio.to_thread.run_sync(lambda: reap_expired(client))
         if reaped:
             logger.warning("removed check containers past their deadline: %s", ", ".join(reaped))
-        await anyio.to_thread.run_sync(lambda: _tar_checkout(root, archive))
+        await anyio.to_thread.run_sync(lambda: tar_checkout(root, archive))
         size_mb = archive.seek(0, 2) / (1 << 20)
         if size_mb > limits.workspace_mb * 0.9:
             raise InvalidInput(

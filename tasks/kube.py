@@ -114,7 +114,7 @@ async def read_object(
         except ApiException as exc:
             if exc.status == 404:
                 return None
-            raise _translate(exc, f"reading {plural} {namespace}/{name}") from exc
+            raise api_error(exc, f"reading {plural} {namespace}/{name}") from exc
     return dict(found)
 
 
@@ -132,7 +132,7 @@ def node0_pod(kind: JobKind, name: str) -> tuple[str | None, str | None, str]:
     return f"{name}-master-0", None, CONTAINER_NAME
 
 
-def _translate(exc: ApiException, what: str) -> KubeError:
+def api_error(exc: ApiException, what: str) -> KubeError:
     """An API failure as our error, with the server's own words and what to do."""
     hint = {
         401: "the credentials in the KubernetesCredentials block were refused",
@@ -143,7 +143,7 @@ def _translate(exc: ApiException, what: str) -> KubeError:
     return KubeError(f"{what}: HTTP {exc.status} {exc.reason}: {hint}")
 
 
-async def _retry_unless_ours(task: Any, task_run: Any, state: Any) -> bool:
+async def retry_unless_ours(task: Any, task_run: Any, state: Any) -> bool:
     """Retry transport trouble and 5xx; a KubeError (4xx, refusal) will not get better."""
     error = await state.aresult(raise_on_failure=False)
     if isinstance(error, KubeError):
@@ -170,7 +170,7 @@ async def read_job(
     except ApiException as exc:
         if exc.status == 404:
             return None
-        raise _translate(exc, f"reading {kind.kind} {namespace}/{name}") from exc
+        raise api_error(exc, f"reading {kind.kind} {namespace}/{name}") from exc
     return dict(result)  # type: ignore[call-overload]
 
 
@@ -192,7 +192,7 @@ async def delete_job(
     except ApiException as exc:
         if exc.status == 404:
             return False
-        raise _translate(exc, f"deleting {kind.kind} {namespace}/{name}") from exc
+        raise api_error(exc, f"deleting {kind.kind} {namespace}/{name}") from exc
     return True
 
 
@@ -205,7 +205,7 @@ async def delete_job(
     task_run_name="submit {body[metadata][name]}",
     retries=2,
     retry_delay_seconds=5,
-    retry_condition_fn=_retry_unless_ours,
+    retry_condition_fn=retry_unless_ours,
 )
 async def submit_training_job(body: JSON, *, credentials_block: str | None = None) -> JSON:
     """Create the job, or adopt it if this flow run already created it (a rerun).
@@ -233,7 +233,7 @@ async def submit_training_job(body: JSON, *, credentials_block: str | None = Non
         )
     except ApiException as exc:
         if exc.status != 409:
-            raise _translate(exc, f"creating {kind.kind} {namespace}/{name}") from exc
+            raise api_error(exc, f"creating {kind.kind} {namespace}/{name}") from exc
         existing = await read_job(credentials, name, namespace, kind)
         if existing is None:
             raise KubeError(
@@ -417,7 +417,7 @@ async def watch_job(
                         return obj
             except ApiException as exc:
                 if exc.status != 410:
-                    raise _translate(exc, f"watching {kind.kind} {namespace}/{name}") from exc
+                    raise api_error(exc, f"watching {kind.kind} {namespace}/{name}") from exc
                 logger.info("watch of %s expired (410 Gone); re-listing", name)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 logger.warning("watch of %s dropped (%s); re-listing", name, exc)
@@ -478,7 +478,7 @@ async def stream_pod_log(
                 obj = await _find_pod(core, pod, selector, namespace)
             except ApiException as exc:
                 if exc.status != 404:
-                    raise _translate(exc, f"reading pod {namespace}/{pod or selector}") from exc
+                    raise api_error(exc, f"reading pod {namespace}/{pod or selector}") from exc
                 obj = None
             except (aiohttp.ClientError, TimeoutError):
                 obj = None  # the API server is away for a moment; look again
@@ -511,7 +511,7 @@ async def stream_pod_log(
             except ApiException as exc:
                 # 400: the container is not running yet / already gone; look again soon.
                 if exc.status not in (400, 404):
-                    raise _translate(exc, f"reading the log of {namespace}/{pod_name}") from exc
+                    raise api_error(exc, f"reading the log of {namespace}/{pod_name}") from exc
                 streamed[key] = max(skip, copied)
             except (aiohttp.ClientError, TimeoutError):
                 streamed[key] = max(skip, copied)
@@ -623,5 +623,5 @@ async def read_node0_log(
         except ApiException as exc:
             if exc.status in (400, 404):
                 return []
-            raise _translate(exc, f"reading the node-0 log of {namespace}/{name}") from exc
+            raise api_error(exc, f"reading the node-0 log of {namespace}/{name}") from exc
     return str(text).splitlines()[-KEPT_LINES:]

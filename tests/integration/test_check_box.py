@@ -20,10 +20,10 @@ from sandbox.procs import wait_until
 from tasks.checks import (
     DEADLINE_LABEL,
     CheckLimits,
-    _tar_checkout,
     create_check_container,
     reap_expired,
     run_command_sync,
+    tar_checkout,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -95,7 +95,7 @@ def test_a_hostile_check_is_contained(client: docker.DockerClient, tmp_path: Pat
     lines: list[str] = []
     (tmp_path / "hostile.sh").write_text(HOSTILE)
     with tempfile.TemporaryFile() as archive:
-        _tar_checkout(tmp_path, archive)
+        tar_checkout(tmp_path, archive)
         started = time.monotonic()
         code, _tail = run_command_sync(
             client,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cli.demo_story import DEMO_WINDOWS, FAST_WINDOWS, DemoOptions, _non_root, digest_of
+from cli.demo_story import DEMO_WINDOWS, FAST_WINDOWS, DemoOptions, digest_of, non_root
 
 SEED = Path(__file__).resolve().parents[2] / "sandbox/seed/robotics-training/Dockerfile"
 
@@ -30,10 +30,10 @@ def test_fast_windows_fit_the_sandbox_load() -> None:
 
 def test_the_training_commit_makes_the_trainer_non_root_once() -> None:
     seed = SEED.read_text()
-    changed = _non_root(seed)
+    changed = non_root(seed)
     assert "\nUSER 65534:65534\nENTRYPOINT" in changed
     assert changed.index("chown 65534:65534 /checkpoints") < changed.index("\nUSER ")
-    assert _non_root(changed) == changed  # a second demo on the same sandbox changes nothing
+    assert non_root(changed) == changed  # a second demo on the same sandbox changes nothing
 
 
 def test_digest_of_an_image_reference() -> None:

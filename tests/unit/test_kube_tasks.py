@@ -6,14 +6,14 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from prefect.states import Failed
 
 from core.errors import KubeError
-from tasks.kube import _retry_unless_ours, _translate
+from tasks.kube import api_error, retry_unless_ours
 
 
 async def test_only_transport_errors_and_5xx_are_retried():
-    refused = _translate(ApiException(status=422, reason="Unprocessable Entity"), "creating x")
-    broken = _translate(ApiException(status=503, reason="Service Unavailable"), "creating x")
+    refused = api_error(ApiException(status=422, reason="Unprocessable Entity"), "creating x")
+    broken = api_error(ApiException(status=503, reason="Service Unavailable"), "creating x")
     assert "422" in str(refused) and "invalid" in str(refused)
-    assert not await _retry_unless_ours(None, None, Failed(data=refused))
-    assert await _retry_unless_ours(None, None, Failed(data=broken))
-    assert await _retry_unless_ours(None, None, Failed(data=ConnectionResetError("reset")))
+    assert not await retry_unless_ours(None, None, Failed(data=refused))
+    assert await retry_unless_ours(None, None, Failed(data=broken))
+    assert await retry_unless_ours(None, None, Failed(data=ConnectionResetError("reset")))
     assert isinstance(refused, KubeError)
