@@ -35,6 +35,7 @@ from prefect.client.schemas.objects import FlowRun, State
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 
+from core import record_text
 from core.analysis import (
     AnalysisRun,
     Decision,
@@ -346,7 +347,7 @@ async def announce_superseded(cfg: Config, run: FlowRun, why: str) -> None:
     await in_thread(
         notify.send_chat,
         result.headline,
-        report.release_summary(record),
+        record_text.release_summary(record),
         link=report.flow_run_url(run.id),
     )
     get_run_logger().warning("release %s ended Superseded: %s", run.id, why)
@@ -361,7 +362,7 @@ async def await_approval(plan: ReleasePlan, cfg: Config, record: ReleaseRecord) 
     diff = await in_thread(
         gitops.preview_production_change, plan.service, plan.pull_image, **cfg.git("production")
     )
-    description = report.approval_description(record, diff)
+    description = record_text.approval_description(record, diff)
     # A newer release may have passed staging while this one was finishing its own checks
     # (before it waited, so that one could not end it): ask for approval only of what staging
     # runs. Cached: a resumed run does not ask again.
@@ -1052,7 +1053,7 @@ def end(
     report.publish_release_record(record)
     emit_release_event(result.event, plan, {"outcome": record.outcome})
     notify.send_chat(
-        result.headline, report.release_summary(record), link=report.flow_run_url(flow_run.id)
+        result.headline, record_text.release_summary(record), link=report.flow_run_url(flow_run.id)
     )
     if result.state == "completed":
         return Completed(message=result.message, name=result.state_name)

@@ -29,6 +29,7 @@ from prefect.client.schemas.objects import State
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 
+from core import record_text
 from core.analysis import Decision, IntervalVerdict, TrackObservation, Verdict
 from core.approval import ApprovalDecision, approval_heading
 from core.catalog import Catalog, load_catalog
@@ -259,7 +260,7 @@ async def approve_bundle(
             plans[name].pull_image,
             **train.configs[name].git("production"),
         )
-        parts.append(report.approval_description(record.services[name], diff))
+        parts.append(record_text.approval_description(record.services[name], diff))
     if record.bundle_smoke:
         parts.append(f"Bundle smoke test: {len(record.bundle_smoke)} path(s) passed")
     await in_thread(

@@ -9,8 +9,6 @@ them). The chart is drawn with matplotlib's Agg backend (no display) and embedde
 
 from __future__ import annotations
 
-import base64
-import io
 import re
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -29,6 +27,8 @@ from prefect.utilities.urls import url_for
 
 from core.analysis import AnalysisRun, Decision, IntervalVerdict, MetricVerdict
 from core.errors import InvalidInput
+from core.record_text import ReleaseLike, as_verdict, fmt_num, render_release_record
+from tasks.charts import Points, canary_chart_png, dora_chart_png, dora_markdown, png_markdown
 
 _KEY_BAD = re.compile(r"[^a-z0-9-]+")
 
@@ -90,10 +90,6 @@ def _clamp(percent: float) -> float:
 # --- analysis table ------------------------------------------------------------------------
 
 
-def _num(value: float | None) -> str:
-    return "no data" if value is None else f"{value:.4g}"
-
-
 def weights_at(intervals: Sequence[Any], steps: Sequence[tuple[int, datetime]]) -> list[int | None]:
     """The canary weight in force at each interval's start (from the steps' commit times)."""
     out: list[int | None] = []
@@ -136,8 +132,8 @@ def _row(interval: IntervalVerdict, m: MetricVerdict, weight: str) -> dict[str, 
         "interval end": interval.end.astimezone(UTC).strftime("%H:%M:%S"),
         "weight": weight,
         "metric": m.metric,
-        "canary": _num(m.canary),
-        "stable": _num(m.stable),
+        "canary": fmt_num(m.canary),
+        "stable": fmt_num(m.stable),
         "threshold": m.threshold,
         "verdict": m.verdict.label,
         "p-value": "" if m.p_value is None else f"{m.p_value:.3g}",
@@ -167,74 +163,6 @@ def chart_steps(steps: Sequence[tuple[int, datetime]]) -> list[tuple[float, int]
     return [(at.timestamp(), weight) for weight, at in steps]
 
 
-# --- the canary chart ----------------------------------------------------------------------
-
-Points = Sequence[tuple[float, float]]
-
-
-def canary_chart_png(
-    error_ratio: Mapping[str, Points],
-    p99_seconds: Mapping[str, Points],
-    steps: Sequence[tuple[float, int]] = (),
-    *,
-    title: str = "canary vs stable",
-) -> bytes:
-    """Error ratio and P99 over time, canary vs stable, with the weight steps marked.
-
-    Series are ``{"canary": [(unix_ts, value), ...], "stable": [...]}``; steps are
-    ``(unix_ts, weight_percent)``.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display anywhere this runs
-    from matplotlib import dates as mdates
-    from matplotlib import pyplot as plt
-
-    fig, (ax_err, ax_p99) = plt.subplots(2, 1, figsize=(8, 5), sharex=True, dpi=80)
-    try:
-        colours = {"canary": "tab:orange", "stable": "tab:blue"}
-        for ax, series, label, scale in (
-            (ax_err, error_ratio, "5xx ratio (%)", 100.0),
-            (ax_p99, p99_seconds, "P99 latency (ms)", 1000.0),
-        ):
-            for track in ("stable", "canary"):
-                points = series.get(track, [])
-                if points:
-                    xs = [datetime.fromtimestamp(t, UTC) for t, _ in points]
-                    ys = [v * scale for _, v in points]
-                    ax.plot(xs, ys, label=track, color=colours[track], linewidth=1.5)
-            ax.set_ylabel(label)
-            ax.grid(True, alpha=0.3)
-            for ts, weight in steps:
-                at = datetime.fromtimestamp(ts, UTC)
-                ax.axvline(at, color="grey", linestyle="--", linewidth=0.8)
-                if ax is ax_err:
-                    ax.annotate(
-                        f"{weight}%",
-                        xy=(mdates.date2num(at), 1.0),  # type: ignore[no-untyped-call]
-                        xycoords=("data", "axes fraction"),
-                        xytext=(2, -10),
-                        textcoords="offset points",
-                        fontsize=8,
-                        color="grey",
-                    )
-        if ax_err.get_legend_handles_labels()[0]:
-            ax_err.legend(loc="upper left", fontsize=8)
-        ax_err.set_title(title)
-        ax_p99.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S"))  # type: ignore[no-untyped-call]
-        fig.autofmt_xdate()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", bbox_inches="tight")
-        return buffer.getvalue()
-    finally:
-        plt.close(fig)
-
-
-def png_markdown(png: bytes, alt: str = "canary") -> str:
-    encoded = base64.b64encode(png).decode("ascii")
-    return f"![{alt}](data:image/png;base64,{encoded})"
-
-
 def publish_canary_chart(
     key: str,
     error_ratio: Mapping[str, Points],
@@ -256,242 +184,10 @@ def publish_canary_chart(
     )
 
 
-# --- the release record --------------------------------------------------------------------
-
-
-class ReleaseLike(Protocol):
-    """What the release record is rendered from (the release flow's record,
-    ``core.release.ReleaseRecord``). Analyses may be verdicts or interval results; smoke
-    results may be models or dicts."""
-
-    @property
-    def service(self) -> str: ...
-    @property
-    def flow_run_id(self) -> str: ...
-    @property
-    def source_sha(self) -> str: ...
-    @property
-    def image(self) -> str: ...
-    @property
-    def digest(self) -> str: ...
-    @property
-    def staging_commit(self) -> str: ...
-    @property
-    def staging_revision(self) -> str: ...
-    @property
-    def smoke(self) -> Sequence[Any]: ...
-    @property
-    def staging_metrics(self) -> Any: ...
-    @property
-    def decision(self) -> Any: ...
-    @property
-    def production_commits(self) -> Sequence[str]: ...
-    @property
-    def production_revisions(self) -> Sequence[str]: ...
-    @property
-    def steps(self) -> Sequence[tuple[int, datetime]]: ...
-    @property
-    def analyses(self) -> Sequence[Any]: ...
-    @property
-    def watch(self) -> Sequence[Any]: ...
-    @property
-    def rollback_commit(self) -> str: ...
-    @property
-    def rollback_verification(self) -> Sequence[Any]: ...
-    @property
-    def notes(self) -> Sequence[str]: ...
-    @property
-    def outcome(self) -> str: ...
-
-
-def as_verdict(item: Any) -> IntervalVerdict:
-    """An IntervalVerdict from a verdict or from anything carrying one as ``.analysis``."""
-    verdict = getattr(item, "analysis", item)
-    if not isinstance(verdict, IntervalVerdict):
-        raise TypeError(f"not an interval verdict: {type(item).__name__}")
-    return verdict
-
-
-def _field(item: Any, name: str) -> Any:
-    return item.get(name) if isinstance(item, Mapping) else getattr(item, name, None)
-
-
-def _smoke_text(results: Sequence[Any]) -> str:
-    parts = []
-    for r in results:
-        status, latency = _field(r, "status"), _field(r, "latency_ms")
-        text = f"{_field(r, 'path')} {status or 'no answer'}"
-        if latency is not None:
-            text += f" ({latency:.0f} ms)"
-        parts.append(text)
-    return ", ".join(parts) or "not run"
-
-
-def _cell(text: object) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def _short(sha: str) -> str:
-    return sha[:12] if re.fullmatch(r"[0-9a-f]{40}", sha or "") else (sha or "none")
-
-
-def _shas(shas: Sequence[str]) -> str:
-    return ", ".join(f"`{_short(s)}`" for s in dict.fromkeys(shas)) or "none"
-
-
-def _decision_text(decision: Any) -> tuple[str, str]:
-    if decision is None:
-        return "pending", ""
-    outcome = decision.outcome() if callable(getattr(decision, "outcome", None)) else decision
-    return str(outcome), str(getattr(decision, "comment", "") or "")
-
-
-def _approval_paths(decision: Any) -> str:
-    """Each answer and the path it took (github / ui), and a break-glass if there was one."""
-    paths = decision.paths() if callable(getattr(decision, "paths", None)) else []
-    glass = getattr(decision, "break_glass", None)
-    text = "; ".join(paths) or "none recorded"
-    return f"{text}; **{glass.describe()}**" if glass is not None else text
-
-
-def render_release_record(record: ReleaseLike, *, run_url: str | None = None) -> str:
-    """The release record as markdown, in the order a release goes: source commit → image
-    digest → staging and production manifest commits → Argo CD revisions → analyses →
-    approver and comment → outcome."""
-    approval, comment = _decision_text(record.decision)
-    staging = record.staging_metrics
-    rows = [
-        ("Source commit", f"`{_short(record.source_sha)}`"),
-        ("Image", f"`{record.image}`"),
-        ("Digest", f"`{record.digest}`" if record.digest else "none"),
-        (
-            "Staging manifest commit",
-            _shas([record.staging_commit] if record.staging_commit else []),
-        ),
-        (
-            "Staging Argo CD revision",
-            _shas([record.staging_revision] if record.staging_revision else []),
-        ),
-        ("Staging smoke", _smoke_text(record.smoke)),
-        (
-            "Staging metrics",
-            f"{as_verdict(staging).verdict.label}: {as_verdict(staging).reason}"
-            if staging
-            else "not run",
-        ),
-        ("Approval", approval),
-        ("Comment", comment or "none"),
-        ("Approvals", _approval_paths(record.decision)),
-        ("Production manifest commits", _shas(record.production_commits)),
-        ("Production Argo CD revisions", _shas(record.production_revisions)),
-        (
-            "Canary steps",
-            ", ".join(f"{w}% at {t.astimezone(UTC):%H:%M:%S}" for w, t in record.steps) or "none",
-        ),
-    ]
-    if record.rollback_commit:
-        rows.append(("Rollback commit", _shas([record.rollback_commit])))
-        rows.append(("Rollback smoke", _smoke_text(record.rollback_verification)))
-    rows.append(("Outcome", f"**{record.outcome}**"))
-    url = run_url or flow_run_url(record.flow_run_id)
-    if url:
-        rows.append(("Flow run", f"[{record.flow_run_id}]({url})"))
-    out = [f"# Release of {record.service}: {record.outcome}", "", "| | |", "|---|---|"]
-    out += [f"| {name} | {_cell(value)} |" for name, value in rows]
-    for title, items, track in (
-        ("Canary analyses", record.analyses, "canary"),
-        ("Post-release watch", record.watch, "stable"),
-    ):
-        if items:
-            out += [
-                "",
-                f"## {title}",
-                "",
-                f"| interval end | verdict | {track} requests | reason |",
-            ]
-            out.append("|---|---|---|---|")
-            for item in items:
-                v = as_verdict(item)
-                count = v.canary_requests if track == "canary" else v.stable_requests
-                requests = "no data" if count is None else f"{count:.0f}"
-                out.append(
-                    f"| {v.end.astimezone(UTC):%H:%M:%S} | {v.verdict.label} | {requests} | "
-                    f"{_cell(v.reason)} |"
-                )
-    measured = getattr(record, "measured", None) or []
-    if measured:
-        out += ["", "## Measured pods", "", "| window | pod | seen at | started | runs |"]
-        out.append("|---|---|---|---|---|")
-        for window in measured:
-            span = f"{window.what} {window.start:%H:%M:%S}–{window.end:%H:%M:%S}"
-            for pod in window.pods:
-                digests = ", ".join(sorted(pod.digests)) or "no digest"
-                judged = window.digest
-                ours = (
-                    digests
-                    if judged is None
-                    else "this digest"
-                    if pod.runs(judged)
-                    else f"**other**: {digests}"
-                )
-                started = f"{pod.started_at:%H:%M:%S}" if pod.started_at else "?"
-                out.append(f"| {span} | {pod.name} | {pod.seen} | {started} | {ours} |")
-    if record.notes:
-        out += ["", "## Notes", ""] + [f"- {n}" for n in record.notes]
-    return "\n".join(out) + "\n"
-
-
-def release_summary(record: ReleaseLike) -> str:
-    """A few markdown lines for chat: what, where it ended, why."""
-    approval, _ = _decision_text(record.decision)
-    lines = [
-        f"**{record.service}** `{record.image.rsplit('/', 1)[-1]}`",
-        f"source `{_short(record.source_sha)}` · approval: {approval}",
-        f"outcome: **{record.outcome}**",
-    ]
-    if record.analyses:
-        last = as_verdict(record.analyses[-1])
-        lines.append(f"last analysis: {last.verdict.label} ({last.reason})")
-    return "\n\n".join(lines)
-
-
-def approval_description(record: ReleaseLike, diff: str) -> str:
-    """The markdown above the approval form: what would go to production, and why it is
-    believed good (staging results), with the production change as a diff."""
-    staging = record.staging_metrics
-    metrics_lines = []
-    if staging is not None:
-        for m in as_verdict(staging).metrics:
-            metrics_lines.append(
-                f"| {m.metric} | {_num(m.canary)} | {m.threshold} | {m.verdict.label} |"
-            )
-    parts = [
-        f"## Release {record.service} to production",
-        "",
-        f"- Image: `{record.image}`",
-        f"- Digest: `{record.digest}`",
-        f"- Source commit: `{record.source_sha}`",
-        f"- Staging: manifest commit `{_short(record.staging_commit)}`, Argo CD revision "
-        f"`{_short(record.staging_revision)}`",
-        f"- Smoke tests: {_smoke_text(record.smoke)}",
-    ]
-    if staging is not None:
-        v = as_verdict(staging)
-        parts += [
-            f"- Staging metrics: **{v.verdict.label}** ({v.reason})",
-            "",
-            "| metric | staging | threshold | verdict |",
-            "|---|---|---|---|",
-            *metrics_lines,
-        ]
-    parts += ["", "### Production change", "", "```diff", diff.rstrip() or "(no change)", "```"]
-    return "\n".join(parts) + "\n"
-
-
 def publish_release_record(record: ReleaseLike, key: str | None = None) -> UUID:
     return _artifact(
         create_markdown_artifact,
-        markdown=render_release_record(record),
+        markdown=render_release_record(record, run_url=flow_run_url(record.flow_run_id)),
         key=artifact_key(key or f"release-{record.service}"),
         description=f"Release record of {record.service}: {record.outcome}",
     )
@@ -507,7 +203,7 @@ async def publish_release_record_of(record: ReleaseLike, flow_run_id: str) -> No
             ArtifactCreate(
                 key=artifact_key(f"release-{record.service}"),
                 type="markdown",
-                data=render_release_record(record),
+                data=render_release_record(record, run_url=flow_run_url(flow_run_id)),
                 description=f"Release record of {record.service}: {record.outcome}",
                 flow_run_id=UUID(flow_run_id),
             )
@@ -580,98 +276,6 @@ class CanaryProgress:
 
 
 # --- the weekly DORA report ----------------------------------------------------------------
-
-
-def dora_chart_png(weeks: Sequence[Any], *, title: str = "DORA metrics by week") -> bytes:
-    """Per week (``core.dora.DoraReport``s, oldest first): deployments (promoted and failed),
-    change fail and rework rates, and the median change lead time."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    labels = [f"{w.since:%m-%d}" for w in weeks]
-    xs = list(range(len(weeks)))
-    fig, (ax_n, ax_rate, ax_lead) = plt.subplots(3, 1, figsize=(8, 7), sharex=True, dpi=80)
-    try:
-        promoted = [w.promoted for w in weeks]
-        ax_n.bar(xs, promoted, color="tab:green", label="promoted")
-        ax_n.bar(xs, [w.failed for w in weeks], bottom=promoted, color="tab:red", label="failed")
-        ax_n.set_ylabel("deployments")
-        ax_n.legend(loc="upper left", fontsize=8)
-        ax_n.set_title(title)
-        for name, colour, values in (
-            ("change fail rate", "tab:red", [w.change_fail_rate for w in weeks]),
-            ("rework rate", "tab:orange", [w.rework_rate for w in weeks]),
-        ):
-            ax_rate.plot(
-                xs,
-                [float("nan") if v is None else v * 100 for v in values],
-                marker="o",
-                color=colour,
-                label=name,
-            )
-        ax_rate.set_ylabel("% of deployments")
-        ax_rate.set_ylim(0, 105)
-        ax_rate.legend(loc="upper left", fontsize=8)
-        leads = [w.lead_time.median_seconds for w in weeks]
-        ax_lead.plot(
-            xs,
-            [float("nan") if v is None else v / 3600 for v in leads],
-            marker="o",
-            color="tab:blue",
-        )
-        ax_lead.set_ylabel("median lead time (h)")
-        ax_lead.set_xticks(xs, labels)
-        for ax in (ax_n, ax_rate, ax_lead):
-            ax.grid(True, alpha=0.3)
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", bbox_inches="tight")
-        return buffer.getvalue()
-    finally:
-        plt.close(fig)
-
-
-def dora_markdown(current: Any, weeks: Sequence[Any], png: bytes) -> str:
-    """The weekly artifact: this week's five metrics, a row per week, the chart."""
-    from core.dora import format_rate, format_seconds
-
-    who = current.service or "all services"
-    lines = [
-        f"# DORA metrics: {who}",
-        "",
-        f"Week {current.since:%Y-%m-%d %H:%M} .. {current.until:%Y-%m-%d %H:%M} UTC, read from "
-        "the manifests repo's history (see docs/dora.md).",
-        "",
-        "| metric | value |",
-        "|---|---|",
-        f"| deployment frequency | {current.deployments} ({current.deployments_per_day:.2f}/day) |",
-        f"| change lead time | median {format_seconds(current.lead_time.median_seconds)}, "
-        f"p90 {format_seconds(current.lead_time.p90_seconds)} ({current.lead_time.count} changes) |",
-        f"| change fail rate | {format_rate(current.change_fail_rate)} "
-        f"({current.failed} of {current.deployments}) |",
-        f"| failed deployment recovery time | median "
-        f"{format_seconds(current.recovery_time.median_seconds)} ({current.recovery_time.count}) |",
-        f"| deployment rework rate | {format_rate(current.rework_rate)} "
-        f"({current.rework} of {current.deployments}) |",
-    ]
-    if current.in_progress:
-        lines.append(f"| in progress (not counted) | {_cell(', '.join(current.in_progress))} |")
-    if current.awaiting_fix:
-        lines.append(f"| rolled back, no fix yet | {_cell(', '.join(current.awaiting_fix))} |")
-    lines += [
-        "",
-        "| week of | deployments | failed | rework | lead time (median) | recovery (median) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for w in weeks:
-        lines.append(
-            f"| {w.since:%Y-%m-%d} | {w.deployments} | {w.failed} | {w.rework} | "
-            f"{format_seconds(w.lead_time.median_seconds)} | "
-            f"{format_seconds(w.recovery_time.median_seconds)} |"
-        )
-    lines += ["", png_markdown(png, alt="dora"), ""]
-    return "\n".join(lines)
 
 
 def publish_dora_report(key: str, current: Any, weeks: Sequence[Any]) -> UUID:

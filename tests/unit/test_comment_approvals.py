@@ -253,7 +253,7 @@ async def test_an_unsigned_comment_is_refused_before_anything(sides) -> None:
 
 def test_the_release_record_names_each_approver_its_path_and_a_break_glass() -> None:
     from core.approval import decide
-    from tasks.report import render_release_record
+    from core.record_text import render_release_record
     from tests.unit.test_report import Record
 
     def glass(approver: str, login: str, reason: str) -> Vote:

@@ -9,15 +9,9 @@ import pytest
 
 from core.analysis import IntervalVerdict, MetricVerdict, Verdict
 from core.errors import InvalidInput
-from tasks.report import (
-    analysis_rows,
-    approval_description,
-    artifact_key,
-    canary_chart_png,
-    png_markdown,
-    release_summary,
-    render_release_record,
-)
+from core.record_text import approval_description, release_summary, render_release_record
+from tasks.charts import canary_chart_png, png_markdown
+from tasks.report import analysis_rows, artifact_key
 
 END = datetime(2026, 11, 27, 12, 30, 5, tzinfo=UTC)
 INTERVAL = IntervalVerdict(
