@@ -21,8 +21,8 @@ step the lease records, with the ``before`` and the commits recorded there.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar
@@ -103,7 +103,7 @@ from tasks.approvals import (
     wait_for_votes,
     waiting_releases,
 )
-from tasks.blocking import in_thread
+from tasks.blocking import in_thread, renewing_every
 from tasks.caching import once_per_run
 from tasks.lifecycle import emit_release_event, start_rollback_for
 
@@ -595,29 +595,16 @@ def renew(plan: ReleasePlan, cfg: Config) -> None:
     )
 
 
-@asynccontextmanager
-async def renewing(plan: ReleasePlan, cfg: Config, *, until: timedelta) -> AsyncIterator[None]:
-    """Renew the lease every ``renew_period`` while the block runs, for at most ``until``: a
-    call stuck past its own deadline stops renewing, so the reconciler sees it dead."""
-    period = renew_period(lease_ttl(cfg.policy)).total_seconds()
-    stop_at = time.monotonic() + until.total_seconds()
-
-    async def loop() -> None:
-        while time.monotonic() + period < stop_at:
-            await anyio.sleep(period)
-            try:
-                await anyio.to_thread.run_sync(renew, plan, cfg)
-            except LeaseLost:
-                raise
-            except RoboticsCDError as exc:  # a slow remote: the next renewal may pass
-                get_run_logger().warning("lease renewal failed, retrying: %s", exc)
-
-    async with anyio.create_task_group() as group:
-        group.start_soon(loop)
-        try:
-            yield
-        finally:
-            group.cancel_scope.cancel()
+def renewing(
+    plan: ReleasePlan, cfg: Config, *, until: timedelta
+) -> AbstractAsyncContextManager[None]:
+    """The production lease renewed every ``renew_period`` while a block runs, at most ``until``."""
+    return renewing_every(
+        lambda: renew(plan, cfg),
+        period=renew_period(lease_ttl(cfg.policy)),
+        until=until,
+        what="lease renewal",
+    )
 
 
 async def _wait_interval_or_command(

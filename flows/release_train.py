@@ -18,8 +18,7 @@ own parts (``flows.release``), called per service.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -68,7 +67,7 @@ from core.train import (
 from flows.release import Config, deploy_staging
 from tasks import argocd, gitops, images, lifecycle, metrics, notify, quarantine, report, smoke
 from tasks.approvals import wait_for_votes
-from tasks.blocking import in_thread
+from tasks.blocking import in_thread, renewing_every
 from tasks.gitops import train as train_git
 from tasks.lifecycle import emit_train_event
 
@@ -170,28 +169,15 @@ def renew(train: Train) -> None:
     )
 
 
-@asynccontextmanager
-async def renewing(train: Train, *, until: timedelta) -> AsyncIterator[None]:
-    """Renew every lease every ``renew_period`` while the block runs, at most ``until``."""
-    period = renew_period(train.ttl).total_seconds()
-    stop_at = time.monotonic() + until.total_seconds()
-
-    async def loop() -> None:
-        while time.monotonic() + period < stop_at:
-            await anyio.sleep(period)
-            try:
-                await anyio.to_thread.run_sync(renew, train)
-            except LeaseLost:
-                raise
-            except RoboticsCDError as exc:  # a slow remote: the next renewal may pass
-                get_run_logger().warning("train lease renewal failed, retrying: %s", exc)
-
-    async with anyio.create_task_group() as group:
-        group.start_soon(loop)
-        try:
-            yield
-        finally:
-            group.cancel_scope.cancel()
+def renewing(train: Train, *, until: timedelta) -> AbstractAsyncContextManager[None]:
+    """Every lease of the train renewed every ``renew_period`` while a block runs, at most
+    ``until``."""
+    return renewing_every(
+        lambda: renew(train),
+        period=renew_period(train.ttl),
+        until=until,
+        what="train lease renewal",
+    )
 
 
 async def sync_all(train: Train, commit: str, order: list[str]) -> list[str]:

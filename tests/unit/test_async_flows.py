@@ -17,6 +17,7 @@ import ast
 import importlib
 import inspect
 import pkgutil
+import time
 from types import ModuleType
 from typing import Any
 
@@ -150,3 +151,64 @@ def test_in_thread_keeps_the_loop_serving_while_the_call_blocks() -> None:
 
     assert anyio.run(main) == 0.5
     assert ticks >= 5
+
+
+def test_the_renewal_runs_beside_the_block_and_stops_at_its_limit() -> None:
+    """Every period while the block runs, at most ``until``; a failure of the remote is
+    retried at the next period; a lost lease ends the block with LeaseLost."""
+    from datetime import timedelta
+
+    from core.errors import GitOpsError, LeaseLost
+    from tasks.blocking import renewing_every
+
+    calls: list[float] = []
+
+    def renew() -> None:
+        calls.append(time.monotonic())
+        if len(calls) == 2:
+            raise GitOpsError("the remote is slow")
+
+    async def run(hold: float, until: float) -> None:
+        async with renewing_every(
+            renew, period=timedelta(seconds=0.05), until=timedelta(seconds=until), what="t"
+        ):
+            await anyio.sleep(hold)
+
+    anyio.run(run, 0.5, 10.0)
+    assert len(calls) >= 5  # kept renewing after the failed second call
+    calls.clear()
+    anyio.run(run, 0.5, 0.2)  # stuck past its limit: renewals stop, the block goes on
+    assert 1 <= len(calls) <= 4
+
+    def lost() -> None:
+        raise LeaseLost("api-gateway-production", "me", "someone-else")
+
+    async def held() -> None:
+        async with renewing_every(
+            lost, period=timedelta(seconds=0.05), until=timedelta(seconds=5), what="t"
+        ):
+            await anyio.sleep(2)
+
+    with pytest.raises(LeaseLost):  # itself, not wrapped: the flow's `except LeaseLost` sees it
+        anyio.run(held)
+
+
+def test_the_blocks_own_error_comes_out_of_the_renewal_unwrapped() -> None:
+    """anyio wraps a task group's errors in an ExceptionGroup, the host's own included: a
+    Superseded or ControlPlaneLost raised by a sync under renewal came out of `renewing` as
+    an ExceptionGroup, which the release's handlers do not match (it fell to the generic
+    rollback, named "ExceptionGroup: unhandled errors in a TaskGroup")."""
+    from datetime import timedelta
+
+    from core.errors import ControlPlaneLost
+    from tasks.blocking import renewing_every
+
+    async def block() -> None:
+        async with renewing_every(
+            lambda: None, period=timedelta(seconds=0.05), until=timedelta(seconds=5), what="t"
+        ):
+            await anyio.sleep(0.12)
+            raise ControlPlaneLost("Argo CD did not answer")
+
+    with pytest.raises(ControlPlaneLost, match="did not answer"):
+        anyio.run(block)
