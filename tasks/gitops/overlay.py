@@ -447,17 +447,7 @@ class ManifestsRepo(Leases):
                     raise GitOpsError(
                         f"{sha} is not on the manifests branch {self.branch}; cannot revert it"
                     )
-            code, out = self._git_status("revert", "--no-commit", "--no-edit", *commits)
-            if code != 0:
-                conflicts = self._git_status("diff", "--name-only", "--diff-filter=U")[1]
-                self._git_status("revert", "--abort")
-                self._git("reset", "-q", "--hard", "HEAD")
-                raise OverlayRefused(
-                    f"the release's commits do not revert cleanly on {self.branch} (someone "
-                    f"changed the same lines since: {' '.join(conflicts.split()) or out.strip()})"
-                    "; nothing committed, restore those fields by hand"
-                )
-            self._git_status("revert", "--quit")
+            self._revert_in_tree(commits, "the release's commits")
 
         def existing() -> str | None:
             self._full_history()

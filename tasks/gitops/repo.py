@@ -274,6 +274,21 @@ class Repository:
                 f"+refs/heads/{self.branch}:refs/remotes/origin/{self.branch}",
             )
 
+    def _revert_in_tree(self, commits: list[str], what: str) -> None:
+        """Revert ``commits`` in the work tree, uncommitted (the caller commits and pushes);
+        a conflict leaves the tree as it was and refuses, naming the files."""
+        code, out = self._git_status("revert", "--no-commit", "--no-edit", *commits)
+        if code != 0:
+            conflicts = self._git_status("diff", "--name-only", "--diff-filter=U")[1]
+            self._git_status("revert", "--abort")
+            self._git("reset", "-q", "--hard", "HEAD")
+            raise OverlayRefused(
+                f"{what} do not revert cleanly on {self.branch} (someone changed the same "
+                f"lines since: {' '.join(conflicts.split()) or out.strip()}); nothing "
+                "committed, restore those fields by hand"
+            )
+        self._git_status("revert", "--quit")
+
     def _render(self, overlay: str) -> str:
         try:
             proc = subprocess.run(

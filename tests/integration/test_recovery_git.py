@@ -5,13 +5,14 @@ commit between them."""
 
 from __future__ import annotations
 
+import subprocess
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from core.errors import LeaseHeld, LeaseLost
+from core.errors import LeaseHeld, LeaseLost, OverlayRefused
 from core.release import LeaseStep, StepKind, commits_to_revert
 from tasks.gitops import Fence
 from tests.integration.test_gitops_http import LEASE, PRODUCTION, SERVICE, Twin, canary, remote
@@ -97,3 +98,35 @@ def test_two_reconcilers_make_exactly_one_restoring_commit(tmp_path: Path, twin:
     assert "reverting release run-1" in restoring[0]
     assert list(outcomes.values()).count("restored") == 1, outcomes
     assert dead.read_file(f"{PRODUCTION}/canary.yaml") == seeded
+
+
+def test_a_revert_that_conflicts_refuses_and_changes_nothing(tmp_path: Path, twin: Twin) -> None:
+    """The release's first canary commit cannot be reverted alone once a later commit changed
+    the same lines: the refusal names the file, nothing is pushed, and the clone is clean for
+    the next write."""
+    repo = twin.repo(tmp_path, "release")
+    repo.take_lease(LEASE, "run-1", timedelta(minutes=5))
+    first = canary(repo, 10, "run-1")
+    canary(repo, 25, "run-1")  # the same weight line, changed again
+    head_before = remote(twin, "rev-parse", "main")
+    fence = Fence(
+        lease=LEASE, holder="run-1", step=lambda sha: LeaseStep(kind=StepKind.ROLLBACK, commit=sha)
+    )
+    with pytest.raises(OverlayRefused, match=r"do not revert cleanly.*canary"):
+        repo.revert(
+            overlay=PRODUCTION,
+            commits=[first],
+            subject=f"rollback(production): {SERVICE}",
+            body="only the first step",
+            flow_run_id="run-1",
+            fence=fence,
+        )
+    assert remote(twin, "rev-parse", "main") == head_before
+    status = subprocess.run(
+        ["git", "-C", str(repo.workdir), "status", "--porcelain"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert status.stdout.strip() == ""
+    assert canary(repo, 50, "run-1")  # the clone still writes
