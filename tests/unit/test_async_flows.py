@@ -189,7 +189,8 @@ def test_the_renewal_runs_beside_the_block_and_stops_at_its_limit() -> None:
         return start
 
     start = anyio.run(stuck)
-    assert calls and all(at - start <= 0.3 for at in calls)
+    # none after the limit (a sleep may overrun a little under load; the block runs 0.8 s)
+    assert calls and all(at - start < 0.55 for at in calls)
 
     def lost() -> None:
         raise LeaseLost("api-gateway-production", "me", "someone-else")
