@@ -88,13 +88,15 @@ def _blocking_calls(mod: ModuleType) -> list[str]:
                     break
 
     found = []
-    for node in ast.walk(tree):
-        if not isinstance(node, ast.AsyncFunctionDef):
+    for flow_node in ast.walk(tree):
+        if not isinstance(flow_node, ast.AsyncFunctionDef):
             continue
-        for call in _inline_calls(mod, node):
+        for call in _inline_calls(mod, flow_node):
             label, obj = _callee(mod, call)
             if is_sync_task(obj) or label in blocking:
-                found.append(f"{mod.__name__}:{call.lineno} {node.name}() calls {label} inline")
+                found.append(
+                    f"{mod.__name__}:{call.lineno} {flow_node.name}() calls {label} inline"
+                )
     return found
 
 
@@ -134,6 +136,10 @@ def test_in_thread_keeps_the_loop_serving_while_the_call_blocks() -> None:
 
     ticks = 0
 
+    def sleep_and_return(seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds
+
     async def main() -> float:
         nonlocal ticks
 
@@ -145,7 +151,7 @@ def test_in_thread_keeps_the_loop_serving_while_the_call_blocks() -> None:
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(tick)
-            slept = await in_thread(lambda s: (time.sleep(s), s)[1], 0.5)
+            slept = await in_thread(sleep_and_return, 0.5)
             tg.cancel_scope.cancel()
         return slept
 

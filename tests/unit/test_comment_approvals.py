@@ -12,9 +12,9 @@ import pytest
 
 from core.approval import Vote
 from core.catalog import parse_catalog
-from core.webhooks import compute_signature
+from core.webhooks import RunRequest, compute_signature
 from deployments.comments import CommentApprovals, WaitingRelease
-from deployments.webhook import create_app
+from deployments.webhook import StartedRun, create_app
 
 SECRET = "s3cret"
 REPO = "robotics/robotics-api"
@@ -85,7 +85,7 @@ class FakeGitHub:
 
 
 class Starter:
-    async def __call__(self, request: Any, key: str) -> Any:
+    async def __call__(self, request: RunRequest, idempotency_key: str) -> StartedRun:
         raise AssertionError("a comment starts no run")
 
 

@@ -25,8 +25,10 @@ FRIDAY_EVENING = FreezeWindow(
 )
 
 
-def utc(*args: int) -> datetime:
-    return datetime(*args, tzinfo=UTC)  # type: ignore[misc]
+def utc(
+    year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0
+) -> datetime:
+    return datetime(year, month, day, hour, minute, second, tzinfo=UTC)
 
 
 def test_a_recurring_window_freezes_from_its_start_for_its_duration_in_its_zone() -> None:
@@ -180,6 +182,6 @@ def test_a_window_shorter_than_a_minute_still_counts() -> None:
         end=utc(2026, 12, 7, 8, 0, 30),
     )
     assert is_frozen_at([brief], utc(2026, 12, 7, 8, 0, 29))
-    assert active_freeze([brief], utc(2026, 12, 7, 8, 0, 0)).until - utc(
-        2026, 12, 7, 8, 0
-    ) == timedelta(seconds=30)  # type: ignore[union-attr]
+    freeze = active_freeze([brief], utc(2026, 12, 7, 8, 0, 0))
+    assert freeze is not None
+    assert freeze.until - utc(2026, 12, 7, 8, 0) == timedelta(seconds=30)

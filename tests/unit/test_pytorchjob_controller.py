@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Literal, TypeVar
 
 import pytest
 
@@ -17,6 +18,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 NS = "training"
 IMAGE = "127.0.0.1:5000/robotics-training/vision-train:20261127-1a2b3c4"
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -31,7 +33,10 @@ async def cluster(tmp_path) -> AsyncIterator[ObjectStore]:
         await task
 
 
-async def eventually(check: Callable[[], object], what: str, timeout: float = 5.0) -> object:
+async def eventually(
+    check: Callable[[], T | Literal[False] | None], what: str, timeout: float = 5.0
+) -> T:
+    """The first truthy result of ``check`` (typed without its falsy None or False)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         result = check()

@@ -16,6 +16,7 @@ from core.release import (
     LeaseStep,
     ReleasePlan,
     Resume,
+    RollbackPlan,
     StepKind,
     commits_to_revert,
     decode_lease,
@@ -295,11 +296,21 @@ def test_a_rollback_reverts_the_releases_own_commits_newest_first_once() -> None
 
 
 def test_a_rollback_may_act_for_its_release_or_a_dead_one() -> None:
-    common = {"recorded": [B, C], "already_reverted": set(), "later_releases": []}
+    def plan_for(holder: str | None, *, expired: bool) -> RollbackPlan:
+        return rollback_plan(
+            "rel",
+            me="me",
+            holder=holder,
+            holder_expired=expired,
+            recorded=[B, C],
+            already_reverted=set(),
+            later_releases=[],
+        )
+
     for holder in ("rel", "me", None):
-        plan = rollback_plan("rel", me="me", holder=holder, holder_expired=False, **common)
+        plan = plan_for(holder, expired=False)
         assert plan.revert == [C, B] and not plan.refused
-    expired = rollback_plan("rel", me="me", holder="other", holder_expired=True, **common)
+    expired = plan_for("other", expired=True)
     assert expired.revert == [C, B]
 
 

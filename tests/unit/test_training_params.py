@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -304,7 +305,7 @@ def test_runtime_is_only_for_a_trainjob():
 
 
 def test_trainjob_state_reads_trainer_v2_conditions():
-    job = {
+    job: dict[str, Any] = {
         "kind": "TrainJob",
         "metadata": {"creationTimestamp": "2026-12-07T03:00:00Z"},
         "status": {"jobsStatus": [{"name": "node", "active": 1, "ready": 0, "succeeded": 0}]},
