@@ -12,7 +12,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow
-from prefect.states import Completed, State
+from prefect.client.schemas.objects import State
+from prefect.states import Completed
 
 from core.freeze import Freeze
 from tasks.approvals import hold_for_freeze, wait_for_votes

@@ -344,6 +344,7 @@ async def test_zombie_automation_leaves_runs_in_custom_named_states_alone(prefec
     from datetime import UTC, datetime, timedelta
 
     from prefect import flow
+    from prefect.client.schemas.objects import State
     from prefect.events import emit_event
     from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter
     from prefect.states import Completed, Failed, Running
@@ -369,7 +370,7 @@ async def test_zombie_automation_leaves_runs_in_custom_named_states_alone(prefec
                 resource={"prefect.resource.id": f"prefect.flow-run.{run.id}"},
             )
             await anyio.sleep(1)
-            state = (
+            state: State[Any] = (
                 Failed(name=ending, message="test")
                 if ending == "Superseded"
                 else Completed(name=ending, message="test")
@@ -385,11 +386,7 @@ async def test_zombie_automation_leaves_runs_in_custom_named_states_alone(prefec
                 ),
                 limit=50,
             )
-            mine = [
-                e
-                for e in failed.events
-                if str(automation_id) in e.resource.get("prefect.resource.id", "")
-            ]
+            mine = [e for e in failed.events if str(automation_id) in e.resource.id]
             assert mine == []
         finally:
             await client.delete_automation(automation_id)

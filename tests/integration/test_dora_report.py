@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 
 import anyio
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.client.schemas.objects import Artifact
 from typer.testing import CliRunner
 
 from cli.app import app
@@ -56,12 +58,16 @@ def test_the_weekly_flow_publishes_a_markdown_artifact_with_a_chart(prefect_serv
     text = anyio.run(lambda: dora_report_flow("api-gateway", UNTIL))
     assert "(2 promoted, 2 failed)" in text  # the week 11-10 .. 11-17
 
+    def created(artifact: Artifact) -> datetime:
+        assert artifact.created is not None  # the server stamps every artifact it stores
+        return artifact.created
+
     async def latest() -> str:
         async with get_client() as client:
             found = await client.read_artifacts(
                 artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["dora-api-gateway"]))
             )
-        return str(sorted(found, key=lambda a: a.created)[-1].data)
+        return str(sorted(found, key=created)[-1].data)
 
     markdown = anyio.run(latest)
     assert "| change fail rate | 50% (2 of 4) |" in markdown

@@ -5,6 +5,7 @@ statistics scraped by a real Prometheus and read back through the analysis' own 
 
 from __future__ import annotations
 
+import functools
 import json
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -149,7 +150,7 @@ def test_weighted_httproute_status_routing_and_envoy_metrics(runtime_twin: Runti
     assert gw["status"]["addresses"] == [{"type": "IPAddress", "value": "127.0.0.1"}]
     assert gw["status"]["listeners"][0]["attachedRoutes"] == 1
     for name in ("fleet", "fleet-canary"):
-        rt.wait_for(f"{name} available", lambda name=name: _available(rt, name), timeout=60)
+        rt.wait_for(f"{name} available", functools.partial(_available, rt, name), timeout=60)
 
     url = f"{rt.router(NS)}/cgi-bin/status"
     with httpx.Client(timeout=10) as client:

@@ -284,6 +284,7 @@ async def test_an_operator_releases_a_commit_again_on_purpose(served_probe_relea
 
     sha = _new_sha()
     first = await ci_stand_in(DEPLOYMENT, sha)
+    assert first.flow_run_id is not None  # CI's hand-off started a release
     tagged, digest = IMAGE.split("@")
     tag = tagged.rsplit(":", 1)[1]
 

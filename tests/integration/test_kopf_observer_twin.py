@@ -65,11 +65,11 @@ def test_kopf_watches_labelled_pods_and_jobs_cluster_wide(
         settings.posting.enabled = False
 
     @kopf.on.event("pods", labels={LABEL: kopf.PRESENT}, registry=registry)
-    def on_pod(event: dict[str, Any], name: str, **_: Any) -> None:
+    def on_pod(event: kopf.RawEvent, name: str, **_: Any) -> None:
         seen.append((f"pod {event['type']}", name))
 
     @kopf.on.event("batch", "v1", "jobs", labels={LABEL: kopf.PRESENT}, registry=registry)
-    def on_job(event: dict[str, Any], name: str, **_: Any) -> None:
+    def on_job(event: kopf.RawEvent, name: str, **_: Any) -> None:
         seen.append((f"job {event['type']}", name))
 
     stop, ready = threading.Event(), threading.Event()

@@ -105,7 +105,9 @@ async def kube_api(twin: KubeTwin) -> AsyncIterator[client.ApiClient]:
     api_client = await config.new_client_from_config(config_file=str(twin.kubeconfig))
     try:
         try:
-            await client.CoreV1Api(api_client).create_namespace({"metadata": {"name": NAMESPACE}})
+            await client.CoreV1Api(api_client).create_namespace(
+                client.V1Namespace(metadata=client.V1ObjectMeta(name=NAMESPACE))
+            )
         except client.ApiException as exc:
             if exc.status != 409:
                 raise
@@ -197,7 +199,10 @@ async def _flow_run_job_on_host_network(api: client.ApiClient, host: HostServer)
     assert secret.data == {"RUN_TOKEN": base64.b64encode(f"token-{run_id[:8]}".encode()).decode()}
     script = f"wget -q -O- {host.url('/run/')}$RUN_TOKEN && echo flow run finished"
     job = await batch.create_namespaced_job(
-        NAMESPACE, flow_run_job(run_id, script, env_secret=secret.metadata.name)
+        NAMESPACE,
+        # The client serializes a dict as it is, and the worker sends its job manifest as one;
+        # the stub only admits a V1Job.
+        flow_run_job(run_id, script, env_secret=secret.metadata.name),  # type: ignore[arg-type]
     )
 
     seen = await pod_events_until(
@@ -256,7 +261,10 @@ async def _cancel(api: client.ApiClient, host: HostServer, stubborn: bool) -> No
         "while true; do sleep 0.2; done"
     )
     grace = 3
-    job = await batch.create_namespaced_job(NAMESPACE, flow_run_job(run_id, script, grace=60))
+    job = await batch.create_namespaced_job(
+        NAMESPACE,
+        flow_run_job(run_id, script, grace=60),  # type: ignore[arg-type]  # a dict, as above
+    )
     await asyncio.to_thread(host.wait_for, f"/started/{run_id}")
 
     deleted_at = time.monotonic()
@@ -273,7 +281,7 @@ async def _cancel(api: client.ApiClient, host: HostServer, stubborn: bool) -> No
     seen = await pod_events_until(core, run_id, lambda t, _pod: t == "DELETED")
     gone_after = time.monotonic() - deleted_at
     await asyncio.to_thread(host.wait_for, f"/term/{run_id}", 5)  # SIGTERM came first
-    final = next(terminated(p) for t, p in reversed(seen) if terminated(p) is not None)
+    final = next(s for s in (terminated(p) for _t, p in reversed(seen)) if s is not None)
     if stubborn:
         assert final["exitCode"] == 137, final  # SIGKILL, after the grace period
         assert gone_after >= grace, gone_after

@@ -15,7 +15,8 @@ import pytest
 from core.errors import LeaseHeld, LeaseLost, OverlayRefused
 from core.release import LeaseStep, StepKind, commits_to_revert
 from tasks.gitops import Fence
-from tests.integration.test_gitops_http import LEASE, PRODUCTION, SERVICE, Twin, canary, remote
+from tests.integration.test_gitops import PRODUCTION
+from tests.integration.test_gitops_http import LEASE, SERVICE, Twin, canary, remote
 from tests.integration.test_gitops_http import twin as twin
 
 pytestmark = pytest.mark.integration

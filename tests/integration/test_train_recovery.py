@@ -44,6 +44,7 @@ def overlay(service: str) -> str:
 @pytest.fixture
 def bare(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     from flows import reconcile
+    from tasks import argocd, lifecycle, smoke  # the modules reconcile calls through
 
     url = seed_manifests(tmp_path)
     monkeypatch.delenv("ROBOTICS_CD_CATALOG", raising=False)
@@ -60,10 +61,10 @@ def bare(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
         synced.append((app, revision))
         return SimpleNamespace(revision=revision)
 
-    monkeypatch.setattr(reconcile.lifecycle, "run_phase", phase)
-    monkeypatch.setattr(reconcile.lifecycle, "mark_crashed", crashed)
-    monkeypatch.setattr(reconcile.argocd, "argocd_sync_and_wait", SimpleNamespace(fn=sync))
-    monkeypatch.setattr(reconcile.smoke, "smoke_test", SimpleNamespace(fn=lambda *a, **k: []))
+    monkeypatch.setattr(lifecycle, "run_phase", phase)
+    monkeypatch.setattr(lifecycle, "mark_crashed", crashed)
+    monkeypatch.setattr(argocd, "argocd_sync_and_wait", SimpleNamespace(fn=sync))
+    monkeypatch.setattr(smoke, "smoke_test", SimpleNamespace(fn=lambda *a, **k: []))
     monkeypatch.setattr(reconcile, "_quarantine", lambda *a, **k: None)
     yield Path(url.removeprefix("file://"))
 

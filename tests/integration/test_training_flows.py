@@ -38,13 +38,14 @@ from prefect.client.schemas.filters import (
     LogFilter,
     LogFilterFlowRunId,
 )
+from prefect.client.schemas.objects import State
 from prefect.client.schemas.sorting import ArtifactSort
 from prefect.logging.handlers import APILogHandler
 from prefect.states import Cancelling
 from prefect.variables import Variable
 from prefect_kubernetes.credentials import KubernetesClusterConfig, KubernetesCredentials
 
-from core.training import TrainParams, job_name
+from core.training import Api, TrainParams, job_name
 from flows.training import READY_TITLE, latest_variable, train, training_image
 from sandbox.procs import free_port, stop_pid, wait_until
 from sandbox.runtime import cleanup, state_label
@@ -217,6 +218,12 @@ async def first_image(platform: TrainingPlatform) -> tuple[str, Any]:
     return sha, state
 
 
+def run_id_of(state: State[Any]) -> UUID:
+    """The flow run a flow call's ``return_state=True`` state belongs to: always set."""
+    assert state.state_details.flow_run_id is not None, state
+    return state.state_details.flow_run_id
+
+
 async def logs_of(flow_run_id: UUID) -> str:
     await APILogHandler.aflush()
     lines: list[str] = []
@@ -248,12 +255,13 @@ async def test_training_repo_change_pushes_image_and_notifies(
 ):
     sha, state = first_image
     assert state.is_completed(), state.message
-    record = await state.result()
+    record = await state.aresult()
     assert record.tag == f"20261121-{sha[:7]}"
     assert record.ref.startswith(
         f"{get_settings_registry(platform)}/{platform.image}:{record.tag}@sha256:"
     )
     stored = await Variable.aget(latest_variable("vision-train"))
+    assert isinstance(stored, dict), stored
     assert stored["digest"] == record.digest and stored["notified"] is True
 
     for channel in ("feishu", "dingtalk"):
@@ -265,9 +273,9 @@ async def test_training_repo_change_pushes_image_and_notifies(
     # A rerun for the same commit builds, pushes and announces nothing again.
     again = await training_image(sha=sha, return_state=True)
     assert again.is_completed()
-    assert (await again.result()).digest == record.digest
+    assert (await again.aresult()).digest == record.digest
     assert len(platform.chat("feishu")) == 1
-    logs = await logs_of(again.state_details.flow_run_id)
+    logs = await logs_of(run_id_of(again))
     assert "already in the registry" in logs
 
 
@@ -285,10 +293,10 @@ async def test_one_master_two_workers_succeed_with_epochs_and_summary(
 ):
     params = TrainParams(experiment="resnet-ok", workers=2, cpu="100m", memory="64Mi")
     state = await train(params=params, return_state=True)
-    run_id = state.state_details.flow_run_id
+    run_id = run_id_of(state)
     logs = await logs_of(run_id)
     assert state.is_completed(), f"{state.message}\n{logs[-3000:]}"
-    result = await state.result()
+    result = await state.aresult()
     assert result.phase == "Succeeded"
     assert result.checkpoint == "/checkpoints/resnet-ok/epoch-3.ckpt"
     for epoch in ("epoch 1/3", "epoch 2/3", "epoch 3/3"):
@@ -320,12 +328,12 @@ async def test_trainer_exit_1_fails_the_run_with_the_job_reason(
     assert state.is_failed()
     message = state.message or ""
     with pytest.raises(Exception) as raised:
-        await state.result()
+        await state.aresult()
     text = str(raised.value)
     assert type(raised.value).__name__ == "TrainingFailed", text
     assert "reached the specified backoff limit" in text
     assert "loss diverged" in text or "loss=nan" in text, text
-    name = job_name("resnet-nan", str(state.state_details.flow_run_id))
+    name = job_name("resnet-nan", str(run_id_of(state)))
     # cleanPodPolicy All: the pods are gone, the failed job stays for inspection.
     wait_until(lambda: not platform.pods(name), timeout=30, what="pods cleaned up")
     assert name in platform.jobs()
@@ -347,7 +355,7 @@ async def test_deadline_fails_the_run_and_stops_the_pods(
     state = await train(params=params, return_state=True)
     assert state.is_failed()
     assert "active longer than specified deadline" in (state.message or ""), state.message
-    name = job_name("resnet-slow", str(state.state_details.flow_run_id))
+    name = job_name("resnet-slow", str(run_id_of(state)))
     wait_until(lambda: not platform.pods(name), timeout=30, what="running pods deleted")
 
 
@@ -359,10 +367,10 @@ async def test_trainjob_of_three_nodes_succeeds_with_torchrun_env_and_its_log_ke
 ):
     params = TrainParams(experiment="tj-ok", api="trainjob", workers=2, cpu="100m", memory="64Mi")
     state = await train(params=params, return_state=True)
-    run_id = state.state_details.flow_run_id
+    run_id = run_id_of(state)
     logs = await logs_of(run_id)
     assert state.is_completed(), f"{state.message}\n{logs[-3000:]}"
-    result = await state.result()
+    result = await state.aresult()
     name = job_name("tj-ok", str(run_id))
     assert (result.kind, result.phase, result.job) == (
         "TrainJob",
@@ -409,9 +417,9 @@ async def test_failing_trainjob_fails_the_run_and_keeps_its_log(
     )
     state = await train(params=params, return_state=True)
     assert state.is_failed()
-    run_id = state.state_details.flow_run_id
+    run_id = run_id_of(state)
     with pytest.raises(Exception) as raised:
-        await state.result()
+        await state.aresult()
     text = str(raised.value)
     assert type(raised.value).__name__ == "TrainingFailed", text
     assert "FailedJobs" in text and "loss=nan" in text, text
@@ -430,7 +438,7 @@ async def test_failing_trainjob_fails_the_run_and_keeps_its_log(
 # full matrix, and the demo trains a PyTorchJob to its end.
 @pytest.mark.parametrize("api", ["trainjob", pytest.param("pytorchjob", marks=full_matrix)])
 async def test_a_retried_train_resumes_from_its_last_checkpoint(
-    platform: TrainingPlatform, first_image: tuple[str, Any], api: str
+    platform: TrainingPlatform, first_image: tuple[str, Any], api: Api
 ):
     """Node 0 is lost at epoch 2 (exit 137) once; the retry of the same flow run deletes the
     failed job and starts a new one that resumes from the epoch-1 checkpoint on the PVC."""
@@ -440,7 +448,7 @@ async def test_a_retried_train_resumes_from_its_last_checkpoint(
     )
     params = TrainParams(
         experiment=experiment,
-        api=api,  # type: ignore[arg-type]
+        api=api,
         workers=0,
         config="configs/preempt.yaml",
         volumes=[
@@ -452,10 +460,10 @@ async def test_a_retried_train_resumes_from_its_last_checkpoint(
     )
     retried = train.with_options(retries=1, retry_delay_seconds=0)
     state = await retried(params=params, return_state=True)
-    run_id = state.state_details.flow_run_id
+    run_id = run_id_of(state)
     logs = await logs_of(run_id)
     assert state.is_completed(), f"{state.message}\n{logs[-3000:]}"
-    result = await state.result()
+    result = await state.aresult()
     checkpoint = f"/checkpoints/{experiment}/epoch-1.ckpt"
     assert result.resumed_from == checkpoint
     assert "simulated preemption at epoch 2/3" in logs, logs[-3000:]
