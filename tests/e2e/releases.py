@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 import pytest
 from prefect import get_client
-from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.client.schemas.objects import FlowRun, State, StateType
 from prefect.deployments.flow_runs import arun_deployment
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -117,6 +117,16 @@ def wait_run(
         time.sleep(1)
         current = read_run(run.id)
     return current
+
+
+def state_of(run: FlowRun) -> State:
+    """A run's state: every run read back from the server has one."""
+    assert run.state is not None, f"flow run {run.id} has no state"
+    return run.state
+
+
+def is_crashed(run: FlowRun) -> bool:
+    return run.state is not None and run.state.type == StateType.CRASHED
 
 
 def is_paused(run: FlowRun) -> bool:

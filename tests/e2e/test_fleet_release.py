@@ -100,6 +100,7 @@ def test_a_regression_is_rolled_back_on_its_signal(
     started = datetime.now(UTC)
     done = _release(image, sha, env)
 
+    assert done.state is not None
     message = done.state.message or ""
     assert done.state.type == StateType.FAILED, done.state
     assert message.startswith("rolled back:"), message
@@ -138,6 +139,7 @@ def test_aa_good_builds_are_all_promoted_without_early_abort(
     for i in range(AA_RELEASES):
         image, sha = build_fleet({"app/aa.txt": f"{i}\n"}, f"e2e: A/A good build {i}")
         done = _release(image, sha, env)
+        assert done.state is not None
         results.append((done.state.name, done.state.message))
         print(f"\nRESULT A/A {i + 1}/{AA_RELEASES}: {done.state.name}: {done.state.message}")
         assert done.state.type == StateType.COMPLETED and done.state.name == "Promoted", results

@@ -25,11 +25,11 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import anyio
 import pytest
-from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.objects import Artifact, FlowRun, StateType
 
 from core.kustomize import CanarySettings, parse_canary
 from sandbox.procs import pid_alive, wait_until
@@ -115,6 +115,7 @@ def test_good_image_is_promoted(sandbox, runner, env, build):
     )
     assert leaked.stdout == "", leaked.stdout
 
+    assert done.state is not None
     assert done.state.type == StateType.COMPLETED and done.state.name == "Promoted", done.state
     kustomization = manifests_git(sandbox, "show", f"main:{OVERLAY}/kustomization.yaml")
     canary = manifests_git(sandbox, "show", f"main:{OVERLAY}/canary.yaml")
@@ -139,6 +140,7 @@ def test_failing_canary_is_rolled_back(sandbox, runner, env, build):
     approve_run(run, env)
     done = wait_run(run, is_final, timeout=420, what="release finished")
 
+    assert done.state is not None and done.state.message is not None, done.state
     assert done.state.type == StateType.FAILED, done.state
     assert done.state.message.startswith("rolled back:"), done.state.message
     rollback_sha = manifests_git(sandbox, "log", "-1", "--format=%H", "--", OVERLAY)
@@ -171,6 +173,7 @@ def test_a_rolled_back_digest_is_refused_until_lifted(sandbox, runner, env):
     image, sha, rollback = ROLLED_BACK["image"], ROLLED_BACK["sha"], ROLLED_BACK["rollback"]
     head = manifests_git(sandbox, "rev-parse", "main")
     refused = wait_run(start_release(image, sha), is_final, timeout=120, what="release refused")
+    assert refused.state is not None and refused.state.message is not None, refused.state
     assert refused.state.name == "Quarantined", refused.state
     assert rollback[:12] in refused.state.message and digest_of(image) in refused.state.message
     assert manifests_git(sandbox, "rev-parse", "main") == head  # refused before staging
@@ -199,6 +202,7 @@ def test_a_rolled_back_digest_is_refused_until_lifted(sandbox, runner, env):
         timeout=300,
         what="release of the lifted digest past the quarantine check",
     )
+    assert at.state is not None
     assert at.state.name != "Quarantined" and "quarantined" not in (at.state.message or "")
     if is_paused(at):
         cli("reject", str(accepted.id), "--approver", "bob", "--comment", "e2e: enough", env=env)
@@ -212,6 +216,7 @@ def test_a_slower_canary_is_rolled_back_on_p99(sandbox, runner, env, build):
         {"config/status_delay_ms.production": "300\n"}, "e2e: +300 ms per request in production"
     )
     done = release_approved(image, sha, env)
+    assert done.state is not None and done.state.message is not None, done.state
     assert done.state.type == StateType.FAILED, done.state
     assert done.state.message.startswith("rolled back:") and "p99" in done.state.message
     assert overlay_tree(sandbox) == before_tree
@@ -233,6 +238,7 @@ def test_no_traffic_is_never_promoted(sandbox, runner, env, build):
     finally:
         faults.start_load(namespace="production")
         faults.close()
+    assert done.state is not None and done.state.message is not None, done.state
     assert done.state.type == StateType.FAILED, done.state
     assert "inconclusive" in done.state.message, done.state.message
     assert overlay_tree(sandbox) == before_tree
@@ -247,6 +253,7 @@ def test_reject_leaves_production_untouched(sandbox, runner, env, build):
     said = cli("reject", str(run.id), "--approver", "bob", "--comment", "not today", env=env)
     assert said.startswith(f"rejected release {run.id}")
     done = wait_run(run, is_final, timeout=120, what="release finished")
+    assert done.state is not None and done.state.message is not None, done.state
     assert done.state.name == "Rejected" and "rejected by bob" in done.state.message
     assert overlay_tree(sandbox) == before_tree
 
@@ -288,6 +295,7 @@ def test_expired_approval_ends_rejected_timed_out(sandbox, runner, env, build, m
     expired = anyio.run(expire_approvals)
     assert str(run.id) in expired
     done = wait_run(run, is_final, timeout=120, what="release finished")
+    assert done.state is not None
     assert done.state.name == "Rejected" and done.state.message == "rejected: timed out"
     assert overlay_tree(sandbox) == before_tree
 
@@ -297,6 +305,7 @@ def test_an_older_commit_is_refused_as_superseded(sandbox, runner, env, build):
     old_image, old_sha = build({"www/release-e2e.txt": "older\n"}, "e2e: older")
     new_image, new_sha = build({"www/release-e2e.txt": "newer\n"}, "e2e: newer")
     promoted = release_approved(new_image, new_sha, env)
+    assert promoted.state is not None
     assert promoted.state.name == "Promoted", promoted.state
     before_tree = overlay_tree(sandbox)
     # Issue #16: staging already runs the newer commit, so the older release is refused at
@@ -304,6 +313,7 @@ def test_an_older_commit_is_refused_as_superseded(sandbox, runner, env, build):
     done = wait_run(
         start_release(old_image, old_sha), is_final, timeout=420, what="older release ended"
     )
+    assert done.state is not None and done.state.message is not None, done.state
     assert done.state.name == "Superseded", done.state
     assert new_sha[:12] in done.state.message and "writes nothing" in done.state.message
     assert overlay_tree(sandbox) == before_tree
@@ -325,12 +335,14 @@ def test_a_second_release_waits_for_the_lock(sandbox, runner, env, build):
             timeout=180,
             what="release waiting on the lock",
         )
+        assert waiting.state is not None
         assert holder in (waiting.state.message or "")
         status = cli("status", SERVICE, env=env)
         assert holder in status
     finally:
         gitops.release_lease.fn(SERVICE, "production", holder=holder)
     done = wait_run(run, is_final, timeout=420, what="release finished after the lock")
+    assert done.state is not None
     assert done.state.name == "Promoted", done.state
 
 
@@ -354,6 +366,7 @@ def test_operators_can_promote_now_or_abort(sandbox, runner, env, build):
         env=env,
     )
     done = wait_run(run, is_final, timeout=300, what="release promoted by hand")
+    assert done.state is not None
     assert done.state.name == "Promoted", done.state
     subject = manifests_git(sandbox, "log", "-1", "--format=%s", "--", OVERLAY)
     assert subject.startswith("promote(production)")
@@ -367,6 +380,7 @@ def test_operators_can_promote_now_or_abort(sandbox, runner, env, build):
     _wait_canary_commit(sandbox, str(run.id))
     cli("abort", str(run.id), "--operator", "bob", "--reason", "wrong build", env=env)
     done = wait_run(run, is_final, timeout=300, what="release aborted")
+    assert done.state is not None and done.state.message is not None, done.state
     assert done.state.type == StateType.FAILED and "aborted by bob" in done.state.message
     assert "wrong build" in done.state.message
     assert overlay_tree(sandbox) == before_tree
@@ -383,7 +397,7 @@ def test_a_prefect_server_killed_mid_canary_loses_nothing(
     from prefect.client.schemas.objects import StateType as ST
 
     from sandbox import prefect_server
-    from tests.e2e.releases import read_run
+    from tests.e2e.releases import read_run, state_of
 
     home = prefect_for_module.home
     servers = prefect_server._stack(home).get("servers", {})
@@ -394,6 +408,7 @@ def test_a_prefect_server_killed_mid_canary_loses_nothing(
     _wait_canary_commit(sandbox, str(run.id))
     killed_at = datetime.now(UTC)
     pid = prefect_server.part_pid(home, victim)
+    assert pid is not None, f"no pid of the Prefect {victim} to kill"
     os.killpg(pid, signal.SIGKILL)
     wait_until(lambda: _reaped(pid), timeout=30, what=f"Prefect {victim} gone")
     prefect_server.start_part(home, victim, timeout=300)
@@ -401,6 +416,7 @@ def test_a_prefect_server_killed_mid_canary_loses_nothing(
     restarted_at = datetime.now(UTC)
 
     done = wait_run(run, is_final, timeout=420, what="release finished after the restart")
+    assert done.state is not None
     assert done.state.type == ST.COMPLETED and done.state.name == "Promoted", done.state
 
     record = anyio.run(_run_record, run.id, killed_at, restarted_at)
@@ -415,7 +431,7 @@ def test_a_prefect_server_killed_mid_canary_loses_nothing(
     zombie_after = float(env.get("ROBOTICS_CD_ZOMBIE_AFTER_SECONDS", "90"))
     while time.monotonic() < restarted + zombie_after + 15:
         time.sleep(5)
-        assert read_run(run.id).state.name == "Promoted"
+        assert state_of(read_run(run.id)).name == "Promoted"
     record = anyio.run(_run_record, run.id, killed_at, restarted_at)
     assert not record["bad_states"], record["bad_states"]
     assert not record["rollback_runs"], record["rollback_runs"]
@@ -429,7 +445,16 @@ def _reaped(pid: int) -> bool:
     return not pid_alive(pid)
 
 
-async def _run_record(run_id, since, until) -> dict[str, object]:
+class RunRecord(TypedDict):
+    bad_states: list[str | None]
+    task_runs: int
+    unfinished_tasks: list[tuple[str, str | None]]
+    outage_events: list[str]
+    release_record: str
+    rollback_runs: list[uuid.UUID]
+
+
+async def _run_record(run_id, since, until) -> RunRecord:
     from prefect import get_client
     from prefect.client.schemas.filters import (
         ArtifactFilter,
@@ -481,6 +506,11 @@ async def _run_record(run_id, since, until) -> dict[str, object]:
     }
 
 
+def _created(artifact: Artifact) -> datetime:
+    assert artifact.created is not None  # the server stamps every artifact it stores
+    return artifact.created
+
+
 def _latest_release_record() -> str:
     from prefect import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
@@ -490,7 +520,7 @@ def _latest_release_record() -> str:
             found = await client.read_artifacts(
                 artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"release-{SERVICE}"]))
             )
-        latest = max(found, key=lambda a: a.created)
+        latest = max(found, key=_created)
         return str(latest.data)
 
     return anyio.run(read)
@@ -504,6 +534,11 @@ def _wait_canary_commit(sandbox, run_id: str) -> None:
     )
 
 
+def _duration(run: FlowRun) -> float:
+    assert run.start_time is not None and run.end_time is not None, run  # a run that ended
+    return (run.end_time - run.start_time).total_seconds()
+
+
 def test_dora_counts_the_releases_that_happened(sandbox, runner, env):
     """`robotics-cd dora` over this module's window: every release that reached production
     is there, promoted or failed as Prefect saw it end; rejected and superseded ones are not."""
@@ -511,6 +546,7 @@ def test_dora_counts_the_releases_that_happened(sandbox, runner, env):
     runs = [r for r in runs if r.state and r.state.is_final()]
     expected = {}
     for run in runs:
+        assert run.state is not None
         if run.state.name == "Promoted":
             expected[str(run.id)] = "promoted"
         elif (run.state.message or "").startswith("rolled back:"):
@@ -529,7 +565,7 @@ def test_dora_counts_the_releases_that_happened(sandbox, runner, env):
     assert report["in_progress"] == []
     assert report["lead_time"]["count"] >= promoted  # each ships at least its own commit
     assert report["recovery_time"]["count"] == failed
-    durations = {str(r.id): (r.end_time - r.start_time).total_seconds() for r in runs}
+    durations = {str(r.id): _duration(r) for r in runs}
     for release in report["releases"]:
         if release["status"] == "failed":
             recovery = (

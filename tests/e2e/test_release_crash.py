@@ -37,6 +37,7 @@ from tests.e2e.releases import (
     production_images,
     read_run,
     start_release,
+    state_of,
     wait_run,
 )
 
@@ -133,6 +134,7 @@ def test_a_killed_release_is_rolled_back_without_a_human(sandbox, env, build, ru
             break
         assert time.monotonic() < deadline, "no rollback run finished for the killed release"
         time.sleep(2)
+    assert done[0].state is not None
     assert done[0].state.type == StateType.COMPLETED, done[0].state
     assert len(_rollback_runs(str(run.id))) == 1  # one rollback per release
     assert overlay_tree(sandbox) == before_tree
@@ -145,7 +147,7 @@ def test_a_killed_release_is_rolled_back_without_a_human(sandbox, env, build, ru
         timeout=60,
         what="production back on the old image",
     )
-    assert read_run(run.id).state.type == StateType.CRASHED
+    assert state_of(read_run(run.id)).type == StateType.CRASHED
     # The recovery quarantines the killed release's digest, naming its restoring commit.
     restore = manifests_git(
         sandbox, "log", "-1", "--format=%H", "--", "serving/api-gateway/overlays/production"

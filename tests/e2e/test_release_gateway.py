@@ -96,6 +96,7 @@ def test_good_image_is_promoted_through_the_gateway(sandbox, runner, env, build)
     )
     assert leaked.stdout == "", leaked.stdout
 
+    assert done.state is not None
     assert done.state.type == StateType.COMPLETED and done.state.name == "Promoted", done.state
     canary = manifests_git(sandbox, "show", f"main:{OVERLAY}/canary.yaml")
     assert "kind: HTTPRoute" in canary and "canary-weight" not in canary
@@ -134,6 +135,7 @@ def test_failing_canary_is_rolled_back_through_the_gateway(sandbox, runner, env,
     )
     done = release_approved(image, sha, env)
 
+    assert done.state is not None and done.state.message is not None, done.state
     assert done.state.type == StateType.FAILED, done.state
     assert done.state.message.startswith("rolled back:"), done.state.message
     assert overlay_tree(sandbox) == before_tree

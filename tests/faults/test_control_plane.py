@@ -156,6 +156,7 @@ def test_argocd_down_then_back_the_restore_is_retried_until_verified(
         done = wait_run(run, is_final, timeout=420, what="release finished")
     finally:
         stop_pid(runner.pid)  # type: ignore[attr-defined]
+    assert done.state is not None and done.state.message is not None, done.state
     assert done.state.type == StateType.FAILED and done.state.name != "RollbackFailed"
     assert done.state.message.startswith("rolled back:"), done.state.message
     _restored(sandbox, before_tree, stable)
@@ -175,6 +176,7 @@ def test_a_restore_that_never_verifies_blocks_production_until_cleared(
         done = wait_run(run, is_final, timeout=600, what="release finished")
     finally:
         stop_pid(runner.pid)  # type: ignore[attr-defined]
+    assert done.state is not None
     assert done.state.name == "RollbackFailed", (done.state.name, done.state.message)
     lease = _lease(sandbox)
     assert lease is not None and lease["blocked"], lease
@@ -217,6 +219,7 @@ def test_a_foreign_exception_in_a_canary_step_restores_production(
         done = wait_run(run, is_final, timeout=420, what="release finished")
     finally:
         stop_pid(runner.pid)  # type: ignore[attr-defined]
+    assert done.state is not None and done.state.message is not None, done.state
     assert done.state.type == StateType.FAILED, done.state
     assert done.state.message.startswith("rolled back:"), done.state.message
     _restored(sandbox, before_tree, stable)
@@ -299,6 +302,7 @@ def test_prometheus_down_mid_analysis_is_never_a_pass(sandbox, env, build, tmp_p
         if argv:
             _start_prometheus_again(sandbox, argv)
     _rolled_back_and_restored(done, sandbox, before_tree, stable)
+    assert done.state is not None and done.state.message is not None, done.state
     assert "inconclusive" in done.state.message, done.state.message
     _recovery("prometheus killed mid-analysis", fault_at)
 
@@ -328,6 +332,7 @@ def test_git_remote_hanging_on_a_canary_push_never_leaves_production_half(
         faults.clear("git")
         stop_pid(runner.pid)  # type: ignore[attr-defined]
     assert _lease(sandbox) is None
+    assert done.state is not None
     assert done.state.name in ("Promoted", "Failed"), (done.state.name, done.state.message)
     if done.state.name == "Promoted":
         wait_until(

@@ -29,11 +29,13 @@ from tests.e2e.releases import (
     ROOT,
     approve_run,
     deployed,
+    is_crashed,
     manifests_git,
     overlay_tree,
     production_images,
     read_run,
     start_release,
+    state_of,
 )
 from tests.matrix import full_matrix
 
@@ -133,11 +135,11 @@ def test_a_killed_release_is_restored(
     )
     assert "rollback(production)" in log and str(run.id) in log
     wait_until(
-        lambda: read_run(run.id).state.type == StateType.CRASHED,
+        lambda: is_crashed(read_run(run.id)),
         timeout=60,
         what="the dead release marked Crashed",
     )
-    message = read_run(run.id).state.message or ""
+    message = state_of(read_run(run.id)).message or ""
     assert "reconciler restored production" in message, message
     print(f"recovery ({recovery}): {recovered_in:.0f} s from the kill to production restored")
 
@@ -251,7 +253,7 @@ def test_a_release_killed_at_any_phase_ends_as_the_table_says(
 def _ends_as_the_table_says(
     sandbox, run, phase: str, said: str, before_tree: str, stable_before: str
 ) -> None:
-    ended = read_run(run.id).state
+    ended = state_of(read_run(run.id))
     finished_first = (
         phase == "rollback"
         and ended.type == StateType.FAILED
@@ -259,11 +261,11 @@ def _ends_as_the_table_says(
     )  # the rollback's own sync and smoke won the race with the kill: nothing left to do
     if not finished_first:
         wait_until(
-            lambda: read_run(run.id).state.type == StateType.CRASHED,
+            lambda: is_crashed(read_run(run.id)),
             timeout=60,
             what="the dead release marked Crashed",
         )
-    message = read_run(run.id).state.message or ""
+    message = state_of(read_run(run.id)).message or ""
     print(f"killed in {phase}: reconcile said {said.strip()[-400:]!r}; the run: {message!r}")
     if finished_first:
         pass
