@@ -25,7 +25,7 @@ RUN = "3f2a9c41-7b0e-4d5e-9a63-0c1b2d3e4f50"
 
 def vote(approver: str, decision: str = "approve", **kw: object) -> Vote:
     fields: dict[str, object] = {"path": "github", "authenticated": True, **kw}
-    return Vote(decision=decision, approver=approver, **fields)  # type: ignore[arg-type]
+    return Vote(decision=decision, approver=approver, **fields)
 
 
 # --- commands --------------------------------------------------------------------------------

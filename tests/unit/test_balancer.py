@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 
@@ -61,7 +61,7 @@ async def balanced(*servers: FakeServer) -> AsyncIterator[tuple[Balancer, int]]:
             server.server.close()
 
 
-async def _until(check) -> None:  # type: ignore[no-untyped-def]
+async def _until(check: Callable[[], bool]) -> None:
     while not check():
         await asyncio.sleep(0.02)
 

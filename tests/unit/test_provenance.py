@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from core.errors import InvalidInput
-from core.provenance import CIRun, judge
+from core.provenance import CIRun, Provenance, judge
 
 SHA = "a" * 40
 DIGEST = "sha256:" + "1" * 64
@@ -24,7 +24,7 @@ def _run(state: str = "COMPLETED", digest: str | None = DIGEST, event: str = "pu
     )
 
 
-def _judge(runs: list[CIRun], label: str = SHA, reason: str | None = None):  # type: ignore[no-untyped-def]
+def _judge(runs: list[CIRun], label: str = SHA, reason: str | None = None) -> Provenance:
     return judge(
         image=IMAGE,
         service="api-gateway",
