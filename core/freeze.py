@@ -10,8 +10,15 @@ asks.
 the end of the whole frozen stretch, so two windows that overlap or touch count as one (a
 release resumed at the end of the first would otherwise start in the second).
 
-An Argo CD sync window that denies the production app (``kind: deny``) is a freeze too:
-:func:`from_argocd_sync_window` turns one into a window of this module.
+An Argo CD sync window that denies the production app is a freeze too.
+:func:`argocd_freezes` reads what Argo CD answers for the app
+(``GET /api/v1/applications/{name}/syncwindows``: ``assignedWindows``, ``activeWindows``,
+``canSync``, each window only ``kind``, ``schedule``, ``duration``, ``manualSync``) with the
+project's ``spec.syncWindows`` for what that answer leaves out (``timeZone``,
+``description``): every assigned ``deny`` window is a recurring freeze, and when the app has
+``allow`` windows and none is open (Argo CD says it cannot sync, and no deny window is
+active), production is frozen until the next allow window opens.
+:func:`from_argocd_sync_window` turns one project window into a window of this module.
 """
 
 from __future__ import annotations
@@ -233,13 +240,79 @@ def from_argocd_sync_window(window: dict[str, Any], app: str) -> FreezeWindow | 
     patterns = [str(p) for p in window.get("applications") or []]
     if not any(fnmatch.fnmatchcase(app, p) for p in patterns):
         return None
+    return _argocd_window(window, app, reason=_argocd_reason(window, app))
+
+
+def _argocd_window(window: dict[str, Any], app: str, *, reason: str) -> FreezeWindow:
+    """One Argo CD sync window (its ``schedule``, ``duration``, ``timeZone``,
+    ``description``) as a recurring window of this module."""
     try:
         return FreezeWindow(
-            reason=str(window.get("description") or f"Argo CD sync window denies {app}"),
+            reason=str(window.get("description") or reason),
             cron=str(window.get("schedule", "")),
             duration=parse_duration(str(window.get("duration", ""))),
             timezone=str(window.get("timeZone") or "UTC"),
-            name=f"argocd:{window.get('schedule', '')}",
         )
     except ValueError as exc:
         raise InvalidInput(f"Argo CD sync window of {app} not understood: {exc}") from exc
+
+
+def _argocd_reason(window: dict[str, Any], app: str) -> str:
+    what = f"{window.get('schedule', '')} for {window.get('duration', '')}"
+    if str(window.get("kind", "")).lower() == "deny":
+        return f"Argo CD sync window ({what}) denies {app}"
+    return f"Argo CD allow window ({what}) of {app}"
+
+
+def _same_window(assigned: dict[str, Any], spec: dict[str, Any]) -> bool:
+    return all(
+        str(assigned.get(k) or "") == str(spec.get(k) or "")
+        for k in ("kind", "schedule", "duration")
+    )
+
+
+def argocd_freezes(
+    app: str,
+    answer: dict[str, Any],
+    project_windows: list[dict[str, Any]],
+    now: datetime,
+) -> list[FreezeWindow]:
+    """The freezes Argo CD puts on ``app`` (the production app), from its sync windows
+    answer (``GET /api/v1/applications/{app}/syncwindows``) and the project's
+    ``spec.syncWindows`` (for each window's ``timeZone`` and ``description``, which that
+    answer leaves out; a window not found there is read in UTC).
+
+    - Each assigned ``deny`` window is a recurring freeze (``manualSync: true`` included:
+      Argo CD would let a manual sync through, but a freeze is a decision about releases,
+      not about who presses sync, and our production syncs are the release's own).
+    - When the app has ``allow`` windows, Argo CD cannot sync it, and no assigned deny
+      window is active now, the app is outside every allow window: frozen from ``now``
+      until the next one opens (or for a day, re-read then, if none ever opens)."""
+    now = _aware(now)
+    assigned = [dict(w) for w in answer.get("assignedWindows") or []]
+    found: list[FreezeWindow] = []
+    allows: list[FreezeWindow] = []
+    for window in assigned:
+        kind = str(window.get("kind", "")).lower()
+        spec = next((dict(p) for p in project_windows if _same_window(window, p)), {})
+        merged = {
+            **window,
+            "timeZone": spec.get("timeZone"),
+            "description": spec.get("description"),
+        }
+        if kind == "deny":
+            found.append(_argocd_window(merged, app, reason=_argocd_reason(window, app)))
+        elif kind == "allow":
+            allows.append(_argocd_window(merged, app, reason=_argocd_reason(window, app)))
+    can_sync = answer.get("canSync")
+    if allows and can_sync is False and active_freeze(found, now) is None:
+        opens = [start for start in (w.next_start(now) for w in allows) if start is not None]
+        end = min(opens) if opens else now + timedelta(days=1)
+        found.append(
+            FreezeWindow(
+                reason=f"Argo CD allows {app} to sync only in its allow windows, none open now",
+                start=now,
+                end=max(end, now + timedelta(seconds=1)),
+            )
+        )
+    return found

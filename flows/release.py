@@ -59,7 +59,7 @@ from core.errors import (
     Superseded,
     VerificationFailed,
 )
-from core.freeze import active_freeze, next_freeze
+from core.freeze import FreezeWindow, active_freeze, next_freeze
 from core.ordering import MeasuredWindow, measured_pods_verdict, staging_may_write
 from core.release import (
     CommandAction,
@@ -94,8 +94,10 @@ from tasks import (
 )
 from tasks import github as gh
 from tasks.approvals import (
+    FROZEN,
     WaitingPolicy,
     hold_for_freeze,
+    paused_release_runs,
     pending_commands,
     refused_attempts,
     supersede_run,
@@ -388,7 +390,7 @@ async def wait_for_approval(plan: ReleasePlan, cfg: Config, description: str) ->
     """Votes until the quorum or a reject; then, approved during a freeze, ``Frozen`` until
     the window ends (or a break-glass). Nothing of production is held meanwhile."""
     svc, policy = cfg.svc, cfg.catalog.approval_policy(plan.service)
-    windows = cfg.catalog.freeze_windows(plan.service)
+    windows = cfg.catalog.freeze_windows(plan.service) + await argocd_freezes(cfg)
     freeze = active_freeze(windows, datetime.now(UTC))
     upcoming = next_freeze(windows, datetime.now(UTC))
     heading = approval_heading(str(flow_run.id), policy.required, freeze, upcoming)
@@ -416,6 +418,12 @@ async def wait_for_approval(plan: ReleasePlan, cfg: Config, description: str) ->
     emit_release_event("frozen", plan, {"until": freeze.until.isoformat()})
     await hold_for_freeze(svc.approvers, freeze, heading + description)
     return decision  # not reached: the run re-executes from the top when resumed
+
+
+async def argocd_freezes(cfg: Config) -> list[tuple[str, FreezeWindow]]:
+    """The freezes the production app's Argo CD sync windows put on the release."""
+    app = cfg.svc.environments["production"].argocd_app
+    return [("argocd", w) for w in await argocd.argocd_freeze_windows(app)]
 
 
 # --- production ---------------------------------------------------------------------------
@@ -1068,17 +1076,18 @@ def end(
 async def expire_approvals() -> list[str]:
     settings = get_settings()
     catalog = load_catalog(settings.catalog)
+    deployment = settings.release_deployment.split("/")[-1]
+    argo = await frozen_services_argocd_freezes(catalog, deployment)
     policies = {
         name: WaitingPolicy(
             timeout=catalog.approval_policy(name).timeout,
             remind_after=catalog.approval_policy(name).remind_after,
             approvers=svc.approvers,
             required=catalog.approval_policy(name).required,
-            freezes=catalog.freeze_windows(name),
+            freezes=catalog.freeze_windows(name) + argo.get(name, []),
         )
         for name, svc in catalog.services.items()
     }
-    deployment = settings.release_deployment.split("/")[-1]
     tended = await tend_waiting(deployment, policies, ui_authenticated=settings.ui_authenticated)
     for run_id, service, text in tended.reminders:
         await in_thread(
@@ -1088,3 +1097,31 @@ async def expire_approvals() -> list[str]:
             link=report.flow_run_url(run_id),
         )
     return tended.expired
+
+
+async def frozen_services_argocd_freezes(
+    catalog: Catalog, deployment: str
+) -> dict[str, list[tuple[str, FreezeWindow]]]:
+    """The Argo CD freezes of each service that has a ``Frozen`` release, read for this pass
+    (a thaw must not ignore a sync window that denies production). When Argo CD cannot be
+    read, the service stays frozen until the next pass, said in the log."""
+    found: dict[str, list[tuple[str, FreezeWindow]]] = {}
+    frozen = {
+        str(run.parameters.get("service", ""))
+        for run in await paused_release_runs(deployment)
+        if run.state is not None and run.state.name == FROZEN
+    }
+    for name in sorted(frozen & set(catalog.services)):
+        app = catalog.service(name).environments["production"].argocd_app
+        try:
+            found[name] = [("argocd", w) for w in await argocd.argocd_freeze_windows(app)]
+        except RoboticsCDError as exc:
+            get_run_logger().warning("%s stays frozen this pass: %s", name, exc)
+            now = datetime.now(UTC)
+            unread = FreezeWindow(
+                reason=f"Argo CD sync windows of {app} could not be read: {exc}"[:300],
+                start=now - timedelta(minutes=1),
+                end=now + timedelta(minutes=5),
+            )
+            found[name] = [("argocd", unread)]
+    return found

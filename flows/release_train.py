@@ -64,7 +64,7 @@ from core.train import (
     plan_train,
     render_train_record,
 )
-from flows.release import Config, deploy_staging
+from flows.release import Config, argocd_freezes, deploy_staging
 from tasks import argocd, gitops, images, lifecycle, metrics, notify, quarantine, report, smoke
 from tasks.approvals import wait_for_votes
 from tasks.blocking import in_thread, renewing_every
@@ -91,6 +91,8 @@ class Train:
             for s in plan.services
         }
         self.leases = [gitops.lease_name(s, "production") for s in plan.order]
+        # The services' production Argo CD sync windows, read by the flow (read_argocd_freezes).
+        self.argocd_windows: list[tuple[str, FreezeWindow]] = []
         # The lease lasts as long as the longest of the services' (one window for all).
         self.ttl = max(lease_ttl(c.policy) for c in self.configs.values())
         self.members = [
@@ -118,7 +120,15 @@ class Train:
         windows: list[tuple[str, FreezeWindow]] = []
         for name in self.plan.order:
             windows += [w for w in self.catalog.freeze_windows(name) if w not in windows]
-        return windows
+        return windows + self.argocd_windows
+
+    async def read_argocd_freezes(self) -> None:
+        """Each service's production Argo CD sync windows that deny it, read now."""
+        self.argocd_windows = []
+        for name in self.plan.order:
+            for window in await argocd_freezes(self.configs[name]):
+                if window not in self.argocd_windows:
+                    self.argocd_windows.append(window)
 
     def frozen(self) -> Freeze | None:
         return active_freeze(self.freeze_windows(), datetime.now(UTC))
@@ -581,6 +591,7 @@ async def release_train(
     except RoboticsCDError as exc:  # nothing of production changed: the train ends here
         what = ", ".join(record.failed) or "the bundle smoke test"
         return await in_thread(end, train, record, "staging-failed", f"{what}: {exc}")
+    await train.read_argocd_freezes()
     decision = await approve_bundle(train, plans, record)
     record.decision = decision
     if not decision.approved:

@@ -16,7 +16,7 @@ import asyncio
 import json
 import time
 from collections.abc import Callable, Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import anyio
@@ -24,12 +24,14 @@ import anyio.to_thread
 import httpx
 from prefect import task
 from prefect.blocks.system import Secret
+from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from core.analysis import canary_pod_trouble
 from core.backoff import Backoff
 from core.durations import parse_duration
 from core.errors import ArgoCDRefused, ArgoCDUnavailable, InvalidInput, SyncFailed
+from core.freeze import FreezeWindow, argocd_freezes
 from core.ordering import MeasuredPod
 from core.settings import get_settings
 from tasks.logs import run_logger
@@ -262,6 +264,29 @@ class ArgoCDClient:
         return dict(
             (await self._send("POST", f"/api/v1/applications/{app}/rollback", json=body)).json()
         )
+
+    async def sync_windows(self, app: str) -> dict[str, Any]:
+        """``GET .../syncwindows`` (``ApplicationSyncWindowsResponse``): the windows Argo CD
+        assigns to the app (``assignedWindows``), those open now (``activeWindows``), each
+        with ``kind``, ``schedule``, ``duration``, ``manualSync``, and ``canSync`` (whether
+        a manual sync may run now)."""
+        response = await self._send("GET", f"/api/v1/applications/{app}/syncwindows")
+        return dict(response.json())
+
+    async def project(self, name: str) -> dict[str, Any]:
+        """``GET /api/v1/projects/{name}``: the AppProject (its ``spec.syncWindows`` carry
+        the ``timeZone`` and ``description`` the sync windows answer leaves out)."""
+        return dict((await self._send("GET", f"/api/v1/projects/{name}")).json())
+
+    async def freezes(self, app: str, now: datetime) -> list[FreezeWindow]:
+        """The freezes Argo CD's sync windows put on ``app`` (``core.freeze.argocd_freezes``)."""
+        answer = await self.sync_windows(app)
+        windows: list[dict[str, Any]] = []
+        if answer.get("assignedWindows"):
+            project = str(((await self.get(app)).get("spec") or {}).get("project") or "default")
+            spec = (await self.project(project)).get("spec") or {}
+            windows = [dict(w) for w in spec.get("syncWindows") or []]
+        return argocd_freezes(app, answer, windows, now)
 
     async def terminate(self, app: str) -> None:
         await self._send("DELETE", f"/api/v1/applications/{app}/operation")
@@ -608,6 +633,14 @@ async def argocd_sync_and_wait(
 async def argocd_get(app: str) -> AppState:
     async with await client_from_settings() as argo:
         return AppState.from_app(await argo.get(app))
+
+
+@task(name="argocd-sync-windows", cache_policy=NO_CACHE)  # the client retries what is transient
+async def argocd_freeze_windows(app: str) -> list[FreezeWindow]:
+    """The freezes of ``app`` from its Argo CD sync windows, read now (never cached: a
+    resumed run must see the windows of its own moment)."""
+    async with await client_from_settings() as argo:
+        return await argo.freezes(app, datetime.now(UTC))
 
 
 @task(name="argocd-rollback")

@@ -144,6 +144,12 @@ def build_app(controller: Controller, sessions: Sessions) -> Starlette:
     async def resource_tree(request: Request, user: str) -> Response:
         return JSONResponse(controller.resource_tree(request.path_params["name"]))
 
+    async def sync_windows(request: Request, user: str) -> Response:
+        return JSONResponse(controller.sync_windows(request.path_params["name"]))
+
+    async def get_project(request: Request, user: str) -> Response:
+        return JSONResponse(controller.get_project(request.path_params["name"]))
+
     async def terminate(request: Request, user: str) -> Response:
         controller.terminate(request.path_params["name"])
         return JSONResponse({})
@@ -161,5 +167,7 @@ def build_app(controller: Controller, sessions: Sessions) -> Starlette:
             Route("/api/v1/applications/{name}/sync", guarded(sync), methods=["POST"]),
             Route("/api/v1/applications/{name}/rollback", guarded(rollback), methods=["POST"]),
             Route("/api/v1/applications/{name}/operation", guarded(terminate), methods=["DELETE"]),
+            Route("/api/v1/applications/{name}/syncwindows", guarded(sync_windows)),
+            Route("/api/v1/projects/{name}", guarded(get_project)),
         ]
     )

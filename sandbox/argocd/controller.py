@@ -37,12 +37,14 @@ from sandbox.argocd.resources import (
     sort_key,
     with_last_applied,
 )
+from sandbox.argocd.windows import WindowError, sync_windows_answer
 from sandbox.kube.store import RESOURCE_TYPES, ApiError, ObjectStore
 
 log = logging.getLogger("sandbox.argocd")
 
 APP_API_VERSION = "argoproj.io/v1alpha1"
 APP_KIND = "Application"
+PROJECT_KIND = "AppProject"
 
 # gRPC codes, as grpc-gateway puts them in Argo CD's error bodies, and their HTTP statuses.
 INVALID_ARGUMENT, NOT_FOUND, PERMISSION_DENIED, FAILED_PRECONDITION = 3, 5, 7, 9
@@ -132,6 +134,31 @@ class Controller:
 
     def list_apps(self) -> list[JSON]:
         return self.store.list(APP_API_VERSION, APP_KIND, self.settings.namespace)
+
+    def get_project(self, name: str) -> JSON:
+        """The AppProject ``name`` (``default`` exists even when nobody stored it)."""
+        try:
+            return self.store.get(APP_API_VERSION, PROJECT_KIND, self.settings.namespace, name)
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+        if name == "default":
+            return {
+                "apiVersion": APP_API_VERSION,
+                "kind": PROJECT_KIND,
+                "metadata": {"name": "default", "namespace": self.settings.namespace},
+                "spec": {"sourceRepos": ["*"], "destinations": [{"server": "*", "namespace": "*"}]},
+            }
+        raise ArgoError(NOT_FOUND, f'appprojects.argoproj.io "{name}" not found')
+
+    def sync_windows(self, name: str) -> JSON:
+        """``GET .../syncwindows``: the windows of the app's project that match it."""
+        app = self.get_app(name)
+        project = self.get_project(str((app.get("spec") or {}).get("project") or "default"))
+        try:
+            return sync_windows_answer(project, app)
+        except WindowError as exc:
+            raise ArgoError(INVALID_ARGUMENT, str(exc)) from exc
 
     def live_resource(self, name: str, query: dict[str, str]) -> JSON:
         """A live object of the app's resource tree (``GET .../resource``), as Argo CD gives it:

@@ -13,6 +13,7 @@ from core.errors import CatalogError, InvalidInput
 from core.freeze import (
     FreezeWindow,
     active_freeze,
+    argocd_freezes,
     from_argocd_sync_window,
     is_frozen_at,
     next_freeze,
@@ -185,3 +186,60 @@ def test_a_window_shorter_than_a_minute_still_counts() -> None:
     freeze = active_freeze([brief], utc(2026, 12, 7, 8, 0, 0))
     assert freeze is not None
     assert freeze.until - utc(2026, 12, 7, 8, 0) == timedelta(seconds=30)
+
+
+# --- Argo CD sync windows: what GET .../syncwindows answers, with the project's windows ----------
+
+NIGHT = {"kind": "deny", "schedule": "0 22 * * *", "duration": "8h", "manualSync": False}
+NIGHT_SPEC = {
+    **NIGHT,
+    "applications": ["*-production"],
+    "timeZone": "Europe/Berlin",
+    "description": "night: nobody on call",
+}
+
+
+def test_an_assigned_deny_window_freezes_in_the_projects_time_zone_with_its_description() -> None:
+    answer = {"assignedWindows": [NIGHT], "activeWindows": [NIGHT], "canSync": False}
+    windows = argocd_freezes("api-gateway-production", answer, [NIGHT_SPEC], utc(2026, 12, 7, 22))
+    assert len(windows) == 1
+    # 22:00 Berlin = 21:00 UTC; 8 h later: 05:00 UTC.
+    freeze = active_freeze(windows, utc(2026, 12, 7, 22, 0))
+    assert freeze is not None and freeze.until == utc(2026, 12, 8, 5, 0)
+    assert freeze.reasons == ("night: nobody on call",)
+    assert not is_frozen_at(windows, utc(2026, 12, 7, 20, 59))
+    # The project window not found (other schedule): read in UTC, with a reason of ours.
+    other = argocd_freezes("api-gateway-production", answer, [], utc(2026, 12, 7, 22))
+    freeze = active_freeze(other, utc(2026, 12, 7, 22, 30))
+    assert freeze is not None and freeze.until == utc(2026, 12, 8, 6, 0)
+    assert freeze.reasons == (
+        "Argo CD sync window (0 22 * * * for 8h) denies api-gateway-production",
+    )
+
+
+def test_a_deny_window_with_manual_sync_still_freezes_and_no_window_means_none() -> None:
+    manual = {**NIGHT, "manualSync": True}
+    answer = {"assignedWindows": [manual], "canSync": True}
+    windows = argocd_freezes("app", answer, [], utc(2026, 12, 7, 12))
+    assert is_frozen_at(windows, utc(2026, 12, 7, 23))
+    assert argocd_freezes("app", {"canSync": True}, [], utc(2026, 12, 7, 12)) == []
+
+
+def test_outside_every_allow_window_is_frozen_until_the_next_one_opens() -> None:
+    allow = {"kind": "allow", "schedule": "0 9 * * 1-5", "duration": "8h", "manualSync": False}
+    now = utc(2026, 12, 5, 12)  # a Saturday
+    closed = argocd_freezes("app", {"assignedWindows": [allow], "canSync": False}, [], now)
+    freeze = active_freeze(closed, now)
+    assert freeze is not None and freeze.until == utc(2026, 12, 7, 9, 0)  # Monday 09:00
+    assert "allow windows" in freeze.reasons[0]
+    # Open now (Argo CD says it can sync): no freeze.
+    monday = utc(2026, 12, 7, 10)
+    answer = {"assignedWindows": [allow], "activeWindows": [allow], "canSync": True}
+    assert argocd_freezes("app", answer, [], monday) == []
+    # A deny window active beside a closed allow window: the deny window says until when.
+    both = {"assignedWindows": [allow, NIGHT], "activeWindows": [NIGHT], "canSync": False}
+    night = utc(2026, 12, 5, 23)
+    freeze = active_freeze(argocd_freezes("app", both, [], night), night)
+    assert freeze is not None and freeze.until == utc(2026, 12, 6, 6, 0)
+    with pytest.raises(InvalidInput, match="not understood"):
+        argocd_freezes("app", {"assignedWindows": [{**NIGHT, "duration": "x"}]}, [], night)
