@@ -390,7 +390,8 @@ async def wait_for_approval(plan: ReleasePlan, cfg: Config, description: str) ->
     """Votes until the quorum or a reject; then, approved during a freeze, ``Frozen`` until
     the window ends (or a break-glass). Nothing of production is held meanwhile."""
     svc, policy = cfg.svc, cfg.catalog.approval_policy(plan.service)
-    windows = cfg.catalog.freeze_windows(plan.service) + await argocd_freezes(cfg)
+    argo = await argocd_windows(cfg)
+    windows = cfg.catalog.freeze_windows(plan.service) + argo.scoped()
     freeze = active_freeze(windows, datetime.now(UTC))
     upcoming = next_freeze(windows, datetime.now(UTC))
     heading = approval_heading(str(flow_run.id), policy.required, freeze, upcoming)
@@ -405,7 +406,19 @@ async def wait_for_approval(plan: ReleasePlan, cfg: Config, description: str) ->
     freeze = active_freeze(windows, datetime.now(UTC))
     if freeze is None:
         return decision
-    if decision.break_glass is not None:
+    if decision.break_glass is not None and not argo.can_sync:
+        # Argo CD itself refuses the production app's syncs now (a deny window without
+        # manualSync): a release could change git but never sync, nor sync its rollback.
+        get_run_logger().warning(
+            "break-glass cannot override Argo CD: %s refuses syncs now; held Frozen", argo.app
+        )
+        notify.send_chat(
+            f"Break-glass refused: {plan.service}:{plan.tag} stays Frozen",
+            f"Argo CD refuses syncs of {argo.app} now (a sync window without manualSync); "
+            f"the release waits for the window to end. {freeze.describe()}.",
+            link=report.flow_run_url(flow_run.id),
+        )
+    elif decision.break_glass is not None:
         glass = decision.break_glass.describe()
         emit_release_event("break-glass", plan, {"freeze": freeze.describe(), "by": glass})
         await in_thread(
@@ -420,10 +433,9 @@ async def wait_for_approval(plan: ReleasePlan, cfg: Config, description: str) ->
     return decision  # not reached: the run re-executes from the top when resumed
 
 
-async def argocd_freezes(cfg: Config) -> list[tuple[str, FreezeWindow]]:
-    """The freezes the production app's Argo CD sync windows put on the release."""
-    app = cfg.svc.environments["production"].argocd_app
-    return [("argocd", w) for w in await argocd.argocd_freeze_windows(app)]
+async def argocd_windows(cfg: Config) -> argocd.SyncWindows:
+    """What the production app's Argo CD sync windows say now (freezes, canSync)."""
+    return await argocd.argocd_sync_windows(cfg.svc.environments["production"].argocd_app)
 
 
 # --- production ---------------------------------------------------------------------------
@@ -1114,7 +1126,7 @@ async def frozen_services_argocd_freezes(
     for name in sorted(frozen & set(catalog.services)):
         app = catalog.service(name).environments["production"].argocd_app
         try:
-            found[name] = [("argocd", w) for w in await argocd.argocd_freeze_windows(app)]
+            found[name] = (await argocd.argocd_sync_windows(app)).scoped()
         except RoboticsCDError as exc:
             get_run_logger().warning("%s stays frozen this pass: %s", name, exc)
             now = datetime.now(UTC)

@@ -64,7 +64,7 @@ from core.train import (
     plan_train,
     render_train_record,
 )
-from flows.release import Config, argocd_freezes, deploy_staging
+from flows.release import Config, argocd_windows, deploy_staging
 from tasks import argocd, gitops, images, lifecycle, metrics, notify, quarantine, report, smoke
 from tasks.approvals import wait_for_votes
 from tasks.blocking import in_thread, renewing_every
@@ -93,6 +93,7 @@ class Train:
         self.leases = [gitops.lease_name(s, "production") for s in plan.order]
         # The services' production Argo CD sync windows, read by the flow (read_argocd_freezes).
         self.argocd_windows: list[tuple[str, FreezeWindow]] = []
+        self.argocd_refuses: list[str] = []  # production apps Argo CD will not sync now
         # The lease lasts as long as the longest of the services' (one window for all).
         self.ttl = max(lease_ttl(c.policy) for c in self.configs.values())
         self.members = [
@@ -124,9 +125,12 @@ class Train:
 
     async def read_argocd_freezes(self) -> None:
         """Each service's production Argo CD sync windows that deny it, read now."""
-        self.argocd_windows = []
+        self.argocd_windows, self.argocd_refuses = [], []
         for name in self.plan.order:
-            for window in await argocd_freezes(self.configs[name]):
+            read = await argocd_windows(self.configs[name])
+            if not read.can_sync:
+                self.argocd_refuses.append(read.app)
+            for window in read.scoped():
                 if window not in self.argocd_windows:
                     self.argocd_windows.append(window)
 
@@ -602,6 +606,9 @@ async def release_train(
             # Nothing of production is held or changed: the train is started again after
             # the window (a single release waits suspended; a train does not, yet).
             return await in_thread(end, train, record, "frozen", freeze.describe())
+        if train.argocd_refuses:  # Argo CD would refuse the syncs: nothing to break
+            why = f"Argo CD refuses syncs of {', '.join(train.argocd_refuses)} now"
+            return await in_thread(end, train, record, "frozen", f"{freeze.describe()}; {why}")
         record.notes.append(f"break-glass during a freeze: {decision.break_glass.describe()}")
 
     leases = await take_train_lock(train)

@@ -130,6 +130,24 @@ class SyncOutcome(BaseModel):
     health: str
 
 
+class SyncWindows(BaseModel):
+    """What an app's Argo CD sync windows say at one moment."""
+
+    model_config = ConfigDict(frozen=True)
+    app: str
+    freezes: list[FreezeWindow] = Field(
+        default=[], description="The deny windows (and the wait for an allow window) as freezes."
+    )
+    can_sync: bool = Field(
+        default=True,
+        description="Argo CD lets a manual sync of the app run now (``canSync``): when False, "
+        "no release can write to the app, break-glass or not.",
+    )
+
+    def scoped(self) -> list[tuple[str, FreezeWindow]]:
+        return [("argocd", w) for w in self.freezes]
+
+
 class ArgoCDClient:
     """A small async Argo CD client: applications get/sync/refresh/rollback/terminate."""
 
@@ -278,15 +296,20 @@ class ArgoCDClient:
         the ``timeZone`` and ``description`` the sync windows answer leaves out)."""
         return dict((await self._send("GET", f"/api/v1/projects/{name}")).json())
 
-    async def freezes(self, app: str, now: datetime) -> list[FreezeWindow]:
-        """The freezes Argo CD's sync windows put on ``app`` (``core.freeze.argocd_freezes``)."""
+    async def freezes(self, app: str, now: datetime) -> SyncWindows:
+        """What the app's sync windows say now: its freezes (``core.freeze.argocd_freezes``)
+        and whether Argo CD lets a manual sync run (``canSync``)."""
         answer = await self.sync_windows(app)
         windows: list[dict[str, Any]] = []
         if answer.get("assignedWindows"):
             project = str(((await self.get(app)).get("spec") or {}).get("project") or "default")
             spec = (await self.project(project)).get("spec") or {}
             windows = [dict(w) for w in spec.get("syncWindows") or []]
-        return argocd_freezes(app, answer, windows, now)
+        return SyncWindows(
+            app=app,
+            freezes=argocd_freezes(app, answer, windows, now),
+            can_sync=answer.get("canSync") is not False,
+        )
 
     async def terminate(self, app: str) -> None:
         await self._send("DELETE", f"/api/v1/applications/{app}/operation")
@@ -636,9 +659,9 @@ async def argocd_get(app: str) -> AppState:
 
 
 @task(name="argocd-sync-windows", cache_policy=NO_CACHE)  # the client retries what is transient
-async def argocd_freeze_windows(app: str) -> list[FreezeWindow]:
-    """The freezes of ``app`` from its Argo CD sync windows, read now (never cached: a
-    resumed run must see the windows of its own moment)."""
+async def argocd_sync_windows(app: str) -> SyncWindows:
+    """The app's Argo CD sync windows as freezes, read now (never cached: a resumed run must
+    see the windows of its own moment)."""
     async with await client_from_settings() as argo:
         return await argo.freezes(app, datetime.now(UTC))
 

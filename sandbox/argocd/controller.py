@@ -37,7 +37,7 @@ from sandbox.argocd.resources import (
     sort_key,
     with_last_applied,
 )
-from sandbox.argocd.windows import WindowError, sync_windows_answer
+from sandbox.argocd.windows import WindowError, can_sync, matches, sync_windows_answer
 from sandbox.kube.store import RESOURCE_TYPES, ApiError, ObjectStore
 
 log = logging.getLogger("sandbox.argocd")
@@ -150,6 +150,17 @@ class Controller:
                 "spec": {"sourceRepos": ["*"], "destinations": [{"server": "*", "namespace": "*"}]},
             }
         raise ArgoError(NOT_FOUND, f'appprojects.argoproj.io "{name}" not found')
+
+    def _blocked_by_window(self, app: JSON, *, manual: bool) -> bool:
+        """Argo CD refuses a sync in a deny window (unless it lets manual syncs through) and
+        outside every allow window; auto-sync is skipped then."""
+        project = self.get_project(str((app.get("spec") or {}).get("project") or "default"))
+        windows = [dict(w) for w in (project.get("spec") or {}).get("syncWindows") or []]
+        assigned = [w for w in windows if matches(w, app)]
+        try:
+            return not can_sync(assigned, datetime.now(UTC), manual=manual)
+        except WindowError as exc:
+            raise ArgoError(INVALID_ARGUMENT, str(exc)) from exc
 
     def sync_windows(self, name: str) -> JSON:
         """``GET .../syncwindows``: the windows of the app's project that match it."""
@@ -330,6 +341,8 @@ class Controller:
             return
         if comparison.sync_status == "Synced":
             return
+        if self._blocked_by_window(app, manual=False):
+            return  # as Argo CD: auto-sync waits for the sync window
         last = (app.get("status") or {}).get("operationState") or {}
         last_revision = (last.get("syncResult") or {}).get("revision") or (
             (last.get("operation") or {}).get("sync") or {}
@@ -374,6 +387,8 @@ class Controller:
             )
         if app.get("operation"):
             raise ArgoError(FAILED_PRECONDITION, "another operation is already in progress")
+        if self._blocked_by_window(app, manual=True):
+            raise ArgoError(PERMISSION_DENIED, "cannot sync: blocked by sync window")
         options = body.get("syncOptions") or {}
         items = options.get("items", []) if isinstance(options, dict) else list(options)
         sync: JSON = {
@@ -399,6 +414,8 @@ class Controller:
             )
         if app.get("operation"):
             raise ArgoError(FAILED_PRECONDITION, "another operation is already in progress")
+        if self._blocked_by_window(app, manual=True):
+            raise ArgoError(PERMISSION_DENIED, "cannot sync: blocked by sync window")
         wanted = body.get("id")
         history = (app.get("status") or {}).get("history") or []
         entry = next((e for e in history if str(e.get("id")) == str(wanted)), None)

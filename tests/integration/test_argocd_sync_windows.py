@@ -120,7 +120,12 @@ async def test_a_deny_window_of_the_production_app_is_a_freeze_until_its_end(arg
         }
         assert answer == {"canSync": False, "activeWindows": [deny], "assignedWindows": [deny]}
         now = datetime.now(UTC)
-        freeze = active_freeze(await client.freezes("api-gateway-production", now), now)
+        read = await client.freezes("api-gateway-production", now)
+        freeze = active_freeze(read.freezes, now)
+        # As Argo CD: a manual sync in a deny window without manualSync is refused.
+        with pytest.raises(ArgoCDRefused, match="blocked by sync window"):
+            await client.sync("api-gateway-production", "main")
+    assert read.can_sync is False
     assert freeze is not None
     # Read in the project's time zone (the answer has none): it ends 90 min after it opened.
     assert freeze.until == opened.astimezone(UTC) + timedelta(minutes=90)
@@ -137,7 +142,8 @@ async def test_other_apps_get_their_own_windows(argo):
         assert staging["canSync"] is True
         # An app of the default project (nobody stored it): no windows at all.
         assert await client.sync_windows("fleet-planner-production") == {"canSync": True}
-        assert await client.freezes("fleet-planner-production", datetime.now(UTC)) == []
+        free = await client.freezes("fleet-planner-production", datetime.now(UTC))
+        assert free.freezes == [] and free.can_sync
         project = await client.project("serving")
         assert len(project["spec"]["syncWindows"]) == 2
         with pytest.raises(ArgoCDRefused, match="HTTP 404"):

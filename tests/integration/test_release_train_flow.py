@@ -29,6 +29,7 @@ from core.analysis import IntervalVerdict, Verdict
 from core.approval import ApprovalDecision
 from core.errors import VerificationFailed
 from core.release import commits_to_revert
+from tasks.argocd import SyncWindows
 from tests.integration.test_gitops import git, push_from_other_clone, seed_manifests
 from tests.matrix import full_matrix
 
@@ -154,8 +155,8 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_server: Any) 
         v = _verdict(w, service, end_time)
         return SimpleNamespace(analysis=v, verdict=v.verdict)
 
-    async def no_sync_windows(cfg: Any) -> list[Any]:  # Argo CD's sync windows: none here
-        return []
+    async def no_sync_windows(cfg: Any) -> Any:  # Argo CD's sync windows: none here
+        return SyncWindows(app=cfg.svc.environments["production"].argocd_app)
 
     def chat(title: str, *args: Any, **kwargs: Any) -> list[str]:
         w.chat.append(title)
@@ -167,7 +168,7 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_server: Any) 
     monkeypatch.setattr(flow_module.quarantine, "quarantine_image", quarantine)
     monkeypatch.setattr(flow_module.images, "verify_release_image", verified)
     monkeypatch.setattr(flow_module.argocd, "argocd_sync_and_wait", sync)
-    monkeypatch.setattr(flow_module, "argocd_freezes", no_sync_windows)
+    monkeypatch.setattr(flow_module, "argocd_windows", no_sync_windows)
     monkeypatch.setattr(flow_module.metrics, "analyse_interval", analyse)
     monkeypatch.setattr(flow_module.metrics, "post_release_watch", check)
     monkeypatch.setattr(flow_module.smoke, "smoke_test", lambda *a, **k: [])
