@@ -96,17 +96,13 @@ def catalog(tmp_path_factory: pytest.TempPathFactory) -> CatalogFile:
 @pytest.fixture(scope="module")
 def env(env: dict[str, str], catalog: CatalogFile) -> Iterator[dict[str, str]]:
     """The sandbox env with this module's catalog, in this process too."""
-    from core.settings import get_settings
-
     extra = {"ROBOTICS_CD_CATALOG": str(catalog.path)}
     os.environ.update(extra)
-    get_settings.cache_clear()
     try:
         yield {**env, **extra}
     finally:
         for key in extra:
             os.environ.pop(key, None)
-        get_settings.cache_clear()
 
 
 @pytest.fixture(autouse=True)
