@@ -412,7 +412,8 @@ async def wait_for_approval(plan: ReleasePlan, cfg: Config, description: str) ->
         get_run_logger().warning(
             "break-glass cannot override Argo CD: %s refuses syncs now; held Frozen", argo.app
         )
-        notify.send_chat(
+        await in_thread(
+            notify.send_chat,
             f"Break-glass refused: {plan.service}:{plan.tag} stays Frozen",
             f"Argo CD refuses syncs of {argo.app} now (a sync window without manualSync); "
             f"the release waits for the window to end. {freeze.describe()}.",
