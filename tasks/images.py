@@ -22,7 +22,8 @@ import hashlib
 import ipaddress
 import re
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -159,6 +160,25 @@ def _check_same_registry(image: ImageRef, credentials: DockerRegistryCredentials
             f"but the image goes to {image.registry}; fix push_registry in services.yaml or "
             "the block's registry_url"
         )
+
+
+@asynccontextmanager
+async def registry_client(
+    ref: ImageRef,
+    credentials_block: str | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> AsyncIterator[RegistryClient]:
+    """The registry API client for ``ref``'s registry, from the ``DockerRegistryCredentials``
+    block (refused when the block is for another registry)."""
+    credentials = await load_registry_credentials(credentials_block)
+    _check_same_registry(ref, credentials)
+    async with RegistryClient(
+        registry=credentials.registry_url,
+        username=credentials.username,
+        password=credentials.password.get_secret_value(),
+        transport=transport,
+    ) as client:
+        yield client
 
 
 def _parse_challenge(header: str) -> tuple[str, dict[str, str]]:
@@ -361,14 +381,7 @@ async def find_pushed_image(
     """
     ref = ImageRef(registry, repository, tag)
     validate_sha(sha)
-    credentials = await load_registry_credentials(credentials_block)
-    _check_same_registry(ref, credentials)
-    async with RegistryClient(
-        registry=credentials.registry_url,
-        username=credentials.username,
-        password=credentials.password.get_secret_value(),
-        transport=transport,
-    ) as client:
+    async with registry_client(ref, credentials_block, transport) as client:
         found = await client.manifest(repository, tag)
         if found is None:
             run_logger("robotics_cd.images").info("%s is not in the registry yet", ref.tagged)
@@ -414,14 +427,7 @@ async def find_tagged_image(
         RegistryUnavailable: the registry did not answer.
     """
     ref = ImageRef(registry, repository, tag)
-    credentials = await load_registry_credentials(credentials_block)
-    _check_same_registry(ref, credentials)
-    async with RegistryClient(
-        registry=credentials.registry_url,
-        username=credentials.username,
-        password=credentials.password.get_secret_value(),
-        transport=transport,
-    ) as client:
+    async with registry_client(ref, credentials_block, transport) as client:
         found = await client.manifest(repository, tag)
         if found is None:
             run_logger("robotics_cd.images").info("%s is not in the registry", ref.tagged)
@@ -523,14 +529,7 @@ async def verify_release_image(
     if ref.digest is None:
         raise InvalidInput(f"image {image!r} must carry a digest (name:tag@sha256:...)")
     validate_sha(source_sha)
-    credentials = await load_registry_credentials(credentials_block)
-    _check_same_registry(ref, credentials)
-    async with RegistryClient(
-        registry=credentials.registry_url,
-        username=credentials.username,
-        password=credentials.password.get_secret_value(),
-        transport=transport,
-    ) as client:
+    async with registry_client(ref, credentials_block, transport) as client:
         found = await client.manifest(ref.repository, ref.digest)
         if found is None:
             raise InvalidInput(
