@@ -472,8 +472,17 @@ def render_train_record(record: TrainRecord, *, run_url: str | None = None) -> s
     if record.decision is not None:
         lines.append(f"- Approval: {record.decision.outcome()}")
     if record.bundle_smoke:
-        ok = sum(1 for r in record.bundle_smoke if not r.get("error"))
-        lines.append(f"- Bundle smoke test: {ok}/{len(record.bundle_smoke)} passed")
+        ok = sum(1 for r in record.bundle_smoke if r.get("ok"))
+        lines.append(f"- Bundle smoke test (staging): {ok}/{len(record.bundle_smoke)} passed")
+        for r in record.bundle_smoke:
+            url = r.get("url") or r.get("path")
+            status = r.get("status") or "no answer"
+            verdict = "ok" if r.get("ok") else "FAILED"
+            detail = f" ({r['error']})" if r.get("error") and not r.get("ok") else ""
+            lines.append(
+                f"  - {r.get('service')}: GET {url} (Host: {r.get('host')}) → {status} "
+                f"{verdict}{detail}"
+            )
     lines += ["", "| service | image | staging commit | analyses |", "|---|---|---|---|"]
     for name in record.order:
         svc = record.services.get(name)

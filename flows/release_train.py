@@ -40,6 +40,7 @@ from core.errors import (
     LeaseLost,
     RoboticsCDError,
     RollbackFailed,
+    VerificationFailed,
 )
 from core.freeze import Freeze, FreezeWindow, active_freeze, next_freeze
 from core.images import parse_reference
@@ -223,13 +224,40 @@ async def stage_all(train: Train, plans: dict[str, ReleasePlan], record: TrainRe
         except RoboticsCDError:
             record.failed = [name]
             raise
+    await bundle_smoke(train, record)
+
+
+async def bundle_smoke(train: Train, record: TrainRecord) -> None:
+    """The bundle smoke test: each service's ``bundle_smoke`` paths (e.g. the gateway's
+    endpoint that calls the planner) on staging, now that every service of the train runs
+    there. Every URL and status goes to the record; any failure ends the train before its
+    approval (VerificationFailed naming the service and the URL)."""
+    failures = []
     for name in train.plan.order:
-        svc = train.configs[name].svc
-        if svc.bundle_smoke:
-            results = await in_thread(
-                smoke.smoke_test, svc.environments["staging"], svc.bundle_smoke
-            )
-            record.bundle_smoke += [{"service": name, **r.model_dump()} for r in results]
+        target = train.configs[name].svc.environments["staging"]
+        paths = train.configs[name].svc.bundle_smoke
+        if not paths:
+            continue
+        results = await in_thread(smoke.bundle_smoke_test, target, paths)
+        record.bundle_smoke += [
+            {"service": name, "url": f"{target.base_url}{r.path}", "host": target.host}
+            | r.model_dump()
+            | {"ok": r.ok}
+            for r in results
+        ]
+        failures += [
+            f"{name}: GET {target.base_url}{r.path} (Host: {target.host}) → "
+            f"{r.status or 'no answer'} after {r.attempts} tries"
+            + (f" ({r.error})" if r.error else "")
+            for r in results
+            if not r.ok
+        ]
+    if failures:
+        raise VerificationFailed(
+            "bundle smoke test failed on staging: "
+            + "; ".join(failures)
+            + ". The services of the train do not work together: production untouched."
+        )
 
 
 async def approve_bundle(
@@ -593,8 +621,11 @@ async def release_train(
     try:
         await stage_all(train, plans, record)
     except RoboticsCDError as exc:  # nothing of production changed: the train ends here
-        what = ", ".join(record.failed) or "the bundle smoke test"
-        return await in_thread(end, train, record, "staging-failed", f"{what}: {exc}")
+        if record.failed:
+            why = f"{', '.join(record.failed)}: {exc}"
+        else:
+            why = str(exc)  # the bundle smoke test names its failing URLs itself
+        return await in_thread(end, train, record, "staging-failed", why)
     await train.read_argocd_freezes()
     decision = await approve_bundle(train, plans, record)
     record.decision = decision

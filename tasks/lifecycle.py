@@ -30,6 +30,7 @@ from prefect.states import Crashed, Running
 from core.recovery import RunPhase, phase_of
 from core.release import ReleasePlan
 from core.settings import get_settings
+from tasks.logs import run_logger
 
 log = get_logger("robotics_cd.lifecycle")
 
@@ -173,6 +174,8 @@ async def mark_waiting(message: str | None) -> None:
     state: State[Any] = Running(name="AwaitingLock", message=message) if message else Running()
     async with get_client() as client:
         await client.set_flow_run_state(flow_run.id, state, force=True)
+    # The run's log says it too (the state message is replaced once the wait ends).
+    run_logger("robotics_cd.lifecycle").info("%s", message or "no longer waiting: lock taken")
 
 
 async def run_phase(run_id: str) -> RunPhase:

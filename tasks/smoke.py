@@ -68,7 +68,7 @@ def smoke_path(
         time.sleep(interval)
 
 
-def run_smoke(
+def probe_all(
     target: EnvironmentTarget,
     paths: Sequence[str],
     *,
@@ -78,7 +78,9 @@ def run_smoke(
     verify_tls: bool = True,
     transport: httpx.BaseTransport | None = None,
 ) -> list[SmokeResult]:
-    """GET every path on ``target.base_url`` with ``Host: target.host``; all must be 2xx."""
+    """GET every path on ``target.base_url`` with ``Host: target.host``, each retried until
+    2xx or the deadline; every path's outcome, failed ones included (nothing raised for a
+    non-2xx answer: :func:`run_smoke` and the callers that keep the failures decide)."""
     checked = check_paths(paths)
     if deadline_seconds <= 0:
         raise InvalidInput(f"smoke deadline must be positive, got {deadline_seconds}")
@@ -90,21 +92,51 @@ def run_smoke(
         transport=transport,
         follow_redirects=False,
     ) as client:
-        results = [
+        return [
             smoke_path(client, target.host, p, deadline=deadline, interval=interval_seconds)
             for p in checked
         ]
-    failed = [r for r in results if not r.ok]
-    if failed:
-        lines = [
-            f"GET {r.path} → {r.status or 'no answer'} after {r.attempts} tries"
-            + (f" ({r.error})" if r.error else "")
-            for r in failed
-        ]
+
+
+def describe_failures(
+    target: EnvironmentTarget, results: Sequence[SmokeResult], *, deadline_seconds: float
+) -> str:
+    """What failed, for an error message: each path's status (or 'no answer') and why."""
+    lines = [
+        f"GET {r.path} → {r.status or 'no answer'} after {r.attempts} tries"
+        + (f" ({r.error})" if r.error else "")
+        for r in results
+        if not r.ok
+    ]
+    return (
+        f"smoke tests failed on {target.host} via {target.base_url} "
+        f"within {deadline_seconds:g}s: " + "; ".join(lines)
+    )
+
+
+def run_smoke(
+    target: EnvironmentTarget,
+    paths: Sequence[str],
+    *,
+    deadline_seconds: float = 60.0,
+    interval_seconds: float = 1.0,
+    request_timeout: float = 5.0,
+    verify_tls: bool = True,
+    transport: httpx.BaseTransport | None = None,
+) -> list[SmokeResult]:
+    """GET every path on ``target.base_url`` with ``Host: target.host``; all must be 2xx."""
+    results = probe_all(
+        target,
+        paths,
+        deadline_seconds=deadline_seconds,
+        interval_seconds=interval_seconds,
+        request_timeout=request_timeout,
+        verify_tls=verify_tls,
+        transport=transport,
+    )
+    if any(not r.ok for r in results):
         raise VerificationFailed(
-            f"smoke tests failed on {target.host} via {target.base_url} "
-            f"within {deadline_seconds:g}s: "
-            + "; ".join(lines)
+            describe_failures(target, results, deadline_seconds=deadline_seconds)
             + ". Check the pods' logs and the ingress of this environment."
         )
     return results
@@ -133,5 +165,31 @@ def smoke_test(
         "smoke tests passed on %s: %s",
         target.host,
         ", ".join(f"{r.path} {r.status} {r.latency_ms:.0f}ms" for r in results),
+    )
+    return results
+
+
+@task(name="bundle-smoke-tests")
+def bundle_smoke_test(
+    target: EnvironmentTarget,
+    paths: Sequence[str],
+    *,
+    deadline_seconds: float = 60.0,
+    interval_seconds: float = 1.0,
+    request_timeout: float = 5.0,
+) -> list[SmokeResult]:
+    """A release train's bundle smoke test on one service's ``bundle_smoke`` paths: every
+    path's outcome, failures included (the train records each URL and status, then ends)."""
+    results = probe_all(
+        target,
+        paths,
+        deadline_seconds=deadline_seconds,
+        interval_seconds=interval_seconds,
+        request_timeout=request_timeout,
+    )
+    run_logger("robotics_cd.smoke").info(
+        "bundle smoke test on %s: %s",
+        target.host,
+        ", ".join(f"{r.path} {r.status or 'no answer'}" for r in results),
     )
     return results

@@ -7,6 +7,14 @@ real containers and real Prometheus, approved with ``robotics-cd approve`` by on
 - fleet-planner (the second service on the command line) regressed in production only: both
   rolled back in ONE restoring commit naming every commit of the train it undoes; production
   runs both old images, both overlays equal their trees from before the train.
+- A train and a single release of the same api-gateway build, started together: the single
+  release waits for the train (``AwaitingLock``, its state message and its log naming the
+  train), never both in production; the train promotes the build, the single ends Superseded.
+- A dependency cycle in the catalog, or a service not in it, given to
+  ``robotics-cd train-release``: refused (exit 2), no ref, commit or flow run written.
+
+The promoted train also runs the bundle smoke test (services.yaml: api-gateway's
+``bundle_smoke``, the gateway's endpoint that calls fleet-planner) on staging.
 
 Judged from the Prefect API (the run's final state, the train's record), git (the manifests
 repo's history and trees) and the cluster. The images are built here (``build``,
@@ -17,12 +25,14 @@ single-release e2e does; otherwise it is started as ``robotics-cd train-release`
 The compact policy: the env's ``FAST`` (6 s interval, 6 s watch); fleet-planner keeps its two
 analyses per step, so the train's own steps 50 → 100 take two windows each.
 
-Full matrix only (``ROBOTICS_CD_FULL_MATRIX=1``): two trains, about ten minutes with the
-builds; CI has no minutes left. docs/e2e-matrix.md has the command and the recorded result.
+Full matrix only (``ROBOTICS_CD_FULL_MATRIX=1``): three trains, about fifteen minutes with
+the builds; CI has no minutes left. docs/e2e-matrix.md has the command and the recorded result.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -37,13 +47,17 @@ from prefect.client.schemas.objects import FlowRun, StateType
 from core.kustomize import CanarySettings, parse_canary
 from sandbox.procs import wait_until
 from tests.e2e.releases import (
+    CLI,
+    ROOT,
     cli,
     digest_of,
     is_final,
     is_paused,
     manifests_git,
     production_images,
+    read_run,
     served_releases,
+    start_release,
     wait_run,
 )
 from tests.e2e.routers import live_weights
@@ -210,12 +224,18 @@ def test_two_services_released_together_are_promoted_in_one_commit(
     record = record_of(name)
     assert f"# Release train {name}: promoted" in record, record
     assert "fleet-planner → api-gateway" in record, record
+    # The bundle smoke test (services.yaml: api-gateway's bundle_smoke) ran on staging once
+    # both were there: the gateway's endpoint that calls fleet-planner answered 200.
+    assert "Bundle smoke test (staging): 1/1 passed" in record, record
+    smoked = [ln for ln in record.splitlines() if "/v1/fleet/plan?robot=bundle-smoke" in ln]
+    assert smoked and "→ 200 ok" in smoked[0], record
     print(
         f"\nRESULT promote: {done.state.type.value}/{done.state.name}: {done.state.message} "
         f"(train {took:.0f} s, builds not counted)"
     )
     for sha, subject in mine:
         print(f"  {sha[:12]} {subject}")
+    print(f"  bundle smoke:{smoked[0]}")
 
 
 def test_a_regression_in_the_second_service_rolls_both_back_in_one_commit(
@@ -283,3 +303,161 @@ def test_a_regression_in_the_second_service_rolls_both_back_in_one_commit(
     for sha, subject in mine:
         print(f"  {sha[:12]} {subject}")
     print(f"  undoes: {', '.join(u[:12] for u in undone)}")
+
+
+def lease_refs(sandbox: Any) -> str:
+    """Every ref of the manifests remote (the branch and each lease), with its commit."""
+    return manifests_git(sandbox, "for-each-ref", "--format=%(refname) %(objectname)")
+
+
+def run_logs(run_id: Any) -> list[str]:
+    """The run's log lines on the Prefect server."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    async def read() -> list[str]:
+        async with get_client() as client:
+            logs = await client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id]))
+            )
+        return [log.message for log in logs]
+
+    return anyio.run(read)
+
+
+def test_a_train_and_a_single_release_of_its_service_never_both_reach_production(
+    sandbox: Any, runner: Path, env: dict[str, str], build: Any, build_fleet: Any
+) -> None:
+    """Started together: a train (fleet-planner + api-gateway) and a single release of the
+    same api-gateway build. The train is approved first and takes both leases; the single
+    release, approved while the train is in production, waits for it, and its state and its
+    log name the train; it never writes to production while the train holds it. When the
+    train has promoted that build, the single release has nothing left to do: Superseded,
+    production untouched by it. (The same build, so that neither is refused at staging as
+    older than the other: staging follows commit order, issue 16.)"""
+    name = f"e2e-lock-{uuid.uuid4().hex[:6]}"
+    images = {
+        "api-gateway": build({"www/train-e2e.txt": "with a single release\n"}, f"e2e: {name}"),
+        "fleet-planner": build_fleet({"app/train-e2e.txt": "lock\n"}, f"e2e: {name}: planner"),
+    }
+    head = manifests_git(sandbox, "rev-parse", "main")
+    started = time.monotonic()
+    train = start_train(name, images)
+    single = start_release(*images["api-gateway"])  # the same build, released alone
+    for count, approver in enumerate(["alice", "carol"]):
+        wait_run(
+            train,
+            lambda r, n=count: is_paused(r) and f"{n} of " in (r.state.message or ""),  # type: ignore[misc]
+            timeout=900,
+            what=f"train {name} waiting for approval {count + 1}",
+        )
+        cli("approve", str(train.id), "--approver", approver, "--comment", "e2e", env=env)
+    wait_run(single, is_paused, timeout=600, what="the single release waiting for approval")
+    # The train holds production (its first step is in git) before the single is approved.
+    wait_until(
+        lambda: bool(train_commits(sandbox, head, name)),
+        timeout=600,
+        what=f"train {name}'s first production commit",
+    )
+    cli("approve", str(single.id), "--approver", "bob", "--comment", "e2e", env=env)
+    waiting = wait_run(
+        single,
+        lambda r: bool(r.state and r.state.name == "AwaitingLock"),
+        timeout=180,
+        what="the single release waiting for the production lock",
+    )
+    assert waiting.state is not None
+    said = waiting.state.message or ""
+    assert f"held by release train {name} (run {train.id}; " in said, said
+    assert "api-gateway" in said and "fleet-planner" in said, said
+    assert not is_final(read_run(train.id)), "the train must still hold production"
+    logged = [m for m in run_logs(single.id) if f"release train {name}" in m]
+    assert logged, run_logs(single.id)
+
+    done = wait_run(train, is_final, timeout=900, what=f"train {name} finished")
+    other = wait_run(single, is_final, timeout=600, what="the single release finished")
+    took = time.monotonic() - started
+    assert done.state is not None and other.state is not None
+    assert done.state.name == "Promoted", done.state
+    assert other.state.name == "Superseded", other.state
+    # Never both: every production commit since the start is the train's.
+    changed = manifests_git(
+        sandbox, "log", "--format=%H %s", f"{head}..main", "--", overlay("api-gateway")
+    ).splitlines()
+    foreign = [ln for ln in changed if f" train {name}" not in ln]
+    assert not foreign, changed
+    held = [ln for ln in lease_refs(sandbox).splitlines() if ln.startswith("refs/leases/")]
+    assert not [ln for ln in held if "-production " in ln], held  # every lease given back
+    print(
+        f"\nRESULT lock: train {done.state.name}: {done.state.message}; single release "
+        f"waited ({said[:200]}) then {other.state.name}: {(other.state.message or '')[:200]} "
+        f"(both {took:.0f} s, builds not counted)"
+    )
+    print(f"  log line: {logged[0][:200]}")
+
+
+def test_a_dependency_cycle_or_an_unknown_service_is_refused_before_any_write(
+    sandbox: Any, env: dict[str, str], tmp_path: Path
+) -> None:
+    """``robotics-cd train-release`` against the running sandbox, with images that are in
+    its registry: a catalog whose depends_on has a cycle, and a service the catalog does not
+    have, are each refused (exit 2, the reason on stderr) with no commit or ref on the
+    manifests remote and no flow run on the Prefect server."""
+    from datetime import UTC, datetime, timedelta
+
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterExpectedStartTime
+
+    text = (ROOT / "services.yaml").read_text()
+    cyclic = text.replace(
+        "    approvers: [carol, dave]\n",
+        "    approvers: [carol, dave]\n    depends_on: [api-gateway]\n",
+    )
+    assert cyclic != text
+    (tmp_path / "services.yaml").write_text(cyclic)
+    running = production_images(sandbox)
+    given = [f"--service={s}={running[s][0]}" for s in ORDER]
+
+    def train_release(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [CLI, "train-release", *args, "--reason", "e2e: refused"],
+            env={**os.environ, **env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+        )
+
+    async def runs_since(since: datetime) -> list[FlowRun]:
+        """Every flow run created (to start now or later) since ``since``."""
+        async with get_client() as client:
+            found: list[FlowRun] = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    expected_start_time=FlowRunFilterExpectedStartTime(after_=since)
+                )
+            )
+        return found
+
+    refs = lease_refs(sandbox)
+    since = datetime.now(UTC) - timedelta(seconds=1)
+    started = time.monotonic()
+    cycle = train_release(*given, ROBOTICS_CD_CATALOG=str(tmp_path / "services.yaml"))
+    unknown = train_release(*given, f"--service=ghost={running['api-gateway'][0]}")
+    took = time.monotonic() - started
+
+    assert cycle.returncode == 2, cycle.stdout + cycle.stderr
+    assert "dependency cycle in depends_on: " in cycle.stderr, cycle.stderr
+    assert "api-gateway -> fleet-planner -> api-gateway" in cycle.stderr or (
+        "fleet-planner -> api-gateway -> fleet-planner" in cycle.stderr
+    ), cycle.stderr
+    assert unknown.returncode == 2, unknown.stdout + unknown.stderr
+    assert "ghost not in the catalog" in unknown.stderr, unknown.stderr
+    assert "nothing written" in unknown.stderr, unknown.stderr
+    assert "started" not in cycle.stdout + unknown.stdout
+    # No write anywhere: the manifests remote's refs (main and every lease) as they were,
+    # and no flow run on the Prefect server.
+    assert lease_refs(sandbox) == refs
+    created = anyio.run(runs_since, since)
+    assert not created, [(r.name, r.flow_id, r.created) for r in created]
+    print(
+        f"\nRESULT refused: cycle: {cycle.stderr.strip()}; unknown: {unknown.stderr.strip()} "
+        f"({took:.1f} s for both)"
+    )

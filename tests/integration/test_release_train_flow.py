@@ -73,6 +73,8 @@ class World:
     quarantined: list[str] = field(default_factory=list)
     chat: list[str] = field(default_factory=list)
     forms: list[str] = field(default_factory=list)
+    bundle_smoke_status: int = 200  # what the gateway's call to the planner answers
+    bundle_smoked: list[str] = field(default_factory=list)
 
     def log(self, *args: str) -> str:
         return git(self.bare, "log", *args, "main")
@@ -172,6 +174,23 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_server: Any) 
     monkeypatch.setattr(flow_module.metrics, "analyse_interval", analyse)
     monkeypatch.setattr(flow_module.metrics, "post_release_watch", check)
     monkeypatch.setattr(flow_module.smoke, "smoke_test", lambda *a, **k: [])
+
+    def bundle_smoke(target: Any, paths: list[str], **kwargs: Any) -> list[Any]:
+        w.bundle_smoked += paths
+        status = w.bundle_smoke_status
+        error = None if status == 200 else "fleet-planner did not answer 2xx"
+        return [
+            flow_module.smoke.SmokeResult(
+                path=p,
+                status=status,
+                latency_ms=3.0,
+                attempts=1 if error is None else 5,
+                error=error,
+            )
+            for p in paths
+        ]
+
+    monkeypatch.setattr(flow_module.smoke, "bundle_smoke_test", bundle_smoke)
     monkeypatch.setattr(flow_module.notify, "send_chat", chat)
     yield w
 
@@ -238,6 +257,9 @@ def test_two_services_are_released_together_and_promoted_in_one_commit(world: Wo
     assert "# Release train fleet-v2: promoted" in record
     assert "fleet-planner → api-gateway" in record
     assert "| 50% | fleet-planner 50%, api-gateway 50% |" in record
+    # The bundle smoke test ran once both were staged, and the record shows it.
+    assert world.bundle_smoked == ["/v1/fleet/plan?robot=bundle-smoke"]
+    assert "Bundle smoke test (staging): 1/1 passed" in record
     assert not world.quarantined
 
 
@@ -282,6 +304,27 @@ def test_a_service_failing_staging_ends_the_train_before_production(world: World
     assert world.log("-1", "--format=%H").strip() == head and leases(world) == ""
     assert not world.syncs
     assert "staging failed, production untouched" in record_of("fleet-v5")
+
+
+def test_a_failing_bundle_smoke_test_ends_the_train_before_its_approval(world: World) -> None:
+    """Both services pass their own staging, but the gateway's call to the planner (the
+    catalog's ``bundle_smoke``) answers 502: the train ends StagingFailed with the URL and
+    status, before any approval, with nothing written to production."""
+    world.bundle_smoke_status = 502
+    head = world.log("-1", "--format=%H").strip()
+    state = anyio.run(lambda: run_train("fleet-v5b"))
+
+    assert state.is_failed() and state.name == "StagingFailed", state
+    message = str(state.message)
+    assert "bundle smoke test failed on staging: api-gateway: GET " in message, message
+    assert "/v1/fleet/plan?robot=bundle-smoke (Host: api.robotics.local) → 502" in message
+    assert world.staged == ORDER and world.bundle_smoked == ["/v1/fleet/plan?robot=bundle-smoke"]
+    assert not world.forms  # no approval was asked for
+    assert world.log("-1", "--format=%H").strip() == head and leases(world) == ""
+    assert not world.syncs
+    record = record_of("fleet-v5b")
+    assert "staging failed, production untouched" in record
+    assert "Bundle smoke test (staging): 0/1 passed" in record and "→ 502 FAILED" in record
 
 
 def test_a_train_waits_for_a_single_release_and_takes_nothing_meanwhile(

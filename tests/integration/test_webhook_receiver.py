@@ -24,13 +24,17 @@ from prefect.client.schemas.objects import FlowRun
 from core.catalog import Catalog
 from core.webhooks import Targets, compute_signature
 from deployments.webhook import create_app, load_secret, prefect_starter
-from tests.unit.test_webhooks import make_catalog
+from tests.unit.test_webhooks import MANIFESTS_CATALOG, make_catalog
 
 pytestmark = pytest.mark.integration
 
 OCTOKIT = Path(__file__).parent.parent / "fixtures" / "octokit"
 SECRET = "webhook-test-secret"
-TARGETS = Targets(ci="webhook-probe-ci/ci", training_image="webhook-probe-training/image")
+TARGETS = Targets(
+    ci="webhook-probe-ci/ci",
+    training_image="webhook-probe-training/image",
+    release_train="webhook-probe-train/train",
+)
 CATALOG = make_catalog(service_repo="Codertocat/Hello-World", training_repo="robotics/train-x")
 TRAINING_CATALOG = make_catalog(
     service_repo="robotics/api-x", training_repo="Codertocat/Hello-World"
@@ -48,10 +52,15 @@ def probe_training(image: str, sha: str, ref: str) -> None:
     """Stands in for training-image."""
 
 
+@flow(name="webhook-probe-train")
+def probe_train(bundle_file: str | None = None, manifests_sha: str | None = None) -> None:
+    """Stands in for release-train (its bundle parameters)."""
+
+
 @pytest.fixture(scope="module")
 async def probe_deployments(prefect_server) -> dict[str, uuid.UUID]:
     ids = {}
-    for probe, name in ((probe_ci, "ci"), (probe_training, "image")):
+    for probe, name in ((probe_ci, "ci"), (probe_training, "image"), (probe_train, "train")):
         ids[f"{probe.name}/{name}"] = await (await probe.ato_deployment(name=name)).aapply()
     return ids
 
@@ -275,6 +284,49 @@ async def test_training_push_starts_training_image_only_for_matching_paths(probe
             "ref": "refs/heads/master",
         }
     ]
+
+
+def manifests_push(*commits: dict[str, list[str]]) -> bytes:
+    """push.json as a push to the manifests repo (MANIFESTS_CATALOG: Codertocat/Hello-World,
+    branch master), with these commits' file lists."""
+    data = json.loads(octokit("push.json"))
+    template = data["commits"][0]
+    data["commits"] = [
+        {**template, "added": [], "modified": [], "removed": [], **c} for c in commits
+    ]
+    return json.dumps(data).encode()
+
+
+async def test_a_pushed_bundle_file_starts_a_release_train_once(probe_deployments):
+    """A push changing ``bundles/<name>.yaml`` in the manifests repo, signed and posted to
+    the receiver, starts one run of the release-train deployment per bundle, with the file
+    and the pushed commit; a redelivery starts nothing more; a push without one starts none."""
+    train = probe_deployments["webhook-probe-train/train"]
+    before = {r.id for r in await runs_of(train)}
+    body = manifests_push(
+        {"modified": ["bundles/fleet-v2.yaml", "serving/api-gateway/overlays/staging/x.yaml"]}
+    )
+    delivery = str(uuid.uuid4())
+    async with Receiver(MANIFESTS_CATALOG) as receiver:
+        first = await receiver.deliver("push", body, delivery=delivery)
+        again = await receiver.deliver("push", body, delivery=delivery)
+        other = await receiver.deliver(
+            "push", manifests_push({"modified": ["serving/api-gateway/overlays/production/x"]})
+        )
+    assert first.status_code == again.status_code == other.status_code == 202
+    (started,) = first.json()["runs"]
+    assert again.json()["runs"][0]["flow_run_id"] == started["flow_run_id"]
+    assert other.json()["runs"] == [] and "no bundle file" in other.json()["message"]
+    new = [r for r in await runs_of(train) if r.id not in before]
+    assert [str(r.id) for r in new] == [started["flow_run_id"]]
+    (run,) = new
+    assert run.parameters == {
+        "bundle_file": "bundles/fleet-v2.yaml",
+        "manifests_sha": "6113728f27ae82c7b1a177c8d03f9e96e0adf246",
+    }
+    assert {"github", "push", "train", "train:fleet-v2"} <= set(run.tags)
+    assert run.idempotency_key == f"github-{delivery}-webhook-probe-train/train-fleet-v2"
+    assert run.parent_task_run_id is None  # a top-level run, as a train must be (it suspends)
 
 
 async def test_missing_deployment_is_503_so_github_can_redeliver(probe_deployments):

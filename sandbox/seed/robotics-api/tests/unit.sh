@@ -25,5 +25,9 @@ echo 0 >"$APP_DIR/config/fail_rate"
 out=$(LATENCY_MS=1 sh www/cgi-bin/work)
 expect_contains "work answers with its latency" "$out" '"latency_ms":1'
 
+# The call to fleet-planner: nothing answers at FLEET_PLANNER_URL here (no network), so 502.
+out=$(FLEET_PLANNER_URL=http://127.0.0.1:1 QUERY_STRING=robot=r1 sh www/cgi-bin/fleet)
+expect_contains "fleet answers 502 when the planner does not answer" "$out" "Status: 502"
+
 rm -rf "$APP_DIR"
 finish
