@@ -143,6 +143,7 @@ async def _reconciler_line() -> str:
 
 def _status_lines(service: str, svc: Service, runs: list[FlowRun]) -> list[str]:
     """What runs where for one service: each environment's image and lock, its releases."""
+    from core.release import describe_holder
     from tasks.gitops import current_image, lease_holder
 
     now = datetime.now(UTC)
@@ -157,7 +158,7 @@ def _status_lines(service: str, svc: Service, runs: list[FlowRun]) -> list[str]:
                 "--operator NAME --reason ...`)"
             )
         elif lease is not None and not lease.expired(now):
-            lock = f"lock held by release {lease.holder} until {lease.expires_at:%H:%M:%S}"
+            lock = f"lock held by {describe_holder(lease.record)} until {lease.expires_at:%H:%M:%S}"
         shown = image.reference if image else "-"
         lines.append(f"  {env:<11} {shown}  ({target.argocd_app}; {lock})")
     mine = [r for r in runs if r.parameters.get("service") == service]

@@ -372,6 +372,8 @@ def test_a_train_and_a_single_release_of_its_service_never_both_reach_production
     assert not is_final(read_run(train.id)), "the train must still hold production"
     logged = [m for m in run_logs(single.id) if f"release train {name}" in m]
     assert logged, run_logs(single.id)
+    status = cli("status", "api-gateway", env=env)  # what an operator asks
+    assert f"lock held by release train {name} (run {train.id}; " in status, status
 
     done = wait_run(train, is_final, timeout=900, what=f"train {name} finished")
     other = wait_run(single, is_final, timeout=600, what="the single release finished")

@@ -71,3 +71,22 @@ def test_status_of_an_unknown_service_names_it(two_services):
     result = CliRunner().invoke(app, ["status", "no-such-service"])
     assert result.exit_code == 2
     assert "no-such-service" in result.output
+
+
+def test_status_names_the_release_train_that_holds_a_lease(two_services):
+    """A lease a release train took shows as the train's (name, run, services), not as a
+    single release's: a single release waiting on it waits for the train."""
+    from tasks.gitops import train as train_git
+
+    holder = f"train-run-{uuid.uuid4().hex[:6]}"
+    leases = ["api-gateway-production", "nav-planner-production"]
+    train_git.take_train_leases(leases, "nav-v2", 600, holder)
+    try:
+        result = CliRunner().invoke(app, ["status", "nav-planner"])
+    finally:
+        train_git.release_train_leases(leases, holder)
+    assert result.exit_code == 0, result.output
+    assert (
+        f"lock held by release train nav-v2 (run {holder}; api-gateway, nav-planner)"
+        in result.output
+    ), result.output
