@@ -621,10 +621,9 @@ async def release_train(
     try:
         await stage_all(train, plans, record)
     except RoboticsCDError as exc:  # nothing of production changed: the train ends here
-        if record.failed:
-            why = f"{', '.join(record.failed)}: {exc}"
-        else:
-            why = str(exc)  # the bundle smoke test names its failing URLs itself
+        # A service's own staging failure is named here; the bundle smoke test names its
+        # failing URLs itself.
+        why = f"{', '.join(record.failed)}: {exc}" if record.failed else str(exc)
         return await in_thread(end, train, record, "staging-failed", why)
     await train.read_argocd_freezes()
     decision = await approve_bundle(train, plans, record)

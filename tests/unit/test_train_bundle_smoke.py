@@ -66,9 +66,7 @@ def staging(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Staging, str]]:
         "bundle_smoke_test",
         functools.partial(smoke.bundle_smoke_test.fn, deadline_seconds=0.6, interval_seconds=0.2),
     )
-    get_settings.cache_clear()
     yield state, url
-    get_settings.cache_clear()
     server.shutdown()
 
 
