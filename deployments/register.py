@@ -545,7 +545,10 @@ def kubernetes_base_job_template(options: KubernetesPoolOptions) -> dict[str, An
 
     env = {**HEARTBEAT_ENV, **options.env}
     if options.results_claim:
-        env["PREFECT_LOCAL_STORAGE_PATH"] = RESULTS_MOUNT
+        # The setting's own name, not its legacy alias PREFECT_LOCAL_STORAGE_PATH: a worker
+        # passes its own settings to each run under their own names, and the own name wins
+        # over the alias (seen on the twin: a worker's storage path overrode ours).
+        env["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = RESULTS_MOUNT
     refused = sorted(name for name in env if credential_like(name))
     if refused:
         raise InvalidInput(

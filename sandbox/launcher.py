@@ -127,6 +127,12 @@ class Sandbox:
     timings: dict[str, float] = field(default_factory=dict)
     prefect_db: str = "sqlite"
     prefect_messaging: str = "memory"
+    # The Docker Engine's URL for the DockerHost block: tcp://127.0.0.1:<port> (the twin's
+    # forwarder to the unix socket, sandbox/docker_tcp.py), so a flow run in a Job with no
+    # docker.sock builds too; "" for a sandbox saved before it existed (the environment's).
+    docker_host: str = ""
+    # Pods are deleted gracefully (SIGTERM, SIGKILL after the grace period) as on a node.
+    graceful_deletion: bool = False
 
     @property
     def git_base_url(self) -> str:
@@ -216,6 +222,7 @@ def _ports(state: Path) -> dict[str, int]:
         "production",
         "training",
         "webhook",
+        "docker",
     )
 
     def make() -> dict[str, Any]:
@@ -307,6 +314,24 @@ def start_prefect(
 
 
 # -- docker --------------------------------------------------------------------------------
+
+
+def docker_unix_socket() -> str | None:
+    """The engine's unix socket (``DOCKER_HOST`` or the default), None when ``DOCKER_HOST``
+    already names a TCP engine (then that URL is the block's as it is)."""
+    host = os.environ.get("DOCKER_HOST", "")
+    if not host:
+        return "/var/run/docker.sock"
+    if host.startswith("unix://"):
+        return host.removeprefix("unix://")
+    return None
+
+
+def docker_host_url(ports: dict[str, int]) -> str:
+    """What the DockerHost block holds: the forwarder's TCP URL, or a TCP ``DOCKER_HOST``."""
+    if docker_unix_socket() is None:
+        return os.environ["DOCKER_HOST"]
+    return f"tcp://127.0.0.1:{ports['docker']}"
 
 
 def ensure_dockerd(state: Path) -> bool:
@@ -414,9 +439,19 @@ def twin_config(
     reg: registry.Registry,
     webhook_url: str,
     argocd_poll_seconds: float,
+    *,
+    graceful_deletion: bool = False,
 ) -> dict[str, Any]:
+    docker_socket = docker_unix_socket()
     return {
         "kube_port": ports["kube"],
+        # The engine on 127.0.0.1 TCP for flow runs without a docker.sock (sandbox/docker_tcp.py).
+        **(
+            {"docker_tcp_port": ports["docker"], "docker_unix_socket": docker_socket}
+            if docker_socket
+            else {}
+        ),
+        "graceful_deletion": graceful_deletion,
         "kube_token": keys["kube_token"],
         "control_port": ports["control"],
         "argocd_port": ports["argocd"],
@@ -637,7 +672,7 @@ def register_blocks(sb: Sandbox) -> None:
     names = sb.blocks
     kubeconfig = yaml.safe_load(Path(sb.kubeconfig).read_text())
     with temporary_settings(updates={PREFECT_API_URL: sb.prefect_api_url}):
-        DockerHost(base_url=os.environ.get("DOCKER_HOST")).save(
+        DockerHost(base_url=sb.docker_host or os.environ.get("DOCKER_HOST")).save(
             names["docker_host_block"], overwrite=True
         )
         DockerRegistryCredentials(
@@ -671,8 +706,12 @@ def up(
     echo: Callable[[str], None] = print,
     prefect_db: str = "sqlite",
     prefect_messaging: str = "memory",
+    graceful_deletion: bool = False,
 ) -> Sandbox:
-    """Start (or reuse) every part of the sandbox; return how to reach it."""
+    """Start (or reuse) every part of the sandbox; return how to reach it.
+
+    ``graceful_deletion``: the twin deletes pods as a node does (SIGTERM, then SIGKILL after
+    the grace period; the Kubernetes pool's e2e needs it), instead of at once."""
     state = state_dir.resolve()
     git_transport = os.environ.get("ROBOTICS_CD_SANDBOX_GIT", "http")
     if git_transport not in ("http", "file"):
@@ -708,7 +747,15 @@ def up(
         hook_url = (
             f"http://127.0.0.1:{ports['webhook']}/github" if webhook_url is None else webhook_url
         )
-        config = twin_config(state, ports, keys, reg, hook_url, argocd_poll_seconds)
+        config = twin_config(
+            state,
+            ports,
+            keys,
+            reg,
+            hook_url,
+            argocd_poll_seconds,
+            graceful_deletion=graceful_deletion,
+        )
         with timer.step("twin server"):
             start_twin(state, config)
         github_url = f"http://127.0.0.1:{ports['github']}"
@@ -755,6 +802,8 @@ def up(
         blocks=block_names(),
         prefect_db=prefect_db if prefect_future is not None else "external",
         prefect_messaging=prefect_messaging if prefect_future is not None else "external",
+        docker_host=docker_host_url(ports),
+        graceful_deletion=graceful_deletion,
     )
 
     def prefect_then_blocks() -> None:

@@ -39,6 +39,7 @@ COMPONENTS: tuple[str, ...] = (
     "sandbox.github",  # GitHub REST + chat sink (issue 5)
     "sandbox.pytorchjob",  # PyTorchJob controller (issue 9)
     "sandbox.trainjob",  # Kubeflow Trainer v2 TrainJob controller (+ JobSet) (issue 23)
+    "sandbox.docker_tcp",  # the Docker Engine on 127.0.0.1 TCP for flow-run Jobs (issue 19)
 )
 
 

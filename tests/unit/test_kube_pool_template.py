@@ -126,5 +126,5 @@ def test_a_results_claim_is_every_jobs_result_storage() -> None:
         {"name": "results", "mountPath": reg.RESULTS_MOUNT}
     ]
     env = template["variables"]["properties"]["env"]["default"]
-    assert env["PREFECT_LOCAL_STORAGE_PATH"] == reg.RESULTS_MOUNT
+    assert env["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] == reg.RESULTS_MOUNT
     assert "volumes" not in pod_spec(reg.kubernetes_base_job_template(reg.KubernetesPoolOptions()))
