@@ -52,6 +52,7 @@ from tests.e2e.releases import (
     record_of,
     served_releases,
     start_release,
+    state_of,
     wait_run,
 )
 from tests.matrix import full_matrix
@@ -337,7 +338,7 @@ def test_a_comment_approval_resumes_the_release_and_a_stranger_is_refused(
     assert delivered(sandbox, approval["id"])["status_code"] == 202
     done = wait_run(run, is_final, timeout=420, what="release finished after the comment")
     log_result("comment approval", done, started)
-    assert done.state.name == "Promoted", done.state
+    assert state_of(done).name == "Promoted", done.state
     vote = run_inputs(run.id, "vote-")[f"vote-github-{approval['id']}"]
     assert (vote["approver"], vote["login"], vote["path"], vote["authenticated"]) == (
         "alice",
@@ -361,7 +362,7 @@ def test_a_quorum_of_two_waits_for_a_second_distinct_approver(
 
     comment(sandbox, people["alice-gh"], sha, f"/approve {short}")
     one = wait_run(run, waiting_at("1 of 2 approvals"), timeout=120, what="1 of 2 approvals")
-    assert one.state.name == "Suspended", one.state
+    assert state_of(one).name == "Suspended", one.state
     # The same person again counts once: still one of two.
     comment(sandbox, people["alice-gh"], sha, f"/approve {short} (again)")
     time.sleep(5)
@@ -382,7 +383,7 @@ def test_a_quorum_of_two_waits_for_a_second_distinct_approver(
     assert str(run.id) in manifests_git(sandbox, "log", "-1", "--format=%B", LEASE_REF)
     done = wait_run(run, is_final, timeout=420, what="release finished")
     log_result("quorum of two", done, started)
-    assert done.state.name == "Promoted", done.state
+    assert state_of(done).name == "Promoted", done.state
     record = record_of(run.id)
     assert "approved by alice, bob" in record or "approve by bob (@bob-gh)" in record, record
     assert "approve by alice (@alice-gh) via github" in record, record
@@ -410,9 +411,9 @@ def test_approved_during_a_freeze_waits_frozen_then_proceeds(
     )
     comment(sandbox, people["alice-gh"], sha, f"/approve {short}")
     frozen = wait_run(run, is_frozen, timeout=120, what="release Frozen after its approval")
-    assert (frozen.state.message or "").startswith("production is frozen until"), frozen.state
-    assert "e2e: short change freeze" in frozen.state.message
-    assert frozen.state.state_details.pause_reschedule  # suspended: the process exits
+    assert (state_of(frozen).message or "").startswith("production is frozen until"), frozen.state
+    assert "e2e: short change freeze" in (state_of(frozen).message or "")
+    assert state_of(frozen).state_details.pause_reschedule  # suspended: the process exits
     wait_until(lambda: processes_of(run.id) == [], timeout=60, what="no process of the run")
     # No lease taken, nothing written to production.
     assert lease(sandbox) == "", lease(sandbox)
@@ -431,8 +432,8 @@ def test_approved_during_a_freeze_waits_frozen_then_proceeds(
     assert not is_frozen(resumed), resumed.state
     done = wait_run(run, is_final, timeout=420, what="release finished after the freeze")
     log_result("frozen then thawed", done, started)
-    assert done.state.name == "Promoted", done.state
-    assert done.state.timestamp > end
+    assert state_of(done).name == "Promoted", done.state
+    assert state_of(done).timestamp > end
     assert lease(sandbox) == ""
 
 
@@ -458,7 +459,7 @@ def test_break_glass_by_a_quorum_releases_during_a_freeze(
     comment(sandbox, people["bob-gh"], sha, f"/break-glass {short} hotfix for the outage")
     done = wait_run(run, is_final, timeout=420, what="release finished by break-glass")
     log_result("break-glass", done, started)
-    assert done.state.name == "Promoted", done.state
+    assert state_of(done).name == "Promoted", done.state
     record = record_of(run.id)
     assert "break-glass by alice, bob: robot fleet down; hotfix for the outage" in record, record
     assert "alice (@alice-gh)" in record and "bob (@bob-gh)" in record, record
@@ -526,7 +527,7 @@ def test_an_argocd_deny_window_freezes_like_the_catalogs(
         assert answer["canSync"] is False and answer["activeWindows"], answer
         comment(sandbox, people["alice-gh"], sha, f"/break-glass {short} robot fleet down")
         frozen = wait_run(run, is_frozen, timeout=120, what="release Frozen by Argo CD's window")
-        assert "e2e: Argo CD maintenance window" in (frozen.state.message or ""), frozen.state
+        assert "e2e: Argo CD maintenance window" in (state_of(frozen).message or ""), frozen.state
         # A second break-glass (the pair break-glass needs): Argo CD refuses syncs now, so
         # the release is held Frozen again rather than writing what it could not sync.
         comment(sandbox, people["bob-gh"], sha, f"/break-glass {short} hotfix for the outage")
@@ -549,7 +550,7 @@ def test_an_argocd_deny_window_freezes_like_the_catalogs(
         approvals_pass()
         done = wait_run(run, is_final, timeout=420, what="release finished after the window")
         log_result("Argo CD sync window", done, started)
-        assert done.state.name == "Promoted", done.state
+        assert state_of(done).name == "Promoted", done.state
         assert "break-glass by alice, bob" in record_of(run.id)
     finally:
         subprocess.run(drop, check=False, capture_output=True, timeout=60)

@@ -260,13 +260,21 @@ def wait_for(
 
 def state_of(run_id: Any) -> tuple[StateType | None, str, str]:
     state = read_run(run_id).state
-    return (state.type, state.name, state.message or "") if state else (None, "", "")
+    return (state.type, state.name or "", state.message or "") if state else (None, "", "")
 
 
-def not_failed(run_id: Any, what: str) -> None:
+def not_failed(run_id: Any, what: str) -> bool:
+    """Fail the test at once if the run ended badly; else False, so that
+    ``not_failed(run) or <condition>`` reads as the condition."""
     kind, name, message = state_of(run_id)
     if kind in (StateType.FAILED, StateType.CRASHED, StateType.CANCELLED):
         pytest.fail(f"{what}: the run ended {name}: {message}")
+    return False
+
+
+def finished(run_id: Any) -> bool:
+    state = read_run(run_id).state
+    return state is not None and state.is_final()
 
 
 def push_commit(sandbox: SandboxHandle, tmp: Path, marker: str) -> str:
@@ -325,7 +333,7 @@ def push_to_suspended_release(
     )
     wait_for(
         "CI completed",
-        lambda: not_failed(ci.id, "ci") or read_run(ci.id).state.type == StateType.COMPLETED,
+        lambda: not_failed(ci.id, "ci") or state_of(ci.id)[0] == StateType.COMPLETED,
         timeout=900,
         logs=logs,
     )
@@ -396,7 +404,7 @@ def test_a_push_runs_ci_then_release_as_jobs_and_the_resume_is_a_new_job(
     )
     wait_for(
         "the resumed release finished",
-        lambda: read_run(release.id).state.is_final(),
+        lambda: finished(release.id),
         timeout=900,
         logs=pool,
     )
@@ -445,7 +453,7 @@ def test_a_deleted_flow_run_pod_mid_canary_ends_with_production_restored(
 
     wait_for("production restored or promoted, lease free", settled, timeout=900, logs=pool)
     recovered = time.monotonic() - deleted_at
-    wait_for("the release's final state", lambda: read_run(run.id).state.is_final(), timeout=300)
+    wait_for("the release's final state", lambda: finished(run.id), timeout=300)
     kind, name, message = state_of(run.id)
     running = production_images(sandbox)["api-gateway"][0]
     jobs = [j["metadata"]["name"] for j in of_run(items(sandbox, "jobs"), run.id)]

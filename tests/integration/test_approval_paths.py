@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -29,6 +30,7 @@ from prefect import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.deployments import arun_deployment
+from prefect.exceptions import PrefectHTTPStatusError
 from prefect.flow_runs import aresume_flow_run
 from typer.testing import CliRunner
 
@@ -102,6 +104,18 @@ async def _wait(run_id: uuid.UUID, done: Any, what: str, timeout: float = 90) ->
             await anyio.sleep(0.5)
 
 
+async def _schema_of(run_id: uuid.UUID, timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    async with get_client() as client:
+        while True:
+            try:
+                return str(await client.read_flow_run_input(run_id, SCHEMA_KEY))
+            except PrefectHTTPStatusError as exc:  # 404 until it is stored
+                if exc.response.status_code != 404 or time.monotonic() > deadline:
+                    raise
+            await anyio.sleep(0.2)
+
+
 def _paused(run: FlowRun) -> bool:
     return run.state is not None and run.state.type == StateType.PAUSED
 
@@ -113,8 +127,9 @@ def _final(run: FlowRun) -> bool:
 async def test_a_person_can_choose_only_the_services_approvers(served_probe):
     run = await _start()
     await _wait(run.id, _paused, "probe waiting for approval")
-    async with get_client() as client:
-        schema = json.loads(await client.read_flow_run_input(run.id, SCHEMA_KEY))
+    # Prefect shows the run Paused, then stores the form's schema (suspend_flow_run's own
+    # order, which suspend_as keeps): wait for the schema, not just the state.
+    schema = json.loads(await _schema_of(run.id))
     assert schema["properties"]["approver"]["enum"] == APPROVERS
     assert TIMEOUT_APPROVER not in json.dumps(schema)
 
@@ -171,7 +186,7 @@ async def test_abort_and_promote_refuse_a_name_off_the_list_before_sending(serve
         ["promote", str(run.id), "--now", "--operator", "mallory", "--reason", "x"],
         ["abort", str(run.id), "--operator", "alice"],
     ):
-        result = await anyio.to_thread.run_sync(lambda a=args: runner.invoke(app, a))
+        result = await anyio.to_thread.run_sync(functools.partial(runner.invoke, app, args))
         assert result.exit_code == 2, result.output
         assert "allowlist" in result.output or "reason is required" in result.output
     async with get_client() as client:
@@ -277,7 +292,7 @@ def github_twin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     twin_url = f"http://127.0.0.1:{twin_port}"
     catalog = parse_catalog(COMMENT_CATALOG, env={})
 
-    async def no_runs(request: Any, key: str) -> Any:
+    async def no_runs(request: Any, idempotency_key: str) -> Any:
         raise AssertionError("comments start no run")
 
     receiver = create_app(
@@ -306,7 +321,9 @@ def github_twin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
         )
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
-        wait_until(lambda s=server: s.started, timeout=20, what=f"server on {port}")
+        wait_until(
+            functools.partial(getattr, server, "started"), timeout=20, what=f"server on {port}"
+        )
         servers.append((server, thread))
 
     def person(login: str, permission: str | None) -> str:
