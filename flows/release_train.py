@@ -40,6 +40,7 @@ from core.errors import (
     LeaseLost,
     RoboticsCDError,
     RollbackFailed,
+    Superseded,
     VerificationFailed,
 )
 from core.freeze import Freeze, FreezeWindow, active_freeze, next_freeze
@@ -65,7 +66,7 @@ from core.train import (
     plan_train,
     render_train_record,
 )
-from flows.release import Config, argocd_windows, deploy_staging
+from flows.release import Config, argocd_windows, deploy_staging, refuse_if_superseded
 from tasks import argocd, gitops, images, lifecycle, metrics, notify, quarantine, report, smoke
 from tasks.approvals import wait_for_votes
 from tasks.blocking import in_thread, renewing_every
@@ -311,6 +312,18 @@ async def approve_bundle(
 
 
 # --- production -----------------------------------------------------------------------------
+
+
+async def refuse_superseded(train: Train, plans: dict[str, ReleasePlan]) -> None:
+    """Under every lease, before the first production write: when production already runs a
+    service's commit or a newer one (a single release promoted it while the train waited),
+    the whole train is refused (Superseded, naming the service), as a single release is:
+    never part of a bundle, never an older build over a newer one."""
+    for name in train.plan.order:
+        try:
+            await refuse_if_superseded(plans[name], train.configs[name])
+        except Superseded as exc:
+            raise Superseded(f"{name}: {exc}; the train releases nothing") from exc
 
 
 def start_index(train: Train, record: LeaseRecord) -> int:
@@ -650,9 +663,13 @@ async def release_train(
             await roll_back(train, why, record)
             return await in_thread(end, train, record, "rolled-back", why)
         record.production_commits = list(first_lease.commits)
+        if first_lease.step is None:  # a fresh start: production may have moved on since staging
+            await refuse_superseded(train, plans)
         if first_lease.step is None or first_lease.step.kind == StepKind.CANARY:
             await run_lockstep(train, record, start_index(train, first_lease))
         await promote_and_watch(train, record)
+    except Superseded as exc:  # before any production write: nothing to undo
+        return await in_thread(end, train, record, "superseded", str(exc))
     except (LeaseLost, ControlPlaneLost) as exc:
         holds = False  # another run (or the reconciler) answers for production now
         record.notes.append(str(exc))
@@ -687,6 +704,7 @@ def end(train: Train, record: TrainRecord, event: str, why: str) -> State[Any]:
         "rollback-failed": f"rollback failed, production blocked: {why}",
         "staging-failed": f"staging failed, production untouched: {why}",
         "frozen": f"not released, production is frozen: {why}; start the train again after it",
+        "superseded": f"superseded, production untouched: {why}",
     }[event]
     for name in train.plan.order:
         if record.services[name].analyses:
@@ -715,6 +733,8 @@ def end(train: Train, record: TrainRecord, event: str, why: str) -> State[Any]:
         return Completed(message=record.outcome, name="Frozen")
     if event == "staging-failed":
         return Failed(message=record.outcome, name="StagingFailed")
+    if event == "superseded":
+        return Failed(message=record.outcome, name="Superseded", data=Superseded(why))
     if event == "rollback-failed":
         return Failed(message=record.outcome, name="RollbackFailed", data=RollbackFailed(why))
     return Failed(message=record.outcome, data=CanaryFailed(why))

@@ -91,6 +91,7 @@ TRAIN_EVENTS = (
     "rollback-failed",
     "rejected",
     "frozen",
+    "superseded",
 )
 
 

@@ -27,7 +27,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
 from core.analysis import IntervalVerdict, Verdict
 from core.approval import ApprovalDecision
-from core.errors import VerificationFailed
+from core.errors import Superseded, VerificationFailed
 from core.release import commits_to_revert
 from tasks.argocd import SyncWindows
 from tests.integration.test_gitops import git, push_from_other_clone, seed_manifests
@@ -74,6 +74,7 @@ class World:
     chat: list[str] = field(default_factory=list)
     forms: list[str] = field(default_factory=list)
     bundle_smoke_status: int = 200  # what the gateway's call to the planner answers
+    superseded: set[str] = field(default_factory=set)  # production already runs newer
     bundle_smoked: list[str] = field(default_factory=list)
 
     def log(self, *args: str) -> str:
@@ -191,6 +192,16 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_server: Any) 
         ]
 
     monkeypatch.setattr(flow_module.smoke, "bundle_smoke_test", bundle_smoke)
+
+    async def superseded(plan: Any, cfg: Any) -> None:
+        # The real check reads the service's source repo; here production's tag says it.
+        if plan.service in w.superseded:
+            raise Superseded(
+                f"production already runs {plan.service}:20261207-fffffff, which contains "
+                f"{plan.source_sha[:12]}; nothing to release"
+            )
+
+    monkeypatch.setattr(flow_module, "refuse_if_superseded", superseded)
     monkeypatch.setattr(flow_module.notify, "send_chat", chat)
     yield w
 
@@ -325,6 +336,28 @@ def test_a_failing_bundle_smoke_test_ends_the_train_before_its_approval(world: W
     record = record_of("fleet-v5b")
     assert "staging failed, production untouched" in record
     assert "Bundle smoke test (staging): 0/1 passed" in record and "→ 502 FAILED" in record
+
+
+def test_a_train_whose_service_production_already_runs_newer_is_refused_whole(
+    world: World,
+) -> None:
+    """While the train waited for its approval (or a lock), a single release promoted a newer
+    api-gateway: under its leases, before any production write, the whole train is refused
+    (Superseded, naming the service) and gives its leases back; production untouched."""
+    world.superseded = {"api-gateway"}
+    head = world.log("-1", "--format=%H").strip()
+    before = {s: tree(world, s) for s in ORDER}
+    state = anyio.run(lambda: run_train("fleet-v5c"))
+
+    assert state.is_failed() and state.name == "Superseded", state
+    message = str(state.message)
+    assert message.startswith("superseded, production untouched: api-gateway: "), message
+    assert "the train releases nothing" in message, message
+    assert world.forms, "refused after its approval, under its leases"
+    assert world.log("-1", "--format=%H").strip() == head and leases(world) == ""
+    assert {s: tree(world, s) for s in ORDER} == before
+    assert not world.syncs and not world.quarantined
+    assert "superseded, production untouched" in record_of("fleet-v5c")
 
 
 def test_a_train_waits_for_a_single_release_and_takes_nothing_meanwhile(
