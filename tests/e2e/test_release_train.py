@@ -311,13 +311,16 @@ def lease_refs(sandbox: Any) -> str:
 
 
 def run_logs(run_id: Any) -> list[str]:
-    """The run's log lines on the Prefect server."""
+    """The run's latest log lines on the Prefect server (newest first, 200 at most)."""
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
 
     async def read() -> list[str]:
         async with get_client() as client:
             logs = await client.read_logs(
-                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id]))
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])),
+                limit=200,
+                sort=LogSort.TIMESTAMP_DESC,
             )
         return [log.message for log in logs]
 
@@ -370,8 +373,17 @@ def test_a_train_and_a_single_release_of_its_service_never_both_reach_production
     assert f"held by release train {name} (run {train.id}; " in said, said
     assert "api-gateway" in said and "fleet-planner" in said, said
     assert not is_final(read_run(train.id)), "the train must still hold production"
-    logged = [m for m in run_logs(single.id) if f"release train {name}" in m]
-    assert logged, run_logs(single.id)
+
+    # Its log says it too (the runner sends log lines in batches: wait for the line).
+    def waiting_lines() -> list[str]:
+        return [m for m in run_logs(single.id) if f"release train {name}" in m]
+
+    wait_until(
+        lambda: bool(waiting_lines()),
+        timeout=60,
+        what=f"the single release's log line naming train {name}",
+    )
+    logged = waiting_lines()
     status = cli("status", "api-gateway", env=env)  # what an operator asks
     assert f"lock held by release train {name} (run {train.id}; " in status, status
 
