@@ -36,13 +36,14 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 from prefect import get_client
-from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.client.schemas.objects import Artifact, FlowRun, StateType
 
 from core.kustomize import CanarySettings, parse_canary
 from sandbox.procs import wait_until
@@ -169,9 +170,14 @@ def record_of(name: str) -> str:
             found = await client.read_artifacts(
                 artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"train-{name}"]))
             )
-        return str(sorted(found, key=lambda a: a.created)[-1].data) if found else ""
+        return str(sorted(found, key=created_at)[-1].data) if found else ""
 
     return anyio.run(read)
+
+
+def created_at(artifact: Artifact) -> datetime:
+    assert artifact.created is not None  # the server stamps every artifact it stores
+    return artifact.created
 
 
 def running(sandbox: Any, images: dict[str, str]) -> bool:

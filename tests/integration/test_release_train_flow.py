@@ -24,12 +24,15 @@ import anyio
 import pytest
 from prefect import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.client.schemas.objects import Artifact
 
+import tasks.lifecycle as lifecycle_tasks
 from core.analysis import IntervalVerdict, Verdict
 from core.approval import ApprovalDecision
 from core.errors import Superseded, VerificationFailed
 from core.release import commits_to_revert
 from tasks.argocd import SyncWindows
+from tasks.smoke import SmokeResult
 from tests.integration.test_gitops import git, push_from_other_clone, seed_manifests
 from tests.matrix import full_matrix
 
@@ -167,21 +170,21 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_server: Any) 
 
     monkeypatch.setattr(flow_module, "deploy_staging", staging)
     monkeypatch.setattr(flow_module, "wait_for_votes", approve)
-    monkeypatch.setattr(flow_module.quarantine, "quarantine_refusal", no_refusal)
-    monkeypatch.setattr(flow_module.quarantine, "quarantine_image", quarantine)
-    monkeypatch.setattr(flow_module.images, "verify_release_image", verified)
-    monkeypatch.setattr(flow_module.argocd, "argocd_sync_and_wait", sync)
+    monkeypatch.setattr("tasks.quarantine.quarantine_refusal", no_refusal)
+    monkeypatch.setattr("tasks.quarantine.quarantine_image", quarantine)
+    monkeypatch.setattr("tasks.images.verify_release_image", verified)
+    monkeypatch.setattr("tasks.argocd.argocd_sync_and_wait", sync)
     monkeypatch.setattr(flow_module, "argocd_windows", no_sync_windows)
-    monkeypatch.setattr(flow_module.metrics, "analyse_interval", analyse)
-    monkeypatch.setattr(flow_module.metrics, "post_release_watch", check)
-    monkeypatch.setattr(flow_module.smoke, "smoke_test", lambda *a, **k: [])
+    monkeypatch.setattr("tasks.metrics.analyse_interval", analyse)
+    monkeypatch.setattr("tasks.metrics.post_release_watch", check)
+    monkeypatch.setattr("tasks.smoke.smoke_test", lambda *a, **k: [])
 
     def bundle_smoke(target: Any, paths: list[str], **kwargs: Any) -> list[Any]:
         w.bundle_smoked += paths
         status = w.bundle_smoke_status
         error = None if status == 200 else "fleet-planner did not answer 2xx"
         return [
-            flow_module.smoke.SmokeResult(
+            SmokeResult(
                 path=p,
                 status=status,
                 latency_ms=3.0,
@@ -191,7 +194,7 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_server: Any) 
             for p in paths
         ]
 
-    monkeypatch.setattr(flow_module.smoke, "bundle_smoke_test", bundle_smoke)
+    monkeypatch.setattr("tasks.smoke.bundle_smoke_test", bundle_smoke)
 
     async def superseded(plan: Any, cfg: Any) -> None:
         # The real check reads the service's source repo; here production's tag says it.
@@ -202,8 +205,13 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_server: Any) 
             )
 
     monkeypatch.setattr(flow_module, "refuse_if_superseded", superseded)
-    monkeypatch.setattr(flow_module.notify, "send_chat", chat)
+    monkeypatch.setattr("tasks.notify.send_chat", chat)
     yield w
+
+
+def created_at(artifact: Artifact) -> datetime:
+    assert artifact.created is not None  # the server stamps every artifact it stores
+    return artifact.created
 
 
 def run_train(name: str) -> Any:
@@ -232,7 +240,7 @@ def record_of(name: str) -> str:
             found = await client.read_artifacts(
                 artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"train-{name}"]))
             )
-        return str(sorted(found, key=lambda a: a.created)[-1].data) if found else ""
+        return str(sorted(found, key=created_at)[-1].data) if found else ""
 
     return anyio.run(read)
 
@@ -377,7 +385,7 @@ def test_a_train_waits_for_a_single_release_and_takes_nothing_meanwhile(
     monkeypatch.setattr(flow_module, "LOCK_POLL_SECONDS", 0.2)
     waits: list[str | None] = []
     held_meanwhile: list[str] = []
-    real = flow_module.lifecycle.mark_waiting
+    real = lifecycle_tasks.mark_waiting
 
     async def mark_waiting(message: str | None) -> None:
         waits.append(message)
@@ -388,7 +396,7 @@ def test_a_train_waits_for_a_single_release_and_takes_nothing_meanwhile(
                 single.release_lease, "api-gateway-production", "release-9"
             )
 
-    monkeypatch.setattr(flow_module.lifecycle, "mark_waiting", mark_waiting)
+    monkeypatch.setattr("tasks.lifecycle.mark_waiting", mark_waiting)
     state = anyio.run(lambda: run_train("fleet-v6"))
 
     assert state.is_completed() and state.name == "Promoted", state
