@@ -303,15 +303,14 @@ def github_client(
 ) -> GitHubClient:
     """A client from settings' credentials, or from the URL and token given (the comment
     receiver holds its own)."""
-    credentials = (
-        GitHubCredentials.load()
-        if token is None
-        else GitHubCredentials(
+    if token is not None:
+        credentials = GitHubCredentials(
             base_url=base_url or get_settings().github_api_url, token=SecretStr(token)
         )
-    )
-    if base_url is not None:
-        credentials = credentials.model_copy(update={"base_url": base_url})
+    else:
+        credentials = GitHubCredentials.load()
+        if base_url is not None:
+            credentials = credentials.model_copy(update={"base_url": base_url})
     return credentials.get_client(
         transport=transport, retries=retries, backoff_seconds=backoff_seconds
     )
